@@ -1,0 +1,42 @@
+"""What the benchmark measures: rows ("targets") that can serve and call an echo.
+
+Every row, polyrpc transport or hand-written reference, implements :class:`Target`:
+the server half runs in one process, the client half in another, and the
+workloads only ever call :meth:`EchoClient.echo`, so all rows are driven alike.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+
+class EchoClient(ABC):
+    """A connected client: ``echo`` sends ``payload`` and returns the server's copy."""
+
+    @abstractmethod
+    async def echo(self, payload: bytes) -> bytes: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+class Target(ABC):
+    """One row of the benchmark table."""
+
+    name: str
+    kind: str = "message"
+    """``message`` (message core), ``rpc`` (the call API) or ``reference`` (not polyrpc)."""
+
+    def unavailable_reason(self) -> str | None:
+        """None if this row can run here, else why not."""
+        return None
+
+    @abstractmethod
+    async def serve(self, workdir: Path) -> tuple[str, Callable[[], Awaitable[None]]]:
+        """Start an echo server; return what the client needs to connect and a stop function."""
+
+    @abstractmethod
+    async def connect(self, info: str) -> EchoClient:
+        """Connect to the server described by ``info`` (what :meth:`serve` returned)."""

@@ -1,0 +1,234 @@
+"""The stream trait: the one interface every transport implements.
+
+A :class:`Stream` is a reliable, ordered, full-duplex byte stream. Writing is a
+non-blocking gather write plus :meth:`Stream.drain`, which waits only while the
+peer or the network is slow (bounded memory). Receiving is push-style: the stream
+calls a :class:`StreamReceiver` (the frame layer), so there is no await per
+message in the hot path. Modelled on trio's ``abc.Stream`` and httpcore's
+``AsyncNetworkStream``, with asyncio's protocol callbacks for speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from .address import Address
+from .errors import ConnectionLost
+
+Buffer = bytes | bytearray | memoryview
+
+DEFAULT_HIGH_WATER = 1 << 20
+"""Bytes a stream may hold queued before writers must wait (drain blocks)."""
+DEFAULT_LOW_WATER = 256 << 10
+"""Bytes below which waiting writers are released again."""
+
+
+@runtime_checkable
+class StreamReceiver(Protocol):
+    """What a stream delivers to. Calls come from the event loop thread, in order."""
+
+    def data_received(self, data: Buffer) -> None:
+        """Bytes arrived; the receiver must copy what it keeps (``data`` may be reused)."""
+
+    def eof_received(self) -> None:
+        """The peer finished writing (half-close or graceful close)."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The stream is gone: ``None`` after a local close, else a ConnectionLost."""
+
+
+class _EarlyBuffer:
+    """Holds what arrives before the owner calls :meth:`Stream.set_receiver`."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def data_received(self, data: Buffer) -> None:
+        self.events.append(("data_received", bytes(data)))
+
+    def eof_received(self) -> None:
+        self.events.append(("eof_received", None))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.events.append(("connection_lost", exc))
+
+    def replay(self, receiver: StreamReceiver) -> None:
+        for name, arg in self.events:
+            if name == "eof_received":
+                receiver.eof_received()
+            else:
+                getattr(receiver, name)(arg)
+        self.events.clear()
+
+
+class Stream(ABC):
+    """A connected byte stream. Subclasses implement the abstract methods.
+
+    Contract for implementers:
+    - call ``self.receiver.data_received`` / ``eof_received`` / ``connection_lost``
+      (exactly one ``connection_lost``, last) from the event loop thread;
+    - honour :meth:`pause_reading` by not delivering data until resumed, so a slow
+      reader stops the peer's writer (backpressure end to end);
+    - keep :attr:`write_buffer_size` honest and wake :meth:`drain` waiters via
+      :meth:`_update_write_pressure` whenever it changes.
+    """
+
+    transport_name: str = "?"
+
+    def __init__(
+        self,
+        extra: dict[str, Any] | None = None,
+        *,
+        high_water: int = DEFAULT_HIGH_WATER,
+        low_water: int = DEFAULT_LOW_WATER,
+    ) -> None:
+        self.extra: dict[str, Any] = {"transport": self.transport_name, **(extra or {})}
+        self.receiver: StreamReceiver = _EarlyBuffer()
+        self.high_water = high_water
+        self.low_water = low_water
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._lost: Exception | None = None
+        self._closed = False
+
+    # -- receiving ---------------------------------------------------------
+    def set_receiver(self, receiver: StreamReceiver) -> None:
+        """Start delivering to ``receiver``; anything that arrived earlier is replayed first."""
+        early = self.receiver
+        self.receiver = receiver
+        if isinstance(early, _EarlyBuffer):
+            early.replay(receiver)
+
+    @abstractmethod
+    def pause_reading(self) -> None:
+        """Stop delivering data (the peer's writer will eventually block)."""
+
+    @abstractmethod
+    def resume_reading(self) -> None:
+        """Deliver data again after :meth:`pause_reading`."""
+
+    # -- sending -----------------------------------------------------------
+    @abstractmethod
+    def write(self, buffers: Sequence[Buffer]) -> None:
+        """Queue ``buffers`` to be sent in order as one gather write; never blocks.
+
+        The buffers must not be mutated afterwards. Raises ConnectionLost if the
+        stream is closing or broken.
+        """
+
+    @property
+    @abstractmethod
+    def write_buffer_size(self) -> int:
+        """Bytes accepted by :meth:`write` but not yet handed to the network or peer."""
+
+    async def drain(self) -> None:
+        """Wait until the queued bytes fall below the low-water mark."""
+        if self._lost is not None:
+            raise self._lost
+        if not self._write_paused:
+            return
+        if self._drain_waiter is None:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._drain_waiter)
+
+    async def send(self, buffers: Sequence[Buffer]) -> None:
+        """:meth:`write` then wait only if the stream is over its high-water mark."""
+        self.write(buffers)
+        if self._write_paused:
+            await self.drain()
+
+    @property
+    def writing_paused(self) -> bool:
+        """True while writers should wait (more than high-water bytes queued)."""
+        return self._write_paused
+
+    def _update_write_pressure(self) -> None:
+        """Recompute the paused state from :attr:`write_buffer_size`; wake drain waiters."""
+        size = self.write_buffer_size
+        if not self._write_paused and size > self.high_water:
+            self._write_paused = True
+        elif self._write_paused and size <= self.low_water:
+            self._write_paused = False
+            self._wake_drain(None)
+
+    def _wake_drain(self, exc: Exception | None) -> None:
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
+                waiter.exception()  # mark retrieved: shield() callers get it anyway
+
+    @abstractmethod
+    def write_eof(self) -> None:
+        """Half-close: the peer sees EOF after the queued data; receiving goes on."""
+
+    # -- closing -----------------------------------------------------------
+    @abstractmethod
+    async def close(self) -> None:
+        """Graceful close: send what is queued, then close. Idempotent."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Close at once, dropping queued data; the peer sees a reset. Idempotent."""
+
+    @property
+    def is_closing(self) -> bool:
+        """True once close/abort was called or the connection was lost."""
+        return self._closed or self._lost is not None
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        """Implementations call this once when the underlying connection is gone."""
+        if self._lost is not None:
+            return
+        lost = exc if isinstance(exc, ConnectionLost) else None
+        if lost is None:
+            reason = f": {exc}" if exc else ""
+            lost = ConnectionLost(f"{self.transport_name} connection closed{reason}")
+            if exc is not None:
+                lost.__cause__ = exc
+        self._lost = lost
+        self._wake_drain(lost)
+        self.receiver.connection_lost(None if (exc is None and self._closed) else lost)
+
+    def _check_writable(self) -> None:
+        if self._lost is not None:
+            raise self._lost
+        if self._closed:
+            raise ConnectionLost(f"{self.transport_name} stream is closed")
+
+    # -- info --------------------------------------------------------------
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """Peer/local address, transport name, TLS details, MTU... (see ``extra``)."""
+        return self.extra.get(name, default)
+
+    def __repr__(self) -> str:
+        peer = self.extra.get("peer")
+        return f"<{type(self).__name__} {self.transport_name} peer={peer!r}>"
+
+
+StreamHandler = Callable[[Stream], None]
+"""Called synchronously with each accepted stream; it should call ``set_receiver``."""
+
+
+class Listener(ABC):
+    """A bound endpoint accepting streams. ``address`` has the real port when 0 was asked."""
+
+    def __init__(self, address: Address) -> None:
+        self.address = address
+
+    @property
+    def url(self) -> str:
+        """The URL clients dial (bound host and port, no listener-side options)."""
+        return str(self.address.without_options())
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop accepting new streams; established streams are not affected."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"

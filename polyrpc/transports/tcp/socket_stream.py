@@ -1,0 +1,173 @@
+"""A Stream over an asyncio transport (TCP, TLS and unix sockets share it).
+
+Receives through asyncio's BufferedProtocol so the frame decoder can have the
+kernel read straight into its buffers (no per-read bytes object), and writes
+by coalescing small buffers while handing large ones to the transport as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ...core.errors import ConnectionLost
+from ...core.stream import Buffer, Stream
+
+COALESCE_LIMIT = 16 << 10
+"""Buffers smaller than this are joined into one write; larger ones are written as they are."""
+READ_CHUNK = 256 << 10
+CLOSE_TIMEOUT = 10.0
+
+
+class SocketStream(Stream, asyncio.BufferedProtocol):
+    """Stream trait on top of an asyncio transport."""
+
+    def __init__(
+        self,
+        transport_name: str,
+        *,
+        half_close: bool = True,
+        on_connected: Callable[[SocketStream], None] | None = None,
+    ) -> None:
+        self.transport_name = transport_name
+        self._on_connected = on_connected
+        super().__init__()
+        self._transport: asyncio.Transport | None = None
+        self._half_close = half_close
+        self._read_buffer = bytearray(READ_CHUNK)
+        self._read_view = memoryview(self._read_buffer)
+        self._buffered_receiver = False
+        self._lost_future: asyncio.Future[None] | None = None
+
+    # -- asyncio protocol side --------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._lost_future = asyncio.get_running_loop().create_future()
+        transport.set_write_buffer_limits(high=self.high_water, low=self.low_water)
+        self.extra["peer"] = _format_peer(transport.get_extra_info("peername"))
+        self.extra["local"] = _format_peer(transport.get_extra_info("sockname"))
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.extra["tls_version"] = ssl_object.version()
+            self.extra["cipher"] = ssl_object.cipher()
+            self.extra["peer_cert"] = ssl_object.getpeercert()
+            self.extra["alpn"] = ssl_object.selected_alpn_protocol()
+        if self._on_connected is not None:
+            self._on_connected(self)
+
+    def set_receiver(self, receiver: Any) -> None:
+        super().set_receiver(receiver)
+        self._buffered_receiver = hasattr(receiver, "get_buffer")
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._buffered_receiver:
+            return self.receiver.get_buffer(sizehint)  # type: ignore[attr-defined]
+        return self._read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._buffered_receiver:
+            self.receiver.buffer_updated(nbytes)  # type: ignore[attr-defined]
+        else:
+            self.receiver.data_received(self._read_view[:nbytes])
+
+    def eof_received(self) -> bool:
+        self.receiver.eof_received()
+        return self._half_close
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drain(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost_future is not None and not self._lost_future.done():
+            self._lost_future.set_result(None)
+        self._connection_lost(exc)
+
+    # -- stream trait ------------------------------------------------------
+    def pause_reading(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def write(self, buffers: Sequence[Buffer]) -> None:
+        self._check_writable()
+        transport = self._transport
+        assert transport is not None
+        small: list[Buffer] = []
+        for buf in buffers:
+            if len(buf) < COALESCE_LIMIT:
+                small.append(buf)
+                continue
+            if small:
+                transport.write(b"".join(small) if len(small) > 1 else small[0])
+                small = []
+            transport.write(buf)
+        if small:
+            transport.write(b"".join(small) if len(small) > 1 else small[0])
+
+    @property
+    def write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() if self._transport else 0
+
+    @property
+    def can_write_eof(self) -> bool:
+        return self._transport is not None and self._transport.can_write_eof()
+
+    def write_eof(self) -> None:
+        self._check_writable()
+        assert self._transport is not None
+        if not self._transport.can_write_eof():
+            raise ConnectionLost(
+                f"{self.transport_name} cannot half-close (TLS has no half-close in asyncio); "
+                "use close() instead"
+            )
+        self._transport.write_eof()
+
+    async def close(self) -> None:
+        if self._transport is None:
+            return
+        self._closed = True
+        if not self._transport.is_closing():
+            self._transport.close()
+        assert self._lost_future is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._lost_future), CLOSE_TIMEOUT)
+        except TimeoutError:
+            self._transport.abort()
+
+    def abort(self) -> None:
+        self._closed = True
+        if self._transport is not None:
+            self._transport.abort()
+
+
+def _format_peer(name: Any) -> Any:
+    if isinstance(name, tuple) and len(name) >= 2:
+        return (name[0], name[1])
+    return name
+
+
+def describe_ssl_error(exc: ssl.SSLError, server_hostname: str | None) -> tuple[str, str]:
+    """A readable message and a stable reason for a failed TLS handshake."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = exc.verify_message or str(exc)
+        if "hostname mismatch" in detail.lower() or "ip address mismatch" in detail.lower():
+            return (
+                f"TLS hostname mismatch: the server's certificate is not valid for "
+                f"{server_hostname!r} ({detail}); dial the name in the certificate or set ?sni=",
+                "hostname_mismatch",
+            )
+        return (
+            f"untrusted TLS certificate ({detail}); pass the issuing CA with ?ca=/path/ca.pem",
+            "untrusted_certificate",
+        )
+    return f"TLS handshake failed: {exc.reason or exc}", "tls"
