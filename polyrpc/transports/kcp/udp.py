@@ -1,0 +1,580 @@
+"""asyncio glue: KCP sessions on UDP sockets, a small open/close handshake, KcpStream.
+
+One :class:`Mux` per UDP socket (one per listener, one per dialled stream). The C
+multiplexer does the per-datagram work (recvmmsg, KCP input, sendmmsg); Python runs
+once per readable socket, per timer deadline the C side computes, and once per
+event-loop iteration in which something was written, and only handles events.
+
+KCP has no connection set-up or tear-down, so polyrpc adds control datagrams with
+the same 24-byte header shape and commands outside KCP's range (see
+docs/transports/kcp.md): SYN/SYNACK open, FIN/FINACK close (FIN carries the
+sequence number after the last data segment, so EOF is delivered only once all
+data has arrived), RST aborts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ...core.errors import ConnectFailed, ConnectionLost
+from ...core.stream import Buffer, Stream
+from .engine import STAT_FIELDS, ffi, lib
+
+MAGIC = 0x50524B31  # "PRK1": a polyrpc KCP peer, handshake version 1
+EVENTS = 512
+READ_CHUNK = 256 << 10
+SOCKET_BUFFER = 4 << 20
+CLOSE_TIMEOUT = 10.0
+FIN_RETRY = 0.1
+FIN_RETRY_MAX = 1.0
+FULL_CLOSE = 1
+
+EV_DATA, EV_CTRL, EV_DEAD, EV_WRITABLE, EV_ERROR = 1, 2, 3, 4, 5
+SYN, SYNACK, FIN, FINACK, RST = 0xC0, 0xC1, 0xC2, 0xC3, 0xC4
+
+MUX_STAT_FIELDS = (
+    "datagrams_in",
+    "datagrams_out",
+    "bytes_in",
+    "bytes_out",
+    "dropped_short",
+    "dropped_oversize",
+    "dropped_bad_cmd",
+    "dropped_unknown",
+    "dropped_malformed",
+    "send_drops",
+    "resets_sent",
+    "syscalls_in",
+    "syscalls_out",
+    "sessions",
+)
+
+
+@dataclass(frozen=True)
+class KcpConfig:
+    """Per-session KCP settings (from the URL options)."""
+
+    mode: str
+    nodelay: int
+    interval: int
+    resend: int
+    nocwnd: int
+    mtu: int
+    sndwnd: int
+    rcvwnd: int
+    timeout: float
+
+    def cdata(self) -> Any:
+        """The settings as a C ``kmux_config``."""
+        cfg = ffi.new("kmux_config *")
+        cfg.mtu, cfg.sndwnd, cfg.rcvwnd = self.mtu, self.sndwnd, self.rcvwnd
+        cfg.nodelay, cfg.interval = self.nodelay, self.interval
+        cfg.resend, cfg.nocwnd = self.resend, self.nocwnd
+        cfg.stream = 1
+        cfg.dead_link = 20 if self.mode == "normal" else 30
+        return cfg
+
+    @property
+    def idle_ms(self) -> int:
+        """Silence after which the peer is declared dead."""
+        return int(self.timeout * 1000)
+
+    @property
+    def keepalive_ms(self) -> int:
+        """How long a session may stay silent before it sends a keepalive (a KCP WINS)."""
+        return max(100, int(self.timeout * 1000) // 4)
+
+
+def pack_address(host: str, port: int) -> bytes:
+    """A numeric host and port as raw sockaddr bytes for the C side."""
+    out = ffi.new("uint8_t[28]")
+    n = lib.kaddr_pack(host.encode(), port, out)
+    if n < 0:
+        raise ValueError(f"not a numeric IP address: {host!r}")
+    return bytes(ffi.buffer(out, n))
+
+
+def unpack_address(raw: bytes) -> tuple[str, int]:
+    """Raw sockaddr bytes as (host, port)."""
+    host = ffi.new("char[64]")
+    port = ffi.new("int *")
+    if lib.kaddr_unpack(raw, len(raw), host, 64, port) < 0:
+        return ("?", 0)
+    return ffi.string(host).decode(), port[0]
+
+
+def make_socket(family: int) -> socket.socket:
+    """A non-blocking UDP socket with buffers big enough for a full KCP window burst."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    for force, plain in (
+        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
+    ):
+        try:
+            if force is None:
+                raise OSError
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+    return sock
+
+
+class Mux:
+    """One UDP socket and its C multiplexer; dispatches C events to streams and the acceptor."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        acceptor: Callable[[int, bytes, int, int], None] | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.sock = sock
+        raw = lib.kmux_new(sock.fileno())
+        if raw == ffi.NULL:
+            raise MemoryError("kmux_new failed")
+        self.c = raw
+        self.acceptor = acceptor
+        self.streams: dict[int, KcpStream] = {}
+        self.events = ffi.new("kmux_event[]", EVENTS)
+        self.buffer = bytearray(READ_CHUNK)
+        self.buffer_c = ffi.from_buffer(self.buffer)
+        self.view = memoryview(self.buffer)
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        self.closed = False
+        self.keep_open = acceptor is not None
+        self.loop.add_reader(sock.fileno(), self._on_readable)
+
+    # -- running the C side -------------------------------------------------
+    def _on_readable(self) -> None:
+        if self.closed:
+            return
+        now = lib.kcp_now_ms()
+        self._flush_scheduled = True  # writes made while dispatching ride on the flush below
+        try:
+            self._dispatch(lib.kmux_poll(self.c, self.events, EVENTS, now))
+        finally:
+            self.flush_now()
+
+    def want_flush(self) -> None:
+        """Something was written or read: flush once, at the end of this loop iteration."""
+        if not self._flush_scheduled and not self.closed:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        """Send what every touched session has to say (acks, data, window updates)."""
+        self._flush_scheduled = False
+        if self.closed:
+            return
+        n = lib.kmux_flush(self.c, self.events, EVENTS, lib.kcp_now_ms())
+        if n:
+            self._dispatch(n)
+        if self.closed:
+            return
+        if lib.kmux_has_dirty(self.c):
+            self.want_flush()
+        self._arm_timer()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        n = lib.kmux_tick(self.c, self.events, EVENTS, lib.kcp_now_ms())
+        if n:
+            self._dispatch(n)
+        if not self.closed:
+            self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        delay = lib.kmux_next_delay(self.c, lib.kcp_now_ms())
+        if delay < 0:
+            return
+        when = self.loop.time() + delay / 1000.0
+        if self._timer is not None:
+            if self._timer_when <= when + 0.0005:
+                return
+            self._timer.cancel()
+        self._timer = self.loop.call_at(when, self._on_timer)
+        self._timer_when = when
+
+    def _dispatch(self, n: int) -> None:
+        events = [
+            (e.type, e.sid, e.err, e.cmd, e.frg, e.conv, e.sn, e.una, e.addrlen)
+            for e in self.events[0:n]
+        ]
+        raw_addrs = {
+            i: bytes(ffi.buffer(self.events[i].addr, self.events[i].addrlen))
+            for i, ev in enumerate(events)
+            if ev[0] == EV_CTRL
+        }
+        for i, (kind, sid, err, cmd, frg, conv, sn, una, _) in enumerate(events):
+            if kind == EV_DATA:
+                stream = self.streams.get(sid)
+                if stream is not None:
+                    stream._deliver()
+            elif kind == EV_CTRL:
+                self._on_control(sid, cmd, frg, conv, sn, una, raw_addrs[i])
+            elif kind == EV_WRITABLE:
+                stream = self.streams.get(sid)
+                if stream is not None:
+                    stream._on_writable()
+            elif kind == EV_DEAD:
+                stream = self.streams.get(sid)
+                if stream is not None:
+                    stream._on_dead(err)
+            elif kind == EV_ERROR:
+                self._on_socket_error(err)
+
+    def _on_control(
+        self, sid: int, cmd: int, frg: int, conv: int, sn: int, una: int, addr: bytes
+    ) -> None:
+        stream = self.streams.get(sid) if sid >= 0 else None
+        if cmd == SYN:
+            if una != MAGIC:
+                return
+            if stream is not None:
+                self.control(addr, conv, SYNACK, 0, 0, MAGIC)
+            elif self.acceptor is not None:
+                self.acceptor(conv, addr, sn, una)
+            else:
+                self.control(addr, conv, RST)
+        elif stream is None:
+            if cmd == FIN:  # the session is already gone: the peer still needs its answer
+                self.control(addr, conv, FINACK, frg, sn)
+        elif cmd == SYNACK:
+            stream._on_synack(una)
+        elif cmd == FIN:
+            self.control(addr, conv, FINACK, frg, sn)
+            stream._on_fin(sn, bool(frg & FULL_CLOSE))
+        elif cmd == FINACK:
+            stream._on_finack(bool(frg & FULL_CLOSE))
+        elif cmd == RST:
+            stream._on_rst()
+
+    def _on_socket_error(self, err: int) -> None:
+        if self.acceptor is not None:
+            return  # an unconnected listener socket: ICMP errors are not ours to act on
+        for stream in list(self.streams.values()):
+            stream._on_socket_error(err)
+
+    # -- helpers for streams ------------------------------------------------
+    def control(
+        self, addr: bytes, conv: int, cmd: int, frg: int = 0, sn: int = 0, una: int = 0
+    ) -> None:
+        """Send one control datagram at once."""
+        if not self.closed:
+            lib.kmux_ctrl(self.c, addr, len(addr), conv, cmd, frg, sn, una)
+
+    def open_session(self, addr: bytes, conv: int, config: KcpConfig) -> int:
+        """Create the C session for (addr, conv); returns its id."""
+        sid = lib.kmux_open(self.c, addr, len(addr), conv, config.cdata(), lib.kcp_now_ms())
+        if sid < 0:
+            raise ConnectFailed(f"could not create a kcp session (error {sid})")
+        return sid
+
+    def release(self, sid: int) -> None:
+        """Free a session's C state; closes the socket when nothing needs it any more."""
+        self.streams.pop(sid, None)
+        if not self.closed:
+            lib.kmux_release(self.c, sid)
+        if not self.streams and not self.keep_open:
+            self.close()
+
+    def stats(self) -> dict[str, int]:
+        """Socket-level counters: datagrams, bytes, drops by reason, system calls, sessions."""
+        st = ffi.new("kmux_stats *")
+        lib.kmux_get_stats(self.c, st)
+        return {name: getattr(st, name) for name in MUX_STAT_FIELDS}
+
+    def close(self) -> None:
+        """Stop reading, free every C session and close the socket."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.loop.remove_reader(self.sock.fileno())
+        lib.kmux_free(self.c)
+        self.c = ffi.NULL
+        self.sock.close()
+
+
+class KcpStream(Stream):
+    """A reliable byte stream over one KCP session (stream mode) of a :class:`Mux`."""
+
+    transport_name = "kcp"
+
+    def __init__(
+        self,
+        mux: Mux,
+        sid: int,
+        conv: int,
+        peer: bytes,
+        config: KcpConfig,
+        *,
+        established: bool,
+    ) -> None:
+        host, port = unpack_address(peer)
+        local = mux.sock.getsockname()
+        super().__init__(
+            {
+                "peer": (host, port),
+                "local": (local[0], local[1]),
+                "mtu": config.mtu,
+                "conv": conv,
+                "mode": config.mode,
+            }
+        )
+        self.mux = mux
+        self.sid = sid
+        self.conv = conv
+        self.peer = peer
+        self.config = config
+        self._engine = lib.kmux_engine(mux.c, sid)
+        self._paused = False
+        self._deliver_scheduled = False
+        self._peer_fin_sn: int | None = None
+        self._peer_full_close = False
+        self._eof_delivered = False
+        self._fin_sent = False
+        self._fin_acked = False
+        self._fin_full = False
+        self._fin_sn = 0
+        self._fin_timer: asyncio.TimerHandle | None = None
+        self._fin_delay = FIN_RETRY
+        self._connected: asyncio.Future[None] | None = None
+        self._done: asyncio.Future[None] = mux.loop.create_future()
+        self._gone = False
+        mux.streams[sid] = self
+        if established:
+            self._establish()
+        else:
+            self._connected = mux.loop.create_future()
+
+    def _establish(self) -> None:
+        lib.kmux_set_established(
+            self.mux.c,
+            self.sid,
+            self.config.idle_ms,
+            self.config.keepalive_ms,
+            lib.kcp_now_ms(),
+        )
+        self.mux.want_flush()
+
+    # -- receiving ---------------------------------------------------------
+    def pause_reading(self) -> None:
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        if self._paused:
+            self._paused = False
+            if not self._deliver_scheduled and not self._gone:
+                self._deliver_scheduled = True
+                self.mux.loop.call_soon(self._deliver)
+
+    def _deliver(self) -> None:
+        """Hand every readable byte to the receiver (until it pauses), then check for EOF."""
+        self._deliver_scheduled = False
+        if self._gone or self._paused:
+            return
+        mux = self.mux
+        got = False
+        while not self._paused and not self._gone:
+            n = lib.kmux_read(mux.c, self.sid, mux.buffer_c, READ_CHUNK)
+            if n <= 0:
+                break
+            got = True
+            self.receiver.data_received(mux.view[:n])
+        if got and not self._gone and lib.kmux_has_dirty(mux.c):
+            mux.want_flush()  # our receive window reopened: tell the peer
+        self._check_eof()
+
+    def _check_eof(self) -> None:
+        if (
+            self._gone
+            or self._eof_delivered
+            or self._peer_fin_sn is None
+            or lib.kcp_rcv_nxt(self._engine) != self._peer_fin_sn
+            or lib.kcp_readable(self._engine)
+        ):
+            return
+        self._eof_delivered = True
+        self.receiver.eof_received()
+        if self._peer_full_close and not self._gone:
+            if self._closed:
+                self._maybe_finish_close()
+            else:
+                self._finish(ConnectionLost("kcp connection closed by peer"))
+
+    # -- sending -----------------------------------------------------------
+    def write(self, buffers: Sequence[Buffer], *, ordered: bool = True) -> None:
+        self._check_writable()
+        if self._fin_sent:
+            raise ConnectionLost("kcp stream was half-closed with write_eof()")
+        c, sid = self.mux.c, self.sid
+        for buf in buffers:
+            if len(buf) and lib.kmux_send(c, sid, ffi.from_buffer(buf), len(buf)) < 0:
+                raise ConnectionLost("kcp session is dead")
+        self.mux.want_flush()
+        self._update_write_pressure()
+        if self._write_paused:
+            lib.kmux_notify_below(c, sid, self.low_water)
+
+    @property
+    def write_buffer_size(self) -> int:
+        if self._gone:
+            return 0
+        return lib.kcp_pending_bytes(self._engine)
+
+    def _on_writable(self) -> None:
+        self._update_write_pressure()
+        if self._closed:
+            self._maybe_finish_close()
+
+    def write_eof(self) -> None:
+        self._check_writable()
+        if not self._fin_sent:
+            self._send_fin(full=False)
+
+    def _send_fin(self, full: bool) -> None:
+        self._fin_sent = True
+        self._fin_full = self._fin_full or full
+        self._fin_acked = False
+        self._fin_sn = lib.kcp_final_sn(self._engine)
+        self._fin_delay = FIN_RETRY
+        self._fin_retry()
+
+    def _fin_retry(self) -> None:
+        self._fin_timer = None
+        if self._gone or self._fin_acked:
+            return
+        self.mux.control(
+            self.peer, self.conv, FIN, FULL_CLOSE if self._fin_full else 0, self._fin_sn
+        )
+        self._fin_timer = self.mux.loop.call_later(self._fin_delay, self._fin_retry)
+        self._fin_delay = min(self._fin_delay * 2, FIN_RETRY_MAX)
+
+    def _on_finack(self, full: bool) -> None:
+        if full or not self._fin_full:
+            self._fin_acked = True
+            if self._fin_timer is not None:
+                self._fin_timer.cancel()
+                self._fin_timer = None
+            self._maybe_finish_close()
+
+    # -- control -----------------------------------------------------------
+    def _on_synack(self, una: int) -> None:
+        if self._connected is not None and not self._connected.done():
+            if una != MAGIC:
+                self._connected.set_exception(
+                    ConnectFailed("the kcp peer answered with an unknown handshake version")
+                )
+                return
+            self._establish()
+            self._connected.set_result(None)
+
+    def _on_fin(self, sn: int, full: bool) -> None:
+        if self._peer_fin_sn is None:
+            self._peer_fin_sn = sn
+        self._peer_full_close = self._peer_full_close or full
+        if self._eof_delivered:
+            if full and not self._closed:
+                self._finish(ConnectionLost("kcp connection closed by peer"))
+            return
+        if not self._paused:
+            self._check_eof()
+
+    def _on_rst(self) -> None:
+        if self._connected is not None and not self._connected.done():
+            self._connected.set_exception(
+                ConnectFailed("the kcp peer refused the connection (nothing listens there)")
+            )
+            return
+        if self._closed and self._fin_acked and self._fin_full:
+            self._finish(None)  # the peer already had everything and forgot us
+        else:
+            self._finish(ConnectionLost("kcp connection reset by peer"))
+
+    def _on_dead(self, reason: int) -> None:
+        if reason == 1:
+            message = "kcp peer unreachable: a segment was retransmitted too often (dead link)"
+        else:
+            message = f"kcp peer silent for {self.config.timeout:g}s (idle timeout)"
+        if self._connected is not None and not self._connected.done():
+            self._connected.set_exception(ConnectFailed(message))
+        self._finish(ConnectionLost(message))
+
+    def _on_socket_error(self, err: int) -> None:
+        if err == errno.ECONNREFUSED:
+            message = "connection refused (is a kcp server listening there?)"
+        else:
+            message = os.strerror(err)
+        if self._connected is not None and not self._connected.done():
+            self._connected.set_exception(ConnectFailed(message))
+            return
+        self._finish(ConnectionLost(f"kcp socket error: {message}"))
+
+    # -- closing -----------------------------------------------------------
+    def _maybe_finish_close(self) -> None:
+        """A graceful close is complete once the peer acknowledged all data and our FIN."""
+        if self._gone or not self._closed:
+            return
+        if self._fin_acked and lib.kcp_pending_bytes(self._engine) == 0:
+            self._finish(None)
+
+    async def close(self) -> None:
+        if self._gone:
+            return
+        if not self._closed:
+            self._closed = True
+            self._send_fin(full=True)
+            lib.kmux_notify_below(self.mux.c, self.sid, 0)
+            self.mux.want_flush()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._done), CLOSE_TIMEOUT)
+        except TimeoutError:
+            self.abort()
+
+    def abort(self) -> None:
+        if self._gone:
+            return
+        self._closed = True
+        self.mux.control(self.peer, self.conv, RST)
+        self._finish(None)
+
+    def _finish(self, exc: Exception | None) -> None:
+        """Free the session (C state included) and report the end exactly once."""
+        if self._gone:
+            return
+        self._gone = True
+        if self._fin_timer is not None:
+            self._fin_timer.cancel()
+            self._fin_timer = None
+        self._engine = ffi.NULL
+        self.mux.release(self.sid)
+        if self._connected is not None and not self._connected.done():
+            self._connected.set_exception(exc or ConnectFailed("kcp connection closed"))
+        if not self._done.done():
+            self._done.set_result(None)
+        self._connection_lost(exc)
+
+    # -- info --------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """KCP counters of this session (rto, srtt, cwnd, retransmissions, drops...)."""
+        if self._gone:
+            return {}
+        st = ffi.new("kcp_stats *")
+        lib.kcp_get_stats(self._engine, st)
+        return {name: getattr(st, name) for name in STAT_FIELDS}
