@@ -304,3 +304,15 @@ def test_sequence_numbers_and_clock_wrap():
     a.send(payload)
     link.run_until(lambda: sum(map(len, link.got["b"])) >= len(payload))
     assert b"".join(link.got["b"]) == payload
+
+
+def test_a_datagram_malformed_anywhere_is_dropped_whole():
+    a, b = KcpEngine(7, stream=True), KcpEngine(7, stream=True)
+    b.send(b"first")
+    b.flush(1)
+    (good,) = b.take_output()
+    assert a.input(good + b"\x00" * 5, 2) < 0  # a valid segment followed by junk
+    assert a.input(good + struct.pack("<IBBHIIII", 8, 81, 0, 32, 0, 1, 0, 0), 2) < 0
+    assert a.recv() is None and a.stats()["in_segments"] == 0
+    assert a.input(good, 3) == 0
+    assert a.recv() == b"first"

@@ -726,6 +726,26 @@ static void on_data(kcp_engine *k, uint32_t sn, uint32_t frg, const uint8_t *dat
     move_ready(k);
 }
 
+/* Check every segment of a datagram before acting on any: all or nothing. */
+static int validate(const kcp_engine *k, const uint8_t *data, size_t len)
+{
+    while (len >= KCP_HEADER) {
+        uint8_t cmd = data[4];
+        uint32_t dlen = get32(data + 20);
+        if (get32(data) != k->conv)
+            return -1;
+        if (dlen > len - KCP_HEADER)
+            return -2;
+        if (cmd < KCP_CMD_PUSH || cmd > KCP_CMD_WINS)
+            return -3;
+        if (DIFF(get32(data + 16), k->snd_nxt) > 0) /* acknowledges data never sent */
+            return -4;
+        data += KCP_HEADER + dlen;
+        len -= KCP_HEADER + dlen;
+    }
+    return len ? -5 : 0; /* trailing bytes shorter than a header */
+}
+
 int kcp_input(kcp_engine *k, const uint8_t *data, size_t len, uint32_t now)
 {
     k->current = now;
@@ -734,11 +754,15 @@ int kcp_input(kcp_engine *k, const uint8_t *data, size_t len, uint32_t now)
         k->st.dropped_malformed++;
         return -1;
     }
+    int rc = validate(k, data, len);
+    if (rc < 0) {
+        k->st.dropped_malformed++;
+        return rc;
+    }
     uint32_t prev_una = k->snd_una;
     uint32_t maxack = 0;
-    int have_maxack = 0, rc = 0;
+    int have_maxack = 0;
     while (len >= KCP_HEADER) {
-        uint32_t conv = get32(data);
         uint8_t cmd = data[4];
         uint32_t frg = data[5];
         uint32_t wnd = (uint32_t)data[6] | ((uint32_t)data[7] << 8);
@@ -746,22 +770,6 @@ int kcp_input(kcp_engine *k, const uint8_t *data, size_t len, uint32_t now)
         uint32_t sn = get32(data + 12);
         uint32_t una = get32(data + 16);
         uint32_t dlen = get32(data + 20);
-        if (conv != k->conv) {
-            rc = -1;
-            break;
-        }
-        if (dlen > len - KCP_HEADER) {
-            rc = -2;
-            break;
-        }
-        if (cmd < KCP_CMD_PUSH || cmd > KCP_CMD_WINS) {
-            rc = -3;
-            break;
-        }
-        if (DIFF(una, k->snd_nxt) > 0) { /* acknowledges data never sent */
-            rc = -4;
-            break;
-        }
         k->st.in_segments++;
         k->rmt_wnd = wnd;
         on_una(k, una);
@@ -789,10 +797,6 @@ int kcp_input(kcp_engine *k, const uint8_t *data, size_t len, uint32_t now)
         data += KCP_HEADER + dlen;
         len -= KCP_HEADER + dlen;
     }
-    if (rc == 0 && len > 0)
-        rc = -5; /* trailing bytes shorter than a header */
-    if (rc < 0)
-        k->st.dropped_malformed++;
     if (have_maxack)
         on_fastack(k, maxack);
     if (DIFF(k->snd_una, prev_una) > 0 && k->cwnd < k->rmt_wnd) {
@@ -812,7 +816,7 @@ int kcp_input(kcp_engine *k, const uint8_t *data, size_t len, uint32_t now)
             k->incr = k->rmt_wnd * mss;
         }
     }
-    return rc;
+    return 0;
 }
 
 int kcp_input_batch(kcp_engine *k, const uint8_t *data, const uint32_t *lens, int n, uint32_t now)
