@@ -159,12 +159,12 @@ class Mux:
     def _on_readable(self) -> None:
         if self.closed:
             return
-        now = lib.kcp_now_ms()
-        self._flush_scheduled = True  # writes made while dispatching ride on the flush below
         try:
-            self._dispatch(lib.kmux_poll(self.c, self.events, EVENTS, now))
+            self._dispatch(lib.kmux_poll(self.c, self.events, EVENTS, lib.kcp_now_ms()))
         finally:
-            self.flush_now()
+            # Acks go out in the flush at the end of this loop iteration, so a reply written
+            # by a task woken by this data rides in the same datagram.
+            self.want_flush()
 
     def want_flush(self) -> None:
         """Something was written or read: flush once, at the end of this loop iteration."""
@@ -209,32 +209,27 @@ class Mux:
         self._timer_when = when
 
     def _dispatch(self, n: int) -> None:
-        events = [
-            (e.type, e.sid, e.err, e.cmd, e.frg, e.conv, e.sn, e.una, e.addrlen)
-            for e in self.events[0:n]
-        ]
-        raw_addrs = {
-            i: bytes(ffi.buffer(self.events[i].addr, self.events[i].addrlen))
-            for i, ev in enumerate(events)
-            if ev[0] == EV_CTRL
-        }
-        for i, (kind, sid, err, cmd, frg, conv, sn, una, _) in enumerate(events):
+        events, streams = self.events, self.streams
+        for i in range(n):
+            e = events[i]
+            kind = e.type
             if kind == EV_DATA:
-                stream = self.streams.get(sid)
+                stream = streams.get(e.sid)
                 if stream is not None:
                     stream._deliver()
             elif kind == EV_CTRL:
-                self._on_control(sid, cmd, frg, conv, sn, una, raw_addrs[i])
-            elif kind == EV_WRITABLE:
-                stream = self.streams.get(sid)
-                if stream is not None:
-                    stream._on_writable()
-            elif kind == EV_DEAD:
-                stream = self.streams.get(sid)
-                if stream is not None:
-                    stream._on_dead(err)
+                addr = bytes(ffi.buffer(e.addr, e.addrlen))
+                self._on_control(e.sid, e.cmd, e.frg, e.conv, e.sn, e.una, addr)
             elif kind == EV_ERROR:
-                self._on_socket_error(err)
+                self._on_socket_error(e.err)
+            else:
+                stream = streams.get(e.sid)
+                if stream is None:
+                    continue
+                if kind == EV_WRITABLE:
+                    stream._on_writable()
+                elif kind == EV_DEAD:
+                    stream._on_dead(e.err)
 
     def _on_control(
         self, sid: int, cmd: int, frg: int, conv: int, sn: int, una: int, addr: bytes
