@@ -269,3 +269,31 @@ async def test_ten_thousand_open_close_cycles_do_not_grow_state():
     assert server.count == 10_200
     await listener.close()
     assert listener.mux.closed
+
+
+class BufferedCollector(Collector):
+    """A receiver in asyncio's BufferedProtocol shape that hands out small buffers."""
+
+    def __init__(self, stream=None) -> None:
+        super().__init__(stream)
+        self.area = bytearray(1000)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        assert sizehint > 0
+        return memoryview(self.area)[: 1 + len(self.data) % 999]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(self.area[:nbytes]))
+
+
+async def test_buffered_receivers_get_bytes_copied_into_their_own_buffers():
+    server = Server(BufferedCollector)
+    listener = await server.start()
+    stream, _ = await dial(listener.url)
+    payload = os.urandom(500_000)
+    stream.write([payload])
+    await server.accepted.wait()
+    await server.receivers[0].wait_bytes(len(payload))
+    assert bytes(server.receivers[0].data) == payload
+    await stream.close()
+    await listener.close()

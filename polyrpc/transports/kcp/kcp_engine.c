@@ -55,6 +55,7 @@ struct kcp_engine {
     int32_t rx_srtt, rx_rttval, rx_rto, rx_minrto;
     uint32_t current, interval, nodelay, fastresend, nocwnd, fastlimit, dead_link;
     uint32_t probe, ts_probe, probe_wait;
+    uint32_t ack_delay, ack_batch, ack_since; /* delayed acks (0: ack at every flush) */
     seglist snd_queue, snd_buf, rcv_queue, rcv_buf;
     uint32_t rcv_head_off; /* stream mode: bytes of rcv_queue.head already read */
     uint64_t pending;      /* bytes in snd_queue + snd_buf */
@@ -306,6 +307,12 @@ void kcp_set_dead_link(kcp_engine *k, int xmit_limit)
         k->dead_link = (uint32_t)xmit_limit;
 }
 
+void kcp_set_ack_delay(kcp_engine *k, int delay_ms, int batch)
+{
+    k->ack_delay = (uint32_t)(delay_ms < 0 ? 0 : delay_ms);
+    k->ack_batch = (uint32_t)(batch < 1 ? 1 : batch);
+}
+
 void kcp_set_fastlimit(kcp_engine *k, int limit) { k->fastlimit = (uint32_t)(limit < 0 ? 0 : limit); }
 
 uint32_t kcp_conv(const kcp_engine *k) { return k->conv; }
@@ -315,7 +322,7 @@ uint64_t kcp_pending_bytes(const kcp_engine *k) { return k->pending; }
 uint32_t kcp_final_sn(const kcp_engine *k) { return k->snd_nxt + k->snd_queue.count; }
 uint32_t kcp_rcv_nxt(const kcp_engine *k) { return k->rcv_nxt; }
 void kcp_tell_window(kcp_engine *k) { k->probe |= ASK_TELL; }
-int kcp_wants_flush(const kcp_engine *k) { return k->probe != 0 || k->nacks != 0; }
+int kcp_tell_pending(const kcp_engine *k) { return k->probe != 0; }
 
 void kcp_set_output(kcp_engine *k, void (*fn)(const uint8_t *, uint32_t, void *), void *user)
 {
@@ -555,13 +562,19 @@ void kcp_flush(kcp_engine *k, uint32_t now)
 uint32_t kcp_check(kcp_engine *k, uint32_t now, int *has_deadline)
 {
     *has_deadline = 1;
-    if (k->nacks || k->probe)
+    if (k->probe)
         return now;
     if (k->snd_queue.head && DIFF(k->snd_nxt, k->snd_una + effective_cwnd(k)) < 0)
         return now;
     uint32_t resent = k->fastresend > 0 ? k->fastresend : 0xffffffffu;
     int found = 0;
     uint32_t t = now;
+    if (k->nacks) {
+        if (k->ack_delay == 0 || k->nacks >= k->ack_batch)
+            return now;
+        t = k->ack_since + k->ack_delay;
+        found = 1;
+    }
     for (seg *s = k->snd_buf.head; s; s = s->next) {
         if (s->xmit == 0)
             return now;
@@ -683,6 +696,8 @@ static int push_ack(kcp_engine *k, uint32_t sn, uint32_t ts)
         k->acks = a;
         k->acks_cap = cap;
     }
+    if (k->nacks == 0)
+        k->ack_since = k->current;
     k->acks[k->nacks].sn = sn;
     k->acks[k->nacks].ts = ts;
     k->nacks++;

@@ -65,6 +65,8 @@ struct kcp_mux {
     uint32_t rslot;
     int pending_errno;
     uint32_t now;
+    uint32_t armed_at; /* when the caller's timer will fire, if timer_armed */
+    int timer_armed;
     kmux_stats st;
 };
 
@@ -318,6 +320,7 @@ int kmux_open(kcp_mux *m, const uint8_t *addr, uint32_t addrlen, uint32_t conv,
     kcp_set_wndsize(s->k, cfg->sndwnd, cfg->rcvwnd);
     kcp_set_nodelay(s->k, cfg->nodelay, cfg->interval, cfg->resend, cfg->nocwnd);
     kcp_set_dead_link(s->k, cfg->dead_link);
+    kcp_set_ack_delay(s->k, cfg->ack_delay, cfg->ack_batch);
     kcp_set_output(s->k, on_output, s);
     s->mux = m;
     s->conv = conv;
@@ -440,15 +443,16 @@ void kmux_notify_below(kcp_mux *m, int sid, int64_t bytes)
     }
 }
 
-int kmux_send(kcp_mux *m, int sid, const uint8_t *data, size_t len)
+int64_t kmux_send(kcp_mux *m, int sid, const uint8_t *data, size_t len)
 {
     msess *s = get(m, sid);
     if (!s || s->dead)
         return -1;
     int r = kcp_send(s->k, data, len);
-    if (r == 0)
-        mark_dirty(m, s);
-    return r;
+    if (r < 0)
+        return r;
+    mark_dirty(m, s);
+    return (int64_t)kcp_pending_bytes(s->k);
 }
 
 int kmux_read(kcp_mux *m, int sid, uint8_t *buf, size_t cap)
@@ -457,7 +461,7 @@ int kmux_read(kcp_mux *m, int sid, uint8_t *buf, size_t cap)
     if (!s)
         return -1;
     int r = kcp_recv(s->k, buf, cap);
-    if (kcp_wants_flush(s->k))
+    if (kcp_tell_pending(s->k))
         mark_dirty(m, s);
     return r;
 }
@@ -509,13 +513,24 @@ static void after_flush(kcp_mux *m, msess *s, kmux_event *ev, int *n, int maxev)
     recompute_deadline(s, m->now);
 }
 
+/* The delay for the caller's timer, or -1 when the timer it already has is early enough. */
+static int32_t arm(kcp_mux *m, uint32_t now)
+{
+    int32_t d = kmux_next_delay(m, now);
+    if (d < 0 || (m->timer_armed && DIFF(m->armed_at, now + (uint32_t)d) <= 0))
+        return -1;
+    m->timer_armed = 1;
+    m->armed_at = now + (uint32_t)d;
+    return d;
+}
+
 static void take_error(kcp_mux *m, kmux_event *ev, int *n, int maxev)
 {
     if (m->pending_errno && add_event(ev, n, maxev, -1, KMUX_EV_ERROR, m->pending_errno) == 0)
         m->pending_errno = 0;
 }
 
-int kmux_flush(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now)
+int kmux_flush(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now, int32_t *next_delay)
 {
     int n = 0;
     m->now = now;
@@ -532,6 +547,7 @@ int kmux_flush(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now)
     m->ndirty = 0;
     flush_sends(m);
     take_error(m, ev, &n, maxev);
+    *next_delay = arm(m, now);
     return n;
 }
 
@@ -590,7 +606,13 @@ static void on_datagram(kcp_mux *m, const uint8_t *data, uint32_t len, const uin
     if (kcp_input(s->k, data, len, m->now) < 0)
         m->st.dropped_malformed++;
     s->last_recv = m->now;
-    mark_dirty(m, s);
+    /* flush now only if something is due now; delayed acks wait for a reply or the timer */
+    int has;
+    if ((DIFF(kcp_check(s->k, m->now, &has), m->now) <= 0 && has) ||
+        (s->notify_below >= 0 && (int64_t)kcp_pending_bytes(s->k) <= s->notify_below))
+        mark_dirty(m, s);
+    else if (!s->dirty)
+        recompute_deadline(s, m->now);
     if (!s->data_flag && kcp_readable(s->k)) {
         if (add_event(ev, n, maxev, s->sid, KMUX_EV_DATA, 0) == 0)
             s->data_flag = 1;
@@ -644,10 +666,11 @@ int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now)
     return n;
 }
 
-int kmux_tick(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now)
+int kmux_tick(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now, int32_t *next_delay)
 {
     int n = 0;
     m->now = now;
+    m->timer_armed = 0; /* the caller's timer just fired */
     for (int i = 0; i < m->nslots && n < maxev; i++) {
         msess *s = m->slots[i];
         if (!s || s->dead || !s->has_deadline || DIFF(s->deadline, now) > 0)
@@ -667,6 +690,7 @@ int kmux_tick(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now)
     }
     flush_sends(m);
     take_error(m, ev, &n, maxev);
+    *next_delay = arm(m, now);
     return n;
 }
 

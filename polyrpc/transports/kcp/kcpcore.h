@@ -56,6 +56,8 @@ void kcp_set_nodelay(kcp_engine *k, int nodelay, int interval, int resend, int n
 void kcp_set_stream(kcp_engine *k, int stream);
 void kcp_set_dead_link(kcp_engine *k, int xmit_limit);
 void kcp_set_fastlimit(kcp_engine *k, int limit);
+/* hold pure acks up to delay_ms so a reply can carry them, unless batch acks are owed */
+void kcp_set_ack_delay(kcp_engine *k, int delay_ms, int batch);
 /* queue bytes; 0 or <0 on error (-2: message needs more than 255 fragments) */
 int kcp_send(kcp_engine *k, const uint8_t *data, size_t len);
 /* stream mode: copy up to cap bytes; message mode: one whole message
@@ -74,8 +76,8 @@ uint32_t kcp_check(kcp_engine *k, uint32_t now, int *has_deadline);
 size_t kcp_output_size(const kcp_engine *k);
 int kcp_take_output(kcp_engine *k, uint8_t *buf, size_t cap, uint32_t *lens, int maxn);
 void kcp_tell_window(kcp_engine *k);
-/* 1 if a flush has something to say now (acks, window probes or tells) */
-int kcp_wants_flush(const kcp_engine *k);
+/* 1 if a window probe or window update waits to be sent */
+int kcp_tell_pending(const kcp_engine *k);
 /* replace the sans-IO queue by a hook called once per outgoing datagram */
 void kcp_set_output(kcp_engine *k, void (*fn)(const uint8_t *, uint32_t, void *), void *user);
 uint32_t kcp_conv(const kcp_engine *k);
@@ -113,6 +115,7 @@ typedef struct kmux_event {
 
 typedef struct kmux_config {
     int mtu, sndwnd, rcvwnd, nodelay, interval, resend, nocwnd, stream, dead_link;
+    int ack_delay, ack_batch;
 } kmux_config;
 
 typedef struct kmux_stats {
@@ -132,11 +135,14 @@ int kmux_find(kcp_mux *m, const uint8_t *addr, uint32_t addrlen, uint32_t conv);
 void kmux_set_established(kcp_mux *m, int sid, uint32_t idle_ms, uint32_t keepalive_ms,
                           uint32_t now);
 void kmux_notify_below(kcp_mux *m, int sid, int64_t bytes);
-int kmux_send(kcp_mux *m, int sid, const uint8_t *data, size_t len);
+/* queue bytes; returns the bytes now queued or unacknowledged, or <0 on error */
+int64_t kmux_send(kcp_mux *m, int sid, const uint8_t *data, size_t len);
 int kmux_read(kcp_mux *m, int sid, uint8_t *buf, size_t cap);
 int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now);
-int kmux_flush(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now);
-int kmux_tick(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now);
+/* flush and tick also report the delay (ms) for the caller's one timer: -1 means keep the
+   timer it has (or none is needed); tick assumes that timer has just fired */
+int kmux_flush(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now, int32_t *next_delay);
+int kmux_tick(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now, int32_t *next_delay);
 int32_t kmux_next_delay(kcp_mux *m, uint32_t now);
 int kmux_has_dirty(const kcp_mux *m);
 int kmux_ctrl(kcp_mux *m, const uint8_t *addr, uint32_t addrlen, uint32_t conv, uint8_t cmd,

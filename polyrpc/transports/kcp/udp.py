@@ -35,6 +35,8 @@ CLOSE_TIMEOUT = 10.0
 FIN_RETRY = 0.1
 FIN_RETRY_MAX = 1.0
 FULL_CLOSE = 1
+ACK_DELAY_MS = 1
+ACK_BATCH = 16
 
 EV_DATA, EV_CTRL, EV_DEAD, EV_WRITABLE, EV_ERROR = 1, 2, 3, 4, 5
 SYN, SYNACK, FIN, FINACK, RST = 0xC0, 0xC1, 0xC2, 0xC3, 0xC4
@@ -79,6 +81,7 @@ class KcpConfig:
         cfg.resend, cfg.nocwnd = self.resend, self.nocwnd
         cfg.stream = 1
         cfg.dead_link = 20 if self.mode == "normal" else 30
+        cfg.ack_delay, cfg.ack_batch = ACK_DELAY_MS, ACK_BATCH
         return cfg
 
     @property
@@ -149,8 +152,10 @@ class Mux:
         self.buffer_c = ffi.from_buffer(self.buffer)
         self.view = memoryview(self.buffer)
         self._flush_scheduled = False
+        self._busy = False
+        self._in_poll = False
+        self._delay = ffi.new("int32_t *")
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_when = 0.0
         self.closed = False
         self.keep_open = acceptor is not None
         self.loop.add_reader(sock.fileno(), self._on_readable)
@@ -159,54 +164,66 @@ class Mux:
     def _on_readable(self) -> None:
         if self.closed:
             return
+        # Replies written while the received data is dispatched ride with the acks in the
+        # one flush below; acks with nothing to carry them wait (briefly) in C.
+        self._busy = self._in_poll = True
         try:
             self._dispatch(lib.kmux_poll(self.c, self.events, EVENTS, lib.kcp_now_ms()))
         finally:
-            # Acks go out in the flush at the end of this loop iteration, so a reply written
-            # by a task woken by this data rides in the same datagram.
-            self.want_flush()
+            self._busy = self._in_poll = False
+            self._flush()
 
     def want_flush(self) -> None:
-        """Something was written or read: flush once, at the end of this loop iteration."""
-        if not self._flush_scheduled and not self.closed:
+        """Something was written or read: send it now (the session above already batches
+        the writes of one loop turn); while events are dispatched, once they are done."""
+        if self.closed or self._in_poll:  # the flush that ends the poll will send it
+            return
+        if not self._busy:
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self.flush_now)
 
     def flush_now(self) -> None:
         """Send what every touched session has to say (acks, data, window updates)."""
         self._flush_scheduled = False
+        if not self.closed and lib.kmux_has_dirty(self.c):
+            self._flush()
+
+    def _flush(self) -> None:
         if self.closed:
             return
-        n = lib.kmux_flush(self.c, self.events, EVENTS, lib.kcp_now_ms())
+        n = lib.kmux_flush(self.c, self.events, EVENTS, lib.kcp_now_ms(), self._delay)
         if n:
-            self._dispatch(n)
-        if self.closed:
-            return
-        if lib.kmux_has_dirty(self.c):
-            self.want_flush()
-        self._arm_timer()
+            self._busy = True
+            try:
+                self._dispatch(n)
+            finally:
+                self._busy = False
+        if not self.closed:
+            self._arm_timer(self._delay[0])
 
     def _on_timer(self) -> None:
         self._timer = None
         if self.closed:
             return
-        n = lib.kmux_tick(self.c, self.events, EVENTS, lib.kcp_now_ms())
+        n = lib.kmux_tick(self.c, self.events, EVENTS, lib.kcp_now_ms(), self._delay)
         if n:
-            self._dispatch(n)
+            self._busy = True
+            try:
+                self._dispatch(n)
+            finally:
+                self._busy = False
         if not self.closed:
-            self._arm_timer()
+            self._arm_timer(self._delay[0])
 
-    def _arm_timer(self) -> None:
-        delay = lib.kmux_next_delay(self.c, lib.kcp_now_ms())
+    def _arm_timer(self, delay: int) -> None:
+        """(Re)arm the one timer; the C side says when (-1: the current one is early enough)."""
         if delay < 0:
             return
-        when = self.loop.time() + delay / 1000.0
         if self._timer is not None:
-            if self._timer_when <= when + 0.0005:
-                return
             self._timer.cancel()
-        self._timer = self.loop.call_at(when, self._on_timer)
-        self._timer_when = when
+        self._timer = self.loop.call_later(delay / 1000.0, self._on_timer)
 
     def _dispatch(self, n: int) -> None:
         events, streams = self.events, self.streams
@@ -339,6 +356,7 @@ class KcpStream(Stream):
         self.config = config
         self._engine = lib.kmux_engine(mux.c, sid)
         self._paused = False
+        self._buffered_receiver = False
         self._deliver_scheduled = False
         self._peer_fin_sn: int | None = None
         self._peer_full_close = False
@@ -379,22 +397,41 @@ class KcpStream(Stream):
                 self._deliver_scheduled = True
                 self.mux.loop.call_soon(self._deliver)
 
+    def set_receiver(self, receiver: Any) -> None:
+        super().set_receiver(receiver)
+        self._buffered_receiver = hasattr(receiver, "get_buffer")
+
     def _deliver(self) -> None:
-        """Hand every readable byte to the receiver (until it pauses), then check for EOF."""
+        """Hand every readable byte to the receiver (until it pauses), then check for EOF.
+
+        A receiver with ``get_buffer``/``buffer_updated`` (asyncio's BufferedProtocol shape,
+        like the frame decoder) gets the bytes copied by C straight into its own buffer.
+        """
         self._deliver_scheduled = False
         if self._gone or self._paused:
             return
         mux = self.mux
-        got = False
-        while not self._paused and not self._gone:
-            n = lib.kmux_read(mux.c, self.sid, mux.buffer_c, READ_CHUNK)
-            if n <= 0:
-                break
-            got = True
-            self.receiver.data_received(mux.view[:n])
-        if got and not self._gone and lib.kmux_has_dirty(mux.c):
+        c, sid, receiver = mux.c, self.sid, self.receiver
+        if self._buffered_receiver:
+            avail = lib.kcp_readable(self._engine)
+            while avail > 0 and not self._paused and not self._gone:
+                target = ffi.from_buffer(receiver.get_buffer(avail), require_writable=True)
+                n = lib.kmux_read(c, sid, target, len(target))
+                if n <= 0:
+                    break
+                avail -= n
+                receiver.buffer_updated(n)
+        else:
+            n = READ_CHUNK
+            while n == READ_CHUNK and not self._paused and not self._gone:
+                n = lib.kmux_read(c, sid, mux.buffer_c, READ_CHUNK)
+                if n <= 0:
+                    break
+                receiver.data_received(mux.view[:n])
+        if self._peer_fin_sn is not None:
+            self._check_eof()
+        if not mux._in_poll and not self._gone and lib.kmux_has_dirty(c):
             mux.want_flush()  # our receive window reopened: tell the peer
-        self._check_eof()
 
     def _check_eof(self) -> None:
         if (
@@ -415,16 +452,22 @@ class KcpStream(Stream):
 
     # -- sending -----------------------------------------------------------
     def write(self, buffers: Sequence[Buffer], *, ordered: bool = True) -> None:
-        self._check_writable()
-        if self._fin_sent:
+        if self._gone or self._closed or self._fin_sent:
+            self._check_writable()
             raise ConnectionLost("kcp stream was half-closed with write_eof()")
-        c, sid = self.mux.c, self.sid
+        mux = self.mux
+        c, sid = mux.c, self.sid
+        queued = 0
         for buf in buffers:
-            if len(buf) and lib.kmux_send(c, sid, ffi.from_buffer(buf), len(buf)) < 0:
-                raise ConnectionLost("kcp session is dead")
-        self.mux.want_flush()
-        self._update_write_pressure()
-        if self._write_paused:
+            if len(buf):
+                queued = lib.kmux_send(
+                    c, sid, buf if type(buf) is bytes else ffi.from_buffer(buf), len(buf)
+                )
+                if queued < 0:
+                    raise ConnectionLost("kcp session is dead")
+        mux.want_flush()
+        if queued > self.high_water and not self._write_paused and not self._gone:
+            self._update_write_pressure()
             lib.kmux_notify_below(c, sid, self.low_water)
 
     @property
