@@ -297,3 +297,35 @@ async def test_buffered_receivers_get_bytes_copied_into_their_own_buffers():
     assert bytes(server.receivers[0].data) == payload
     await stream.close()
     await listener.close()
+
+
+def test_missing_extension_is_a_clear_transport_unavailable():
+    """Without the compiled core the transport is listed but says why and how to fix it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "polyrpc.transports.kcp._kcp":
+                    raise ImportError("simulated: extension not built")
+        sys.meta_path.insert(0, Block())
+        from polyrpc.core.errors import TransportUnavailable
+        from polyrpc.core.registry import registry
+        try:
+            registry.resolve("kcp@127.0.0.1:9000")
+        except TransportUnavailable as exc:
+            print("UNAVAILABLE", exc)
+        row = [r for r in registry.describe() if r.scheme == "kcp"][0]
+        print("ROW", row.usable, row.reason)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert "UNAVAILABLE kcp: the KCP C extension" in out
+    assert "build_ext --inplace" in out
+    assert "ROW False" in out
