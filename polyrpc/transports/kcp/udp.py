@@ -35,7 +35,6 @@ CLOSE_TIMEOUT = 10.0
 FIN_RETRY = 0.1
 FIN_RETRY_MAX = 1.0
 FULL_CLOSE = 1
-ACK_DELAY_MS = 1
 ACK_BATCH = 16
 
 EV_DATA, EV_CTRL, EV_DEAD, EV_WRITABLE, EV_ERROR = 1, 2, 3, 4, 5
@@ -81,8 +80,14 @@ class KcpConfig:
         cfg.resend, cfg.nocwnd = self.resend, self.nocwnd
         cfg.stream = 1
         cfg.dead_link = 20 if self.mode == "normal" else 30
-        cfg.ack_delay, cfg.ack_batch = ACK_DELAY_MS, ACK_BATCH
+        cfg.ack_delay, cfg.ack_batch = self.ack_delay_ms, ACK_BATCH
         return cfg
+
+    @property
+    def ack_delay_ms(self) -> int:
+        """How long a pure ack may wait for a reply to carry it: half the KCP interval, as
+        the reference's acks wait on average for its next update tick."""
+        return self.interval // 2
 
     @property
     def idle_ms(self) -> int:
