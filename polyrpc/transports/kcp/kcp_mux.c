@@ -619,7 +619,7 @@ static void on_datagram(kcp_mux *m, const uint8_t *data, uint32_t len, const uin
     }
 }
 
-int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now)
+int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now, int32_t *next_delay)
 {
     int n = 0, total = 0;
     m->now = now;
@@ -663,6 +663,8 @@ int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now)
                 s->data_flag = 0;
         }
     }
+    /* with sessions dirty the caller flushes next, and that flush arms the timer */
+    *next_delay = m->ndirty ? -1 : arm(m, now);
     return n;
 }
 

@@ -138,9 +138,9 @@ void kmux_notify_below(kcp_mux *m, int sid, int64_t bytes);
 /* queue bytes; returns the bytes now queued or unacknowledged, or <0 on error */
 int64_t kmux_send(kcp_mux *m, int sid, const uint8_t *data, size_t len);
 int kmux_read(kcp_mux *m, int sid, uint8_t *buf, size_t cap);
-int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now);
-/* flush and tick also report the delay (ms) for the caller's one timer: -1 means keep the
-   timer it has (or none is needed); tick assumes that timer has just fired */
+/* poll, flush and tick also report the delay (ms) for the caller's one timer: -1 means keep
+   the timer it has (or none is needed); tick assumes that timer has just fired */
+int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now, int32_t *next_delay);
 int kmux_flush(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now, int32_t *next_delay);
 int kmux_tick(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now, int32_t *next_delay);
 int32_t kmux_next_delay(kcp_mux *m, uint32_t now);

@@ -173,9 +173,17 @@ class Mux:
         # one flush below; acks with nothing to carry them wait (briefly) in C.
         self._busy = self._in_poll = True
         try:
-            self._dispatch(lib.kmux_poll(self.c, self.events, EVENTS, lib.kcp_now_ms()))
+            n = lib.kmux_poll(self.c, self.events, EVENTS, lib.kcp_now_ms(), self._delay)
+            delay = self._delay[0]
+            if n:
+                self._dispatch(n)
         finally:
             self._busy = self._in_poll = False
+        if self.closed:
+            return
+        if delay >= 0:
+            self._arm_timer(delay)
+        if lib.kmux_has_dirty(self.c):
             self._flush()
 
     def want_flush(self) -> None:
