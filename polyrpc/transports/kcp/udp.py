@@ -529,7 +529,7 @@ class KcpStream(Stream):
     def _on_synack(self, una: int) -> None:
         if self._connected is not None and not self._connected.done():
             if una != MAGIC:
-                self._connected.set_exception(
+                self._fail_connect(
                     ConnectFailed("the kcp peer answered with an unknown handshake version")
                 )
                 return
@@ -547,9 +547,16 @@ class KcpStream(Stream):
         if not self._paused:
             self._check_eof()
 
+    def _fail_connect(self, exc: Exception) -> None:
+        """Fail a pending dial (dial() reads the error; nobody else must have to)."""
+        connected = self._connected
+        if connected is not None and not connected.done():
+            connected.set_exception(exc)
+            connected.exception()
+
     def _on_rst(self) -> None:
         if self._connected is not None and not self._connected.done():
-            self._connected.set_exception(
+            self._fail_connect(
                 ConnectFailed("the kcp peer refused the connection (nothing listens there)")
             )
             return
@@ -563,8 +570,7 @@ class KcpStream(Stream):
             message = "kcp peer unreachable: a segment was retransmitted too often (dead link)"
         else:
             message = f"kcp peer silent for {self.config.timeout:g}s (idle timeout)"
-        if self._connected is not None and not self._connected.done():
-            self._connected.set_exception(ConnectFailed(message))
+        self._fail_connect(ConnectFailed(message))
         self._finish(ConnectionLost(message))
 
     def _on_socket_error(self, err: int) -> None:
@@ -573,7 +579,7 @@ class KcpStream(Stream):
         else:
             message = os.strerror(err)
         if self._connected is not None and not self._connected.done():
-            self._connected.set_exception(ConnectFailed(message))
+            self._fail_connect(ConnectFailed(message))
             return
         self._finish(ConnectionLost(f"kcp socket error: {message}"))
 
@@ -615,8 +621,7 @@ class KcpStream(Stream):
             self._fin_timer = None
         self._engine = ffi.NULL
         self.mux.release(self.sid)
-        if self._connected is not None and not self._connected.done():
-            self._connected.set_exception(exc or ConnectFailed("kcp connection closed"))
+        self._fail_connect(exc or ConnectFailed("kcp connection closed"))
         if not self._done.done():
             self._done.set_result(None)
         self._connection_lost(exc)
