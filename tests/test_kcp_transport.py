@@ -88,7 +88,9 @@ async def test_close_delivers_everything_then_eof_then_connection_lost():
     stream, got = await dial(listener.url)
     payload = os.urandom(2_000_000)
     stream.write([payload])
+    started = time.monotonic()
     await stream.close()  # returns once the peer has acknowledged every byte
+    assert time.monotonic() - started < 2
     peer = server.receivers[0]
     await asyncio.wait_for(peer.lost.wait(), 5)
     assert bytes(peer.data) == payload
@@ -117,7 +119,9 @@ async def test_write_eof_half_closes_one_direction():
     peer_stream.write([b"answer"])  # the other direction still works
     await got.wait_bytes(6)
     assert bytes(got.data) == b"answer"
+    started = time.monotonic()
     await peer_stream.close()
+    assert time.monotonic() - started < 1  # acknowledged, not aborted after a timeout
     await asyncio.wait_for(got.lost.wait(), 5)
     assert got.eof.is_set()
     await listener.close()
@@ -143,7 +147,9 @@ async def test_peer_closing_first_while_we_write_is_clean_for_both():
     stream, got = await dial(listener.url)
     stream.write([b"ping"])
     await got.wait_bytes(4)
+    started = time.monotonic()
     await server.streams[0].close()
+    assert time.monotonic() - started < 1
     await asyncio.wait_for(got.lost.wait(), 5)
     assert got.eof.is_set() and isinstance(got.lost_exc, ConnectionLost)
     await stream.close()  # idempotent after the loss

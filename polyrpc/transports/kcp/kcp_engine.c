@@ -559,6 +559,15 @@ void kcp_flush(kcp_engine *k, uint32_t now)
     }
 }
 
+void kcp_flush_acks(kcp_engine *k, uint32_t now)
+{
+    k->current = now;
+    for (uint32_t i = 0; i < k->nacks; i++)
+        emit_segment(k, KCP_CMD_ACK, 0, k->acks[i].ts, k->acks[i].sn, NULL, 0);
+    k->nacks = 0;
+    emit_datagram(k);
+}
+
 uint32_t kcp_check(kcp_engine *k, uint32_t now, int *has_deadline)
 {
     *has_deadline = 1;

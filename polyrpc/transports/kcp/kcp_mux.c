@@ -376,6 +376,11 @@ void kmux_release(kcp_mux *m, int sid)
     msess *s = get(m, sid);
     if (!s)
         return;
+    if (!s->dead) {
+        m->now = kcp_now_ms();
+        kcp_flush_acks(s->k, m->now);
+        flush_sends(m);
+    }
     msess **pp = &m->buckets[s->hash & (m->nbuckets - 1)];
     while (*pp && *pp != s)
         pp = &(*pp)->hnext;

@@ -70,6 +70,8 @@ int kcp_input(kcp_engine *k, const uint8_t *data, size_t len, uint32_t now);
 /* n datagrams laid end to end; returns how many were accepted */
 int kcp_input_batch(kcp_engine *k, const uint8_t *data, const uint32_t *lens, int n, uint32_t now);
 void kcp_flush(kcp_engine *k, uint32_t now);
+/* send only the acknowledgements owed (e.g. before forgetting a finished session) */
+void kcp_flush_acks(kcp_engine *k, uint32_t now);
 /* absolute time (ms) of the next needed flush; has_deadline=0 if none */
 uint32_t kcp_check(kcp_engine *k, uint32_t now, int *has_deadline);
 /* sans-IO output queue (used when no output hook is installed) */
@@ -129,6 +131,7 @@ kcp_mux *kmux_new(int fd);
 void kmux_free(kcp_mux *m);
 int kmux_open(kcp_mux *m, const uint8_t *addr, uint32_t addrlen, uint32_t conv,
               const kmux_config *cfg, uint32_t now);
+/* free a session; its owed acknowledgements are sent first */
 void kmux_release(kcp_mux *m, int sid);
 kcp_engine *kmux_engine(kcp_mux *m, int sid);
 int kmux_find(kcp_mux *m, const uint8_t *addr, uint32_t addrlen, uint32_t conv);
