@@ -44,8 +44,7 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
 
     # -- asyncio protocol side --------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = transport  # type: ignore[assignment]
         self._lost_future = asyncio.get_running_loop().create_future()
         transport.set_write_buffer_limits(high=self.high_water, low=self.low_water)
         self.extra["peer"] = _format_peer(transport.get_extra_info("peername"))
