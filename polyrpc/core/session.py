@@ -103,6 +103,8 @@ class Session:
         self.peer_info: dict[str, str] = {}
         self.loop = asyncio.get_running_loop()
         self._decoder = FrameDecoder(config.limits)
+        self._decoder_updated = self._decoder.buffer_updated
+        self.get_buffer = self._decoder.get_buffer  # type: ignore[method-assign]  # hot path
         self._next_seq = 1
         self._pending: dict[int, asyncio.Future[Frame]] = {}
         self._pending_info: dict[int, tuple[str, float]] = {}
@@ -235,7 +237,7 @@ class Session:
     def buffer_updated(self, nbytes: int) -> None:
         self.bytes_in += nbytes
         try:
-            frames = self._decoder.buffer_updated(nbytes)
+            frames = self._decoder_updated(nbytes)
         except ProtocolError as exc:
             self._protocol_failure(exc)
             return
@@ -392,22 +394,30 @@ class Session:
         return self._decode(frame)
 
     def _write(self, buffers: Sequence[Buffer], ordered: bool = True) -> None:
-        """Send whole frames. The first write of a loop turn goes out at once (latency);
-        later ones in the same turn, or while handling received frames, are collected
-        and written together (throughput)."""
-        if self._in_receive or self._flush_handle is not None:
+        """Send whole frames, batching whatever is written in the same loop turn.
+
+        A frame goes out at once only when the connection is otherwise quiet (no
+        other request in flight), which keeps a lone call's latency minimal; under
+        load everything written in a loop turn, or while handling received frames,
+        is collected and written together (one syscall instead of many).
+        """
+        if self._in_receive or self._flush_handle is not None or len(self._pending) > 1:
             out = self._out
             out += buffers
             if ordered:
                 self._out_ordered = True
             if len(out) > FLUSH_BUFFERS or len(buffers[-1]) >= FLUSH_BYTES:
                 self._flush()  # hand big batches to the stream now so its backpressure applies
+            elif self._flush_handle is None and not self._in_receive:
+                self._flush_handle = self.loop.call_soon(self._flush)
             return
         if self._closed.done():
             raise self.lost_error()
         self.bytes_out += len(buffers[0]) if len(buffers) == 1 else sum(map(len, buffers))
         self.stream.write(buffers, ordered=ordered)
-        self._flush_handle = self.loop.call_soon(self._flush)
+        if not self._pending:
+            # not a lone request: batch whatever else is written in this loop turn
+            self._flush_handle = self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         if self._flush_handle is not None:
