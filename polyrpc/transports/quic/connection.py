@@ -1,0 +1,465 @@
+"""QuicStream: the stream trait on one aioquic ``QuicConnection`` (sans-IO), driven by our UDP glue.
+
+Every :meth:`QuicStream.write` call travels on its own unidirectional QUIC stream
+and is delivered to the receiver only once that QUIC stream has ended, as one
+unit. A lost packet therefore delays only the unit it belongs to; units from
+different writes may overtake each other (``extra["unordered_units"]``). The
+upper layer writes only whole frames per call, so any order of units is a valid
+byte stream for it. EOF is an empty unit; it is delivered after every unit
+opened before it (stream ids are sequential).
+
+Backpressure both ways: a writer waits (``drain``) while more than the
+high-water mark of its data is unacknowledged, and a receiver whose reader is
+paused stops granting MAX_DATA credit, so the peer's writer waits in turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from aioquic.quic.connection import Limit, QuicConnection
+from aioquic.quic.events import (
+    ConnectionIdIssued,
+    ConnectionIdRetired,
+    ConnectionTerminated,
+    HandshakeCompleted,
+    PingAcknowledged,
+    StreamDataReceived,
+    StreamReset,
+)
+
+from ...core.errors import ConnectionLost, HandshakeError
+from ...core.stream import Buffer, Stream
+
+if TYPE_CHECKING:
+    from aioquic.quic.stream import QuicStreamSender
+
+CLOSE_TIMEOUT = 10.0
+NO_ERROR = 0x0
+ABORT_ERROR = 0x1
+"""Application error code sent by :meth:`QuicStream.abort`."""
+CRYPTO_ERROR = 0x100
+ALERT_NO_APPLICATION_PROTOCOL = 120
+CERTIFICATE_ALERTS = {42, 43, 44, 45, 46, 48}
+IDLE_REASON = "Idle timeout"
+
+
+class Driver:
+    """What a QuicStream needs from its endpoint (client socket or listener)."""
+
+    def send(self, datagrams: list[tuple[bytes, Any]]) -> None:
+        """Put datagrams on the wire."""
+        raise NotImplementedError
+
+    def cid_issued(self, cid: bytes, stream: QuicStream) -> None:
+        """Route datagrams for ``cid`` to ``stream``."""
+
+    def cid_retired(self, cid: bytes) -> None:
+        """Stop routing ``cid``."""
+
+    def finished(self, stream: QuicStream) -> None:
+        """The connection is over; release its routes (and the socket of a client)."""
+
+    def established(self, stream: QuicStream) -> None:
+        """The handshake completed (a listener hands the stream to its handler)."""
+
+
+class ReceiveCredit(Limit):
+    """MAX_DATA that grows only as the application takes delivery.
+
+    aioquic doubles its receive window whenever half of it is used, whatever the
+    application does with the data; this limit caps the window at ``window`` bytes
+    beyond what the application has been handed (``held`` counts received units
+    still waiting for a paused reader), so a slow reader stops the peer's writer.
+    """
+
+    def __init__(self, base: Limit, window: int, held: Callable[[], int]) -> None:
+        self._window = window
+        self._held = held
+        self._value = base.value
+        self.frame_type = base.frame_type
+        self.name = base.name
+        self.sent = base.sent
+        self.used = base.used
+
+    @property
+    def value(self) -> int:
+        """The current credit limit (bytes the peer may send in total)."""
+        return self._value
+
+    @value.setter
+    def value(self, requested: int) -> None:
+        cap = self.used - self._held() + self._window
+        new = min(requested, cap)
+        if new - self._value >= self._window >> 3:
+            self._value = new
+
+
+_ping_ids = itertools.count(1)
+
+
+class QuicStream(Stream):
+    """Stream trait over one QUIC connection (units on unidirectional QUIC streams)."""
+
+    transport_name = "quic"
+
+    def __init__(
+        self,
+        connection: QuicConnection,
+        driver: Driver,
+        peer: Any,
+        *,
+        window: int,
+        keepalive: float,
+        high_water: int,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            {"peer": _format(peer), "unordered_units": True, "alpn": None, **(extra or {})},
+            high_water=high_water,
+            low_water=high_water // 4,
+        )
+        self._loop = asyncio.get_running_loop()
+        self.connection = connection
+        self._driver = driver
+        self._peer = peer
+        self._keepalive = keepalive
+        self._assembling: dict[int, list[bytes]] = {}
+        self._ready: deque[list[bytes]] = deque()
+        self._ready_bytes = 0
+        connection._local_max_data = ReceiveCredit(
+            connection._local_max_data, window, lambda: self._ready_bytes
+        )
+        self._delivered_units = 0
+        self._eof_index: int | None = None
+        self._eof_delivered = False
+        self._reading_paused = False
+        self._eof_sent = False
+        self._sending: dict[int, QuicStreamSender] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._transmit_handle: asyncio.Handle | None = None
+        self._keepalive_handle: asyncio.TimerHandle | None = None
+        self._last_receive = self._loop.time()
+        self.handshake: asyncio.Future[None] = self._loop.create_future()
+        self.fingerprint_check: Callable[[QuicStream], HandshakeError | None] | None = None
+        self._finished = False
+        self._closing = False
+        self._close_reason: str | None = None
+        self._flushed: asyncio.Future[None] | None = None
+        self.pings_acknowledged = 0
+
+    # -- I/O entry points (called by the driver) ---------------------------
+    def datagram_received(self, data: bytes, address: Any, now: float) -> None:
+        """Feed one datagram; call :meth:`process` after a batch."""
+        self.connection.receive_datagram(data, address, now)
+        self._last_receive = now
+
+    def process(self) -> None:
+        """Handle what the connection produced, deliver data, send what is due."""
+        connection = self.connection
+        while (event := connection.next_event()) is not None:
+            kind = type(event)
+            if kind is StreamDataReceived:
+                self._stream_data(event)  # type: ignore[arg-type]
+            elif kind is HandshakeCompleted:
+                self._handshake_completed(event)  # type: ignore[arg-type]
+            elif kind is ConnectionIdIssued:
+                self._driver.cid_issued(event.connection_id, self)  # type: ignore[attr-defined]
+            elif kind is ConnectionIdRetired:
+                self._driver.cid_retired(event.connection_id)  # type: ignore[attr-defined]
+            elif kind is ConnectionTerminated:
+                self._terminated(event)  # type: ignore[arg-type]
+            elif kind is StreamReset:
+                self._assembling.pop(event.stream_id, None)  # type: ignore[attr-defined]
+            elif kind is PingAcknowledged:
+                self.pings_acknowledged += 1
+        if not self._finished:
+            close_event = connection._close_event
+            if close_event is not None and not self._closing:
+                # the peer closed, or the TLS stack rejected the handshake: aioquic only
+                # reports it after the draining period, we report it at once
+                self._terminated(close_event)
+            else:
+                self._deliver()
+                self._acks_processed()
+        self.transmit()
+
+    def transmit(self) -> None:
+        """Send every datagram the connection has ready and re-arm its timer."""
+        if self._transmit_handle is not None:
+            self._transmit_handle.cancel()
+            self._transmit_handle = None
+        now = self._loop.time()
+        datagrams = self.connection.datagrams_to_send(now)
+        if datagrams:
+            self._driver.send(datagrams)
+        if self._finished:
+            return
+        timer_at = self.connection.get_timer()
+        if timer_at != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = timer_at
+            self._timer = None if timer_at is None else self._loop.call_at(timer_at, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.connection.handle_timer(self._loop.time())
+        self.process()
+
+    def _schedule_transmit(self) -> None:
+        if self._transmit_handle is None:
+            self._transmit_handle = self._loop.call_soon(self.transmit)
+
+    # -- connection events ---------------------------------------------------
+    def _handshake_completed(self, event: HandshakeCompleted) -> None:
+        tls = self.connection.tls
+        self.extra["alpn"] = event.alpn_protocol
+        self.extra["tls_version"] = "TLSv1.3"
+        self.extra["session_resumed"] = event.session_resumed
+        self.extra["cipher"] = getattr(tls.key_schedule, "cipher_suite", None)
+        self.extra["peer_cert"] = getattr(tls, "_peer_certificate", None)
+        self.extra["mtu"] = self.connection._max_datagram_size
+        if self.fingerprint_check is not None:
+            error = self.fingerprint_check(self)
+            if error is not None:
+                self.connection.close(
+                    CRYPTO_ERROR + 42, reason_phrase="certificate fingerprint mismatch"
+                )
+                self._finish(error)
+                return
+        if self._keepalive:
+            self._keepalive_handle = self._loop.call_later(self._keepalive, self._keepalive_tick)
+        if not self.handshake.done():
+            self.handshake.set_result(None)
+        self._driver.established(self)
+
+    def _keepalive_tick(self) -> None:
+        if self._finished:
+            return
+        if self._loop.time() - self._last_receive >= self._keepalive * 0.9:
+            self.connection.send_ping(next(_ping_ids))
+            self.transmit()
+        self._keepalive_handle = self._loop.call_later(self._keepalive, self._keepalive_tick)
+
+    def _terminated(self, event: ConnectionTerminated) -> None:
+        if self._finished:
+            return
+        if not self.handshake.done():
+            self._finish(handshake_error(event, self))
+            return
+        if self._closing:
+            self._finish(None)
+            return
+        code, reason = event.error_code, event.reason_phrase
+        if code == NO_ERROR and event.frame_type is None:
+            exc = ConnectionLost(f"quic: the peer closed the connection ({reason or 'no reason'})")
+            self._finish(exc, graceful=True)
+        elif reason == IDLE_REASON:
+            idle = self.connection._idle_timeout()
+            self._finish(
+                ConnectionLost(
+                    f"quic: connection to {self.extra['peer']} lost: no packets for {idle:.3g}s "
+                    "(idle timeout; the peer is gone or the network is down)"
+                )
+            )
+        else:
+            what = "reset by the peer" if event.frame_type is None else "closed with an error"
+            self._finish(
+                ConnectionLost(
+                    f"quic: connection {what} (code 0x{code:x}: {reason or 'no reason'})"
+                )
+            )
+
+    def _finish(self, exc: Exception | None, *, graceful: bool = False) -> None:
+        """Tear down once: fail the handshake or report the loss, release timers and routes."""
+        if self._finished:
+            return
+        self._finished = True
+        for handle in (self._timer, self._keepalive_handle, self._transmit_handle):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._keepalive_handle = self._transmit_handle = None
+        if self._flushed is not None and not self._flushed.done():
+            self._flushed.set_result(None)
+        if not self.handshake.done():
+            self.handshake.set_exception(exc or ConnectionLost("quic: connection closed"))
+            self.handshake.exception()
+            self._lost = exc or ConnectionLost("quic: connection closed")
+        else:
+            if graceful:
+                self._reading_paused = False
+                self._deliver()
+                if not self._eof_delivered:
+                    self._eof_delivered = True
+                    self.receiver.eof_received()
+            self._connection_lost(None if self._closed else exc)
+        self.transmit()
+        self._driver.finished(self)
+
+    # -- receiving -------------------------------------------------------------
+    def _stream_data(self, event: StreamDataReceived) -> None:
+        stream_id = event.stream_id
+        chunks = self._assembling.get(stream_id)
+        if chunks is None:
+            chunks = self._assembling[stream_id] = []
+        if event.data:
+            chunks.append(event.data)
+        if event.end_stream:
+            del self._assembling[stream_id]
+            if not chunks:
+                self._eof_index = stream_id >> 2
+            else:
+                self._ready.append(chunks)
+                self._ready_bytes += sum(map(len, chunks))
+
+    def _deliver(self) -> None:
+        ready = self._ready
+        while ready and not self._reading_paused:
+            chunks = ready.popleft()
+            for chunk in chunks:
+                self._ready_bytes -= len(chunk)
+                self.receiver.data_received(chunk)
+            self._delivered_units += 1
+        if (
+            self._eof_index is not None
+            and not self._eof_delivered
+            and self._delivered_units >= self._eof_index
+        ):
+            self._eof_delivered = True
+            self.receiver.eof_received()
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        if not self._reading_paused:
+            return
+        self._reading_paused = False
+        if not self._finished:
+            self._deliver()
+            self._schedule_transmit()  # lets the connection grant credit again
+
+    # -- sending ---------------------------------------------------------------
+    def write(self, buffers: Sequence[Buffer]) -> None:
+        self._check_writable()
+        if not any(len(buf) for buf in buffers):
+            return
+        self._send_unit(buffers)
+        self._update_write_pressure()
+
+    def _send_unit(self, buffers: Sequence[Buffer]) -> None:
+        connection = self.connection
+        stream_id = connection.get_next_available_stream_id(is_unidirectional=True)
+        last = len(buffers) - 1
+        for i, buf in enumerate(buffers):
+            connection.send_stream_data(stream_id, buf, i == last)
+        self._sending[stream_id] = connection._streams[stream_id].sender
+        self._schedule_transmit()
+
+    def _acks_processed(self) -> None:
+        sending = self._sending
+        if sending:
+            for stream_id in [sid for sid, sender in sending.items() if sender.is_finished]:
+                del sending[stream_id]
+        self._update_write_pressure()
+        if self._flushed is not None and not sending and not self._flushed.done():
+            self._flushed.set_result(None)
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Bytes written but not yet acknowledged by the peer."""
+        return sum(s._buffer_stop - s._buffer_start for s in self._sending.values())
+
+    def write_eof(self) -> None:
+        self._check_writable()
+        connection = self.connection
+        stream_id = connection.get_next_available_stream_id(is_unidirectional=True)
+        connection.send_stream_data(stream_id, b"", True)
+        self._sending[stream_id] = connection._streams[stream_id].sender
+        self._eof_sent = True
+        self._schedule_transmit()
+
+    def _check_writable(self) -> None:
+        super()._check_writable()
+        if self._eof_sent:
+            raise ConnectionLost("quic stream: write after write_eof()")
+
+    # -- closing ---------------------------------------------------------------
+    async def close(self, reason: str = "closed") -> None:
+        """Graceful close: wait until the peer acknowledged everything, then CONNECTION_CLOSE."""
+        if self._closed or self._finished:
+            self._closed = True
+            return
+        self._closed = True
+        if self._sending:
+            self._flushed = self._loop.create_future()
+            self.transmit()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._flushed), CLOSE_TIMEOUT)
+            except TimeoutError:
+                reason = f"{reason} (unacknowledged data dropped after {CLOSE_TIMEOUT:g}s)"
+        if self._finished:
+            return
+        self._closing = True
+        self.connection.close(NO_ERROR, reason_phrase=reason)
+        self._finish(None)
+
+    def abort(self) -> None:
+        if self._finished:
+            self._closed = True
+            return
+        self._closed = True
+        self._closing = True
+        self.connection.close(ABORT_ERROR, reason_phrase="aborted")
+        self._finish(None)
+
+
+def _format(address: Any) -> Any:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return (address[0], address[1])
+    return address
+
+
+def handshake_error(event: ConnectionTerminated, stream: QuicStream) -> HandshakeError | Exception:
+    """Turn a connection that ended before its handshake into a readable, classified error."""
+    from ...core.errors import ConnectFailed
+
+    peer = stream.extra.get("peer")
+    code, reason = event.error_code, event.reason_phrase or ""
+    alert = code - CRYPTO_ERROR if CRYPTO_ERROR <= code < CRYPTO_ERROR + 256 else None
+    if alert == ALERT_NO_APPLICATION_PROTOCOL:
+        return HandshakeError(
+            f"quic handshake with {peer} failed: the server does not speak polyrpc/1 "
+            f"(ALPN negotiation failed: {reason or 'no common protocol'})",
+            "alpn",
+        )
+    if alert in CERTIFICATE_ALERTS:
+        lowered = reason.lower()
+        if "doesn't match" in lowered or "hostname" in lowered or "ip address" in lowered:
+            return HandshakeError(
+                f"quic handshake with {peer} failed: hostname mismatch ({reason}); dial the "
+                "name in the certificate or set ?sni=",
+                "hostname_mismatch",
+            )
+        return HandshakeError(
+            f"quic handshake with {peer} failed: untrusted certificate ({reason}); pass the "
+            "issuing CA with ?ca=/path/ca.pem or pin it with ?fingerprint=",
+            "untrusted_certificate",
+        )
+    if alert is not None:
+        return HandshakeError(
+            f"quic handshake with {peer} failed: TLS alert {alert} ({reason})", "tls"
+        )
+    if reason == IDLE_REASON:
+        return ConnectFailed(f"quic: no answer from {peer} (is a QUIC server listening there?)")
+    return ConnectFailed(
+        f"quic: connection to {peer} closed during the handshake (code 0x{code:x}: "
+        f"{reason or 'no reason'})"
+    )
