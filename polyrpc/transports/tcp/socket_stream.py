@@ -98,7 +98,7 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.resume_reading()
 
-    def write(self, buffers: Sequence[Buffer]) -> None:
+    def write(self, buffers: Sequence[Buffer], *, ordered: bool = True) -> None:
         self._check_writable()
         transport = self._transport
         assert transport is not None
