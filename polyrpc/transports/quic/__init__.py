@@ -107,7 +107,11 @@ def development_certificate(directory: Path, host: str) -> tuple[Path, Path, str
 
 
 def with_development_certificate(url: str, directory: Path) -> tuple[str, str | None]:
-    """If a quic listen URL has no certificate, add a fresh self-signed one; return (url, fingerprint)."""
+    """Add a fresh self-signed certificate to a quic listen URL that has none.
+
+    Returns the URL to listen on and the certificate's fingerprint (None if the URL
+    already named a certificate).
+    """
     address = QuicTransport().parse(url)
     if address.options.get("cert"):
         return url, None
@@ -409,6 +413,9 @@ class QuicTransport(Transport):
                 f"could not connect to {address}: no QUIC answer within {opts['timeout']:g}s "
                 "(is a server listening on that UDP port? is UDP blocked?)"
             ) from None
+        except ConnectFailed:
+            stream.abort()
+            raise
         except ConnectionRefusedError as exc:
             stream.abort()
             raise ConnectFailed(

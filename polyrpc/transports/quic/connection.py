@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from aioquic.buffer import Buffer as QuicBuffer
+from aioquic.buffer import encode_uint_var
 from aioquic.quic.connection import Limit, QuicConnection
 from aioquic.quic.events import (
     ConnectionIdIssued,
@@ -42,7 +44,12 @@ CLOSE_TIMEOUT = 10.0
 NO_ERROR = 0x0
 ABORT_ERROR = 0x1
 """Application error code sent by :meth:`QuicStream.abort`."""
+PROTOCOL_ERROR = 0x2
+"""Application error code for a peer that breaks the stream rules below."""
 CRYPTO_ERROR = 0x100
+UNIT, CHANNEL, EOF = 0, 1, 2
+"""First byte of every unidirectional stream: one unit, the ordered channel, or EOF."""
+UNIT_HEADER, CHANNEL_HEADER, EOF_HEADER = bytes([UNIT]), bytes([CHANNEL]), bytes([EOF])
 ALERT_NO_APPLICATION_PROTOCOL = 120
 CERTIFICATE_ALERTS = {42, 43, 44, 45, 46, 48}
 IDLE_REASON = "Idle timeout"
@@ -99,6 +106,47 @@ class ReceiveCredit(Limit):
             self._value = new
 
 
+def _read_counts(data: bytes) -> tuple[int, int]:
+    """The two varints of an EOF stream: units and ordered units sent before it."""
+    buf = QuicBuffer(data=data[1:])
+    return buf.pull_uint_var(), buf.pull_uint_var()
+
+
+class OrderedChannel:
+    """Splits the ordered stream (varint length + unit, repeated) back into whole units."""
+
+    def __init__(self) -> None:
+        self._header = bytearray()
+        self._remaining = 0
+        self._chunks: list[Buffer] = []
+
+    def feed(self, data: Buffer) -> list[list[Buffer]]:
+        """Consume ``data``; return the units it completed (lists of memoryview chunks)."""
+        done: list[list[Buffer]] = []
+        view = memoryview(data)
+        pos, end = 0, len(view)
+        while pos < end:
+            if not self._remaining:
+                header = self._header
+                header.append(view[pos])
+                pos += 1
+                if len(header) < 1 << (header[0] >> 6):
+                    continue
+                self._remaining = QuicBuffer(data=bytes(header)).pull_uint_var()
+                header.clear()
+                if not self._remaining:
+                    raise ValueError("empty unit on the ordered stream")
+                continue
+            take = min(self._remaining, end - pos)
+            self._chunks.append(view[pos : pos + take])
+            pos += take
+            self._remaining -= take
+            if not self._remaining:
+                done.append(self._chunks)
+                self._chunks = []
+        return done
+
+
 _ping_ids = itertools.count(1)
 
 
@@ -128,14 +176,19 @@ class QuicStream(Stream):
         self._driver = driver
         self._peer = peer
         self._keepalive = keepalive
-        self._assembling: dict[int, list[bytes]] = {}
-        self._ready: deque[list[bytes]] = deque()
+        self._incoming: dict[int, list[Buffer] | OrderedChannel] = {}
+        self._channel: OrderedChannel | None = None
+        self._channel_id: int | None = None
+        self._ready: deque[tuple[list[Buffer], bool]] = deque()
         self._ready_bytes = 0
         connection._local_max_data = ReceiveCredit(
             connection._local_max_data, window, lambda: self._ready_bytes
         )
-        self._delivered_units = 0
-        self._eof_index: int | None = None
+        self._delivered_unordered = 0
+        self._delivered_ordered = 0
+        self._sent_unordered = 0
+        self._sent_ordered = 0
+        self._eof_after: tuple[int, int] | None = None
         self._eof_delivered = False
         self._reading_paused = False
         self._eof_sent = False
@@ -175,7 +228,7 @@ class QuicStream(Stream):
             elif kind is ConnectionTerminated:
                 self._terminated(event)  # type: ignore[arg-type]
             elif kind is StreamReset:
-                self._assembling.pop(event.stream_id, None)  # type: ignore[attr-defined]
+                self._protocol_error(f"QUIC stream {event.stream_id} was reset")  # type: ignore[attr-defined]
             elif kind is PingAcknowledged:
                 self.pings_acknowledged += 1
         if not self._finished:
@@ -306,31 +359,75 @@ class QuicStream(Stream):
     # -- receiving -------------------------------------------------------------
     def _stream_data(self, event: StreamDataReceived) -> None:
         stream_id = event.stream_id
-        chunks = self._assembling.get(stream_id)
-        if chunks is None:
-            chunks = self._assembling[stream_id] = []
-        if event.data:
-            chunks.append(event.data)
-        if event.end_stream:
-            del self._assembling[stream_id]
-            if not chunks:
-                self._eof_index = stream_id >> 2
+        data = event.data
+        state = self._incoming.get(stream_id)
+        if state is None:
+            if not data:
+                if event.end_stream:
+                    self._protocol_error(f"empty QUIC stream {stream_id}")
+                return
+            kind = data[0]
+            if kind == UNIT:
+                state = self._incoming[stream_id] = []
+            elif kind == CHANNEL and stream_id & 2:
+                state = self._channel = OrderedChannel()
+                self._incoming[stream_id] = state
+            elif kind == EOF and len(data) > 1 and event.end_stream:
+                self._eof_after = _read_counts(data)
+                self._deliver_eof()
+                return
             else:
-                self._ready.append(chunks)
-                self._ready_bytes += sum(map(len, chunks))
+                self._protocol_error(f"unknown QUIC stream kind {kind} on stream {stream_id}")
+                return
+            data = memoryview(data)[1:]
+        if type(state) is list:
+            if data:
+                state.append(data)
+            if event.end_stream:
+                del self._incoming[stream_id]
+                if not state:
+                    self._protocol_error(f"empty unit on QUIC stream {stream_id}")
+                    return
+                self._ready.append((state, False))
+                self._ready_bytes += sum(map(len, state))
+        else:
+            try:
+                units = state.feed(data)
+            except ValueError as exc:
+                self._protocol_error(str(exc))
+                return
+            for unit in units:
+                self._ready.append((unit, True))
+                self._ready_bytes += sum(map(len, unit))
+            if event.end_stream:
+                del self._incoming[stream_id]
+
+    def _protocol_error(self, reason: str) -> None:
+        self.connection.close(PROTOCOL_ERROR, reason_phrase=reason)
+        self._finish(ConnectionLost(f"quic: the peer broke the polyrpc stream rules: {reason}"))
 
     def _deliver(self) -> None:
         ready = self._ready
+        receiver = self.receiver
         while ready and not self._reading_paused:
-            chunks = ready.popleft()
+            chunks, ordered = ready.popleft()
             for chunk in chunks:
                 self._ready_bytes -= len(chunk)
-                self.receiver.data_received(chunk)
-            self._delivered_units += 1
+                receiver.data_received(chunk)
+            if ordered:
+                self._delivered_ordered += 1
+            else:
+                self._delivered_unordered += 1
+        if self._eof_after is not None:
+            self._deliver_eof()
+
+    def _deliver_eof(self) -> None:
+        unordered, ordered = self._eof_after  # type: ignore[misc]
         if (
-            self._eof_index is not None
-            and not self._eof_delivered
-            and self._delivered_units >= self._eof_index
+            not self._eof_delivered
+            and not self._reading_paused
+            and self._delivered_unordered >= unordered
+            and self._delivered_ordered >= ordered
         ):
             self._eof_delivered = True
             self.receiver.eof_received()
@@ -347,21 +444,38 @@ class QuicStream(Stream):
             self._schedule_transmit()  # lets the connection grant credit again
 
     # -- sending ---------------------------------------------------------------
-    def write(self, buffers: Sequence[Buffer]) -> None:
+    def write(self, buffers: Sequence[Buffer], *, ordered: bool = True) -> None:
         self._check_writable()
-        if not any(len(buf) for buf in buffers):
+        size = 0
+        for buf in buffers:
+            size += len(buf)
+        if not size:
             return
-        self._send_unit(buffers)
+        connection = self.connection
+        if ordered:
+            stream_id = self._channel_id
+            if stream_id is None:
+                stream_id = self._channel_id = self._open(CHANNEL_HEADER)
+            connection.send_stream_data(stream_id, encode_uint_var(size))
+            for buf in buffers:
+                connection.send_stream_data(stream_id, buf)
+            self._sent_ordered += 1
+        else:
+            stream_id = self._open(UNIT_HEADER)
+            last = len(buffers) - 1
+            for i, buf in enumerate(buffers):
+                connection.send_stream_data(stream_id, buf, i == last)
+            self._sent_unordered += 1
+        self._schedule_transmit()
         self._update_write_pressure()
 
-    def _send_unit(self, buffers: Sequence[Buffer]) -> None:
+    def _open(self, header: bytes) -> int:
+        """Open a unidirectional QUIC stream whose first byte says what it carries."""
         connection = self.connection
         stream_id = connection.get_next_available_stream_id(is_unidirectional=True)
-        last = len(buffers) - 1
-        for i, buf in enumerate(buffers):
-            connection.send_stream_data(stream_id, buf, i == last)
+        connection.send_stream_data(stream_id, header)
         self._sending[stream_id] = connection._streams[stream_id].sender
-        self._schedule_transmit()
+        return stream_id
 
     def _acks_processed(self) -> None:
         sending = self._sending
@@ -369,7 +483,7 @@ class QuicStream(Stream):
             for stream_id in [sid for sid, sender in sending.items() if sender.is_finished]:
                 del sending[stream_id]
         self._update_write_pressure()
-        if self._flushed is not None and not sending and not self._flushed.done():
+        if self._flushed is not None and not self.write_buffer_size and not self._flushed.done():
             self._flushed.set_result(None)
 
     @property
@@ -379,10 +493,11 @@ class QuicStream(Stream):
 
     def write_eof(self) -> None:
         self._check_writable()
-        connection = self.connection
-        stream_id = connection.get_next_available_stream_id(is_unidirectional=True)
-        connection.send_stream_data(stream_id, b"", True)
-        self._sending[stream_id] = connection._streams[stream_id].sender
+        counts = encode_uint_var(self._sent_unordered) + encode_uint_var(self._sent_ordered)
+        stream_id = self._open(EOF_HEADER)
+        self.connection.send_stream_data(stream_id, counts, True)
+        if self._channel_id is not None:
+            self.connection.send_stream_data(self._channel_id, b"", True)
         self._eof_sent = True
         self._schedule_transmit()
 
@@ -398,7 +513,7 @@ class QuicStream(Stream):
             self._closed = True
             return
         self._closed = True
-        if self._sending:
+        if self.write_buffer_size:
             self._flushed = self._loop.create_future()
             self.transmit()
             try:
