@@ -193,6 +193,10 @@ class QuicStream(Stream):
         self._reading_paused = False
         self._eof_sent = False
         self._sending: dict[int, QuicStreamSender] = {}
+        self._unacked = 0
+        self._batch: list[Buffer] = []
+        self._batch_size = 0
+        self._batch_limit = connection._max_datagram_size
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._transmit_handle: asyncio.Handle | None = None
@@ -247,6 +251,8 @@ class QuicStream(Stream):
         if self._transmit_handle is not None:
             self._transmit_handle.cancel()
             self._transmit_handle = None
+        if self._batch:
+            self._flush_batch()
         now = self._loop.time()
         datagrams = self.connection.datagrams_to_send(now)
         if datagrams:
@@ -460,14 +466,35 @@ class QuicStream(Stream):
             for buf in buffers:
                 connection.send_stream_data(stream_id, buf)
             self._sent_ordered += 1
+            self._unacked += size
+        elif size < self._batch_limit:
+            # small units written in the same loop turn would share packets anyway, so they
+            # share one QUIC stream too (flushed by transmit(), at most one datagram's worth)
+            if self._batch_size + size > self._batch_limit:
+                self._flush_batch()
+            self._batch += buffers
+            self._batch_size += size
         else:
-            stream_id = self._open(UNIT_HEADER)
-            last = len(buffers) - 1
-            for i, buf in enumerate(buffers):
-                connection.send_stream_data(stream_id, buf, i == last)
-            self._sent_unordered += 1
-        self._schedule_transmit()
-        self._update_write_pressure()
+            self._send_unordered(buffers, size)
+        if self._transmit_handle is None:
+            self._transmit_handle = self._loop.call_soon(self.transmit)
+        if not self._write_paused and self._unacked + self._batch_size > self.high_water:
+            self._update_write_pressure()
+
+    def _send_unordered(self, buffers: Sequence[Buffer], size: int) -> None:
+        connection = self.connection
+        stream_id = self._open(UNIT_HEADER)
+        last = len(buffers) - 1
+        for i, buf in enumerate(buffers):
+            connection.send_stream_data(stream_id, buf, i == last)
+        self._sent_unordered += 1
+        self._unacked += size
+
+    def _flush_batch(self) -> None:
+        if self._batch:
+            batch, size = self._batch, self._batch_size
+            self._batch, self._batch_size = [], 0
+            self._send_unordered(batch, size)
 
     def _open(self, header: bytes) -> int:
         """Open a unidirectional QUIC stream whose first byte says what it carries."""
@@ -479,9 +506,17 @@ class QuicStream(Stream):
 
     def _acks_processed(self) -> None:
         sending = self._sending
+        unacked = 0
         if sending:
-            for stream_id in [sid for sid, sender in sending.items() if sender.is_finished]:
+            finished = []
+            for stream_id, sender in sending.items():
+                if sender.is_finished:
+                    finished.append(stream_id)
+                else:
+                    unacked += sender._buffer_stop - sender._buffer_start
+            for stream_id in finished:
                 del sending[stream_id]
+        self._unacked = unacked
         self._update_write_pressure()
         if self._flushed is not None and not self.write_buffer_size and not self._flushed.done():
             self._flushed.set_result(None)
@@ -489,10 +524,11 @@ class QuicStream(Stream):
     @property
     def write_buffer_size(self) -> int:
         """Bytes written but not yet acknowledged by the peer."""
-        return sum(s._buffer_stop - s._buffer_start for s in self._sending.values())
+        return self._unacked + self._batch_size
 
     def write_eof(self) -> None:
         self._check_writable()
+        self._flush_batch()
         counts = encode_uint_var(self._sent_unordered) + encode_uint_var(self._sent_ordered)
         stream_id = self._open(EOF_HEADER)
         self.connection.send_stream_data(stream_id, counts, True)
