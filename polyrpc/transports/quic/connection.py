@@ -33,6 +33,7 @@ from aioquic.quic.events import (
     StreamDataReceived,
     StreamReset,
 )
+from aioquic.tls import Epoch as tls_epoch
 
 from ...core.errors import ConnectionLost, HandshakeError
 from ...core.stream import Buffer, Stream
@@ -200,6 +201,10 @@ class QuicStream(Stream):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._transmit_handle: asyncio.Handle | None = None
+        self._turn: asyncio.Handle | None = None
+        self._in_process = False
+        self._new_data = False
+        self._app_space: Any = None
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._last_receive = self._loop.time()
         self.handshake: asyncio.Future[None] = self._loop.create_future()
@@ -219,6 +224,7 @@ class QuicStream(Stream):
     def process(self) -> None:
         """Handle what the connection produced, deliver data, send what is due."""
         connection = self.connection
+        self._in_process = True
         while (event := connection.next_event()) is not None:
             kind = type(event)
             if kind is StreamDataReceived:
@@ -244,6 +250,7 @@ class QuicStream(Stream):
             else:
                 self._deliver()
                 self._acks_processed()
+        self._in_process = False
         self.transmit()
 
     def transmit(self) -> None:
@@ -254,6 +261,13 @@ class QuicStream(Stream):
         if self._batch:
             self._flush_batch()
         now = self._loop.time()
+        if self._new_data:
+            # aioquic only sends an ACK once its 1 ms delay is due; when data is leaving
+            # anyway, let the pending ACK ride along instead of costing its own packet later
+            self._new_data = False
+            space = self._app_space
+            if space is not None and space.ack_at is not None:
+                space.ack_at = now
         datagrams = self.connection.datagrams_to_send(now)
         if datagrams:
             self._driver.send(datagrams)
@@ -272,6 +286,9 @@ class QuicStream(Stream):
         self.connection.handle_timer(self._loop.time())
         self.process()
 
+    def _end_turn(self) -> None:
+        self._turn = None
+
     def _schedule_transmit(self) -> None:
         if self._transmit_handle is None:
             self._transmit_handle = self._loop.call_soon(self.transmit)
@@ -285,6 +302,7 @@ class QuicStream(Stream):
         self.extra["cipher"] = getattr(tls.key_schedule, "cipher_suite", None)
         self.extra["peer_cert"] = getattr(tls, "_peer_certificate", None)
         self.extra["mtu"] = self.connection._max_datagram_size
+        self._app_space = self.connection._spaces.get(tls_epoch.ONE_RTT)
         if self.fingerprint_check is not None:
             error = self.fingerprint_check(self)
             if error is not None:
@@ -476,8 +494,15 @@ class QuicStream(Stream):
             self._batch_size += size
         else:
             self._send_unordered(buffers, size)
+        self._new_data = True
         if self._transmit_handle is None:
-            self._transmit_handle = self._loop.call_soon(self.transmit)
+            if self._in_process or self._turn is not None:
+                self._transmit_handle = self._loop.call_soon(self.transmit)
+            else:
+                # the first write of a loop turn goes out at once (latency); later ones in
+                # the same turn are sent together by the scheduled transmit (rate)
+                self.transmit()
+                self._turn = self._loop.call_soon(self._end_turn)
         if not self._write_paused and self._unacked + self._batch_size > self.high_water:
             self._update_write_pressure()
 
