@@ -48,6 +48,8 @@ ABORT_ERROR = 0x1
 PROTOCOL_ERROR = 0x2
 """Application error code for a peer that breaks the stream rules below."""
 CRYPTO_ERROR = 0x100
+JOIN_LIMIT = 64 << 10
+"""Writes smaller than this are joined into one buffer before aioquic copies them."""
 UNIT, CHANNEL, EOF = 0, 1, 2
 """First byte of every unidirectional stream: one unit, the ordered channel, or EOF."""
 UNIT_HEADER, CHANNEL_HEADER, EOF_HEADER = bytes([UNIT]), bytes([CHANNEL]), bytes([EOF])
@@ -178,7 +180,8 @@ class QuicStream(Stream):
         self._peer = peer
         self._keepalive = keepalive
         self._incoming: dict[int, list[Buffer] | OrderedChannel] = {}
-        self._channel: OrderedChannel | None = None
+        self._express_id: int | None = None
+        self._express: QuicStreamSender | None = None
         self._channel_id: int | None = None
         self._ready: deque[tuple[list[Buffer], bool]] = deque()
         self._ready_bytes = 0
@@ -251,7 +254,43 @@ class QuicStream(Stream):
                 self._deliver()
                 self._acks_processed()
         self._in_process = False
-        self.transmit()
+        if self._transmit_handle is not None or self._may_send():
+            self.transmit()
+        else:
+            self._arm_timer()
+
+    def _may_send(self) -> bool:
+        """Whether a packet could be due now (else building one would only find nothing).
+
+        Conservative: anything unusual means yes. ACKs, flow-control credit and stream
+        limits that are not due now leave with the next packet, at the latest when the
+        ACK timer fires.
+        """
+        connection = self.connection
+        space = self._app_space
+        if (
+            space is None
+            or self._batch
+            or connection._close_pending
+            or connection._ping_pending
+            or connection._probe_pending
+            or connection._streams_blocked_pending
+            or connection._handshake_done_pending
+            or connection._retire_connection_ids
+            or connection._datagrams_pending
+        ):
+            return True
+        if space.ack_at is not None and space.ack_at <= self._loop.time():
+            return True
+        path = connection._network_paths[0]
+        if path.remote_challenges or not path.is_validated:
+            return True
+        if not self._crypto_sender.buffer_is_empty:
+            return True
+        for sender in self._sending.values():
+            if not sender.buffer_is_empty:
+                return True
+        return any(not cid.was_sent for cid in connection._host_cids)
 
     def transmit(self) -> None:
         """Send every datagram the connection has ready and re-arm its timer."""
@@ -271,10 +310,15 @@ class QuicStream(Stream):
         datagrams = self.connection.datagrams_to_send(now)
         if datagrams:
             self._driver.send(datagrams)
-        if self._finished:
-            return
+        if not self._finished:
+            self._arm_timer()
+
+    def _arm_timer(self) -> None:
         timer_at = self.connection.get_timer()
-        if timer_at != self._timer_at:
+        current = self._timer_at
+        if timer_at is not None and current is not None and current <= timer_at:
+            return  # an earlier wake-up is harmless: _fire() re-arms for the real deadline
+        if timer_at != current:
             if self._timer is not None:
                 self._timer.cancel()
             self._timer_at = timer_at
@@ -303,6 +347,7 @@ class QuicStream(Stream):
         self.extra["peer_cert"] = getattr(tls, "_peer_certificate", None)
         self.extra["mtu"] = self.connection._max_datagram_size
         self._app_space = self.connection._spaces.get(tls_epoch.ONE_RTT)
+        self._crypto_sender = self.connection._crypto_streams[tls_epoch.ONE_RTT].sender
         if self.fingerprint_check is not None:
             error = self.fingerprint_check(self)
             if error is not None:
@@ -394,7 +439,7 @@ class QuicStream(Stream):
             if kind == UNIT:
                 state = self._incoming[stream_id] = []
             elif kind == CHANNEL and stream_id & 2:
-                state = self._channel = OrderedChannel()
+                state = OrderedChannel()
                 self._incoming[stream_id] = state
             elif kind == EOF and len(data) > 1 and event.end_stream:
                 self._eof_after = _read_counts(data)
@@ -480,9 +525,23 @@ class QuicStream(Stream):
             stream_id = self._channel_id
             if stream_id is None:
                 stream_id = self._channel_id = self._open(CHANNEL_HEADER)
-            connection.send_stream_data(stream_id, encode_uint_var(size))
-            for buf in buffers:
-                connection.send_stream_data(stream_id, buf)
+            if size < JOIN_LIMIT:
+                # one C-level join beats one aioquic call (and bytearray append) per buffer
+                connection.send_stream_data(stream_id, b"".join([encode_uint_var(size), *buffers]))
+            else:
+                connection.send_stream_data(stream_id, encode_uint_var(size))
+                for buf in buffers:
+                    connection.send_stream_data(stream_id, buf)
+            self._sent_ordered += 1
+            self._unacked += size
+        elif size < self._batch_limit and not self._batch and self._express_idle():
+            # nothing is outstanding on the express channel, so nothing can hold this unit
+            # back there: reuse that stream instead of opening (and retiring) a new one
+            stream_id = self._express_id
+            if stream_id is None:
+                stream_id = self._express_id = self._open(CHANNEL_HEADER)
+                self._express = connection._streams[stream_id].sender
+            connection.send_stream_data(stream_id, b"".join([encode_uint_var(size), *buffers]))
             self._sent_ordered += 1
             self._unacked += size
         elif size < self._batch_limit:
@@ -506,12 +565,21 @@ class QuicStream(Stream):
         if not self._write_paused and self._unacked + self._batch_size > self.high_water:
             self._update_write_pressure()
 
+    def _express_idle(self) -> bool:
+        express = self._express
+        return express is None or express._buffer_start == express._buffer_stop
+
     def _send_unordered(self, buffers: Sequence[Buffer], size: int) -> None:
         connection = self.connection
-        stream_id = self._open(UNIT_HEADER)
-        last = len(buffers) - 1
-        for i, buf in enumerate(buffers):
-            connection.send_stream_data(stream_id, buf, i == last)
+        stream_id = connection.get_next_available_stream_id(is_unidirectional=True)
+        if size < JOIN_LIMIT:
+            connection.send_stream_data(stream_id, b"".join([UNIT_HEADER, *buffers]), True)
+        else:
+            connection.send_stream_data(stream_id, UNIT_HEADER)
+            last = len(buffers) - 1
+            for i, buf in enumerate(buffers):
+                connection.send_stream_data(stream_id, buf, i == last)
+        self._sending[stream_id] = connection._streams[stream_id].sender
         self._sent_unordered += 1
         self._unacked += size
 
@@ -557,8 +625,9 @@ class QuicStream(Stream):
         counts = encode_uint_var(self._sent_unordered) + encode_uint_var(self._sent_ordered)
         stream_id = self._open(EOF_HEADER)
         self.connection.send_stream_data(stream_id, counts, True)
-        if self._channel_id is not None:
-            self.connection.send_stream_data(self._channel_id, b"", True)
+        for channel in (self._channel_id, self._express_id):
+            if channel is not None:
+                self.connection.send_stream_data(channel, b"", True)
         self._eof_sent = True
         self._schedule_transmit()
 
