@@ -189,6 +189,27 @@ async def test_session_ticket_resumes(tmp_path) -> None:
         await second.close()
 
 
+async def test_stale_session_ticket_after_server_restart(tmp_path) -> None:
+    async with serving(tmp_path) as (server, cert):
+        port = server.listener.address.port
+        first = await dial(port, f"ca={cert}")
+        await first.send([b"ping"])
+        _, sink = await server.first()
+        await sink.wait_for(4)
+        await first.close()
+    # a new server on the same port knows nothing of the ticket the client holds
+    again = await QuicTransport().listen(
+        QuicTransport().parse(f"quic@127.0.0.1:{port}?cert={cert}&key={cert.with_name('key.pem')}"),
+        lambda stream: None,
+    )
+    try:
+        second = await dial(port, f"ca={cert}")
+        assert second.extra["session_resumed"] is False
+        await second.close()
+    finally:
+        await again.close()
+
+
 async def test_garbage_datagrams_are_dropped(tmp_path) -> None:
     async with serving(tmp_path) as (server, cert):
         port = server.listener.address.port

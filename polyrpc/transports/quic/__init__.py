@@ -278,7 +278,7 @@ class QuicListener(Listener, Driver):
         connection = QuicConnection(
             configuration=self._configuration,
             original_destination_connection_id=header.destination_cid,
-            session_ticket_fetcher=self._tickets.pop,
+            session_ticket_fetcher=self._fetch_ticket,
             session_ticket_handler=self._store_ticket,
         )
         stream = QuicStream(
@@ -294,6 +294,10 @@ class QuicListener(Listener, Driver):
         self.cid_issued(header.destination_cid, stream)
         self.cid_issued(connection.host_cid, stream)
         return stream
+
+    def _fetch_ticket(self, label: bytes) -> SessionTicket | None:
+        """A ticket resumes one session; unknown ones (from before a restart) give None."""
+        return self._tickets.pop(label, None)
 
     def _store_ticket(self, ticket: SessionTicket) -> None:
         if len(self._tickets) > 4096:
