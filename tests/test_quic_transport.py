@@ -7,7 +7,7 @@ import socket
 import time
 
 import pytest
-from aioquic.asyncio import serve
+from aioquic.asyncio import connect, serve
 from aioquic.quic.configuration import QuicConfiguration
 from quic_helpers import Sink, certificate, dial, serving
 
@@ -235,6 +235,37 @@ async def test_garbage_datagrams_are_dropped(tmp_path) -> None:
         second = await dial(port, f"ca={cert}")
         await second.close()
         await client.close()
+
+
+@pytest.mark.parametrize(
+    ("bidirectional", "payload", "complaint"),
+    [
+        (False, b"\x07junk", "unknown QUIC stream kind 7"),
+        (True, b"\x00hello", "bidirectional QUIC stream"),
+        (False, b"\x01\x00", "empty unit on the ordered stream"),
+    ],
+)
+async def test_peer_breaking_stream_rules_is_dropped(
+    tmp_path, bidirectional, payload, complaint
+) -> None:
+    async with serving(tmp_path) as (server, cert):
+        configuration = QuicConfiguration(is_client=True, alpn_protocols=["polyrpc/1"])
+        configuration.load_verify_locations(cafile=str(cert))
+        port = server.listener.address.port
+        async with connect("127.0.0.1", port, configuration=configuration) as peer:
+            quic = peer._quic
+            stream_id = quic.get_next_available_stream_id(is_unidirectional=not bidirectional)
+            quic.send_stream_data(stream_id, payload, True)
+            peer.transmit()
+            _, sink = await server.first()
+            async with asyncio.timeout(5):
+                await sink.lost.wait()
+                await peer.wait_closed()
+            assert complaint in str(sink.lost_exc)
+            assert complaint in quic._close_event.reason_phrase
+        # the listener is unharmed
+        good = await dial(port, f"ca={cert}")
+        await good.close()
 
 
 def test_development_certificate(tmp_path) -> None:

@@ -177,7 +177,6 @@ class QuicStream(Stream):
         self._loop = asyncio.get_running_loop()
         self.connection = connection
         self._driver = driver
-        self._peer = peer
         self._keepalive = keepalive
         self._incoming: dict[int, list[Buffer] | OrderedChannel] = {}
         self._express_id: int | None = None
@@ -214,7 +213,6 @@ class QuicStream(Stream):
         self.fingerprint_check: Callable[[QuicStream], HandshakeError | None] | None = None
         self._finished = False
         self._closing = False
-        self._close_reason: str | None = None
         self._flushed: asyncio.Future[None] | None = None
         self.pings_acknowledged = 0
 
@@ -270,6 +268,7 @@ class QuicStream(Stream):
         space = self._app_space
         if (
             space is None
+            or not connection._handshake_confirmed
             or self._batch
             or connection._close_pending
             or connection._ping_pending
@@ -436,9 +435,12 @@ class QuicStream(Stream):
                     self._protocol_error(f"empty QUIC stream {stream_id}")
                 return
             kind = data[0]
+            if not stream_id & 2:
+                self._protocol_error(f"bidirectional QUIC stream {stream_id} is not used")
+                return
             if kind == UNIT:
                 state = self._incoming[stream_id] = []
-            elif kind == CHANNEL and stream_id & 2:
+            elif kind == CHANNEL:
                 state = OrderedChannel()
                 self._incoming[stream_id] = state
             elif kind == EOF and len(data) > 1 and event.end_stream:
