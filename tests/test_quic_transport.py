@@ -9,7 +9,7 @@ import time
 import pytest
 from aioquic.asyncio import connect, serve
 from aioquic.quic.configuration import QuicConfiguration
-from quic_helpers import Sink, certificate, dial, serving
+from quic_helpers import Server, Sink, certificate, dial, serving
 
 from polyrpc.core.certs import certificate_fingerprint
 from polyrpc.core.errors import ConnectFailed, HandshakeError, InvalidAddress
@@ -274,3 +274,40 @@ def test_development_certificate(tmp_path) -> None:
     assert fingerprint is not None and len(fingerprint.replace(":", "")) == 64
     same, none = with_development_certificate(url, tmp_path)
     assert same == url and none is None
+
+
+async def test_ipv6_loopback(tmp_path) -> None:
+    cert, key = certificate(tmp_path, ["localhost", "::1"])
+    server = Server()
+    transport = QuicTransport()
+    listener = await transport.listen(
+        transport.parse(f"quic@[::1]:0?cert={cert}&key={key}"), server.on_stream
+    )
+    try:
+        client = await transport.dial(transport.parse(f"{listener.url}?ca={cert}"))
+        assert client.extra["peer"] == ("::1", listener.address.port)
+        await client.send([b"over v6"])
+        _, sink = await server.first()
+        await sink.wait_for(7)
+        await client.close()
+    finally:
+        await listener.close()
+
+
+async def test_a_refusing_address_falls_through_to_the_next(tmp_path, monkeypatch) -> None:
+    # a name resolving to ::1 (nothing listens there) and then 127.0.0.1 (the server)
+    async with serving(tmp_path) as (server, cert):
+        port = server.listener.address.port
+        loop = asyncio.get_running_loop()
+
+        async def resolve(host, port, **kwargs):
+            assert host == "twohomes.test"
+            return [
+                (socket.AF_INET6, socket.SOCK_DGRAM, 17, "", ("::1", port, 0, 0)),
+                (socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("127.0.0.1", port)),
+            ]
+
+        monkeypatch.setattr(loop, "getaddrinfo", resolve)
+        client = await dial(port, f"ca={cert}&sni=localhost", host="twohomes.test")
+        assert client.extra["peer"] == ("127.0.0.1", port)
+        await client.close()

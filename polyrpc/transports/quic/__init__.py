@@ -360,19 +360,55 @@ class QuicTransport(Transport):
             raise ConnectFailed(
                 f"could not resolve {address.host!r}: {exc.strerror or exc}"
             ) from exc
-        family, _, _, _, peer = infos[0]
         server_name = opts["sni"] or address.host
+        if opts["insecure"] and not opts["fingerprint"]:
+            warnings.warn(
+                f"{address}: QUIC certificate verification is disabled (insecure=1); "
+                "anyone on the path can impersonate the server",
+                stacklevel=2,
+            )
+        deadline = loop.time() + opts["timeout"]
+        peers = list(dict.fromkeys((family, peer) for family, _, _, _, peer in infos))
+        refused: OSError | None = None
+        for family, peer in peers:
+            # like TCP's happy path: an address that refuses at once (ICMP) passes to the next
+            try:
+                return await self._attempt(address, opts, family, peer, server_name, deadline)
+            except ConnectionRefusedError as exc:
+                refused = exc
+            except TimeoutError:
+                raise ConnectFailed(
+                    f"could not connect to {address}: no QUIC answer within "
+                    f"{opts['timeout']:g}s (is a server listening on that UDP port? "
+                    "is UDP blocked?)"
+                ) from None
+            except ConnectFailed:
+                raise
+            except OSError as exc:
+                raise ConnectFailed(
+                    f"could not connect to {address}: {exc.strerror or exc}"
+                ) from exc
+        raise ConnectFailed(
+            f"could not connect to {address}: connection refused "
+            "(no server listening on that UDP port)"
+        ) from refused
+
+    async def _attempt(
+        self,
+        address: Address,
+        opts: dict[str, Any],
+        family: int,
+        peer: tuple[Any, ...],
+        server_name: str,
+        deadline: float,
+    ) -> QuicStream:
+        """One handshake with one resolved address; raw OSError/TimeoutError on failure."""
+        loop = asyncio.get_running_loop()
         configuration = _configuration(
             opts, is_client=True, datagram_size=_datagram_size(opts, peer[0])
         )
         configuration.server_name = server_name
         if opts["insecure"] or opts["fingerprint"]:
-            if opts["insecure"] and not opts["fingerprint"]:
-                warnings.warn(
-                    f"{address}: QUIC certificate verification is disabled (insecure=1); "
-                    "anyone on the path can impersonate the server",
-                    stacklevel=2,
-                )
             configuration.verify_mode = ssl.CERT_NONE
         else:
             configuration.verify_mode = ssl.CERT_REQUIRED
@@ -384,12 +420,12 @@ class QuicTransport(Transport):
             _session_tickets[ticket_key] = ticket
 
         sock = make_socket(family)
-        driver = _ClientDriver()
         try:
             sock.connect(peer)
-        except OSError as exc:
+        except OSError:
             sock.close()
-            raise ConnectFailed(f"could not reach {address}: {exc.strerror or exc}") from exc
+            raise
+        driver = _ClientDriver()
         connection = QuicConnection(
             configuration=configuration, session_ticket_handler=store_ticket
         )
@@ -411,25 +447,9 @@ class QuicTransport(Transport):
         connection.connect(peer, now=loop.time())
         stream.transmit()
         try:
-            await asyncio.wait_for(asyncio.shield(stream.handshake), opts["timeout"])
-        except TimeoutError:
-            stream.abort()
-            raise ConnectFailed(
-                f"could not connect to {address}: no QUIC answer within {opts['timeout']:g}s "
-                "(is a server listening on that UDP port? is UDP blocked?)"
-            ) from None
-        except ConnectFailed:
-            stream.abort()
-            raise
-        except ConnectionRefusedError as exc:
-            stream.abort()
-            raise ConnectFailed(
-                f"could not connect to {address}: connection refused "
-                "(no server listening on that UDP port)"
-            ) from exc
-        except OSError as exc:
-            stream.abort()
-            raise ConnectFailed(f"could not connect to {address}: {exc.strerror or exc}") from exc
+            await asyncio.wait_for(
+                asyncio.shield(stream.handshake), max(0.0, deadline - loop.time())
+            )
         except BaseException:
             stream.abort()
             raise
