@@ -10,6 +10,9 @@ import struct
 from quic_helpers import dial, serving
 from quic_relay import UdpRelay
 
+import polyrpc
+from polyrpc.core.certs import self_signed_certificate
+
 
 async def test_4mib_through_loss_reorder_duplication(tmp_path) -> None:
     payload = hashlib.sha256(b"seed").digest() * (4 << 15)  # 4 MiB, not a repeating byte
@@ -57,3 +60,25 @@ async def test_a_lost_packet_delays_only_its_own_unit(tmp_path) -> None:
     # the ordered channel is one QUIC stream: everything waits (head-of-line blocking)
     ordered = await _arrival_order(tmp_path / "b", ordered=True)
     assert ordered == list(range(300))
+
+
+async def test_session_echo_through_lossy_relay(tmp_path) -> None:
+    """The message API over quic through loss and reordering: big and small calls both ways."""
+    cert, key = self_signed_certificate(tmp_path, ["localhost", "127.0.0.1"])
+    listener = await polyrpc.listen(
+        f"quic@127.0.0.1:0?cert={cert}&key={key}", on_request=lambda m: m
+    )
+    try:
+        port = int(listener.url.rsplit(":", 1)[1])
+        async with UdpRelay(
+            target=("127.0.0.1", port), loss=0.03, reorder=0.03, duplicate=0.01, seed=5
+        ) as relay:
+            conn = await polyrpc.dial(f"quic@127.0.0.1:{relay.address[1]}?ca={cert}")
+            big = hashlib.sha256(b"big").digest() * (1 << 17)  # 4 MiB
+            small = [conn.request(i.to_bytes(4, "big") * 100, timeout=30) for i in range(200)]
+            results = await asyncio.gather(conn.request(big, timeout=60), *small)
+            assert results[0] == big
+            assert results[1:] == [i.to_bytes(4, "big") * 100 for i in range(200)]
+            await conn.close()
+    finally:
+        await listener.close()
