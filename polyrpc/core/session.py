@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ from .frames import (
     Kind,
     Limits,
     encode_frame,
+    encode_plain,
 )
 from .stream import Buffer, Stream
 from .timeouts import DeadlineWheel
@@ -41,9 +43,18 @@ log = logging.getLogger("polyrpc")
 FEATURES = "cancel,stream,credit,goaway"
 """What this implementation supports, announced in HELLO."""
 
-_REQUEST, _RESPONSE, _ERROR, _ONEWAY = Kind.REQUEST, Kind.RESPONSE, Kind.ERROR, Kind.ONEWAY
-_HEARTBEAT, _HELLO, _GOAWAY, _CANCEL = Kind.HEARTBEAT, Kind.HELLO, Kind.GOAWAY, Kind.CANCEL
+# plain ints: compared on every frame
+_REQUEST, _RESPONSE, _ERROR, _ONEWAY = (
+    int(k) for k in (Kind.REQUEST, Kind.RESPONSE, Kind.ERROR, Kind.ONEWAY)
+)
+_HEARTBEAT, _HELLO, _GOAWAY, _CANCEL = (
+    int(k) for k in (Kind.HEARTBEAT, Kind.HELLO, Kind.GOAWAY, Kind.CANCEL)
+)
 _BYTES = (bytes, bytearray, memoryview)
+FLUSH_BUFFERS = 256
+"""Queued buffers that trigger a write before the end of the loop turn."""
+FLUSH_BYTES = 64 << 10
+"""A buffer at least this big is written at once rather than batched."""
 
 
 @dataclass
@@ -92,10 +103,13 @@ class Session:
         self.peer_info: dict[str, str] = {}
         self.loop = asyncio.get_running_loop()
         self._decoder = FrameDecoder(config.limits)
+        self._decoder_updated = self._decoder.buffer_updated
+        self.get_buffer = self._decoder.get_buffer  # type: ignore[method-assign]  # hot path
         self._next_seq = 1
         self._pending: dict[int, asyncio.Future[Frame]] = {}
         self._pending_info: dict[int, tuple[str, float]] = {}
-        self._window = asyncio.Semaphore(config.max_in_flight)
+        self._max_in_flight = config.max_in_flight
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._out: list[Buffer] = []
         self._out_ordered = False
         self._flush_handle: asyncio.Handle | None = None
@@ -104,6 +118,9 @@ class Session:
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._heartbeat_timer: asyncio.TimerHandle | None = None
         self._last_recv = self._last_send = self.loop.time()
+        self._seen_in = self._seen_out = 0
+        self._accepting = True
+        """False once closing, closed or the peer is closing: no new requests."""
         self._handshake: asyncio.Future[None] = self.loop.create_future()
         self._closed: asyncio.Future[Exception | None] = self.loop.create_future()
         self._closing = False
@@ -219,9 +236,8 @@ class Session:
 
     def buffer_updated(self, nbytes: int) -> None:
         self.bytes_in += nbytes
-        self._last_recv = self.loop.time()
         try:
-            frames = self._decoder.buffer_updated(nbytes)
+            frames = self._decoder_updated(nbytes)
         except ProtocolError as exc:
             self._protocol_failure(exc)
             return
@@ -229,7 +245,6 @@ class Session:
 
     def data_received(self, data: Buffer) -> None:
         self.bytes_in += len(data)
-        self._last_recv = self.loop.time()
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
@@ -248,8 +263,11 @@ class Session:
                         self._on_handshake_error(frame)
                         return
                     future = self._pending.pop(frame.seq, None)
-                    if future is not None and not future.done():
-                        future.set_result(frame)
+                    if future is not None:
+                        if not future.done():
+                            future.set_result(frame)
+                        if self._slot_waiters:
+                            self._wake_slot()
                 elif not self._handshake.done():
                     if kind != _HELLO:
                         raise ProtocolError(f"expected HELLO first, got {Kind(kind).name}")
@@ -263,6 +281,7 @@ class Session:
                         self._write(encode_frame(_HEARTBEAT, frame.seq, flags=FLAG_REPLY))
                 elif kind == _GOAWAY:
                     self._peer_closing = True
+                    self._accepting = False
                     self.on_goaway()
                 elif kind == _HELLO:
                     raise ProtocolError("HELLO received twice")
@@ -295,6 +314,7 @@ class Session:
             )
             return
         self._peer_closing = True
+        self._accepting = False
         self._fail_pending(ConnectionLost(f"the peer closed the {self.transport} connection"))
         self.on_eof()
 
@@ -318,6 +338,7 @@ class Session:
         self._fail_pending(lost)
         if not self._closed.done():
             self._closed.set_result(exc)
+        self._accepting = False
         self.on_closed(exc)
 
     def _fail_pending(self, exc: ConnectionLost) -> None:
@@ -325,6 +346,8 @@ class Session:
         for future in pending.values():
             if not future.done():
                 future.set_exception(exc)
+        while self._slot_waiters:
+            self._wake_slot()
 
     # ----------------------------------------------------- hooks for layers
     def on_request(self, frame: Frame) -> None:
@@ -371,21 +394,35 @@ class Session:
         return self._decode(frame)
 
     def _write(self, buffers: Sequence[Buffer], ordered: bool = True) -> None:
-        """Send whole frames; coalesced with others written in the same loop turn."""
+        """Send whole frames, batching whatever is written in the same loop turn.
+
+        A frame goes out at once only when the connection is otherwise quiet (no
+        other request in flight), which keeps a lone call's latency minimal; under
+        load everything written in a loop turn, or while handling received frames,
+        is collected and written together (one syscall instead of many).
+        """
+        if self._in_receive or self._flush_handle is not None or len(self._pending) > 1:
+            out = self._out
+            out += buffers
+            if ordered:
+                self._out_ordered = True
+            if len(out) > FLUSH_BUFFERS or len(buffers[-1]) >= FLUSH_BYTES:
+                self._flush()  # hand big batches to the stream now so its backpressure applies
+            elif self._flush_handle is None and not self._in_receive:
+                self._flush_handle = self.loop.call_soon(self._flush)
+            return
         if self._closed.done():
             raise self.lost_error()
-        self._last_send = self.loop.time()
-        if not self._out and not self._in_receive and self._flush_handle is None:
-            self.bytes_out += sum(map(len, buffers))
-            self.stream.write(buffers, ordered=ordered)
-            return
-        self._out += buffers
-        self._out_ordered = self._out_ordered or ordered
-        if self._flush_handle is None and not self._in_receive:
+        self.bytes_out += len(buffers[0]) if len(buffers) == 1 else sum(map(len, buffers))
+        self.stream.write(buffers, ordered=ordered)
+        if not self._pending:
+            # not a lone request: batch whatever else is written in this loop turn
             self._flush_handle = self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_handle = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         out, self._out = self._out, []
         ordered, self._out_ordered = self._out_ordered, False
         if out and not self._closed.done():
@@ -403,12 +440,15 @@ class Session:
         return ConnectionLost(f"the {self.transport} connection is closed")
 
     def _check_open(self) -> None:
+        if not self._accepting:
+            self._raise_not_accepting()
+
+    def _raise_not_accepting(self) -> None:
         if self._closed.done():
             raise self.lost_error()
         if self._closing:
             raise ConnectionLost(f"the {self.transport} connection is closing")
-        if self._peer_closing:
-            raise ConnectionLost("the peer is closing the connection; no new requests")
+        raise ConnectionLost("the peer is closing the connection; no new requests")
 
     async def wait_writable(self) -> None:
         """Wait while the stream holds more than its high-water mark (backpressure)."""
@@ -428,36 +468,71 @@ class Session:
         flags: int = 0,
     ) -> Frame:
         """Send a REQUEST and return the RESPONSE/ERROR frame (raw; see :meth:`result`)."""
-        self._check_open()
-        payload, codec = self.encode(obj)
-        await self._window.acquire()
+        if len(self._pending) >= self._max_in_flight:
+            await self.wait_for_slot()
+        seq, future = self.begin_request(obj, method, metadata, timeout, flags)
+        if self.stream.writing_paused:
+            await self.wait_writable()
         try:
-            self._check_open()
-            seq = self._next_seq
-            self._next_seq = seq + 1
-            future: asyncio.Future[Frame] = self.loop.create_future()
-            self._pending[seq] = future
-            if timeout is not None:
-                if timeout <= 0:
-                    raise CallTimeout(f"{method or 'request'}: timeout must be positive")
-                metadata = {**(metadata or {}), "timeout": f"{timeout:.6g}"}
-                self._track_deadline(seq, method, timeout)
-            self._write(
-                encode_frame(
-                    _REQUEST, seq, payload, method=method, metadata=metadata, codec=codec, flags=flags
-                ),
-                ordered=False,
+            return await future
+        except asyncio.CancelledError:
+            self.cancel_request(seq)
+            raise
+
+    def begin_request(
+        self,
+        obj: Any,
+        method: str = "",
+        metadata: dict[str, str] | None = None,
+        timeout: float | None = None,
+        flags: int = 0,
+    ) -> tuple[int, asyncio.Future[Frame]]:
+        """Write a REQUEST now (the caller checked the window); returns (seq, reply future)."""
+        self._check_open()
+        if isinstance(obj, _BYTES):
+            payload, codec = obj, 0
+        else:
+            payload, codec = self.codec.encode(obj), self.codec.id
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        if timeout is not None:
+            if timeout <= 0:
+                raise CallTimeout(f"{method or 'request'}: timeout must be positive")
+            metadata = {**(metadata or {}), "timeout": f"{timeout:.6g}"}
+            self._track_deadline(seq, method, timeout)
+        future: asyncio.Future[Frame] = self.loop.create_future()
+        self._pending[seq] = future
+        if method or metadata:
+            frame = encode_frame(
+                _REQUEST, seq, payload, method=method, metadata=metadata, codec=codec, flags=flags
             )
-            if self.stream.writing_paused:
-                await self.wait_writable()
-            try:
-                return await future
-            except asyncio.CancelledError:
-                if self._pending.pop(seq, None) is not None and not self._closed.done():
-                    self._write(encode_frame(_CANCEL, seq))
-                raise
-        finally:
-            self._window.release()
+        else:
+            frame = encode_plain(_REQUEST, seq, payload, codec, flags)
+        self._write(frame, ordered=False)
+        return seq, future
+
+    def cancel_request(self, seq: int) -> None:
+        """Forget request ``seq`` (its caller gave up) and tell the peer to stop working on it."""
+        if self._pending.pop(seq, None) is not None:
+            if self._slot_waiters:
+                self._wake_slot()
+            if not self._closed.done():
+                self._write(encode_frame(_CANCEL, seq))
+
+    async def wait_for_slot(self) -> None:
+        """Wait until fewer than ``max_in_flight`` requests are pending (the window)."""
+        while len(self._pending) >= self._max_in_flight:
+            self._check_open()
+            waiter = self.loop.create_future()
+            self._slot_waiters.append(waiter)
+            await waiter
+
+    def _wake_slot(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def result(self, frame: Frame) -> Any:
         """Decode a reply frame: the value of a RESPONSE, or raise the ERROR's RemoteError."""
@@ -495,9 +570,9 @@ class Session:
             future = self._pending.pop(seq, None)
             if future is None or future.done():
                 continue
-            future.set_exception(
-                CallTimeout(f"{method or 'request'} timed out after {timeout:g}s")
-            )
+            if self._slot_waiters:
+                self._wake_slot()
+            future.set_exception(CallTimeout(f"{method or 'request'} timed out after {timeout:g}s"))
             if not self._closed.done():
                 self._write(encode_frame(_CANCEL, seq))
         when = self._deadlines.next_deadline()
@@ -508,13 +583,16 @@ class Session:
         """Answer request ``seq`` with ``obj`` (an error frame if it cannot be encoded)."""
         if self._closed.done():
             return
+        if isinstance(obj, _BYTES):
+            self._write(encode_plain(_RESPONSE, seq, obj, 0, flags), ordered=False)
+            return
         try:
-            payload, codec = self.encode(obj)
+            payload = self.codec.encode(obj)
         except TypeError as exc:
             log.warning("cannot encode the reply to request %d: %s", seq, exc)
             self.respond_error(seq, exc, "unencodable_result")
             return
-        self._write(encode_frame(_RESPONSE, seq, payload, codec=codec, flags=flags), ordered=False)
+        self._write(encode_plain(_RESPONSE, seq, payload, self.codec.id, flags), ordered=False)
 
     def respond_error(
         self, seq: int, exc: BaseException, code: str, traceback_text: str | None = None
@@ -569,7 +647,12 @@ class Session:
             self._heartbeat_timer = self.loop.call_later(min(periods), self._on_heartbeat_timer)
 
     def _on_heartbeat_timer(self) -> None:
+        # activity is sampled here from the byte counters, keeping clocks off the hot path
         now = self.loop.time()
+        if self.bytes_in != self._seen_in:
+            self._seen_in, self._last_recv = self.bytes_in, now
+        if self.bytes_out != self._seen_out:
+            self._seen_out, self._last_send = self.bytes_out, now
         idle = self.config.idle_timeout
         if idle and now - self._last_recv > idle:
             self.abort(
@@ -590,6 +673,7 @@ class Session:
             return
         if not self._closing:
             self._closing = True
+            self._accepting = False
             try:
                 if self._handshake.done() and not self._peer_closing:
                     self._write(encode_frame(_GOAWAY, 0))
