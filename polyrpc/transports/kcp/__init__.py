@@ -111,6 +111,7 @@ class KcpTransport(Transport):
         conv = random.getrandbits(32) or 1
         sid = mux.open_session(peer, conv, config)
         stream = KcpStream(mux, sid, conv, peer, config, established=False)
+        mux.hint = stream
         connected = stream._connected
         assert connected is not None
         limit = min(config.timeout, CONNECT_TIMEOUT_MAX)

@@ -297,8 +297,9 @@ static void flush_sends(kcp_mux *m)
 }
 
 int kmux_open(kcp_mux *m, const uint8_t *addr, uint32_t addrlen, uint32_t conv,
-              const kmux_config *cfg, uint32_t now)
+              const kmux_config *cfg)
 {
+    uint32_t now = kcp_now_ms();
     uint8_t key[20];
     uint32_t n = addr_key(addr, addrlen, key);
     if (!n || addrlen > 28)
@@ -426,9 +427,9 @@ static void mark_dirty(kcp_mux *m, msess *s)
 
 int kmux_has_dirty(const kcp_mux *m) { return m->ndirty > 0; }
 
-void kmux_set_established(kcp_mux *m, int sid, uint32_t idle_ms, uint32_t keepalive_ms,
-                          uint32_t now)
+void kmux_set_established(kcp_mux *m, int sid, uint32_t idle_ms, uint32_t keepalive_ms)
 {
+    uint32_t now = kcp_now_ms();
     msess *s = get(m, sid);
     if (!s)
         return;
@@ -446,6 +447,20 @@ void kmux_notify_below(kcp_mux *m, int sid, int64_t bytes)
         s->notify_below = bytes;
         mark_dirty(m, s);
     }
+}
+
+int64_t kmux_write(kcp_mux *m, int sid, const uint8_t *data, size_t len, int flush,
+                   kmux_event *ev, int maxev, int32_t *out)
+{
+    int64_t queued = kmux_send(m, sid, data, len);
+    out[0] = 0;
+    out[1] = -1;
+    if (flush && queued >= 0) {
+        out[0] = kmux_flush(m, ev, maxev, &out[1]);
+        msess *s = get(m, sid);
+        queued = s ? (int64_t)kcp_pending_bytes(s->k) : -1;
+    }
+    return queued;
 }
 
 int64_t kmux_send(kcp_mux *m, int sid, const uint8_t *data, size_t len)
@@ -535,10 +550,10 @@ static void take_error(kcp_mux *m, kmux_event *ev, int *n, int maxev)
         m->pending_errno = 0;
 }
 
-int kmux_flush(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now, int32_t *next_delay)
+int kmux_flush(kcp_mux *m, kmux_event *ev, int maxev, int32_t *next_delay)
 {
     int n = 0;
-    m->now = now;
+    uint32_t now = m->now = kcp_now_ms();
     /* sessions may be marked dirty again while flushing: walk by index */
     for (int i = 0; i < m->ndirty; i++) {
         msess *s = get(m, m->dirty[i]);
@@ -624,10 +639,12 @@ static void on_datagram(kcp_mux *m, const uint8_t *data, uint32_t len, const uin
     }
 }
 
-int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now, int32_t *next_delay)
+int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, int hint, uint8_t *buf, size_t cap,
+              int32_t *out)
 {
     int n = 0, total = 0;
-    m->now = now;
+    uint32_t now = m->now = kcp_now_ms();
+    out[0] = out[2] = 0;
     while (n <= maxev - BATCH && total < POLL_BUDGET) {
         for (int i = 0; i < BATCH; i++) {
             m->riov[i].iov_base = m->rbuf + (size_t)i * m->rslot;
@@ -661,22 +678,37 @@ int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now, int32_t *next
         if (r < BATCH)
             break;
     }
+    /* the hinted session's bytes go straight into the caller's buffer */
+    msess *h = get(m, hint);
+    if (h && cap && kcp_readable(h->k)) {
+        int r = kcp_recv(h->k, buf, cap);
+        out[0] = r > 0 ? r : 0;
+        out[2] = kcp_readable(h->k) > 0;
+        if (kcp_tell_pending(h->k))
+            mark_dirty(m, h);
+    }
+    int kept = 0;
     for (int i = 0; i < n; i++) {
         if (ev[i].type == KMUX_EV_DATA) {
             msess *s = get(m, ev[i].sid);
             if (s)
                 s->data_flag = 0;
+            if (s && s == h && !out[2])
+                continue; /* delivered through buf */
         }
+        if (kept != i)
+            ev[kept] = ev[i];
+        kept++;
     }
     /* with sessions dirty the caller flushes next, and that flush arms the timer */
-    *next_delay = m->ndirty ? -1 : arm(m, now);
-    return n;
+    out[1] = m->ndirty ? -1 : arm(m, now);
+    return kept;
 }
 
-int kmux_tick(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now, int32_t *next_delay)
+int kmux_tick(kcp_mux *m, kmux_event *ev, int maxev, int32_t *next_delay)
 {
     int n = 0;
-    m->now = now;
+    uint32_t now = m->now = kcp_now_ms();
     m->timer_armed = 0; /* the caller's timer just fired */
     for (int i = 0; i < m->nslots && n < maxev; i++) {
         msess *s = m->slots[i];

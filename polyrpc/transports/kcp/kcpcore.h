@@ -130,22 +130,30 @@ typedef struct kmux_stats {
 kcp_mux *kmux_new(int fd);
 void kmux_free(kcp_mux *m);
 int kmux_open(kcp_mux *m, const uint8_t *addr, uint32_t addrlen, uint32_t conv,
-              const kmux_config *cfg, uint32_t now);
+              const kmux_config *cfg);
 /* free a session; its owed acknowledgements are sent first */
 void kmux_release(kcp_mux *m, int sid);
 kcp_engine *kmux_engine(kcp_mux *m, int sid);
 int kmux_find(kcp_mux *m, const uint8_t *addr, uint32_t addrlen, uint32_t conv);
-void kmux_set_established(kcp_mux *m, int sid, uint32_t idle_ms, uint32_t keepalive_ms,
-                          uint32_t now);
+void kmux_set_established(kcp_mux *m, int sid, uint32_t idle_ms, uint32_t keepalive_ms);
 void kmux_notify_below(kcp_mux *m, int sid, int64_t bytes);
 /* queue bytes; returns the bytes now queued or unacknowledged, or <0 on error */
 int64_t kmux_send(kcp_mux *m, int sid, const uint8_t *data, size_t len);
 int kmux_read(kcp_mux *m, int sid, uint8_t *buf, size_t cap);
-/* poll, flush and tick also report the delay (ms) for the caller's one timer: -1 means keep
-   the timer it has (or none is needed); tick assumes that timer has just fired */
-int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now, int32_t *next_delay);
-int kmux_flush(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now, int32_t *next_delay);
-int kmux_tick(kcp_mux *m, kmux_event *ev, int maxev, uint32_t now, int32_t *next_delay);
+/* The calls below read the clock themselves and report the delay (ms) for the caller's one
+   timer: -1 means keep the timer it has (or none is needed); tick assumes that timer has just
+   fired.
+   poll: drain the socket. The readable bytes of session ``hint`` (if any) are copied into
+   buf (out[0] bytes; out[2] = 1 if more remain, then a DATA event is reported too);
+   out[1] is the timer delay. Returns the number of events. */
+int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, int hint, uint8_t *buf, size_t cap,
+              int32_t *out);
+int kmux_flush(kcp_mux *m, kmux_event *ev, int maxev, int32_t *next_delay);
+int kmux_tick(kcp_mux *m, kmux_event *ev, int maxev, int32_t *next_delay);
+/* kmux_send, then (if flush) kmux_flush: out[0] = events, out[1] = timer delay;
+   returns the bytes queued or unacknowledged, <0 on error */
+int64_t kmux_write(kcp_mux *m, int sid, const uint8_t *data, size_t len, int flush,
+                   kmux_event *ev, int maxev, int32_t *out);
 int32_t kmux_next_delay(kcp_mux *m, uint32_t now);
 int kmux_has_dirty(const kcp_mux *m);
 int kmux_ctrl(kcp_mux *m, const uint8_t *addr, uint32_t addrlen, uint32_t conv, uint8_t cmd,

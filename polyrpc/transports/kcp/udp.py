@@ -40,6 +40,12 @@ ACK_BATCH = 16
 EV_DATA, EV_CTRL, EV_DEAD, EV_WRITABLE, EV_ERROR = 1, 2, 3, 4, 5
 SYN, SYNACK, FIN, FINACK, RST = 0xC0, 0xC1, 0xC2, 0xC3, 0xC4
 
+
+def _writable(buffer: Any) -> Any:
+    """A C pointer into a writable Python buffer."""
+    return ffi.from_buffer(buffer, require_writable=True)
+
+
 MUX_STAT_FIELDS = (
     "datagrams_in",
     "datagrams_out",
@@ -160,6 +166,8 @@ class Mux:
         self._busy = False
         self._in_poll = False
         self._delay = ffi.new("int32_t *")
+        self._out = ffi.new("int32_t[3]")
+        self.hint: KcpStream | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.closed = False
         self.keep_open = acceptor is not None
@@ -169,12 +177,27 @@ class Mux:
     def _on_readable(self) -> None:
         if self.closed:
             return
-        # Replies written while the received data is dispatched ride with the acks in the
-        # one flush below; acks with nothing to carry them wait (briefly) in C.
+        # The stream that read last (a dialled socket's only one) gets its bytes copied by
+        # C straight into its receiver's buffer as part of the poll.
+        hint = self.hint
+        out = self._out
         self._busy = self._in_poll = True
         try:
-            n = lib.kmux_poll(self.c, self.events, EVENTS, lib.kcp_now_ms(), self._delay)
-            delay = self._delay[0]
+            if hint is not None and not hint._paused:
+                get_buffer = hint._get_buffer
+                target = _writable(get_buffer(READ_CHUNK)) if get_buffer else self.buffer_c
+                n = lib.kmux_poll(self.c, self.events, EVENTS, hint.sid, target, len(target), out)
+                got = out[0]
+                if got:
+                    if get_buffer:
+                        hint._buffer_updated(got)
+                    else:
+                        hint.receiver.data_received(self.view[:got])
+                    if hint._peer_fin_sn is not None:
+                        hint._check_eof()
+            else:
+                n = lib.kmux_poll(self.c, self.events, EVENTS, -1, ffi.NULL, 0, out)
+            delay = out[1]
             if n:
                 self._dispatch(n)
         finally:
@@ -206,29 +229,24 @@ class Mux:
     def _flush(self) -> None:
         if self.closed:
             return
-        n = lib.kmux_flush(self.c, self.events, EVENTS, lib.kcp_now_ms(), self._delay)
+        self.after_flush(lib.kmux_flush(self.c, self.events, EVENTS, self._delay), self._delay[0])
+
+    def after_flush(self, n: int, delay: int) -> None:
+        """Handle what a flush reported: its events, then the timer it asks for."""
         if n:
             self._busy = True
             try:
                 self._dispatch(n)
             finally:
                 self._busy = False
-        if not self.closed:
-            self._arm_timer(self._delay[0])
+        if delay >= 0 and not self.closed:
+            self._arm_timer(delay)
 
     def _on_timer(self) -> None:
         self._timer = None
         if self.closed:
             return
-        n = lib.kmux_tick(self.c, self.events, EVENTS, lib.kcp_now_ms(), self._delay)
-        if n:
-            self._busy = True
-            try:
-                self._dispatch(n)
-            finally:
-                self._busy = False
-        if not self.closed:
-            self._arm_timer(self._delay[0])
+        self.after_flush(lib.kmux_tick(self.c, self.events, EVENTS, self._delay), self._delay[0])
 
     def _arm_timer(self, delay: int) -> None:
         """(Re)arm the one timer; the C side says when (-1: the current one is early enough)."""
@@ -303,14 +321,16 @@ class Mux:
 
     def open_session(self, addr: bytes, conv: int, config: KcpConfig) -> int:
         """Create the C session for (addr, conv); returns its id."""
-        sid = lib.kmux_open(self.c, addr, len(addr), conv, config.cdata(), lib.kcp_now_ms())
+        sid = lib.kmux_open(self.c, addr, len(addr), conv, config.cdata())
         if sid < 0:
             raise ConnectFailed(f"could not create a kcp session (error {sid})")
         return sid
 
     def release(self, sid: int) -> None:
         """Free a session's C state; closes the socket when nothing needs it any more."""
-        self.streams.pop(sid, None)
+        stream = self.streams.pop(sid, None)
+        if stream is not None and stream is self.hint:
+            self.hint = None
         if not self.closed:
             lib.kmux_release(self.c, sid)
         if not self.streams and not self.keep_open:
@@ -370,6 +390,8 @@ class KcpStream(Stream):
         self._engine = lib.kmux_engine(mux.c, sid)
         self._paused = False
         self._buffered_receiver = False
+        self._get_buffer: Callable[[int], Any] | None = None
+        self._buffer_updated: Callable[[int], None] | None = None
         self._deliver_scheduled = False
         self._peer_fin_sn: int | None = None
         self._peer_full_close = False
@@ -391,11 +413,7 @@ class KcpStream(Stream):
 
     def _establish(self) -> None:
         lib.kmux_set_established(
-            self.mux.c,
-            self.sid,
-            self.config.idle_ms,
-            self.config.keepalive_ms,
-            lib.kcp_now_ms(),
+            self.mux.c, self.sid, self.config.idle_ms, self.config.keepalive_ms
         )
         self.mux.want_flush()
 
@@ -413,6 +431,8 @@ class KcpStream(Stream):
     def set_receiver(self, receiver: Any) -> None:
         super().set_receiver(receiver)
         self._buffered_receiver = hasattr(receiver, "get_buffer")
+        self._get_buffer = receiver.get_buffer if self._buffered_receiver else None
+        self._buffer_updated = receiver.buffer_updated if self._buffered_receiver else None
 
     def _deliver(self) -> None:
         """Hand every readable byte to the receiver (until it pauses), then check for EOF.
@@ -424,6 +444,7 @@ class KcpStream(Stream):
         if self._gone or self._paused:
             return
         mux = self.mux
+        mux.hint = self
         c, sid, receiver = mux.c, self.sid, self.receiver
         if self._buffered_receiver:
             avail = lib.kcp_readable(self._engine)
@@ -470,15 +491,28 @@ class KcpStream(Stream):
             raise ConnectionLost("kcp stream was half-closed with write_eof()")
         mux = self.mux
         c, sid = mux.c, self.sid
+        # outside event dispatch the last buffer is queued and flushed in one C call
+        flush = not mux._busy
+        last = len(buffers) - 1
         queued = 0
-        for buf in buffers:
-            if len(buf):
-                queued = lib.kmux_send(
-                    c, sid, buf if type(buf) is bytes else ffi.from_buffer(buf), len(buf)
-                )
-                if queued < 0:
-                    raise ConnectionLost("kcp session is dead")
-        mux.want_flush()
+        flushed = False
+        for i, buf in enumerate(buffers):
+            size = len(buf)
+            if not size:
+                continue
+            data = buf if type(buf) is bytes else ffi.from_buffer(buf)
+            if flush and i == last:
+                out = mux._out
+                queued = lib.kmux_write(c, sid, data, size, 1, mux.events, EVENTS, out)
+                flushed = queued >= 0
+            else:
+                queued = lib.kmux_send(c, sid, data, size)
+            if queued < 0:
+                raise ConnectionLost("kcp session is dead")
+        if flushed:
+            mux.after_flush(out[0], out[1])
+        else:
+            mux.want_flush()
         if queued > self.high_water and not self._write_paused and not self._gone:
             self._update_write_pressure()
             lib.kmux_notify_below(c, sid, self.low_water)
