@@ -335,3 +335,30 @@ def test_missing_extension_is_a_clear_transport_unavailable():
     assert "UNAVAILABLE kcp: the KCP C extension" in out
     assert "build_ext --inplace" in out
     assert "ROW False" in out
+
+
+async def test_dial_tries_each_resolved_address_in_turn(monkeypatch):
+    server = Server(Echo)
+    listener = await server.start("kcp@127.0.0.1:0")
+    port = listener.address.port
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.2", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()
+    loop = asyncio.get_running_loop()
+
+    async def two_answers(host, port_, **kwargs):  # a name with a dead first address
+        assert host == "twohomed.test"
+        dgram, udp = socket.SOCK_DGRAM, socket.IPPROTO_UDP
+        return [
+            (socket.AF_INET, dgram, udp, "", ("127.0.0.2", dead_port)),
+            (socket.AF_INET, dgram, udp, "", ("127.0.0.1", port)),
+        ]
+
+    monkeypatch.setattr(loop, "getaddrinfo", two_answers)
+    stream, got = await dial(f"kcp@twohomed.test:{port}")
+    assert stream.get_extra_info("peer") == ("127.0.0.1", port)
+    stream.write([b"second"])
+    await got.wait_bytes(6)
+    await stream.close()
+    await listener.close()

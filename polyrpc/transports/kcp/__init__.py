@@ -88,8 +88,6 @@ class KcpTransport(Transport):
         )
 
     async def dial(self, address: Address) -> Any:
-        from .udp import MAGIC, SYN, KcpStream, Mux, make_socket, pack_address
-
         self.check_available()
         config = self._config(address)
         if address.port == 0:
@@ -99,13 +97,28 @@ class KcpTransport(Transport):
             infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_DGRAM)
         except OSError as exc:
             raise ConnectFailed(f"could not resolve {address.host!r}: {exc}") from exc
-        family, _, _, _, sockaddr = infos[0]
+        error: ConnectFailed | None = None
+        for family, _, _, _, sockaddr in dict.fromkeys(infos):  # like TCP: each address in turn
+            try:
+                return await self._dial_one(family, sockaddr, config)
+            except ConnectTimeout as exc:
+                raise ConnectTimeout(f"could not connect to {address}: {exc}") from None
+            except ConnectFailed as exc:
+                error = exc
+        assert error is not None
+        raise ConnectFailed(f"could not connect to {address}: {error}") from None
+
+    async def _dial_one(self, family: int, sockaddr: Any, config: Any) -> Any:
+        """Handshake with one resolved address; ConnectFailed/ConnectTimeout if it fails."""
+        from .udp import MAGIC, SYN, KcpStream, Mux, make_socket, pack_address
+
+        loop = asyncio.get_running_loop()
         sock = make_socket(family)
         try:
             sock.connect(sockaddr)
         except OSError as exc:
             sock.close()
-            raise ConnectFailed(f"could not connect to {address}: {exc.strerror or exc}") from exc
+            raise ConnectFailed(exc.strerror or str(exc)) from exc
         mux = Mux(sock)
         peer = pack_address(sockaddr[0], sockaddr[1])
         conv = random.getrandbits(32) or 1
@@ -127,10 +140,6 @@ class KcpTransport(Transport):
                     await asyncio.wait_for(asyncio.shield(connected), min(delay, remaining))
                 delay = min(delay * 2, CONNECT_RETRY_MAX)
             connected.result()
-        except ConnectFailed as exc:
-            stream.abort()
-            kind = ConnectTimeout if isinstance(exc, ConnectTimeout) else ConnectFailed
-            raise kind(f"could not connect to {address}: {exc}") from None
         except BaseException:
             stream.abort()
             raise
