@@ -119,7 +119,7 @@ class KcpTransport(Transport):
         except OSError as exc:
             sock.close()
             raise ConnectFailed(exc.strerror or str(exc)) from exc
-        mux = Mux(sock)
+        mux = Mux(sock, connected=True)
         peer = pack_address(sockaddr[0], sockaddr[1])
         conv = random.getrandbits(32) or 1
         sid = mux.open_session(peer, conv, config)

@@ -41,6 +41,7 @@ typedef struct msess {
 
 struct kcp_mux {
     int fd;
+    int connected; /* the socket is connected to its only peer: send without an address */
     msess **slots;
     int nslots, cap_slots;
     int *free_sids;
@@ -209,8 +210,19 @@ static int size_slots(kcp_mux *m, uint32_t slot)
     m->rbuf = r;
     m->sslot = m->rslot = slot;
     m->nsend = 0;
+    for (int i = 0; i < BATCH; i++) {
+        m->riov[i].iov_base = m->rbuf + (size_t)i * m->rslot;
+        m->riov[i].iov_len = m->rslot;
+        memset(&m->rmsg[i], 0, sizeof m->rmsg[i]);
+        m->rmsg[i].msg_hdr.msg_name = &m->raddr[i];
+        m->rmsg[i].msg_hdr.msg_namelen = sizeof m->raddr[i];
+        m->rmsg[i].msg_hdr.msg_iov = &m->riov[i];
+        m->rmsg[i].msg_hdr.msg_iovlen = 1;
+    }
     return 0;
 }
+
+void kmux_set_connected(kcp_mux *m, int connected) { m->connected = connected; }
 
 kcp_mux *kmux_new(int fd)
 {
@@ -262,8 +274,10 @@ static void on_output(const uint8_t *data, uint32_t len, void *user)
     m->siov[i].iov_base = m->sbuf + (size_t)i * m->sslot;
     m->siov[i].iov_len = len;
     memset(&m->smsg[i], 0, sizeof m->smsg[i]);
-    m->smsg[i].msg_hdr.msg_name = m->saddr[i];
-    m->smsg[i].msg_hdr.msg_namelen = s->addrlen;
+    if (!m->connected) { /* a connected socket reuses its cached route */
+        m->smsg[i].msg_hdr.msg_name = m->saddr[i];
+        m->smsg[i].msg_hdr.msg_namelen = s->addrlen;
+    }
     m->smsg[i].msg_hdr.msg_iov = &m->siov[i];
     m->smsg[i].msg_hdr.msg_iovlen = 1;
     s->last_send = m->now;
@@ -646,15 +660,6 @@ int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, int hint, uint8_t *buf, siz
     uint32_t now = m->now = kcp_now_ms();
     out[0] = out[2] = 0;
     while (n <= maxev - BATCH && total < POLL_BUDGET) {
-        for (int i = 0; i < BATCH; i++) {
-            m->riov[i].iov_base = m->rbuf + (size_t)i * m->rslot;
-            m->riov[i].iov_len = m->rslot;
-            memset(&m->rmsg[i], 0, sizeof m->rmsg[i]);
-            m->rmsg[i].msg_hdr.msg_name = &m->raddr[i];
-            m->rmsg[i].msg_hdr.msg_namelen = sizeof m->raddr[i];
-            m->rmsg[i].msg_hdr.msg_iov = &m->riov[i];
-            m->rmsg[i].msg_hdr.msg_iovlen = 1;
-        }
         int r = recvmmsg(m->fd, m->rmsg, BATCH, MSG_DONTWAIT, NULL);
         m->st.syscalls_in++;
         if (r < 0) {
@@ -673,6 +678,10 @@ int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, int hint, uint8_t *buf, siz
             on_datagram(m, m->rbuf + (size_t)i * m->rslot, m->rmsg[i].msg_len,
                         (const uint8_t *)&m->raddr[i], m->rmsg[i].msg_hdr.msg_namelen, ev, &n,
                         maxev);
+        }
+        for (int i = 0; i < r; i++) { /* the kernel wrote these: restore them for next time */
+            m->rmsg[i].msg_hdr.msg_namelen = sizeof m->raddr[i];
+            m->rmsg[i].msg_hdr.msg_flags = 0;
         }
         total += r;
         if (r < BATCH)

@@ -129,6 +129,8 @@ typedef struct kmux_stats {
 
 kcp_mux *kmux_new(int fd);
 void kmux_free(kcp_mux *m);
+/* the socket is connect()ed to its one peer: datagrams are sent without an address */
+void kmux_set_connected(kcp_mux *m, int connected);
 int kmux_open(kcp_mux *m, const uint8_t *addr, uint32_t addrlen, uint32_t conv,
               const kmux_config *cfg);
 /* free a session; its owed acknowledgements are sent first */

@@ -41,11 +41,6 @@ EV_DATA, EV_CTRL, EV_DEAD, EV_WRITABLE, EV_ERROR = 1, 2, 3, 4, 5
 SYN, SYNACK, FIN, FINACK, RST = 0xC0, 0xC1, 0xC2, 0xC3, 0xC4
 
 
-def _writable(buffer: Any) -> Any:
-    """A C pointer into a writable Python buffer."""
-    return ffi.from_buffer(buffer, require_writable=True)
-
-
 MUX_STAT_FIELDS = (
     "datagrams_in",
     "datagrams_out",
@@ -149,6 +144,8 @@ class Mux:
         self,
         sock: socket.socket,
         acceptor: Callable[[int, bytes, int, int], None] | None = None,
+        *,
+        connected: bool = False,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.sock = sock
@@ -156,6 +153,7 @@ class Mux:
         if raw == ffi.NULL:
             raise MemoryError("kmux_new failed")
         self.c = raw
+        lib.kmux_set_connected(raw, int(connected))
         self.acceptor = acceptor
         self.streams: dict[int, KcpStream] = {}
         self.events = ffi.new("kmux_event[]", EVENTS)
@@ -185,7 +183,10 @@ class Mux:
         try:
             if hint is not None and not hint._paused:
                 get_buffer = hint._get_buffer
-                target = _writable(get_buffer(READ_CHUNK)) if get_buffer else self.buffer_c
+                if get_buffer:
+                    target = ffi.from_buffer(get_buffer(READ_CHUNK), require_writable=True)
+                else:
+                    target = self.buffer_c
                 n = lib.kmux_poll(self.c, self.events, EVENTS, hint.sid, target, len(target), out)
                 got = out[0]
                 if got:
