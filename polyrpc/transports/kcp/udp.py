@@ -492,6 +492,19 @@ class KcpStream(Stream):
             raise ConnectionLost("kcp stream was half-closed with write_eof()")
         mux = self.mux
         c, sid = mux.c, self.sid
+        if len(buffers) == 1 and not mux._busy:  # the common case, in one C call
+            buf = buffers[0]
+            out = mux._out
+            data = buf if type(buf) is bytes else ffi.from_buffer(buf)
+            queued = lib.kmux_write(c, sid, data, len(buf), 1, mux.events, EVENTS, out)
+            if queued < 0:
+                raise ConnectionLost("kcp session is dead")
+            if out[0] or out[1] >= 0:
+                mux.after_flush(out[0], out[1])
+            if queued > self.high_water and not self._write_paused and not self._gone:
+                self._update_write_pressure()
+                lib.kmux_notify_below(c, sid, self.low_water)
+            return
         # outside event dispatch the last buffer is queued and flushed in one C call
         flush = not mux._busy
         last = len(buffers) - 1
@@ -510,10 +523,10 @@ class KcpStream(Stream):
                 queued = lib.kmux_send(c, sid, data, size)
             if queued < 0:
                 raise ConnectionLost("kcp session is dead")
-        if flushed:
-            mux.after_flush(out[0], out[1])
-        else:
+        if not flushed:
             mux.want_flush()
+        elif out[0] or out[1] >= 0:
+            mux.after_flush(out[0], out[1])
         if queued > self.high_water and not self._write_paused and not self._gone:
             self._update_write_pressure()
             lib.kmux_notify_below(c, sid, self.low_water)
