@@ -11,6 +11,7 @@ odd and servers even, so a sequence id always names one exchange.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
@@ -21,7 +22,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConnectionLost, ProtocolError, RemoteError
+from .errors import CallTimeout, ConnectionLost, ProtocolError, RemoteError
 from .frames import FLAG_ARG_STREAM, FLAG_STREAM, Frame, Kind
 from .services import Method, ServiceRegistry
 from .session import Session, SessionConfig
@@ -219,6 +220,15 @@ class ResultStream:
             self._connection._result_streams.pop(self._seq, None)
             self._connection.cancel_request(self._seq)
 
+    def __del__(self) -> None:
+        # `async for ... break` drops the iterator without closing it: stop the remote side
+        queue = self._queue
+        if not self._closed and queue is not None and not queue.ended:
+            self._closed = True
+            with contextlib.suppress(Exception):
+                self._connection._result_streams.pop(self._seq, None)
+                self._connection.cancel_request(self._seq)
+
     async def __aenter__(self) -> ResultStream:
         return self
 
@@ -337,7 +347,13 @@ class RpcConnection(Session):
         except asyncio.CancelledError:
             self.cancel_request(seq)
             raise
-        return self.result(frame)
+        if frame.kind == Kind.ERROR:
+            error = self.remote_error(frame)
+            if error.code == "deadline_exceeded":
+                # the server noticed the deadline first: same outcome as our own timer
+                raise CallTimeout(f"{method} timed out after {timeout:g}s")
+            raise error
+        return self.decode(frame)
 
     async def notify(self, method: str, *args: Any, **kwargs: Any) -> None:
         """Call ``method`` one-way: no reply, errors are only logged by the peer."""

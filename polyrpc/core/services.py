@@ -35,6 +35,8 @@ class Method:
         else:
             kind = "sync"
         try:
+            signature = inspect.signature(func, eval_str=True)
+        except (NameError, SyntaxError):  # annotations naming things not importable here
             signature = inspect.signature(func)
         except (TypeError, ValueError):
             signature = None
