@@ -15,7 +15,9 @@ import pytest
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
 
-def polyrpc(*args: str, timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def polyrpc(
+    *args: str, timeout: float = 60, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "polyrpc.cli", *args],
         capture_output=True,
@@ -124,8 +126,16 @@ def test_serve_quic_generates_a_development_certificate(served):
 def test_bench_short_run_writes_valid_json(tmp_path):
     out = tmp_path / "bench.json"
     done = polyrpc(
-        "bench", "--transports", "tcp,raw-asyncio", "--seconds", "0.2", "--repeat", "1",
-        "--json", str(out), timeout=180,
+        "bench",
+        "--transports",
+        "tcp,raw-asyncio",
+        "--seconds",
+        "0.2",
+        "--repeat",
+        "1",
+        "--json",
+        str(out),
+        timeout=180,
     )
     assert done.returncode == 0, done.stderr
     document = json.loads(out.read_text())

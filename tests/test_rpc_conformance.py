@@ -92,7 +92,9 @@ class ClientSide:
 
 
 @contextlib.asynccontextmanager
-async def rpc(endpoint, *services, client_services=(), token=None, client_token=None, **server_opts):
+async def rpc(
+    endpoint, *services, client_services=(), token=None, client_token=None, **server_opts
+):
     async with polyrpc.serve(endpoint.listen_url, *services, token=token, **server_opts) as server:
         url = endpoint.client_url(server.urls[0])
         async with polyrpc.connect(url, services=client_services, token=client_token) as client:
@@ -291,7 +293,7 @@ async def test_server_limits(endpoint):
 
 async def test_max_frame_size_limit(endpoint):
     limits = polyrpc.Limits(max_frame=64 << 10)
-    async with rpc(endpoint, Arith(), limits=limits) as (server, client, url):
+    async with rpc(endpoint, Arith(), limits=limits) as (_, client, url):
         with pytest.raises(polyrpc.ConnectionLost):
             await client.call("Arith.add", b"x" * (128 << 10), b"")
         async with polyrpc.connect(url) as other:

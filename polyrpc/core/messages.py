@@ -95,8 +95,10 @@ class Connection(Session):
         """The next one-way message with its metadata; ConnectionLost once closed and drained."""
         while not self._inbox:
             if self.is_closed or self._peer_closing:
-                raise self.lost_error() if self.is_closed else ConnectionLost(
-                    "the peer closed the connection"
+                raise (
+                    self.lost_error()
+                    if self.is_closed
+                    else ConnectionLost("the peer closed the connection")
                 )
             if self._inbox_waiter is None:
                 self._inbox_waiter = self.loop.create_future()

@@ -161,8 +161,15 @@ class ResultStream:
     Leaving the loop early (break, exception) cancels the remote generator.
     """
 
-    def __init__(self, connection: RpcConnection, method: str, args: tuple, kwargs: dict,
-                 timeout: float | None, metadata: dict[str, str] | None) -> None:
+    def __init__(
+        self,
+        connection: RpcConnection,
+        method: str,
+        args: tuple,
+        kwargs: dict,
+        timeout: float | None,
+        metadata: dict[str, str] | None,
+    ) -> None:
         self._connection = connection
         self._call = (method, args, kwargs, timeout, metadata)
         self._queue: _ItemQueue | None = None
@@ -442,7 +449,9 @@ class RpcConnection(Session):
                 deadline = None
         return CallContext(frame.method, self, frame.metadata, deadline)
 
-    def _call_inline(self, seq: int, method: Method, args: list, kwargs: dict, frame: Frame) -> None:
+    def _call_inline(
+        self, seq: int, method: Method, args: list, kwargs: dict, frame: Frame
+    ) -> None:
         started = time.perf_counter()
         token = _context.set(self._context_for(frame))
         try:
@@ -494,7 +503,7 @@ class RpcConnection(Session):
             # the caller cancelled, or the connection went away: nobody waits for an answer
             self.services.record(method.name, time.perf_counter() - started, True)
             return
-        except TimeoutError as exc:
+        except TimeoutError:
             if context.deadline is not None and time.time() >= context.deadline - 0.001:
                 exc = RemoteError(
                     "TimeoutError", f"{method.name} passed its deadline", "deadline_exceeded"
@@ -524,7 +533,9 @@ class RpcConnection(Session):
             produced = await produced
         if not isinstance(produced, AsyncIterable | Iterable):
             raise RemoteError(
-                "TypeError", f"{method.name} did not return an iterable to stream", "stream_mismatch"
+                "TypeError",
+                f"{method.name} did not return an iterable to stream",
+                "stream_mismatch",
             )
         try:
             call.credit = int(frame.metadata.get("credit", str(STREAM_CREDIT)))

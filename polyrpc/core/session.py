@@ -269,7 +269,7 @@ class Session:
         try:
             for frame in frames:
                 kind = frame.kind
-                if kind == _RESPONSE or kind == _ERROR:
+                if kind in (_RESPONSE, _ERROR):
                     if frame.seq == 0 and kind == _ERROR and not self._handshake.done():
                         self._on_handshake_error(frame)
                         return
