@@ -9,6 +9,7 @@ subclasses it and handles requests, one-way messages and the other frame kinds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -438,10 +439,9 @@ class Session:
         ordered, self._out_ordered = self._out_ordered, False
         if out and not self._closed.done():
             self.bytes_out += sum(map(len, out))
-            try:
+            # on a broken stream connection_lost() reports it to everyone waiting
+            with contextlib.suppress(ConnectionLost):
                 self.byte_stream.write(out, ordered=ordered)
-            except ConnectionLost:
-                pass  # connection_lost() reports it to everyone waiting
 
     def lost_error(self) -> ConnectionLost:
         """The error to raise for operations on a closed connection."""
