@@ -9,6 +9,7 @@ from .targets import MessageTarget, Target
 
 REFERENCES: dict[str, str] = {
     "raw-asyncio": "polyrpc.bench.raw_asyncio:RawAsyncio",
+    "raw-aioquic": "polyrpc.bench.raw_aioquic:RawAioquic",
 }
 """Hand-written baselines, measured in the same run as polyrpc's rows."""
 

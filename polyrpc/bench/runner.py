@@ -171,7 +171,9 @@ def run_bench(
                         progress.advance(task)
                 finally:
                     server.stop()
-    return [summarise(r, w, samples[(r, w.name)], errors[(r, w.name)]) for r in rows for w in chosen]
+    return [
+        summarise(r, w, samples[(r, w.name)], errors[(r, w.name)]) for r in rows for w in chosen
+    ]
 
 
 def _fmt(value: float, metric: str) -> str:
@@ -185,12 +187,22 @@ def _fmt(value: float, metric: str) -> str:
 def render(results: list[dict], reference: str | None, console: Console) -> None:
     """Print one table: a line per row and workload, with the ratio to the reference row."""
     table = Table(title="polyrpc bench (medians; spread = min..max over repeats)")
-    for column in ("row", "workload", "p50 µs", "p99 µs", "req/s", "MB/s", "vs " + (reference or "-")):
+    for column in (
+        "row",
+        "workload",
+        "p50 µs",
+        "p99 µs",
+        "req/s",
+        "MB/s",
+        "vs " + (reference or "-"),
+    ):
         table.add_column(column, justify="left" if column in ("row", "workload") else "right")
     by_key = {(r["transport"], r["workload"]): r for r in results}
     for r in results:
         if "error" in r:
-            table.add_row(r["transport"], r["workload"], f"[red]failed: {r['error']}", "", "", "", "")
+            table.add_row(
+                r["transport"], r["workload"], f"[red]failed: {r['error']}", "", "", "", ""
+            )
             continue
         ratio = ""
         ref = by_key.get((reference, r["workload"])) if reference else None

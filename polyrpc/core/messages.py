@@ -64,7 +64,7 @@ class Connection(Session):
     async def send(self, message: Any, *, metadata: dict[str, str] | None = None) -> None:
         """Send a one-way message; waits only while the peer or the network is slow."""
         self.send_oneway(message, metadata=metadata)
-        if self.stream.writing_paused:
+        if self.byte_stream.writing_paused:
             await self.wait_writable()
 
     async def request(
@@ -79,7 +79,7 @@ class Connection(Session):
         if len(self._pending) >= self._max_in_flight:
             await self.wait_for_slot()
         seq, future = self.begin_request(message, "", metadata, timeout)
-        if self.stream.writing_paused:
+        if self.byte_stream.writing_paused:
             await self.wait_writable()
         try:
             frame = await future
@@ -95,8 +95,10 @@ class Connection(Session):
         """The next one-way message with its metadata; ConnectionLost once closed and drained."""
         while not self._inbox:
             if self.is_closed or self._peer_closing:
-                raise self.lost_error() if self.is_closed else ConnectionLost(
-                    "the peer closed the connection"
+                raise (
+                    self.lost_error()
+                    if self.is_closed
+                    else ConnectionLost("the peer closed the connection")
                 )
             if self._inbox_waiter is None:
                 self._inbox_waiter = self.loop.create_future()
@@ -105,7 +107,7 @@ class Connection(Session):
         self._inbox_bytes -= size
         if self._reading_paused and self._inbox_bytes <= self.config.max_inbox_bytes // 2:
             self._reading_paused = False
-            self.stream.resume_reading()
+            self.byte_stream.resume_reading()
         return message
 
     async def receive(self) -> Any:
@@ -134,7 +136,7 @@ class Connection(Session):
         self._inbox_bytes += size
         if not self._reading_paused and self._inbox_bytes > self.config.max_inbox_bytes:
             self._reading_paused = True
-            self.stream.pause_reading()
+            self.byte_stream.pause_reading()
         self._wake_receiver()
 
     def on_request(self, frame: Frame) -> None:

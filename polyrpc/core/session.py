@@ -9,6 +9,7 @@ subclasses it and handles requests, one-way messages and the other frame kinds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -84,8 +85,11 @@ class SessionConfig:
 
 
 def error_payload(exc: BaseException, code: str, traceback_text: str | None = None) -> dict:
-    """The body of an ERROR frame describing ``exc``."""
-    body = {"type": type(exc).__name__, "message": str(exc), "code": code}
+    """The body of an ERROR frame describing ``exc`` (a RemoteError keeps its own fields)."""
+    if isinstance(exc, RemoteError):
+        body = {"type": exc.type_name, "message": exc.message, "code": exc.code}
+    else:
+        body = {"type": type(exc).__name__, "message": str(exc), "code": code}
     if traceback_text:
         body["traceback"] = traceback_text
     return body
@@ -95,7 +99,7 @@ class Session:
     """One polyrpc connection. Create with :meth:`client` / :meth:`server` helpers of subclasses."""
 
     def __init__(self, stream: Stream, config: SessionConfig, *, is_client: bool) -> None:
-        self.stream = stream
+        self.byte_stream = stream
         self.config = config
         self.is_client = is_client
         self.codec: Codec = codec_by_name(config.codec)
@@ -105,7 +109,8 @@ class Session:
         self._decoder = FrameDecoder(config.limits)
         self._decoder_updated = self._decoder.buffer_updated
         self.get_buffer = self._decoder.get_buffer  # type: ignore[method-assign]  # hot path
-        self._next_seq = 1
+        self._next_seq = 1 if is_client else 2
+        """Clients number their requests odd, servers even: a seq names one exchange."""
         self._pending: dict[int, asyncio.Future[Frame]] = {}
         self._pending_info: dict[int, tuple[str, float]] = {}
         self._max_in_flight = config.max_in_flight
@@ -126,6 +131,7 @@ class Session:
         self._closing = False
         self._peer_closing = False
         self.close_reason: Exception | None = None
+        self._refusal: tuple[str, str] | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         self.opened_at = time.time()
@@ -135,17 +141,17 @@ class Session:
     @property
     def transport(self) -> str:
         """The transport's scheme (``tcp``, ``quic``...)."""
-        return self.stream.transport_name
+        return self.byte_stream.transport_name
 
     @property
     def peer(self) -> Any:
         """The peer's address as the transport reports it."""
-        return self.stream.get_extra_info("peer")
+        return self.byte_stream.get_extra_info("peer")
 
     @property
     def extra(self) -> dict[str, Any]:
         """Transport details: peer, local, tls_version, cipher, peer_cert, mtu..."""
-        return self.stream.extra
+        return self.byte_stream.extra
 
     @property
     def is_closed(self) -> bool:
@@ -206,8 +212,14 @@ class Session:
         self._write(encode_frame(_HELLO, 0, metadata=reply, flags=FLAG_REPLY), ordered=True)
         self._handshake.set_result(None)
 
+    def refuse(self, reason: str, message: str) -> None:
+        """Server side: answer the coming HELLO with this error instead of accepting."""
+        self._refusal = (reason, message)
+
     def _check_hello(self, meta: dict[str, str]) -> tuple[str, str] | None:
         """None if the client's HELLO is acceptable, else (reason, message)."""
+        if self._refusal is not None:
+            return self._refusal
         if meta.get("version") != str(VERSION):
             return "version", f"unsupported polyrpc version {meta.get('version')!r}; need {VERSION}"
         try:
@@ -258,7 +270,7 @@ class Session:
         try:
             for frame in frames:
                 kind = frame.kind
-                if kind == _RESPONSE or kind == _ERROR:
+                if kind in (_RESPONSE, _ERROR):
                     if frame.seq == 0 and kind == _ERROR and not self._handshake.done():
                         self._on_handshake_error(frame)
                         return
@@ -414,7 +426,7 @@ class Session:
         if self._closed.done():
             raise self.lost_error()
         self.bytes_out += len(buffers[0]) if len(buffers) == 1 else sum(map(len, buffers))
-        self.stream.write(buffers, ordered=ordered)
+        self.byte_stream.write(buffers, ordered=ordered)
         if not self._pending:
             # not a lone request: batch whatever else is written in this loop turn
             self._flush_handle = self.loop.call_soon(self._flush)
@@ -427,10 +439,9 @@ class Session:
         ordered, self._out_ordered = self._out_ordered, False
         if out and not self._closed.done():
             self.bytes_out += sum(map(len, out))
-            try:
-                self.stream.write(out, ordered=ordered)
-            except ConnectionLost:
-                pass  # connection_lost() reports it to everyone waiting
+            # on a broken stream connection_lost() reports it to everyone waiting
+            with contextlib.suppress(ConnectionLost):
+                self.byte_stream.write(out, ordered=ordered)
 
     def lost_error(self) -> ConnectionLost:
         """The error to raise for operations on a closed connection."""
@@ -452,9 +463,9 @@ class Session:
 
     async def wait_writable(self) -> None:
         """Wait while the stream holds more than its high-water mark (backpressure)."""
-        if self.stream.writing_paused:
+        if self.byte_stream.writing_paused:
             try:
-                await self.stream.drain()
+                await self.byte_stream.drain()
             except ConnectionLost:
                 raise self.lost_error() from None
 
@@ -471,7 +482,7 @@ class Session:
         if len(self._pending) >= self._max_in_flight:
             await self.wait_for_slot()
         seq, future = self.begin_request(obj, method, metadata, timeout, flags)
-        if self.stream.writing_paused:
+        if self.byte_stream.writing_paused:
             await self.wait_writable()
         try:
             return await future
@@ -486,15 +497,21 @@ class Session:
         metadata: dict[str, str] | None = None,
         timeout: float | None = None,
         flags: int = 0,
+        encoded: bool = False,
     ) -> tuple[int, asyncio.Future[Frame]]:
-        """Write a REQUEST now (the caller checked the window); returns (seq, reply future)."""
+        """Write a REQUEST now (the caller checked the window); returns (seq, reply future).
+
+        ``encoded``: ``obj`` is already a payload in the session codec.
+        """
         self._check_open()
-        if isinstance(obj, _BYTES):
+        if encoded:
+            payload, codec = obj, self.codec.id
+        elif isinstance(obj, _BYTES):
             payload, codec = obj, 0
         else:
             payload, codec = self.codec.encode(obj), self.codec.id
         seq = self._next_seq
-        self._next_seq = seq + 1
+        self._next_seq = seq + 2
         if timeout is not None:
             if timeout <= 0:
                 raise CallTimeout(f"{method or 'request'}: timeout must be positive")
@@ -513,11 +530,15 @@ class Session:
 
     def cancel_request(self, seq: int) -> None:
         """Forget request ``seq`` (its caller gave up) and tell the peer to stop working on it."""
-        if self._pending.pop(seq, None) is not None:
-            if self._slot_waiters:
-                self._wake_slot()
-            if not self._closed.done():
-                self._write(encode_frame(_CANCEL, seq))
+        if self.finish_request(seq) is not None and not self._closed.done():
+            self._write(encode_frame(_CANCEL, seq))
+
+    def finish_request(self, seq: int) -> asyncio.Future[Frame] | None:
+        """Remove request ``seq`` from the window (for exchanges ended by other frames)."""
+        future = self._pending.pop(seq, None)
+        if future is not None and self._slot_waiters:
+            self._wake_slot()
+        return future
 
     async def wait_for_slot(self) -> None:
         """Wait until fewer than ``max_in_flight`` requests are pending (the window)."""
@@ -604,11 +625,16 @@ class Session:
         self._write(encode_frame(_ERROR, seq, body, codec=self.codec.id), ordered=False)
 
     def send_oneway(
-        self, obj: Any, *, method: str = "", metadata: dict[str, str] | None = None
+        self,
+        obj: Any,
+        *,
+        method: str = "",
+        metadata: dict[str, str] | None = None,
+        encoded: bool = False,
     ) -> None:
         """Queue a one-way message (no reply). Callers await :meth:`wait_writable` after."""
         self._check_open()
-        payload, codec = self.encode(obj)
+        payload, codec = (obj, self.codec.id) if encoded else self.encode(obj)
         self._write(
             encode_frame(_ONEWAY, 0, payload, method=method, metadata=metadata, codec=codec)
         )
@@ -632,11 +658,9 @@ class Session:
             ordered=ordered,
         )
 
-    def next_seq(self) -> int:
-        """Allocate a sequence id (for layers that open their own exchanges)."""
-        seq = self._next_seq
-        self._next_seq = seq + 1
-        return seq
+    def is_own_seq(self, seq: int) -> bool:
+        """True if ``seq`` numbers an exchange this side started."""
+        return seq % 2 == (1 if self.is_client else 0)
 
     # ---------------------------------------------------- liveness, closing
     def _arm_heartbeat(self) -> None:
@@ -686,7 +710,7 @@ class Session:
                 if self._out:
                     self._flush()
                 if not self._closed.done():
-                    await self.stream.close()
+                    await self.byte_stream.close()
             except ConnectionLost:
                 pass
         await asyncio.shield(self._closed)
@@ -697,7 +721,7 @@ class Session:
             return
         if exc is not None and self.close_reason is None:
             self.close_reason = exc
-        self.stream.abort()
+        self.byte_stream.abort()
 
     async def wait_closed(self) -> Exception | None:
         """Wait until the connection is gone; returns why (None after a clean close)."""
