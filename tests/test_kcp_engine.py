@@ -316,3 +316,14 @@ def test_a_datagram_malformed_anywhere_is_dropped_whole():
     assert a.recv() is None and a.stats()["in_segments"] == 0
     assert a.input(good, 3) == 0
     assert a.recv() == b"first"
+
+
+def test_batched_input_counts_well_formed_datagrams():
+    a, b = KcpEngine(7, stream=True), KcpEngine(7, stream=True, nocwnd=1)
+    b.send(b"x" * 5000)
+    b.flush(1)
+    batch = b.take_output()
+    assert len(batch) == 4
+    assert a.input_many([batch[0], b"junk", *batch[1:], b"\x00" * 30], 2) == 4
+    assert a.recv() == b"x" * 5000
+    assert a.stats()["dropped_malformed"] == 2

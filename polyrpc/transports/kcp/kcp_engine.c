@@ -313,7 +313,6 @@ void kcp_set_ack_delay(kcp_engine *k, int delay_ms, int batch)
     k->ack_batch = (uint32_t)(batch < 1 ? 1 : batch);
 }
 
-void kcp_set_fastlimit(kcp_engine *k, int limit) { k->fastlimit = (uint32_t)(limit < 0 ? 0 : limit); }
 
 uint32_t kcp_conv(const kcp_engine *k) { return k->conv; }
 int kcp_dead(const kcp_engine *k) { return (int)k->dead; }

@@ -417,12 +417,6 @@ kcp_engine *kmux_engine(kcp_mux *m, int sid)
     return s ? s->k : NULL;
 }
 
-int kmux_find(kcp_mux *m, const uint8_t *addr, uint32_t addrlen, uint32_t conv)
-{
-    msess *s = lookup(m, addr, addrlen, conv);
-    return s ? s->sid : -1;
-}
-
 static void mark_dirty(kcp_mux *m, msess *s)
 {
     if (s->dirty)

@@ -55,7 +55,6 @@ void kcp_set_wndsize(kcp_engine *k, int sndwnd, int rcvwnd);
 void kcp_set_nodelay(kcp_engine *k, int nodelay, int interval, int resend, int nocwnd);
 void kcp_set_stream(kcp_engine *k, int stream);
 void kcp_set_dead_link(kcp_engine *k, int xmit_limit);
-void kcp_set_fastlimit(kcp_engine *k, int limit);
 /* hold pure acks up to delay_ms so a reply can carry them, unless batch acks are owed */
 void kcp_set_ack_delay(kcp_engine *k, int delay_ms, int batch);
 /* queue bytes; 0 or <0 on error (-2: message needs more than 255 fragments) */
@@ -136,7 +135,6 @@ int kmux_open(kcp_mux *m, const uint8_t *addr, uint32_t addrlen, uint32_t conv,
 /* free a session; its owed acknowledgements are sent first */
 void kmux_release(kcp_mux *m, int sid);
 kcp_engine *kmux_engine(kcp_mux *m, int sid);
-int kmux_find(kcp_mux *m, const uint8_t *addr, uint32_t addrlen, uint32_t conv);
 void kmux_set_established(kcp_mux *m, int sid, uint32_t idle_ms, uint32_t keepalive_ms);
 void kmux_notify_below(kcp_mux *m, int sid, int64_t bytes);
 /* queue bytes; returns the bytes now queued or unacknowledged, or <0 on error */

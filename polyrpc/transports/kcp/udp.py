@@ -2,8 +2,8 @@
 
 One :class:`Mux` per UDP socket (one per listener, one per dialled stream). The C
 multiplexer does the per-datagram work (recvmmsg, KCP input, sendmmsg); Python runs
-once per readable socket, per timer deadline the C side computes, and once per
-event-loop iteration in which something was written, and only handles events.
+once per readable socket, per timer deadline the C side computes, and per write (the
+session above batches a loop turn's writes), and only handles events.
 
 KCP has no connection set-up or tear-down, so polyrpc adds control datagrams with
 the same 24-byte header shape and commands outside KCP's range (see
