@@ -348,7 +348,13 @@ class RpcConnection(Session):
         Raises RemoteError for errors in the handler, CallTimeout after ``timeout``
         seconds (the handler is cancelled remotely too) and ConnectionLost.
         """
-        if any(hasattr(arg, "__aiter__") for arg in args) or len(self._pending) >= self._max_in_flight:
+        for arg in args:
+            if hasattr(arg, "__aiter__"):
+                streamed = True
+                break
+        else:
+            streamed = False
+        if streamed or len(self._pending) >= self._max_in_flight:
             seq, future, _ = await self._send_call(method, args, kwargs, timeout, metadata)
         else:  # the common case, without an extra coroutine level
             payload = self._encode_call(args, kwargs)
@@ -397,22 +403,21 @@ class RpcConnection(Session):
     def on_request(self, frame: Frame) -> None:
         seq = frame.seq
         if len(self._incoming) >= self.options.max_concurrent_calls:
-            self.respond_error(
-                seq,
-                RemoteError(
-                    "RuntimeError",
-                    f"too many concurrent calls on this connection "
-                    f"(limit {self.options.max_concurrent_calls})",
-                    "too_many_calls",
-                ),
-                "too_many_calls",
-            )
+            self._refuse_busy(seq)
             return
-        call = _IncomingCall()
         try:
             method = self.services.lookup(frame.method)
             args, kwargs = self._decode_arguments(frame)
-            if frame.flags & FLAG_ARG_STREAM:
+            flags = frame.flags
+            if not flags and "timeout" not in frame.metadata:
+                if method.kind == "async":
+                    self._start_eagerly(seq, method, args, kwargs, frame)
+                    return
+                if method.kind == "sync" and self.options.inline_sync:
+                    self._call_inline(seq, method, args, kwargs, frame)
+                    return
+            call = _IncomingCall()
+            if flags & FLAG_ARG_STREAM:
                 index = int(frame.metadata.get("argstream", "-1"))
                 if not 0 <= index < len(args):
                     raise ProtocolError("streamed argument index out of range")
@@ -421,18 +426,20 @@ class RpcConnection(Session):
         except RemoteError as exc:
             self.respond_error(seq, exc, exc.code)
             return
-        except ProtocolError as exc:
+        except (ProtocolError, ValueError) as exc:
             self.respond_error(seq, exc, "bad_request")
             return
-        if not frame.flags and "timeout" not in frame.metadata:
-            if method.kind == "async":
-                self._start_eagerly(seq, call, method, args, kwargs, frame)
-                return
-            if method.kind == "sync" and self.options.inline_sync:
-                self._call_inline(seq, method, args, kwargs, frame)
-                return
         self._incoming[seq] = call
         call.task = self.loop.create_task(self._run_call(seq, call, method, args, kwargs, frame))
+
+    def _refuse_busy(self, seq: int) -> None:
+        limit = self.options.max_concurrent_calls
+        error = RemoteError(
+            "RuntimeError",
+            f"too many concurrent calls on this connection (limit {limit})",
+            "too_many_calls",
+        )
+        self.respond_error(seq, error, error.code)
 
     def _decode_arguments(self, frame: Frame) -> tuple[list, dict]:
         try:
@@ -475,7 +482,7 @@ class RpcConnection(Session):
         self.respond(seq, result)
 
     def _start_eagerly(
-        self, seq: int, call: _IncomingCall, method: Method, args: list, kwargs: dict, frame: Frame
+        self, seq: int, method: Method, args: list, kwargs: dict, frame: Frame
     ) -> None:
         """Run an async handler's first step now; only if it suspends does it get a task.
 
@@ -483,23 +490,28 @@ class RpcConnection(Session):
         most of the per-call cost (Python 3.12's eager tasks, done by hand for 3.11).
         """
         started = time.perf_counter()
-        context = contextvars.copy_context()
-        context.run(_context.set, self._context_for(frame))
+        token = _context.set(self._context_for(frame))
         try:
-            coro = method.func(*args, **kwargs)
-        except TypeError as exc:
-            self._report_failure(seq, method, exc, started, args, kwargs)
-            return
-        try:
-            waiting_on = context.run(coro.send, None)
-        except StopIteration as done:
-            self.services.record(method.name, time.perf_counter() - started, False)
-            self.calls_handled += 1
-            self.respond(seq, done.value)
-            return
-        except Exception as exc:
-            self._report_failure(seq, method, exc, started, args, kwargs)
-            return
+            try:
+                coro = method.func(*args, **kwargs)
+            except TypeError as exc:
+                self._report_failure(seq, method, exc, started, args, kwargs)
+                return
+            try:
+                waiting_on = coro.send(None)
+            except StopIteration as done:
+                self.services.record(method.name, time.perf_counter() - started, False)
+                self.calls_handled += 1
+                self.respond(seq, done.value)
+                return
+            except Exception as exc:
+                self._report_failure(seq, method, exc, started, args, kwargs)
+                return
+            # it suspended: the rest runs in a task whose context carries the call context
+            context = contextvars.copy_context()
+        finally:
+            _context.reset(token)
+        call = _IncomingCall()
         self._incoming[seq] = call
         call.task = self.loop.create_task(
             self._finish_eagerly(seq, method, coro, waiting_on, started), context=context
