@@ -41,6 +41,7 @@ typedef struct msess {
 
 struct kcp_mux {
     int fd;
+    int batch; /* datagrams per recvmmsg/sendmmsg (<= BATCH) */
     int connected; /* the socket is connected to its only peer: send without an address */
     msess **slots;
     int nslots, cap_slots;
@@ -197,8 +198,8 @@ static int grow_buckets(kcp_mux *m)
 
 static int size_slots(kcp_mux *m, uint32_t slot)
 {
-    uint8_t *s = (uint8_t *)malloc((size_t)BATCH * slot);
-    uint8_t *r = (uint8_t *)malloc((size_t)BATCH * slot);
+    uint8_t *s = (uint8_t *)malloc((size_t)m->batch * slot);
+    uint8_t *r = (uint8_t *)malloc((size_t)m->batch * slot);
     if (!s || !r) {
         free(s);
         free(r);
@@ -210,7 +211,7 @@ static int size_slots(kcp_mux *m, uint32_t slot)
     m->rbuf = r;
     m->sslot = m->rslot = slot;
     m->nsend = 0;
-    for (int i = 0; i < BATCH; i++) {
+    for (int i = 0; i < m->batch; i++) {
         m->riov[i].iov_base = m->rbuf + (size_t)i * m->rslot;
         m->riov[i].iov_len = m->rslot;
         memset(&m->rmsg[i], 0, sizeof m->rmsg[i]);
@@ -224,12 +225,13 @@ static int size_slots(kcp_mux *m, uint32_t slot)
 
 void kmux_set_connected(kcp_mux *m, int connected) { m->connected = connected; }
 
-kcp_mux *kmux_new(int fd)
+kcp_mux *kmux_new(int fd, int batch)
 {
     kcp_mux *m = (kcp_mux *)calloc(1, sizeof(kcp_mux));
     if (!m)
         return NULL;
     m->fd = fd;
+    m->batch = batch < 1 ? 1 : batch > BATCH ? BATCH : batch;
     m->nbuckets = 16;
     m->buckets = (msess **)calloc(m->nbuckets, sizeof(msess *));
     if (!m->buckets || size_slots(m, RECV_SLOT) < 0) {
@@ -266,7 +268,7 @@ static void on_output(const uint8_t *data, uint32_t len, void *user)
     kcp_mux *m = s->mux;
     if (len > m->sslot)
         return;
-    if (m->nsend == BATCH)
+    if (m->nsend == m->batch)
         flush_sends(m);
     int i = m->nsend++;
     memcpy(m->sbuf + (size_t)i * m->sslot, data, len);
@@ -653,8 +655,8 @@ int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, int hint, uint8_t *buf, siz
     int n = 0, total = 0;
     uint32_t now = m->now = kcp_now_ms();
     out[0] = out[2] = 0;
-    while (n <= maxev - BATCH && total < POLL_BUDGET) {
-        int r = recvmmsg(m->fd, m->rmsg, BATCH, MSG_DONTWAIT, NULL);
+    while (n <= maxev - m->batch && total < POLL_BUDGET) {
+        int r = recvmmsg(m->fd, m->rmsg, (unsigned)m->batch, MSG_DONTWAIT, NULL);
         m->st.syscalls_in++;
         if (r < 0) {
             if (errno == EINTR)
@@ -678,7 +680,7 @@ int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, int hint, uint8_t *buf, siz
             m->rmsg[i].msg_hdr.msg_flags = 0;
         }
         total += r;
-        if (r < BATCH)
+        if (r < m->batch)
             break;
     }
     /* the hinted session's bytes go straight into the caller's buffer */

@@ -126,7 +126,8 @@ typedef struct kmux_stats {
     uint32_t sessions;
 } kmux_stats;
 
-kcp_mux *kmux_new(int fd);
+/* batch: datagrams per recvmmsg/sendmmsg (1..64); each costs two slots of max(2048, mtu) */
+kcp_mux *kmux_new(int fd, int batch);
 void kmux_free(kcp_mux *m);
 /* the socket is connect()ed to its one peer: datagrams are sent without an address */
 void kmux_set_connected(kcp_mux *m, int connected);

@@ -29,7 +29,9 @@ from .engine import STAT_FIELDS, ffi, lib
 
 MAGIC = 0x50524B31  # "PRK1": a polyrpc KCP peer, handshake version 1
 EVENTS = 512
-READ_CHUNK = 256 << 10
+READ_CHUNK = 64 << 10
+LISTENER_BATCH = 64
+DIALER_BATCH = 16
 SOCKET_BUFFER = 4 << 20
 CLOSE_TIMEOUT = 10.0
 FIN_RETRY = 0.1
@@ -149,7 +151,8 @@ class Mux:
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.sock = sock
-        raw = lib.kmux_new(sock.fileno())
+        # a listener's socket carries many sessions; a dialled socket only one
+        raw = lib.kmux_new(sock.fileno(), LISTENER_BATCH if acceptor else DIALER_BATCH)
         if raw == ffi.NULL:
             raise MemoryError("kmux_new failed")
         self.c = raw
