@@ -16,7 +16,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #define DIFF(a, b) ((int32_t)((uint32_t)(a) - (uint32_t)(b)))
 #define BATCH 64
@@ -67,7 +69,8 @@ struct kcp_mux {
     uint32_t rslot;
     int pending_errno;
     uint32_t now;
-    uint32_t armed_at; /* when the caller's timer will fire, if timer_armed */
+    int tfd;           /* timerfd: readable when the next session deadline is due */
+    uint32_t armed_at; /* when it fires, if timer_armed */
     int timer_armed;
     kmux_stats st;
 };
@@ -234,7 +237,8 @@ kcp_mux *kmux_new(int fd, int batch)
     m->batch = batch < 1 ? 1 : batch > BATCH ? BATCH : batch;
     m->nbuckets = 16;
     m->buckets = (msess **)calloc(m->nbuckets, sizeof(msess *));
-    if (!m->buckets || size_slots(m, RECV_SLOT) < 0) {
+    m->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (!m->buckets || m->tfd < 0 || size_slots(m, RECV_SLOT) < 0) {
         kmux_free(m);
         return NULL;
     }
@@ -257,8 +261,12 @@ void kmux_free(kcp_mux *m)
     free(m->dirty);
     free(m->sbuf);
     free(m->rbuf);
+    if (m->tfd > 0)
+        close(m->tfd);
     free(m);
 }
+
+int kmux_timer_fd(const kcp_mux *m) { return m->tfd; }
 
 static void flush_sends(kcp_mux *m);
 
@@ -460,13 +468,12 @@ void kmux_notify_below(kcp_mux *m, int sid, int64_t bytes)
 }
 
 int64_t kmux_write(kcp_mux *m, int sid, const uint8_t *data, size_t len, int flush,
-                   kmux_event *ev, int maxev, int32_t *out)
+                   kmux_event *ev, int maxev, int32_t *nev)
 {
     int64_t queued = kmux_send(m, sid, data, len);
-    out[0] = 0;
-    out[1] = -1;
+    *nev = 0;
     if (flush && queued >= 0) {
-        out[0] = kmux_flush(m, ev, maxev, &out[1]);
+        *nev = kmux_flush(m, ev, maxev);
         msess *s = get(m, sid);
         queued = s ? (int64_t)kcp_pending_bytes(s->k) : -1;
     }
@@ -543,15 +550,22 @@ static void after_flush(kcp_mux *m, msess *s, kmux_event *ev, int *n, int maxev)
     recompute_deadline(s, m->now);
 }
 
-/* The delay for the caller's timer, or -1 when the timer it already has is early enough. */
-static int32_t arm(kcp_mux *m, uint32_t now)
+/* Point the timerfd at the earliest session deadline, unless it already fires by then.
+   A timerfd (watched by the event loop like the socket) keeps the loop's own waits
+   untimed: no timer is set and cancelled around every wait. */
+static void arm(kcp_mux *m, uint32_t now)
 {
     int32_t d = kmux_next_delay(m, now);
     if (d < 0 || (m->timer_armed && DIFF(m->armed_at, now + (uint32_t)d) <= 0))
-        return -1;
-    m->timer_armed = 1;
-    m->armed_at = now + (uint32_t)d;
-    return d;
+        return;
+    struct itimerspec its;
+    memset(&its, 0, sizeof its);
+    its.it_value.tv_sec = d / 1000;
+    its.it_value.tv_nsec = d ? (long)(d % 1000) * 1000000L : 1; /* 0 would disarm */
+    if (timerfd_settime(m->tfd, 0, &its, NULL) == 0) {
+        m->timer_armed = 1;
+        m->armed_at = now + (uint32_t)d;
+    }
 }
 
 static void take_error(kcp_mux *m, kmux_event *ev, int *n, int maxev)
@@ -560,7 +574,7 @@ static void take_error(kcp_mux *m, kmux_event *ev, int *n, int maxev)
         m->pending_errno = 0;
 }
 
-int kmux_flush(kcp_mux *m, kmux_event *ev, int maxev, int32_t *next_delay)
+int kmux_flush(kcp_mux *m, kmux_event *ev, int maxev)
 {
     int n = 0;
     uint32_t now = m->now = kcp_now_ms();
@@ -577,7 +591,7 @@ int kmux_flush(kcp_mux *m, kmux_event *ev, int maxev, int32_t *next_delay)
     m->ndirty = 0;
     flush_sends(m);
     take_error(m, ev, &n, maxev);
-    *next_delay = arm(m, now);
+    arm(m, now);
     return n;
 }
 
@@ -654,7 +668,7 @@ int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, int hint, uint8_t *buf, siz
 {
     int n = 0, total = 0;
     uint32_t now = m->now = kcp_now_ms();
-    out[0] = out[2] = 0;
+    out[0] = out[1] = 0;
     while (n <= maxev - m->batch && total < POLL_BUDGET) {
         int r = recvmmsg(m->fd, m->rmsg, (unsigned)m->batch, MSG_DONTWAIT, NULL);
         m->st.syscalls_in++;
@@ -688,7 +702,7 @@ int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, int hint, uint8_t *buf, siz
     if (h && cap && kcp_readable(h->k)) {
         int r = kcp_recv(h->k, buf, cap);
         out[0] = r > 0 ? r : 0;
-        out[2] = kcp_readable(h->k) > 0;
+        out[1] = kcp_readable(h->k) > 0;
         if (kcp_tell_pending(h->k))
             mark_dirty(m, h);
     }
@@ -698,7 +712,7 @@ int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, int hint, uint8_t *buf, siz
             msess *s = get(m, ev[i].sid);
             if (s)
                 s->data_flag = 0;
-            if (s && s == h && !out[2])
+            if (s && s == h && !out[1])
                 continue; /* delivered through buf */
         }
         if (kept != i)
@@ -706,15 +720,19 @@ int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, int hint, uint8_t *buf, siz
         kept++;
     }
     /* with sessions dirty the caller flushes next, and that flush arms the timer */
-    out[1] = m->ndirty ? -1 : arm(m, now);
+    if (!m->ndirty)
+        arm(m, now);
     return kept;
 }
 
-int kmux_tick(kcp_mux *m, kmux_event *ev, int maxev, int32_t *next_delay)
+int kmux_tick(kcp_mux *m, kmux_event *ev, int maxev)
 {
     int n = 0;
+    uint64_t expirations;
     uint32_t now = m->now = kcp_now_ms();
-    m->timer_armed = 0; /* the caller's timer just fired */
+    if (read(m->tfd, &expirations, sizeof expirations) < 0 && errno != EAGAIN)
+        return 0;
+    m->timer_armed = 0;
     for (int i = 0; i < m->nslots && n < maxev; i++) {
         msess *s = m->slots[i];
         if (!s || s->dead || !s->has_deadline || DIFF(s->deadline, now) > 0)
@@ -734,7 +752,7 @@ int kmux_tick(kcp_mux *m, kmux_event *ev, int maxev, int32_t *next_delay)
     }
     flush_sends(m);
     take_error(m, ev, &n, maxev);
-    *next_delay = arm(m, now);
+    arm(m, now);
     return n;
 }
 

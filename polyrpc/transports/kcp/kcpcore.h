@@ -141,20 +141,20 @@ void kmux_notify_below(kcp_mux *m, int sid, int64_t bytes);
 /* queue bytes; returns the bytes now queued or unacknowledged, or <0 on error */
 int64_t kmux_send(kcp_mux *m, int sid, const uint8_t *data, size_t len);
 int kmux_read(kcp_mux *m, int sid, uint8_t *buf, size_t cap);
-/* The calls below read the clock themselves and report the delay (ms) for the caller's one
-   timer: -1 means keep the timer it has (or none is needed); tick assumes that timer has just
-   fired.
+/* The calls below read the clock themselves and keep the mux's timerfd (kmux_timer_fd)
+   pointed at the earliest session deadline; call kmux_tick when it is readable.
    poll: drain the socket. The readable bytes of session ``hint`` (if any) are copied into
-   buf (out[0] bytes; out[2] = 1 if more remain, then a DATA event is reported too);
-   out[1] is the timer delay. Returns the number of events. */
+   buf (out[0] bytes; out[1] = 1 if more remain, then a DATA event is reported too).
+   Returns the number of events. */
 int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, int hint, uint8_t *buf, size_t cap,
               int32_t *out);
-int kmux_flush(kcp_mux *m, kmux_event *ev, int maxev, int32_t *next_delay);
-int kmux_tick(kcp_mux *m, kmux_event *ev, int maxev, int32_t *next_delay);
-/* kmux_send, then (if flush) kmux_flush: out[0] = events, out[1] = timer delay;
+int kmux_flush(kcp_mux *m, kmux_event *ev, int maxev);
+int kmux_tick(kcp_mux *m, kmux_event *ev, int maxev);
+int kmux_timer_fd(const kcp_mux *m);
+/* kmux_send, then (if flush) kmux_flush (*nev = its events);
    returns the bytes queued or unacknowledged, <0 on error */
 int64_t kmux_write(kcp_mux *m, int sid, const uint8_t *data, size_t len, int flush,
-                   kmux_event *ev, int maxev, int32_t *out);
+                   kmux_event *ev, int maxev, int32_t *nev);
 int32_t kmux_next_delay(kcp_mux *m, uint32_t now);
 int kmux_has_dirty(const kcp_mux *m);
 int kmux_ctrl(kcp_mux *m, const uint8_t *addr, uint32_t addrlen, uint32_t conv, uint8_t cmd,

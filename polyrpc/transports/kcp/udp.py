@@ -166,13 +166,13 @@ class Mux:
         self._flush_scheduled = False
         self._busy = False
         self._in_poll = False
-        self._delay = ffi.new("int32_t *")
-        self._out = ffi.new("int32_t[3]")
+        self._out = ffi.new("int32_t[2]")
+        self._timer_fd = lib.kmux_timer_fd(raw)
         self.hint: KcpStream | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self.closed = False
         self.keep_open = acceptor is not None
         self.loop.add_reader(sock.fileno(), self._on_readable)
+        self.loop.add_reader(self._timer_fd, self._on_timer)
 
     # -- running the C side -------------------------------------------------
     def _on_readable(self) -> None:
@@ -201,16 +201,11 @@ class Mux:
                         hint._check_eof()
             else:
                 n = lib.kmux_poll(self.c, self.events, EVENTS, -1, ffi.NULL, 0, out)
-            delay = out[1]
             if n:
                 self._dispatch(n)
         finally:
             self._busy = self._in_poll = False
-        if self.closed:
-            return
-        if delay >= 0:
-            self._arm_timer(delay)
-        if lib.kmux_has_dirty(self.c):
+        if not self.closed and lib.kmux_has_dirty(self.c):
             self._flush()
 
     def want_flush(self) -> None:
@@ -231,34 +226,22 @@ class Mux:
             self._flush()
 
     def _flush(self) -> None:
-        if self.closed:
-            return
-        self.after_flush(lib.kmux_flush(self.c, self.events, EVENTS, self._delay), self._delay[0])
+        if not self.closed:
+            self.handle_events(lib.kmux_flush(self.c, self.events, EVENTS))
 
-    def after_flush(self, n: int, delay: int) -> None:
-        """Handle what a flush reported: its events, then the timer it asks for."""
+    def handle_events(self, n: int) -> None:
+        """Dispatch the ``n`` events a flush or tick reported."""
         if n:
             self._busy = True
             try:
                 self._dispatch(n)
             finally:
                 self._busy = False
-        if delay >= 0 and not self.closed:
-            self._arm_timer(delay)
 
     def _on_timer(self) -> None:
-        self._timer = None
-        if self.closed:
-            return
-        self.after_flush(lib.kmux_tick(self.c, self.events, EVENTS, self._delay), self._delay[0])
-
-    def _arm_timer(self, delay: int) -> None:
-        """(Re)arm the one timer; the C side says when (-1: the current one is early enough)."""
-        if delay < 0:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(delay / 1000.0, self._on_timer)
+        """The C side's timerfd fired: retransmissions, delayed acks, probes, keepalives."""
+        if not self.closed:
+            self.handle_events(lib.kmux_tick(self.c, self.events, EVENTS))
 
     def _dispatch(self, n: int) -> None:
         events, streams = self.events, self.streams
@@ -351,10 +334,8 @@ class Mux:
         if self.closed:
             return
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self.loop.remove_reader(self.sock.fileno())
+        self.loop.remove_reader(self._timer_fd)
         lib.kmux_free(self.c)
         self.c = ffi.NULL
         self.sock.close()
@@ -502,8 +483,8 @@ class KcpStream(Stream):
             queued = lib.kmux_write(c, sid, data, len(buf), 1, mux.events, EVENTS, out)
             if queued < 0:
                 raise ConnectionLost("kcp session is dead")
-            if out[0] or out[1] >= 0:
-                mux.after_flush(out[0], out[1])
+            if out[0]:
+                mux.handle_events(out[0])
             if queued > self.high_water and not self._write_paused and not self._gone:
                 self._update_write_pressure()
                 lib.kmux_notify_below(c, sid, self.low_water)
@@ -528,8 +509,8 @@ class KcpStream(Stream):
                 raise ConnectionLost("kcp session is dead")
         if not flushed:
             mux.want_flush()
-        elif out[0] or out[1] >= 0:
-            mux.after_flush(out[0], out[1])
+        elif out[0]:
+            mux.handle_events(out[0])
         if queued > self.high_water and not self._write_paused and not self._gone:
             self._update_write_pressure()
             lib.kmux_notify_below(c, sid, self.low_water)
