@@ -30,6 +30,7 @@ from .engine import STAT_FIELDS, ffi, lib
 MAGIC = 0x50524B31  # "PRK1": a polyrpc KCP peer, handshake version 1
 EVENTS = 512
 READ_CHUNK = 64 << 10
+COALESCE_LIMIT = 16 << 10
 LISTENER_BATCH = 64
 DIALER_BATCH = 16
 SOCKET_BUFFER = 4 << 20
@@ -341,6 +342,25 @@ class Mux:
         self.sock.close()
 
 
+def _coalesce(buffers: Sequence[Buffer]) -> list[Buffer]:
+    """Join runs of small buffers (one C call each instead of one per buffer); large ones
+    pass as they are, uncopied. Empty buffers are dropped."""
+    out: list[Buffer] = []
+    small: list[Buffer] = []
+    for buf in buffers:
+        size = len(buf)
+        if size >= COALESCE_LIMIT:
+            if small:
+                out.append(b"".join(small) if len(small) > 1 else small[0])
+                small = []
+            out.append(buf)
+        elif size:
+            small.append(buf)
+    if small:
+        out.append(b"".join(small) if len(small) > 1 else small[0])
+    return out
+
+
 class KcpStream(Stream):
     """A reliable byte stream over one KCP session (stream mode) of a :class:`Mux`."""
 
@@ -474,43 +494,28 @@ class KcpStream(Stream):
         if self._gone or self._closed or self._fin_sent:
             self._check_writable()
             raise ConnectionLost("kcp stream was half-closed with write_eof()")
+        if len(buffers) != 1:
+            buffers = _coalesce(buffers)
         mux = self.mux
         c, sid = mux.c, self.sid
-        if len(buffers) == 1 and not mux._busy:  # the common case, in one C call
-            buf = buffers[0]
-            out = mux._out
-            data = buf if type(buf) is bytes else ffi.from_buffer(buf)
-            queued = lib.kmux_write(c, sid, data, len(buf), 1, mux.events, EVENTS, out)
-            if queued < 0:
-                raise ConnectionLost("kcp session is dead")
-            if out[0]:
-                mux.handle_events(out[0])
-            if queued > self.high_water and not self._write_paused and not self._gone:
-                self._update_write_pressure()
-                lib.kmux_notify_below(c, sid, self.low_water)
-            return
         # outside event dispatch the last buffer is queued and flushed in one C call
         flush = not mux._busy
         last = len(buffers) - 1
-        queued = 0
-        flushed = False
+        queued = nev = 0
         for i, buf in enumerate(buffers):
-            size = len(buf)
-            if not size:
-                continue
             data = buf if type(buf) is bytes else ffi.from_buffer(buf)
             if flush and i == last:
                 out = mux._out
-                queued = lib.kmux_write(c, sid, data, size, 1, mux.events, EVENTS, out)
-                flushed = queued >= 0
+                queued = lib.kmux_write(c, sid, data, len(buf), 1, mux.events, EVENTS, out)
+                nev = out[0]
             else:
-                queued = lib.kmux_send(c, sid, data, size)
+                queued = lib.kmux_send(c, sid, data, len(buf))
             if queued < 0:
                 raise ConnectionLost("kcp session is dead")
-        if not flushed:
+        if not flush:
             mux.want_flush()
-        elif out[0]:
-            mux.handle_events(out[0])
+        elif nev:
+            mux.handle_events(nev)
         if queued > self.high_water and not self._write_paused and not self._gone:
             self._update_write_pressure()
             lib.kmux_notify_below(c, sid, self.low_water)
