@@ -362,3 +362,12 @@ async def test_dial_tries_each_resolved_address_in_turn(monkeypatch):
     await got.wait_bytes(6)
     await stream.close()
     await listener.close()
+
+
+def test_gather_writes_join_small_buffers_and_pass_large_ones_uncopied():
+    from polyrpc.transports.kcp.udp import COALESCE_LIMIT, _coalesce
+
+    big = bytearray(COALESCE_LIMIT)
+    out = _coalesce([b"a", b"", memoryview(b"bc"), big, b"d", b"ef"])
+    assert [bytes(x) for x in out] == [b"abc", bytes(big), b"def"]
+    assert out[1] is big
