@@ -38,3 +38,14 @@ def default_rows(include_unusable: bool = False) -> list[str]:
         if row.scheme not in IN_PROCESS and (include_unusable or row.usable)
     ]
     return schemes + [f"{scheme}/rpc" for scheme in schemes] + list(REFERENCES)
+
+
+REFERENCE_FOR = {"quic": "raw-aioquic", "kcp": "raw-aiokcp"}
+"""Which reference row each transport's ratio is taken against (default raw-asyncio)."""
+
+
+def reference_for(row: str) -> str | None:
+    """The reference row ``row`` is compared with, or None for the references themselves."""
+    if row in REFERENCES:
+        return None
+    return REFERENCE_FOR.get(row.partition("/")[0], "raw-asyncio")
