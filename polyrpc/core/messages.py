@@ -75,16 +75,15 @@ class Connection(Session):
         metadata: dict[str, str] | None = None,
     ) -> Any:
         """Send ``message`` as a request and return the peer's reply."""
-        # request_frame() inlined: one coroutine level less on the hottest path
         if len(self._pending) >= self._max_in_flight:
             await self.wait_for_slot()
         seq, future = self.begin_request(message, "", metadata, timeout)
-        if self.byte_stream.writing_paused:
-            await self.wait_writable()
         try:
+            if self.byte_stream.writing_paused:
+                await self.wait_writable()
             frame = await future
-        except asyncio.CancelledError:
-            self.cancel_request(seq)
+        except BaseException:
+            self.abandon_request(seq, future)
             raise
         if frame.kind == Kind.RESPONSE and frame.codec == 0:
             return frame.payload if type(frame.payload) is bytes else bytes(frame.payload)

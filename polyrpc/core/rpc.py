@@ -313,8 +313,6 @@ class RpcConnection(Session):
             self._arg_senders[seq] = state
             sender = self.loop.create_task(self._send_argument_stream(seq, source, state))
             future.add_done_callback(lambda _: sender.cancel())
-        if self.byte_stream.writing_paused:
-            await self.wait_writable()
         return seq, future, sender
 
     async def _send_argument_stream(
@@ -359,12 +357,12 @@ class RpcConnection(Session):
         else:  # the common case, without an extra coroutine level
             payload = self._encode_call(args, kwargs)
             seq, future = self.begin_request(payload, method, metadata, timeout, 0, encoded=True)
+        try:
             if self.byte_stream.writing_paused:
                 await self.wait_writable()
-        try:
             frame = await future
-        except asyncio.CancelledError:
-            self.cancel_request(seq)
+        except BaseException:
+            self.abandon_request(seq, future)
             raise
         if frame.kind == Kind.ERROR:
             error = self.remote_error(frame)

@@ -469,27 +469,6 @@ class Session:
             except ConnectionLost:
                 raise self.lost_error() from None
 
-    async def request_frame(
-        self,
-        obj: Any,
-        *,
-        method: str = "",
-        metadata: dict[str, str] | None = None,
-        timeout: float | None = None,
-        flags: int = 0,
-    ) -> Frame:
-        """Send a REQUEST and return the RESPONSE/ERROR frame (raw; see :meth:`result`)."""
-        if len(self._pending) >= self._max_in_flight:
-            await self.wait_for_slot()
-        seq, future = self.begin_request(obj, method, metadata, timeout, flags)
-        if self.byte_stream.writing_paused:
-            await self.wait_writable()
-        try:
-            return await future
-        except asyncio.CancelledError:
-            self.cancel_request(seq)
-            raise
-
     def begin_request(
         self,
         obj: Any,
@@ -532,6 +511,13 @@ class Session:
         """Forget request ``seq`` (its caller gave up) and tell the peer to stop working on it."""
         if self.finish_request(seq) is not None and not self._closed.done():
             self._write(encode_frame(_CANCEL, seq))
+
+    def abandon_request(self, seq: int, future: asyncio.Future[Frame]) -> None:
+        """The caller stopped waiting (cancelled, or sending failed): forget the request,
+        tell the peer, and make sure the reply future holds no unretrieved error."""
+        self.cancel_request(seq)
+        if not future.done():
+            future.cancel()
 
     def finish_request(self, seq: int) -> asyncio.Future[Frame] | None:
         """Remove request ``seq`` from the window (for exchanges ended by other frames)."""
