@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-from .errors import ConnectionLost, ConnectTimeout, PolyrpcError
+from .errors import ConnectionLost, ConnectTimeout
 from .frames import Frame, Kind
 from .registry import registry
 from .session import Session, SessionConfig
@@ -181,15 +181,6 @@ class Connection(Session):
     def on_closed(self, exc: Exception | None) -> None:
         self._wake_receiver()
 
-    async def __aenter__(self) -> Connection:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    def __repr__(self) -> str:
-        state = "closed" if self.is_closed else "open"
-        return f"<Connection {self.transport} peer={self.peer!r} {state}>"
 
 
 def make_config(config: SessionConfig | None, **overrides: Any) -> SessionConfig:
@@ -277,10 +268,7 @@ class MessageListener:
         task.add_done_callback(self._tasks.discard)
 
     async def _admit(self, connection: Connection) -> None:
-        try:
-            await connection.handshake()
-        except PolyrpcError as exc:
-            log.info("%s handshake with %s failed: %s", connection.transport, connection.peer, exc)
+        if not await connection.accept_handshake():
             return
         self.connections.add(connection)
         connection._closed.add_done_callback(lambda _: self.connections.discard(connection))

@@ -319,12 +319,7 @@ class RpcConnection(Session):
         self, seq: int, source: AsyncIterable[Any], state: _IncomingCall
     ) -> None:
         try:
-            async for item in source:
-                await self._spend_credit(state)
-                self.send_frame(_STREAM_ITEM, seq, item)
-                if self.byte_stream.writing_paused:
-                    await self.wait_writable()
-            self.send_frame(_STREAM_END, seq)
+            await self._pump_items(seq, source, state)
         except (ConnectionLost, asyncio.CancelledError):
             pass
         except Exception as exc:
@@ -634,15 +629,19 @@ class RpcConnection(Session):
             call.credit = STREAM_CREDIT
         iterator = produced if isinstance(produced, AsyncIterable) else _aiter_sync(produced)
         try:
-            async for item in iterator:
-                await self._spend_credit(call)
-                self.send_frame(_STREAM_ITEM, seq, item)
-                if self.byte_stream.writing_paused:
-                    await self.wait_writable()
+            await self._pump_items(seq, iterator, call)
         finally:
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    async def _pump_items(self, seq: int, items: AsyncIterable[Any], state: _IncomingCall) -> None:
+        """Send ``items`` as STREAM_ITEMs, each paid for with the consumer's credit, then END."""
+        async for item in items:
+            await self._spend_credit(state)
+            self.send_frame(_STREAM_ITEM, seq, item)
+            if self.byte_stream.writing_paused:
+                await self.wait_writable()
         self.send_frame(_STREAM_END, seq)
 
     async def _spend_credit(self, state: _IncomingCall) -> None:
@@ -742,15 +741,6 @@ class RpcConnection(Session):
             if state.credit_event is not None:
                 state.credit_event.set()
 
-    async def __aenter__(self) -> RpcConnection:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    def __repr__(self) -> str:
-        state = "closed" if self.is_closed else "open"
-        return f"<{type(self).__name__} {self.transport} peer={self.peer!r} {state}>"
 
 
 async def _aiter_sync(items: Iterable[Any]) -> AsyncIterator[Any]:

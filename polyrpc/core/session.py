@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from .codecs import RAW, Codec, codec_by_id, codec_by_name
 from .errors import (
@@ -180,6 +180,15 @@ class Session:
                 "not_polyrpc",
             ) from None
         self._arm_heartbeat()
+
+    async def accept_handshake(self) -> bool:
+        """Server side: complete the handshake; a failure is logged and only drops this peer."""
+        try:
+            await self.handshake()
+        except PolyrpcError as exc:
+            log.info("%s handshake with %s failed: %s", self.transport, self.peer, exc)
+            return False
+        return True
 
     def _on_hello(self, frame: Frame) -> None:
         meta = frame.metadata
@@ -712,3 +721,13 @@ class Session:
     async def wait_closed(self) -> Exception | None:
         """Wait until the connection is gone; returns why (None after a clean close)."""
         return await asyncio.shield(self._closed)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.is_closed else "open"
+        return f"<{type(self).__name__} {self.transport} peer={self.peer!r} {state}>"
