@@ -470,9 +470,7 @@ class RpcConnection(Session):
             return
         finally:
             _context.reset(token)
-        self.services.record(method.name, time.perf_counter() - started, False)
-        self.calls_handled += 1
-        self.respond(seq, result)
+        self._report_success(seq, method, result, started)
 
     def _start_eagerly(
         self, seq: int, method: Method, args: list, kwargs: dict, frame: Frame
@@ -493,9 +491,7 @@ class RpcConnection(Session):
             try:
                 waiting_on = coro.send(None)
             except StopIteration as done:
-                self.services.record(method.name, time.perf_counter() - started, False)
-                self.calls_handled += 1
-                self.respond(seq, done.value)
+                self._report_success(seq, method, done.value, started)
                 return
             except Exception as exc:
                 self._report_failure(seq, method, exc, started, args, kwargs)
@@ -537,6 +533,9 @@ class RpcConnection(Session):
             return
         finally:
             self._incoming.pop(seq, None)
+        self._report_success(seq, method, result, started)
+
+    def _report_success(self, seq: int, method: Method, result: Any, started: float) -> None:
         self.services.record(method.name, time.perf_counter() - started, False)
         self.calls_handled += 1
         self.respond(seq, result)
@@ -601,9 +600,7 @@ class RpcConnection(Session):
             return
         finally:
             self._incoming.pop(seq, None)
-        self.services.record(method.name, time.perf_counter() - started, False)
-        self.calls_handled += 1
-        self.respond(seq, result)
+        self._report_success(seq, method, result, started)
 
     async def _stream_results(
         self, seq: int, call: _IncomingCall, method: Method, args: list, kwargs: dict, frame: Frame
@@ -740,7 +737,6 @@ class RpcConnection(Session):
         for state in self._arg_senders.values():
             if state.credit_event is not None:
                 state.credit_event.set()
-
 
 
 async def _aiter_sync(items: Iterable[Any]) -> AsyncIterator[Any]:
