@@ -16,8 +16,8 @@ pytestmark = pytest.mark.skipif(
     kcp_engine.unavailable_reason() is not None, reason=str(kcp_engine.unavailable_reason())
 )
 
+from polyrpc.testing.udp_relay import UdpRelay  # noqa: E402
 from tests.kcp_helpers import Collector, Server, dial  # noqa: E402
-from tests.udp_relay import UdpRelay  # noqa: E402
 
 HEADER = struct.Struct("<IBBHIIII")
 MAGIC = 0x50524B31

@@ -7,9 +7,9 @@ import time
 import tracemalloc
 
 from quic_helpers import Sink, dial, serving
-from udp_relay import UdpRelay
 
 from polyrpc.core.errors import ConnectionLost
+from polyrpc.testing.udp_relay import UdpRelay
 
 UNIT = 256 << 10
 WINDOW = 512 << 10

@@ -8,10 +8,10 @@ import itertools
 import struct
 
 from quic_helpers import dial, serving
-from udp_relay import UdpRelay
 
 import polyrpc
 from polyrpc.core.certs import self_signed_certificate
+from polyrpc.testing.udp_relay import UdpRelay
 
 
 async def test_4mib_through_loss_reorder_duplication(tmp_path) -> None:

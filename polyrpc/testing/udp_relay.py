@@ -1,4 +1,4 @@
-"""A seeded, lossy UDP relay for fault tests of datagram transports (kcp, quic...).
+"""A seeded, lossy UDP relay for fault tests and impaired benchmarks of datagram transports.
 
     async with UdpRelay(target=(host, port), loss=0.1, reorder=0.05, duplicate=0.05,
                         delay=0.002, seed=1) as relay:
@@ -9,8 +9,12 @@ client. Each direction draws from its own ``random.Random(seed)`` stream, so the
 fault applied to the n-th datagram of a direction is the same on every run.
 ``loss``, ``reorder`` and ``duplicate`` are probabilities; ``delay`` is a one-way
 delay in seconds; a reordered datagram is held ``reorder_delay`` seconds longer so
-later ones overtake it. The attributes may be changed while the relay runs (e.g.
-``relay.loss = 1.0`` to cut the link).
+later ones overtake it. ``jitter`` adds a uniform random ±jitter seconds to each
+datagram's delay (so, as with netem, jitter can reorder). ``rate`` (bits per second,
+0 = unlimited) serialises each direction like a link of that speed: a datagram leaves
+when the ones before it have, and one that would wait more than ``max_backlog``
+seconds in that queue is dropped (tail drop). The attributes may be changed while
+the relay runs (e.g. ``relay.loss = 1.0`` to cut the link).
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ class UdpRelay:
         duplicate: float = 0.0,
         delay: float = 0.0,
         reorder_delay: float = 0.005,
+        jitter: float = 0.0,
+        rate: float = 0.0,
+        max_backlog: float = 0.25,
         seed: int = 1,
         host: str = "127.0.0.1",
     ) -> None:
@@ -62,6 +69,10 @@ class UdpRelay:
         self.duplicate = duplicate
         self.delay = delay
         self.reorder_delay = reorder_delay
+        self.jitter = jitter
+        self.rate = rate
+        self.max_backlog = max_backlog
+        self._link_free = {UP: 0.0, DOWN: 0.0}
         self.host = host
         self.address: tuple[str, int] = (host, 0)
         self.stats: Counter[str] = Counter()
@@ -136,7 +147,13 @@ class UdpRelay:
             copies = 2
             self.stats[f"{direction}_duplicated"] += 1
         for _ in range(copies):
-            wait = self.delay
+            queued = self._serialise(direction, len(data))
+            if queued is None:
+                self.stats[f"{direction}_overflow"] += 1
+                continue
+            wait = self.delay + queued
+            if self.jitter > 0:
+                wait = max(0.0, wait + rng.uniform(-self.jitter, self.jitter))
             if rng.random() < self.reorder:
                 wait += self.reorder_delay
                 self.stats[f"{direction}_reordered"] += 1
@@ -144,6 +161,17 @@ class UdpRelay:
                 self._send(send, data)
             else:
                 asyncio.get_running_loop().call_later(wait, self._send, send, data)
+
+    def _serialise(self, direction: str, size: int) -> float | None:
+        """Seconds this datagram waits for the link at ``rate``; None if the queue is full."""
+        if self.rate <= 0:
+            return 0.0
+        now = asyncio.get_running_loop().time()
+        start = max(now, self._link_free[direction])
+        if start - now > self.max_backlog:
+            return None
+        self._link_free[direction] = start + (size + 28) * 8 / self.rate  # + IPv4/UDP headers
+        return self._link_free[direction] - now
 
     def _send(self, send, data: bytes) -> None:
         if self._closed:

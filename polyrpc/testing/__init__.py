@@ -1,0 +1,1 @@
+"""Test and benchmark helpers shipped with polyrpc: an impairing UDP relay."""
