@@ -30,19 +30,91 @@ def cmd_transports(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Run the cross-transport benchmark and print (and optionally save) the table."""
-    from .bench.rows import default_rows, resolve_target
-    from .bench.runner import WORKLOADS, render, run_bench, write_json
+def _bench_list(text: str | None, parse: Any, option: str) -> list[Any]:
+    if not text:
+        return []
+    try:
+        return [parse(item) for item in text.split(",") if item.strip()]
+    except ValueError as exc:
+        raise SystemExit(f"polyrpc bench: {option}: {exc}") from None
 
-    console = Console(stderr=False)
+
+def _bench_path(args: argparse.Namespace, console: Console) -> Any:
+    """The network path every row goes through: loopback, a relay, or netem on a veth pair."""
+    from .bench.impair import (
+        Impairment,
+        netem_unavailable_reason,
+        parse_duration,
+        parse_loss,
+        parse_rate,
+    )
+    from .bench.runner import NetworkPath
+
+    try:
+        impairment = Impairment(
+            loss=parse_loss(args.loss) if args.loss else 0.0,
+            delay=parse_duration(args.delay) if args.delay else 0.0,
+            jitter=parse_duration(args.jitter) if args.jitter else 0.0,
+            rate=parse_rate(args.rate) if args.rate else 0.0,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"polyrpc bench: {exc}") from None
+    if not impairment.active:
+        return NetworkPath()
+    mode = args.impair_with
+    if mode in ("auto", "netem"):
+        reason = netem_unavailable_reason()
+        if reason and mode == "netem":
+            raise SystemExit(f"polyrpc bench: --impair-with netem: {reason}")
+        if reason:
+            console.print(f"[yellow]netem unavailable ({reason}): using user-space relays")
+        mode = "relay" if reason else "netem"
+    if mode == "relay":
+        console.print(
+            f"[bold]impaired path ({impairment.describe()}) by user-space relays: udp rows "
+            "through a UDP relay with loss; tcp and unix rows through a stream relay that "
+            "delays and rate-limits but [red]cannot drop packets: tcp rows are not lossy"
+        )
+    return NetworkPath(impairment, mode)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the cross-transport benchmark and print (and optionally save and plot) the results."""
+    from .bench.impair import NetemPath
+    from .bench.rows import default_rows, resolve_target
+    from .bench.runner import (
+        DEFAULT_MAX_IN_FLIGHT_BYTES,
+        WORKLOADS,
+        machine,
+        parse_size,
+        plan,
+        render,
+        run_bench,
+        write_json,
+    )
+
+    console = Console(stderr=False, width=None if sys.stdout.isatty() else 150)
     rows = args.transports.split(",") if args.transports else default_rows()
-    workloads = args.workloads.split(",")
+    workloads = [w for w in args.workloads.split(",") if w and w != "none"]
     for name in workloads:
         if name not in WORKLOADS:
             raise SystemExit(
-                f"polyrpc bench: unknown workload {name!r}; valid: {', '.join(WORKLOADS)}"
+                f"polyrpc bench: unknown workload {name!r}; valid: {', '.join(WORKLOADS)}, none"
             )
+    sizes = _bench_list(args.sizes, parse_size, "--sizes")
+    in_flight = _bench_list(args.in_flight, int, "--in-flight")
+    if in_flight and min(in_flight) < 1:
+        raise SystemExit("polyrpc bench: --in-flight values must be >= 1")
+    if sizes or in_flight:
+        sizes, in_flight = sizes or [64], in_flight or [1]
+    points = plan(workloads, sizes, in_flight)
+    if not points:
+        raise SystemExit("polyrpc bench: nothing to measure (no workloads and no sweep)")
+    max_bytes = (
+        parse_size(args.max_in_flight_bytes)
+        if args.max_in_flight_bytes
+        else DEFAULT_MAX_IN_FLIGHT_BYTES
+    )
     for row in rows:
         try:
             reason = resolve_target(row).unavailable_reason()
@@ -52,22 +124,50 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise SystemExit(f"polyrpc bench: {row} cannot run here: {reason}")
     if args.repeat < 1 or args.seconds <= 0:
         raise SystemExit("polyrpc bench: --repeat must be >= 1 and --seconds > 0")
+    if args.compare and not Path(args.compare).is_file():
+        raise SystemExit(f"polyrpc bench: --compare: no such file {args.compare}")
+    if args.plot:
+        from .bench.plot import require_matplotlib
+
+        require_matplotlib()
+    path = _bench_path(args, console)
+    machine_info = machine()
     console.print(
-        f"rows: {', '.join(rows)}; workloads: {', '.join(workloads)}; "
-        f"{args.seconds:g}s each, {args.repeat} repeat(s)"
+        f"rows: {', '.join(rows)}; points: {', '.join(p.name for p in points)}; "
+        f"{args.seconds:g}s each, {args.repeat} repeat(s); "
+        f"{machine_info['cpus']} CPUs, load {machine_info['load_avg'][0]:.2f}"
     )
-    results = run_bench(rows, workloads, args.seconds, args.repeat, console)
+    if path.mode == "netem":
+        with NetemPath(path.impairment) as netem:
+            path.netem = netem
+            results = run_bench(rows, points, args.seconds, args.repeat, console, path, max_bytes)
+    else:
+        results = run_bench(rows, points, args.seconds, args.repeat, console, path, max_bytes)
+    machine_info["load_avg_end"] = list(os.getloadavg())
     render(results, console)
+    settings = {
+        "rows": rows,
+        "workloads": workloads,
+        "sizes": sizes,
+        "in_flight": in_flight,
+        "seconds": args.seconds,
+        "repeat": args.repeat,
+        "max_in_flight_bytes": max_bytes,
+        "impairment": {**path.impairment.as_dict(), "mode": path.mode},
+        "command": " ".join(["polyrpc", *sys.argv[1:]]),
+    }
     if args.json:
-        settings = {
-            "rows": rows,
-            "workloads": workloads,
-            "seconds": args.seconds,
-            "repeat": args.repeat,
-            "command": " ".join(["polyrpc", *sys.argv[1:]]),
-        }
-        write_json(Path(args.json), results, settings)
+        write_json(Path(args.json), results, settings, machine_info)
         console.print(f"wrote {args.json}")
+    if args.plot:
+        from .bench.plot import plot
+
+        plot(results, Path(args.plot), machine_info, settings)
+        console.print(f"wrote {args.plot}")
+    if args.compare:
+        from .bench.compare import compare, load
+
+        compare(load(Path(args.compare)), results, console)
     return 1 if any("error" in r for r in results) else 0
 
 
@@ -208,10 +308,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--transports", help="comma-separated rows (default: all usable + references)"
     )
-    bench.add_argument("--workloads", default="latency,rate,bulk", help="latency,rate,bulk")
+    bench.add_argument(
+        "--workloads",
+        default="latency,rate,bulk",
+        help="named points: latency (64 B, 1 in flight), rate (64 B, 128), bulk (1M, 4); "
+        "'none' for a sweep only",
+    )
+    bench.add_argument("--sizes", help="sweep payload sizes, e.g. 64,1K,64K,1M,16M")
+    bench.add_argument("--in-flight", help="sweep calls in flight, e.g. 1,16,128")
+    bench.add_argument(
+        "--max-in-flight-bytes",
+        help="skip (and say so) sweep points with more bytes in flight (default 256M)",
+    )
+    bench.add_argument("--loss", help="impaired path: packet loss per direction, e.g. 1%%")
+    bench.add_argument("--delay", help="impaired path: one-way delay, e.g. 20ms")
+    bench.add_argument("--jitter", help="impaired path: delay jitter, e.g. 5ms")
+    bench.add_argument("--rate", help="impaired path: link rate, e.g. 100mbit")
+    bench.add_argument(
+        "--impair-with",
+        choices=("auto", "netem", "relay"),
+        default="auto",
+        help="netem on a veth pair (root, kernel netem) or user-space relays; auto picks netem "
+        "when it works",
+    )
     bench.add_argument("--seconds", type=float, default=2.0, help="measuring time per point")
     bench.add_argument("--repeat", type=int, default=3, help="repeats; medians are reported")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.add_argument("--plot", metavar="FILE.png", help="also plot the results (matplotlib)")
+    bench.add_argument("--compare", metavar="OLD.json", help="show the change from an earlier run")
     bench.set_defaults(func=cmd_bench)
     serve = sub.add_parser("serve", help="serve services on one or more URLs until Ctrl-C")
     serve.add_argument("urls", nargs="+", metavar="URL", help="e.g. tcp@127.0.0.1:9000")

@@ -119,6 +119,7 @@ class RawAiokcpTarget(Target):
 
     name = "raw-aiokcp"
     kind = "reference"
+    network = "udp"
 
     def unavailable_reason(self) -> str | None:
         try:

@@ -94,6 +94,7 @@ class RawAioquic(Target):
 
     name = "raw-aioquic"
     kind = "reference"
+    network = "udp"
 
     async def serve(self, workdir: Path) -> tuple[str, Callable[[], Awaitable[None]]]:
         cert, key = self_signed_certificate(Path(workdir), ["localhost", "127.0.0.1"])

@@ -15,6 +15,9 @@ from ..core.endpoints import Client, Server, connect
 from ..core.messages import Connection, dial, listen
 from ..core.registry import registry
 
+NETWORKS = {"quic": "udp", "kcp": "udp", "unix": "unix", "rdma": "rdma", "mem": "memory"}
+"""The carrier of each scheme that does not run over TCP."""
+
 
 class EchoClient(ABC):
     """A connected client: ``echo`` sends ``payload`` and returns the server's copy."""
@@ -32,6 +35,8 @@ class Target(ABC):
     name: str
     kind: str = "message"
     """``message`` (message core), ``rpc`` (the call API) or ``reference`` (not polyrpc)."""
+    network: str = "tcp"
+    """What carries the bytes (``tcp``, ``udp``, ``unix``...): decides how a path is impaired."""
 
     def unavailable_reason(self) -> str | None:
         """None if this row can run here, else why not."""
@@ -66,6 +71,7 @@ class MessageTarget(Target):
     def __init__(self, scheme: str) -> None:
         self.scheme = scheme
         self.name = scheme
+        self.network = NETWORKS.get(scheme, "tcp")
 
     def unavailable_reason(self) -> str | None:
         return registry.get(self.scheme).unavailable_reason()

@@ -2,7 +2,9 @@
 
 ``python -m polyrpc.bench.worker serve ROW`` prints the connect info, then serves
 until its stdin closes; ``... client ROW INFO PAYLOAD IN_FLIGHT SECONDS`` runs one
-workload and prints its measurements as JSON.
+workload and prints its measurements as JSON; ``... relay NETWORK LISTEN_HOST
+TARGET IMPAIRMENT_JSON`` relays to TARGET through an impaired path, prints its own
+endpoint and runs until its stdin closes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 from ..core.runtime import run
+from .impair import Impairment, run_relay
 from .rows import resolve_target
 
 WARMUP_SECONDS = 0.2
@@ -29,6 +32,15 @@ async def serve(row: str) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, sys.stdin.read)  # until the runner closes our stdin
         await stop()
+
+
+async def relay(network: str, listen_host: str, target: str, impairment: Impairment) -> None:
+    with tempfile.TemporaryDirectory(prefix="prpcrelay") as workdir:
+        address, stack = await run_relay(network, listen_host, target, impairment, Path(workdir))
+        async with stack:
+            print(address, flush=True)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, sys.stdin.read)
 
 
 async def measure(row: str, info: str, payload_bytes: int, in_flight: int, seconds: float) -> dict:
@@ -82,6 +94,10 @@ def main(argv: list[str]) -> int:
         row, info, payload, in_flight, seconds = argv[1:6]
         result = run(measure(row, info, int(payload), int(in_flight), float(seconds)))
         print(json.dumps(result), flush=True)
+        return 0
+    if argv[0] == "relay":
+        network, listen_host, target, spec = argv[1:5]
+        run(relay(network, listen_host, target, Impairment(**json.loads(spec))))
         return 0
     print(__doc__, file=sys.stderr)
     return 2
