@@ -24,6 +24,8 @@ from .rows import reference_for, resolve_target
 
 METRICS = ("p50_us", "p99_us", "requests_per_s", "mb_per_s")
 SCHEMA_VERSION = 2
+SCHEMA_PATH = Path(__file__).with_name("schema.json")
+"""The JSON Schema of what ``--json`` writes."""
 
 
 @dataclass(frozen=True)
