@@ -154,6 +154,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "repeat": args.repeat,
         "max_in_flight_bytes": max_bytes,
         "impairment": {**path.impairment.as_dict(), "mode": path.mode},
+        "unavailable": {row.scheme: row.reason for row in registry.describe() if not row.usable},
         "command": " ".join(["polyrpc", *sys.argv[1:]]),
     }
     if args.json:

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Regenerate docs/benchmarks.md from a fresh run: a loopback sweep over every usable transport
+# and the reference rows, then the same rows through an impaired path (loss, delay, jitter,
+# rate), the JSON kept in docs/bench/, the plots in docs/img/, the page written by
+# polyrpc/bench/report.py. BENCH_SECONDS / BENCH_REPEAT shorten or lengthen the run;
+# BENCH_SKIP_SETUP=1 PYTHON=python uses the current environment instead of .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "${BENCH_SKIP_SETUP:-0}" != 1 ]; then
+    scripts/setup.sh
+    pip_extra=$(.venv/bin/python -c "import matplotlib" 2>/dev/null || echo missing)
+    if [ -n "$pip_extra" ]; then .venv/bin/python -m pip install --quiet -e ".[plot]"; fi
+fi
+PY=${PYTHON:-.venv/bin/python}
+SECONDS_PER_POINT=${BENCH_SECONDS:-2}
+REPEAT=${BENCH_REPEAT:-3}
+mkdir -p docs/bench docs/img
+
+# a failed point is recorded in the JSON and shown on the page, so it does not stop the script
+"$PY" -m polyrpc.cli bench --sizes 64,1K,64K,1M,16M --in-flight 1,16,128 \
+    --seconds "$SECONDS_PER_POINT" --repeat "$REPEAT" \
+    --json docs/bench/loopback.json --plot docs/img/bench-loopback.png || true
+"$PY" -m polyrpc.cli bench --loss 1% --delay 20ms --jitter 5ms --rate 100mbit \
+    --seconds "$SECONDS_PER_POINT" --repeat "$REPEAT" \
+    --json docs/bench/lossy.json --plot docs/img/bench-lossy.png || true
+"$PY" -m polyrpc.bench.report docs/bench/loopback.json docs/bench/lossy.json \
+    --images img >docs/benchmarks.md
+echo "wrote docs/benchmarks.md"
