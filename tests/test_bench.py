@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from rich.console import Console
 from polyrpc.bench.compare import compare
 from polyrpc.bench.impair import (
     Impairment,
+    NetemPath,
     StreamRelay,
     endpoint,
     parse_duration,
@@ -24,7 +26,15 @@ from polyrpc.bench.impair import (
     parse_rate,
     redirect,
 )
-from polyrpc.bench.runner import SCHEMA_PATH, parse_size, plan, size_label
+from polyrpc.bench.runner import (
+    SCHEMA_PATH,
+    WORKLOADS,
+    NetworkPath,
+    parse_size,
+    plan,
+    run_bench,
+    size_label,
+)
 from polyrpc.testing.udp_relay import UdpRelay
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -277,3 +287,21 @@ async def test_udp_relay_rate_limit_serialises_and_tail_drops():
         assert arrived[-1][0] - started >= (len(arrived) - 1) * 0.0095
         client.transport.close()
     server.transport.close()
+
+
+def test_netem_path_plumbing_namespace_veth_and_relays():
+    """The netem path's namespace, veth pair and two relays carry tcp and udp rows."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2")
+    with NetemPath(Impairment()) as netem:  # no qdisc: this host's kernel may lack netem
+        path = NetworkPath(Impairment(), "netem", netem)
+        results = run_bench(
+            ["tcp", "quic", "unix"], [WORKLOADS["latency"]], 0.2, 1, Console(quiet=True), path
+        )
+        namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+        assert netem.namespace in namespaces.stdout
+    rows = {r["transport"]: r for r in results}
+    assert rows["tcp"]["p50_us"] > 0 and rows["quic"]["p50_us"] > 0, results
+    assert rows["unix"]["skipped"].startswith("not impaired"), rows["unix"]
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    assert netem.namespace not in namespaces.stdout

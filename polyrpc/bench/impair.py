@@ -266,9 +266,12 @@ class NetemPath:
             self._ip("ip", "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if, netns=True)
             self._ip("ip", "link", "set", self.ns_if, "up", netns=True)
             self._ip("ip", "link", "set", "lo", "up", netns=True)
-            netem = self.impairment.netem_args()
-            self._ip("tc", "qdisc", "add", "dev", self.host_if, "root", "netem", *netem)
-            self._ip("tc", "qdisc", "add", "dev", self.ns_if, "root", "netem", *netem, netns=True)
+            if self.impairment.active:  # without one it is a plain veth path (tests use it)
+                netem = self.impairment.netem_args()
+                self._ip("tc", "qdisc", "add", "dev", self.host_if, "root", "netem", *netem)
+                self._ip(
+                    "tc", "qdisc", "add", "dev", self.ns_if, "root", "netem", *netem, netns=True
+                )
         except BaseException:
             self.__exit__()
             raise

@@ -153,6 +153,8 @@ class NetworkPath:
         """What a row on ``network`` actually goes through (stored with each result)."""
         if self.mode == "loopback":
             return "loopback"
+        if network not in (("tcp", "udp") if self.mode == "netem" else ("tcp", "udp", "unix")):
+            return f"not impaired: {network} traffic cannot take the {self.mode} path"
         if self.mode == "netem":
             return f"netem on a veth pair: {self.impairment.describe()}"
         if network == "udp":
