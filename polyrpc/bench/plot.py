@@ -75,53 +75,92 @@ def _colours(rows: list[str]) -> dict[str, Any]:
 
 
 LABELS = {
-    "payload_bytes": "payload size (bytes, log scale)",
-    "in_flight": "calls in flight (log scale)",
-    "p50_us": "p50 round-trip latency (µs, log scale)",
-    "requests_per_s": "calls per second (log scale)",
-    "mb_per_s": "echoed payload MB/s (10⁶ B/s, log scale)",
+    "payload_bytes": "payload size (bytes)",
+    "in_flight": "calls in flight",
+    "p50_us": "p50 round-trip latency",
+    "requests_per_s": "calls per second",
+    "mb_per_s": "echoed payload MB/s (10⁶ B/s)",
 }
 
 
+def _compact(value: float, _position: object = None) -> str:
+    """Tick labels without powers of ten: 40k, 1.2M, 0.5."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:g}{suffix}"
+    return f"{value:g}"
+
+
+def _latency(value: float, _position: object = None) -> str:
+    """Latency tick labels in µs or ms."""
+    return f"{value / 1000:g} ms" if value >= 1000 else f"{value:g} µs"
+
+
+def _sparse(value: float, position: object, labels: Any) -> str:
+    """Minor log ticks: label only 2x and 5x a power of ten, so labels never overlap."""
+    mantissa = f"{value:.0e}"[0]
+    return labels(value, position) if mantissa in "25" else ""
+
+
+def _draw(ax: Any, spec: dict[str, Any], colours: dict[str, Any]) -> None:
+    """One panel: lines over a sweep, or bars when every row has a single point."""
+    from matplotlib.ticker import FuncFormatter
+
+    y_format = FuncFormatter(_latency if spec["y"] == "p50_us" else _compact)
+    if all(len(points) == 1 for points in spec["series"].values()):
+        rows = list(spec["series"])
+        values = [spec["series"][row][0][1] for row in rows]
+        bars = ax.bar(rows, values, color=[colours[row] for row in rows])
+        for bar, row in zip(bars, rows, strict=True):
+            bar.set_label(row)
+            if spec["kinds"][row] == "reference":
+                bar.set_hatch("//")
+        ax.tick_params(axis="x", labelrotation=45)
+        ax.set_xlabel("row (hatched: hand-written reference)")
+        ax.yaxis.set_major_formatter(y_format)
+        ax.set_ylabel(LABELS[spec["y"]])
+    else:
+        for row, points in spec["series"].items():
+            xs, ys = zip(*points, strict=True)
+            style = STYLE.get(spec["kinds"][row], "-")
+            ax.plot(xs, ys, style, marker="o", markersize=4, color=colours[row], label=row)
+        ax.set_xscale("log", base=2 if spec["x"] == "payload_bytes" else 10)
+        ax.set_yscale("log")
+        x_format = (lambda v, _: size_label(int(v))) if spec["x"] == "payload_bytes" else _compact
+        ax.xaxis.set_major_formatter(FuncFormatter(x_format))
+        ax.yaxis.set_major_formatter(y_format)
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, p: _sparse(v, p, y_format)))
+        ax.set_xlabel(LABELS[spec["x"]] + ", log scale")
+        ax.set_ylabel(LABELS[spec["y"]] + ", log scale")
+    ax.set_title(spec["title"])
+    ax.grid(True, which="both", alpha=0.3)
+
+
 def plot(results: list[dict], path: Path, machine: dict, settings: dict) -> None:
-    """Write one PNG with three panels, one line per row (reference rows dotted)."""
+    """Write one PNG with three panels, one line per row (references dark and dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
 
     chosen = panels(results)
-    fig, axes = plt.subplots(1, 3, figsize=(18, 6.5), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(18, 7), constrained_layout=True)
     colours = _colours(list(dict.fromkeys(r["transport"] for r in _measured(results))))
     for ax, spec in zip(axes, chosen, strict=False):
-        for row, points in spec["series"].items():
-            xs, ys = zip(*points, strict=True)
-            ax.plot(
-                xs,
-                ys,
-                STYLE.get(spec["kinds"][row], "-"),
-                marker="o",
-                markersize=4,
-                color=colours[row],
-                label=row,
-            )
-        ax.set_xscale("log", base=2 if spec["x"] == "payload_bytes" else 10)
-        ax.set_yscale("log")
-        if spec["x"] == "payload_bytes":
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{size_label(int(v))}"))
-        else:
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.set_title(spec["title"])
-        ax.set_xlabel(LABELS[spec["x"]])
-        ax.set_ylabel(LABELS[spec["y"]])
-        ax.grid(True, which="both", alpha=0.3)
+        _draw(ax, spec, colours)
     for ax in axes[len(chosen) :]:
         ax.set_visible(False)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
+    legend: dict[str, Any] = {}
+    for ax in axes[: len(chosen)]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    if legend:
         fig.legend(
-            handles, labels, loc="outside lower center", ncol=min(len(labels), 7), fontsize=9
+            list(legend.values()),
+            list(legend),
+            loc="outside lower center",
+            ncol=min(len(legend), 7),
+            fontsize=9,
         )
     paths = sorted({r.get("path", "loopback") for r in results})
     loads = machine.get("load_avg", [0.0])[:1] + machine.get("load_avg_end", [])[:1]
