@@ -350,10 +350,18 @@ def run_bench(
                             task, description=f"{row} {w.name} (round {round_no}/{repeat})"
                         )
                         try:
-                            samples[(row, w.name)].append(run_client(row, info, w, seconds, prefix))
+                            sample = run_client(row, info, w, seconds, prefix)
+                            samples[(row, w.name)].append(sample)
+                            outcome = (
+                                f"p50 {sample['p50_us']:,.1f} µs, {sample['mb_per_s']:,.1f} MB/s"
+                            )
                         except Exception as exc:
                             errors[(row, w.name)].append(str(exc))
+                            outcome = f"failed: {exc}"
                         progress.advance(task)
+                        if not console.is_terminal:  # logs get a line per point instead of a bar
+                            done = int(progress.tasks[0].completed)
+                            console.print(f"[{done}/{steps}] {row} {w.name}: {outcome}")
                 finally:
                     for helper in helpers:
                         helper.stop()
