@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -361,7 +362,9 @@ def run_bench(
                         progress.advance(task)
                         if not console.is_terminal:  # logs get a line per point instead of a bar
                             done = int(progress.tasks[0].completed)
-                            console.print(f"[{done}/{steps}] {row} {w.name}: {outcome}")
+                            console.print(
+                                f"[{done}/{steps}] {row} {w.name}: {outcome}", markup=False
+                            )
                 finally:
                     for helper in helpers:
                         helper.stop()
@@ -403,7 +406,7 @@ def render(results: list[dict], console: Console) -> None:
         if "error" in r or "skipped" in r:
             colour = "red" if "error" in r else "yellow"
             text = f"failed: {r['error']}" if "error" in r else r["skipped"]
-            table.add_row(*cells, f"[{colour}]{text}", "", "", "", "", "")
+            table.add_row(*cells, f"[{colour}]{escape(text)}", "", "", "", "", "")
             continue
         metric = headline(r)
         ratio = ""
@@ -425,7 +428,7 @@ def render(results: list[dict], console: Console) -> None:
     )
     paths = sorted({r["path"] for r in results if r.get("path") != "loopback"})
     for note in paths:
-        console.print(f"path: {note}")
+        console.print(f"path: {note}", markup=False)
 
 
 def write_json(
