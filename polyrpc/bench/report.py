@@ -388,6 +388,25 @@ def full_table(run: Run) -> str:
     return _table(header, body)
 
 
+HOW_TO_RUN = """\
+## Running it yourself
+
+- `polyrpc bench` measures the three named points (latency, rate, bulk) over every
+  usable transport and the references; `--transports tcp,quic,raw-aioquic` picks rows.
+- `--sizes 64,1K,64K,1M,16M --in-flight 1,16,128` adds a sweep; points whose bytes in
+  flight exceed `--max-in-flight-bytes` are listed as skipped, and a point that fails is
+  listed with its error.
+- `--loss 1% --delay 20ms --jitter 5ms --rate 100mbit` puts every row behind the same
+  impaired path: netem on a veth pair where the kernel has it (`--impair-with netem`),
+  user-space relays otherwise (`--impair-with relay`, where TCP rows see the delay and
+  the rate but not the loss). The output says which rows got which path.
+- `--seconds` and `--repeat` set the length of each point and how many times it is
+  repeated (medians are reported with the min–max spread); `--json FILE` writes the
+  results (schema: `polyrpc/bench/schema.json`), `--plot FILE.png` draws them and
+  `--compare OLD.json` shows the change per point from an earlier run.
+"""
+
+
 GUIDANCE = """\
 ## Choosing a transport
 
@@ -469,7 +488,7 @@ def render(loopback: Run, lossy: Run | None, images: str) -> str:
             named_table(lossy),
             "",
         ]
-    parts += [GUIDANCE, "## Every point", ""]
+    parts += [GUIDANCE, HOW_TO_RUN, "## Every point", ""]
     for label, run in runs:
         parts += [
             f"<details><summary>{label}: all {len(run.results)} points</summary>",
