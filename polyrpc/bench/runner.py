@@ -345,6 +345,7 @@ def run_bench(
                         progress.advance(task)
                     server.stop()
                     continue
+                failed: list[tuple[str, str]] = []
                 try:
                     for w in chosen[row]:
                         progress.update(
@@ -358,6 +359,7 @@ def run_bench(
                             )
                         except Exception as exc:
                             errors[(row, w.name)].append(str(exc))
+                            failed.append((row, w.name))
                             outcome = f"failed: {exc}"
                         progress.advance(task)
                         if not console.is_terminal:  # logs get a line per point instead of a bar
@@ -368,7 +370,10 @@ def run_bench(
                 finally:
                     for helper in helpers:
                         helper.stop()
-                    server.stop()
+                    said = server.stop().strip().splitlines()
+                    for key in failed:  # the server's last words often say why the client failed
+                        if said:
+                            errors[key][-1] += f" (server: {said[-1]})"
     results = []
     for r in rows:
         note = path.describe(networks[r])
