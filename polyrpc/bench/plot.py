@@ -9,6 +9,7 @@ from typing import Any
 from .runner import size_label
 
 STYLE = {"message": "-", "rpc": "--", "reference": ":"}
+HATCH = {"rpc": "..", "reference": "//"}
 
 
 def require_matplotlib() -> None:
@@ -113,10 +114,9 @@ def _draw(ax: Any, spec: dict[str, Any], colours: dict[str, Any]) -> None:
         bars = ax.bar(rows, values, color=[colours[row] for row in rows])
         for bar, row in zip(bars, rows, strict=True):
             bar.set_label(row)
-            if spec["kinds"][row] == "reference":
-                bar.set_hatch("//")
+            bar.set_hatch(HATCH.get(spec["kinds"][row], ""))
         ax.tick_params(axis="x", labelrotation=45)
-        ax.set_xlabel("row (hatched: hand-written reference)")
+        ax.set_xlabel("row (dotted: call API, striped: hand-written reference)")
         ax.yaxis.set_major_formatter(y_format)
         ax.set_ylabel(LABELS[spec["y"]])
     else:
@@ -172,3 +172,22 @@ def plot(results: list[dict], path: Path, machine: dict, settings: dict) -> None
     )
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m polyrpc.bench.plot RESULTS.json OUT.png``: plot a saved run again."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("results", type=Path)
+    parser.add_argument("png", type=Path)
+    args = parser.parse_args(argv)
+    require_matplotlib()
+    document = json.loads(args.results.read_text())
+    plot(document["results"], args.png, document["machine"], document["settings"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -33,6 +33,17 @@ def _mb(value: float) -> str:
     return f"{value:,.1f} MB/s" if value < 100 else f"{value:,.0f} MB/s"
 
 
+def _bytes(size: int) -> str:
+    """65536 -> ``64 KiB``; 64 -> ``64 B``."""
+    label = size_label(size)
+    return f"{label[:-1]} {label[-1]}iB" if label[-1].isalpha() else f"{label} B"
+
+
+def _signed(value: float) -> str:
+    """A latency difference with its sign: ``+1.2 ms``, ``-850 µs`` (a true minus sign)."""
+    return ("+" if value >= 0 else "−") + _us(abs(value))
+
+
 def _x(ratio: float) -> str:
     return f"{ratio:.2f}×"
 
@@ -179,7 +190,7 @@ def loopback_findings(run: Run) -> list[str]:
         peaks.sort(key=lambda r: r["mb_per_s"], reverse=True)
         listed = "; ".join(
             f"`{r['transport']}` {_mb(r['mb_per_s'])} "
-            f"({size_label(r['payload_bytes'])}B × {r['in_flight']})"
+            f"({_bytes(r['payload_bytes'])} × {r['in_flight']} in flight)"
             for r in peaks
         )
         out.append(f"**Bulk**: the best throughput of each row over all points: {listed}.")
@@ -243,7 +254,7 @@ def _quality(run: Run) -> list[str]:
         out.append(f"Failed: `{r['transport']}` {r['workload']}: {r['error']}.")
     skipped = [r for r in run.results if "skipped" in r]
     if skipped:
-        reasons = sorted({r["skipped"] for r in skipped})
+        reasons = sorted({r["skipped"].removeprefix("skipped: ") for r in skipped})
         out.append(f"Skipped {len(skipped)} point(s): " + "; ".join(reasons) + ".")
     return out
 
@@ -264,13 +275,20 @@ def lossy_findings(run: Run) -> list[str]:
         )
     latency = [r for r in run.results if r["workload"] == "latency" and "p50_us" in r]
     if latency and floor:
+        spread = 2 * spec["jitter"] * 1e6
         listed = "; ".join(
-            f"`{r['transport']}` +{_us(r['p50_us'] - floor)} (p99 {_us(r['p99_us'])})"
+            f"`{r['transport']}` {_signed(r['p50_us'] - floor)} (p99 {_us(r['p99_us'])})"
             for r in sorted(latency, key=lambda r: r["p50_us"])
         )
+        jitter = (
+            f" (jitter moves a single round trip between {_us(floor - spread)} and "
+            f"{_us(floor + spread)})"
+            if spread
+            else ""
+        )
         out.append(
-            f"**Latency**: each round trip crosses the path twice, a floor of {_us(floor)}. "
-            f"Median above that floor, per row: {listed}."
+            f"**Latency**: each round trip crosses the path twice, {_us(floor)} of path delay "
+            f"on average{jitter}. Median minus that average, per row: {listed}."
         )
     lossy = [r for r in latency if "loss" in r["path"] and "no loss" not in r["path"]]
     if lossy and spec["loss"]:
