@@ -781,8 +781,10 @@ decoder_parse(DecoderObject *d, PyObject *out)
                     return -1;
                 break;
             }
-            if (total > PyByteArray_GET_SIZE(d->buf) - start &&
-                decoder_make_room(d, (Py_ssize_t)(total - avail)) < 0)
+            /* a big payload gets its own buffer: only its prefix is staged here */
+            Py_ssize_t staged = plen >= LARGE_PAYLOAD ? prefix : (Py_ssize_t)total;
+            if (staged > PyByteArray_GET_SIZE(d->buf) - start &&
+                decoder_make_room(d, staged - avail) < 0)
                 return -1;
             break;
         }

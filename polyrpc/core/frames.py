@@ -325,8 +325,11 @@ class FrameDecoder:
                 if plen >= LARGE_PAYLOAD and avail >= prefix:
                     self._begin_large(kind, seq, codec, flags, mlen, metalen, plen)
                     break
-                if total > len(buf) - start:
-                    self._make_room(total - avail)
+                # a big payload gets its own buffer: only its prefix is staged here (growing
+                # for the whole frame would also fail while the caller holds get_buffer's view)
+                staged = prefix if plen >= LARGE_PAYLOAD else total
+                if staged > len(buf) - start:
+                    self._make_room(staged - avail)
                     buf = self._buf
                 break
             if mlen or metalen:
