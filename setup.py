@@ -1,5 +1,13 @@
-"""Build the optional C accelerator of the frame codec (metadata lives in pyproject.toml)."""
+"""Builds the C parts: the KCP core (cffi API mode) and the optional frame-codec accelerator.
+
+All other metadata lives in pyproject.toml.
+"""
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("polyrpc.core._frames", ["polyrpc/core/_frames.c"], optional=True)])
+setup(
+    cffi_modules=["polyrpc/transports/kcp/_build.py:ffibuilder"],
+    ext_modules=[
+        Extension("polyrpc.core._frames", ["polyrpc/core/_frames.c"], optional=True),
+    ],
+)

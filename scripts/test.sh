@@ -8,7 +8,7 @@ scripts/setup.sh || exit 1
 
 # transports that must be usable here: a missing one fails the run instead of silently
 # dropping out of the parametrised suites
-export POLYRPC_REQUIRE_TRANSPORTS=${POLYRPC_REQUIRE_TRANSPORTS:-tcp,tls,unix,mem,quic}
+export POLYRPC_REQUIRE_TRANSPORTS=${POLYRPC_REQUIRE_TRANSPORTS:-tcp,tls,unix,mem,quic,kcp}
 
 .venv/bin/python -m ruff check polyrpc tests || exit 1
 .venv/bin/python -m pytest "$@"

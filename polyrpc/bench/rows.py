@@ -10,6 +10,7 @@ from .targets import MessageTarget, RpcTarget, Target
 REFERENCES: dict[str, str] = {
     "raw-asyncio": "polyrpc.bench.raw_asyncio:RawAsyncio",
     "raw-aioquic": "polyrpc.bench.raw_aioquic:RawAioquic",
+    "raw-aiokcp": "polyrpc.bench.raw_aiokcp:RawAiokcpTarget",
 }
 """Hand-written baselines, measured in the same run as polyrpc's rows."""
 

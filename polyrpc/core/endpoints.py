@@ -8,7 +8,6 @@ import time
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import Any
 
-from .errors import PolyrpcError
 from .frames import Limits
 from .messages import make_config, open_session
 from .registry import registry
@@ -156,10 +155,7 @@ class Server:
         task.add_done_callback(self._admitting.discard)
 
     async def _admit(self, connection: RpcConnection) -> None:
-        try:
-            await connection.handshake()
-        except PolyrpcError as exc:
-            log.info("%s handshake with %s failed: %s", connection.transport, connection.peer, exc)
+        if not await connection.accept_handshake():
             return
         self.connections.add(connection)
         self._total_connections += 1

@@ -41,15 +41,38 @@ _STREAM_ITEM, _STREAM_END, _CREDIT, _CANCEL = (
 _context: contextvars.ContextVar[CallContext] = contextvars.ContextVar("polyrpc_call")
 
 
-@dataclass
 class CallContext:
-    """What a handler knows about the call it is serving (see :func:`current_context`)."""
+    """What a handler knows about the call it is serving (see :func:`current_context`).
 
-    method: str
-    connection: RpcConnection
-    metadata: dict[str, str]
-    deadline: float | None
-    """Seconds since the epoch after which the caller stops waiting, if it set a timeout."""
+    Built per call on the hot path, so it only keeps references; the rest is derived
+    when asked for.
+    """
+
+    __slots__ = ("_received", "connection", "frame")
+
+    def __init__(self, connection: RpcConnection, frame: Frame) -> None:
+        self.connection = connection
+        self.frame = frame
+        self._received = time.time()
+
+    @property
+    def method(self) -> str:
+        return self.frame.method
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.frame.metadata
+
+    @property
+    def deadline(self) -> float | None:
+        """Seconds since the epoch after which the caller stops waiting, if it set a timeout."""
+        timeout = self.frame.metadata.get("timeout")
+        if timeout is None:
+            return None
+        try:
+            return self._received + float(timeout)
+        except ValueError:
+            return None
 
     @property
     def peer(self) -> Any:
@@ -62,6 +85,9 @@ class CallContext:
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call a service the caller registered, over the same connection (a callback)."""
         return await self.connection.call(method, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<CallContext {self.method} from {self.peer!r} over {self.transport}>"
 
 
 def current_context() -> CallContext:
@@ -313,20 +339,13 @@ class RpcConnection(Session):
             self._arg_senders[seq] = state
             sender = self.loop.create_task(self._send_argument_stream(seq, source, state))
             future.add_done_callback(lambda _: sender.cancel())
-        if self.byte_stream.writing_paused:
-            await self.wait_writable()
         return seq, future, sender
 
     async def _send_argument_stream(
         self, seq: int, source: AsyncIterable[Any], state: _IncomingCall
     ) -> None:
         try:
-            async for item in source:
-                await self._spend_credit(state)
-                self.send_frame(_STREAM_ITEM, seq, item)
-                if self.byte_stream.writing_paused:
-                    await self.wait_writable()
-            self.send_frame(_STREAM_END, seq)
+            await self._pump_items(seq, source, state)
         except (ConnectionLost, asyncio.CancelledError):
             pass
         except Exception as exc:
@@ -359,12 +378,12 @@ class RpcConnection(Session):
         else:  # the common case, without an extra coroutine level
             payload = self._encode_call(args, kwargs)
             seq, future = self.begin_request(payload, method, metadata, timeout, 0, encoded=True)
+        try:
             if self.byte_stream.writing_paused:
                 await self.wait_writable()
-        try:
             frame = await future
-        except asyncio.CancelledError:
-            self.cancel_request(seq)
+        except BaseException:
+            self.abandon_request(seq, future)
             raise
         if frame.kind == Kind.ERROR:
             error = self.remote_error(frame)
@@ -442,34 +461,19 @@ class RpcConnection(Session):
         self.respond_error(seq, error, error.code)
 
     def _decode_arguments(self, frame: Frame) -> tuple[list, dict]:
-        try:
-            body = self.decode(frame)
-        except ProtocolError:
-            raise
-        if (
-            not isinstance(body, list)
-            or len(body) != 2
-            or not isinstance(body[0], list)
-            or not isinstance(body[1], dict)
-        ):
+        body = self.decode(frame)
+        if type(body) is not list or len(body) != 2:
             raise ProtocolError("a call's payload must be [args, kwargs]")
-        return body[0], body[1]
-
-    def _context_for(self, frame: Frame) -> CallContext:
-        deadline = None
-        timeout = frame.metadata.get("timeout")
-        if timeout is not None:
-            try:
-                deadline = time.time() + float(timeout)
-            except ValueError:
-                deadline = None
-        return CallContext(frame.method, self, frame.metadata, deadline)
+        args, kwargs = body
+        if type(args) is not list or type(kwargs) is not dict:
+            raise ProtocolError("a call's payload must be [args, kwargs]")
+        return args, kwargs
 
     def _call_inline(
         self, seq: int, method: Method, args: list, kwargs: dict, frame: Frame
     ) -> None:
         started = time.perf_counter()
-        token = _context.set(self._context_for(frame))
+        token = _context.set(CallContext(self, frame))
         try:
             result = method.func(*args, **kwargs)
         except Exception as exc:
@@ -477,9 +481,7 @@ class RpcConnection(Session):
             return
         finally:
             _context.reset(token)
-        self.services.record(method.name, time.perf_counter() - started, False)
-        self.calls_handled += 1
-        self.respond(seq, result)
+        self._report_success(seq, method, result, started)
 
     def _start_eagerly(
         self, seq: int, method: Method, args: list, kwargs: dict, frame: Frame
@@ -490,7 +492,7 @@ class RpcConnection(Session):
         most of the per-call cost (Python 3.12's eager tasks, done by hand for 3.11).
         """
         started = time.perf_counter()
-        token = _context.set(self._context_for(frame))
+        token = _context.set(CallContext(self, frame))
         try:
             try:
                 coro = method.func(*args, **kwargs)
@@ -500,9 +502,7 @@ class RpcConnection(Session):
             try:
                 waiting_on = coro.send(None)
             except StopIteration as done:
-                self.services.record(method.name, time.perf_counter() - started, False)
-                self.calls_handled += 1
-                self.respond(seq, done.value)
+                self._report_success(seq, method, done.value, started)
                 return
             except Exception as exc:
                 self._report_failure(seq, method, exc, started, args, kwargs)
@@ -544,6 +544,9 @@ class RpcConnection(Session):
             return
         finally:
             self._incoming.pop(seq, None)
+        self._report_success(seq, method, result, started)
+
+    def _report_success(self, seq: int, method: Method, result: Any, started: float) -> None:
         self.services.record(method.name, time.perf_counter() - started, False)
         self.calls_handled += 1
         self.respond(seq, result)
@@ -574,7 +577,7 @@ class RpcConnection(Session):
         kwargs: dict,
         frame: Frame,
     ) -> None:
-        context = self._context_for(frame)
+        context = CallContext(self, frame)
         _context.set(context)
         started = time.perf_counter()
         timeout = None if context.deadline is None else max(0.0, context.deadline - time.time())
@@ -608,9 +611,7 @@ class RpcConnection(Session):
             return
         finally:
             self._incoming.pop(seq, None)
-        self.services.record(method.name, time.perf_counter() - started, False)
-        self.calls_handled += 1
-        self.respond(seq, result)
+        self._report_success(seq, method, result, started)
 
     async def _stream_results(
         self, seq: int, call: _IncomingCall, method: Method, args: list, kwargs: dict, frame: Frame
@@ -636,15 +637,19 @@ class RpcConnection(Session):
             call.credit = STREAM_CREDIT
         iterator = produced if isinstance(produced, AsyncIterable) else _aiter_sync(produced)
         try:
-            async for item in iterator:
-                await self._spend_credit(call)
-                self.send_frame(_STREAM_ITEM, seq, item)
-                if self.byte_stream.writing_paused:
-                    await self.wait_writable()
+            await self._pump_items(seq, iterator, call)
         finally:
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    async def _pump_items(self, seq: int, items: AsyncIterable[Any], state: _IncomingCall) -> None:
+        """Send ``items`` as STREAM_ITEMs, each paid for with the consumer's credit, then END."""
+        async for item in items:
+            await self._spend_credit(state)
+            self.send_frame(_STREAM_ITEM, seq, item)
+            if self.byte_stream.writing_paused:
+                await self.wait_writable()
         self.send_frame(_STREAM_END, seq)
 
     async def _spend_credit(self, state: _IncomingCall) -> None:
@@ -678,7 +683,7 @@ class RpcConnection(Session):
     async def _run_notification(
         self, method: Method, args: list, kwargs: dict, frame: Frame
     ) -> None:
-        _context.set(self._context_for(frame))
+        _context.set(CallContext(self, frame))
         started = time.perf_counter()
         try:
             result = method.func(*args, **kwargs)
@@ -743,16 +748,6 @@ class RpcConnection(Session):
         for state in self._arg_senders.values():
             if state.credit_event is not None:
                 state.credit_event.set()
-
-    async def __aenter__(self) -> RpcConnection:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    def __repr__(self) -> str:
-        state = "closed" if self.is_closed else "open"
-        return f"<{type(self).__name__} {self.transport} peer={self.peer!r} {state}>"
 
 
 async def _aiter_sync(items: Iterable[Any]) -> AsyncIterator[Any]:
