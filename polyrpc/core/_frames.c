@@ -259,7 +259,8 @@ static PyMethodDef Frame_methods[] = {
 
 static PyTypeObject FrameType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "polyrpc.core._frames.Frame",
-    .tp_doc = "One decoded frame; ``payload`` is still encoded (see ``codec``).",
+    .tp_doc = "Frame(kind, seq, method='', metadata={}, payload=b'', codec=0, flags=0)\n--\n\n"
+              "One decoded frame; ``payload`` is still encoded (see ``codec``).",
     .tp_basicsize = sizeof(FrameObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,
@@ -682,6 +683,9 @@ decoder_metadata(DecoderObject *d, const unsigned char *p, Py_ssize_t n)
 static PyObject *
 decoder_build(DecoderObject *d, const unsigned char *h, Py_ssize_t mlen, Py_ssize_t metalen)
 {
+    /* header fields first: the error paths below may run Python code */
+    unsigned char kind = h[3], codec = h[4], flags = h[5];
+    uint64_t seq_value = rd64(h + 8);
     PyObject *method, *metadata;
     if (mlen) {
         method = decoder_method(d, (const char *)h + HEADER_SIZE, mlen);
@@ -701,14 +705,15 @@ decoder_build(DecoderObject *d, const unsigned char *h, Py_ssize_t mlen, Py_ssiz
     else {
         metadata = Py_NewRef(empty_metadata);
     }
-    PyObject *seq = PyLong_FromUnsignedLongLong(rd64(h + 8));
+    PyObject *seq = PyLong_FromUnsignedLongLong(seq_value);
     if (seq == NULL) {
         Py_DECREF(method);
         Py_DECREF(metadata);
         return NULL;
     }
-    return frame_make(PyLong_FromLong(h[3]), seq, method, metadata, Py_NewRef(empty_bytes),
-                      PyLong_FromLong(h[4]), PyLong_FromLong(h[5]));
+    /* ints below 256 are preallocated: PyLong_FromLong cannot fail for them */
+    return frame_make(PyLong_FromLong(kind), seq, method, metadata, Py_NewRef(empty_bytes),
+                      PyLong_FromLong(codec), PyLong_FromLong(flags));
 }
 
 /* Switch to reading a big payload into its own buffer, keeping what already arrived. */
