@@ -64,3 +64,7 @@ class HandshakeError(ConnectFailed):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ConnectTimeout(ConnectFailed, CallTimeout):
+    """Connecting (including the handshake) took longer than the connect timeout."""

@@ -112,9 +112,14 @@ class Stream(ABC):
 
     # -- sending -----------------------------------------------------------
     @abstractmethod
-    def write(self, buffers: Sequence[Buffer]) -> None:
-        """Queue ``buffers`` to be sent in order as one gather write; never blocks.
+    def write(self, buffers: Sequence[Buffer], *, ordered: bool = True) -> None:
+        """Queue ``buffers`` to be sent as one gather write; never blocks.
 
+        The session always writes whole frames, never part of one. ``ordered=False``
+        marks a unit that may overtake other units (independent requests and their
+        responses): a multi-stream transport such as QUIC may carry it on its own
+        stream so a loss elsewhere does not delay it. Ordered units keep their order
+        among themselves. Single-stream transports simply ignore the flag.
         The buffers must not be mutated afterwards. Raises ConnectionLost if the
         stream is closing or broken.
         """
@@ -134,9 +139,9 @@ class Stream(ABC):
             self._drain_waiter = asyncio.get_running_loop().create_future()
         await asyncio.shield(self._drain_waiter)
 
-    async def send(self, buffers: Sequence[Buffer]) -> None:
+    async def send(self, buffers: Sequence[Buffer], *, ordered: bool = True) -> None:
         """:meth:`write` then wait only if the stream is over its high-water mark."""
-        self.write(buffers)
+        self.write(buffers, ordered=ordered)
         if self._write_paused:
             await self.drain()
 

@@ -76,7 +76,7 @@ class MemoryStream(Stream):
             if self.peer is not None:
                 self.peer._schedule_flush()
 
-    def write(self, buffers: Sequence[Buffer]) -> None:
+    def write(self, buffers: Sequence[Buffer], *, ordered: bool = True) -> None:
         self._check_writable()
         data = b"".join(buffers)
         if not data:

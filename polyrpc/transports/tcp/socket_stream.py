@@ -40,6 +40,7 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
         self._read_view = memoryview(self._read_buffer)
         self._buffered_receiver = False
         self._lost_future: asyncio.Future[None] | None = None
+        self._eof_sent = False
 
     # -- asyncio protocol side --------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -75,7 +76,8 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self.receiver.eof_received()
-        return self._half_close
+        # keep the socket open only while we may still write (half-close)
+        return self._half_close and not self._eof_sent
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -98,7 +100,7 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.resume_reading()
 
-    def write(self, buffers: Sequence[Buffer]) -> None:
+    def write(self, buffers: Sequence[Buffer], *, ordered: bool = True) -> None:
         self._check_writable()
         transport = self._transport
         assert transport is not None
@@ -131,6 +133,7 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
                 "use close() instead"
             )
         self._transport.write_eof()
+        self._eof_sent = True
 
     async def close(self) -> None:
         if self._transport is None:

@@ -1,0 +1,124 @@
+"""Payload codecs: msgpack (default), json and raw bytes; pluggable by id and name.
+
+A frame carries its codec id, so a connection can mix them: bytes-like payloads
+always travel as ``raw`` (no copy, no encoding), everything else with the
+connection's negotiated codec.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from typing import Any
+
+import msgpack
+
+from .errors import ProtocolError
+
+Bytes = bytes | bytearray | memoryview
+
+
+class Codec(ABC):
+    """Turns Python objects into payload bytes and back."""
+
+    id: int
+    name: str
+
+    @abstractmethod
+    def encode(self, obj: Any) -> Bytes:
+        """The payload for ``obj``; TypeError if it cannot be encoded."""
+
+    @abstractmethod
+    def decode(self, data: Bytes) -> Any:
+        """The object in ``data``; ProtocolError if the bytes are not valid."""
+
+
+class RawCodec(Codec):
+    """Bytes as they are; decoding yields ``bytes``."""
+
+    id, name = 0, "raw"
+
+    def encode(self, obj: Any) -> Bytes:
+        if not isinstance(obj, bytes | bytearray | memoryview):
+            raise TypeError(f"the raw codec sends bytes-like objects only, not {type(obj).__name__}")
+        return obj
+
+    def decode(self, data: Bytes) -> Any:
+        return data if type(data) is bytes else bytes(data)
+
+
+class MsgpackCodec(Codec):
+    """msgpack with bin/str distinction; tuples arrive as lists."""
+
+    id, name = 1, "msgpack"
+
+    def __init__(self) -> None:
+        self._packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+    def encode(self, obj: Any) -> Bytes:
+        try:
+            return self._packb(obj)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise TypeError(f"cannot encode {type(obj).__name__} with msgpack: {exc}") from None
+
+    def decode(self, data: Bytes) -> Any:
+        try:
+            return msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except Exception as exc:
+            raise ProtocolError(f"undecodable msgpack payload: {exc}") from None
+
+
+class JsonCodec(Codec):
+    """UTF-8 JSON; handy for debugging and non-Python peers."""
+
+    id, name = 2, "json"
+
+    def encode(self, obj: Any) -> Bytes:
+        try:
+            return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"cannot encode {type(obj).__name__} as JSON: {exc}") from None
+
+    def decode(self, data: Bytes) -> Any:
+        try:
+            return json.loads(bytes(data))
+        except ValueError as exc:
+            raise ProtocolError(f"undecodable JSON payload: {exc}") from None
+
+
+RAW = RawCodec()
+_by_id: dict[int, Codec] = {}
+_by_name: dict[str, Codec] = {}
+
+
+def register_codec(codec: Codec) -> None:
+    """Make ``codec`` available by its id (on the wire) and name (in options)."""
+    if not 0 <= codec.id <= 255:
+        raise ValueError("codec ids are one byte (0-255)")
+    _by_id[codec.id] = codec
+    _by_name[codec.name] = codec
+
+
+for _codec in (RAW, MsgpackCodec(), JsonCodec()):
+    register_codec(_codec)
+
+
+def codec_by_name(name: str) -> Codec:
+    """The codec called ``name``; ValueError listing the valid names otherwise."""
+    try:
+        return _by_name[name]
+    except KeyError:
+        raise ValueError(f"unknown codec {name!r}; available: {', '.join(sorted(_by_name))}") from None
+
+
+def codec_by_id(codec_id: int) -> Codec:
+    """The codec with wire id ``codec_id``; ProtocolError if there is none."""
+    try:
+        return _by_id[codec_id]
+    except KeyError:
+        raise ProtocolError(f"frame uses unknown codec id {codec_id}") from None
+
+
+def codec_names() -> list[str]:
+    """Names of every registered codec."""
+    return sorted(_by_name)

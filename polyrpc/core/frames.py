@@ -1,0 +1,338 @@
+"""The polyrpc frame format and a sans-IO incremental decoder.
+
+Layout (little-endian; see docs/protocol.md)::
+
+    0  2  magic  b"PR"
+    2  1  version (1)
+    3  1  kind (Kind)
+    4  1  codec id
+    5  1  flags
+    6  2  method length  (u16)
+    8  8  sequence id    (u64)
+    16 4  metadata length (u32)
+    20 4  payload length (u32)
+    24    method (UTF-8) | metadata | payload
+
+Metadata is a string map: per entry u16 key length, key, u32 value length,
+value (both UTF-8). Every length is checked against the limits before any
+buffer is allocated for it.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from .errors import ProtocolError
+
+MAGIC = b"PR"
+VERSION = 1
+HEADER = struct.Struct("<2sBBBBHQII")
+HEADER_SIZE = HEADER.size
+_META_KEY = struct.Struct("<H")
+_META_VALUE = struct.Struct("<I")
+_EMPTY: dict[str, str] = {}
+
+LARGE_PAYLOAD = 128 << 10
+"""Payloads at least this big are read straight into their own buffer (no copy)."""
+INITIAL_BUFFER = 256 << 10
+
+
+class Kind(IntEnum):
+    """What a frame is for."""
+
+    HELLO = 1
+    REQUEST = 2
+    RESPONSE = 3
+    ERROR = 4
+    ONEWAY = 5
+    HEARTBEAT = 6
+    CANCEL = 7
+    STREAM_ITEM = 8
+    STREAM_END = 9
+    CREDIT = 10
+    GOAWAY = 11
+
+
+_KINDS = frozenset(int(k) for k in Kind)
+
+FLAG_REPLY = 0x01
+"""HELLO/HEARTBEAT: this frame answers the peer's."""
+FLAG_STREAM = 0x02
+"""REQUEST: the caller expects a stream of items; RESPONSE: items follow."""
+FLAG_ARG_STREAM = 0x04
+"""REQUEST: the last argument arrives as STREAM_ITEM frames after the request."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds enforced on every received frame, before allocation."""
+
+    max_frame: int = 64 << 20
+    max_metadata: int = 64 << 10
+    max_method: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_frame < HEADER_SIZE or self.max_metadata < 0 or self.max_method < 0:
+            raise ValueError(f"invalid frame limits: {self}")
+
+
+class Frame:
+    """One decoded frame; ``payload`` is still encoded (see ``codec``)."""
+
+    __slots__ = ("codec", "flags", "kind", "metadata", "method", "payload", "seq")
+
+    def __init__(
+        self,
+        kind: int,
+        seq: int,
+        method: str = "",
+        metadata: dict[str, str] = _EMPTY,
+        payload: Any = b"",
+        codec: int = 0,
+        flags: int = 0,
+    ) -> None:
+        self.kind = kind
+        self.seq = seq
+        self.method = method
+        self.metadata = metadata
+        self.payload = payload
+        self.codec = codec
+        self.flags = flags
+
+    def __repr__(self) -> str:
+        name = Kind(self.kind).name if self.kind in _KINDS else self.kind
+        return (
+            f"Frame({name}, seq={self.seq}, method={self.method!r}, "
+            f"metadata={self.metadata!r}, payload={len(self.payload)} bytes, "
+            f"codec={self.codec}, flags={self.flags:#x})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frame):
+            return NotImplemented
+        return all(getattr(self, a) == getattr(other, a) for a in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def encode_metadata(metadata: dict[str, str]) -> bytes:
+    """Serialise a string map in the frame's metadata layout."""
+    parts: list[bytes] = []
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata keys and values must be str, got {key!r}: {value!r}")
+        k, v = key.encode(), value.encode()
+        parts += (_META_KEY.pack(len(k)), k, _META_VALUE.pack(len(v)), v)
+    return b"".join(parts)
+
+
+def decode_metadata(data: bytes | memoryview) -> dict[str, str]:
+    """Parse metadata bytes; ProtocolError on any inconsistency."""
+    result: dict[str, str] = {}
+    pos, end = 0, len(data)
+    try:
+        while pos < end:
+            (klen,) = _META_KEY.unpack_from(data, pos)
+            pos += 2
+            key = bytes(data[pos : pos + klen]).decode()
+            pos += klen
+            (vlen,) = _META_VALUE.unpack_from(data, pos)
+            pos += 4
+            if pos + vlen > end:
+                raise ProtocolError("metadata entry runs past the metadata block")
+            result[key] = bytes(data[pos : pos + vlen]).decode()
+            pos += vlen
+        if pos != end:
+            raise ProtocolError("metadata entry runs past the metadata block")
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"malformed frame metadata: {exc}") from None
+    return result
+
+
+def encode_frame(
+    kind: int,
+    seq: int,
+    payload: bytes | bytearray | memoryview = b"",
+    *,
+    method: str = "",
+    metadata: dict[str, str] | None = None,
+    codec: int = 0,
+    flags: int = 0,
+) -> list[bytes | bytearray | memoryview]:
+    """The frame as buffers for a gather write: a prefix, and a large payload separately."""
+    method_bytes = method.encode() if method else b""
+    meta = encode_metadata(metadata) if metadata else b""
+    header = HEADER.pack(
+        MAGIC, VERSION, kind, codec, flags, len(method_bytes), seq, len(meta), len(payload)
+    )
+    if len(payload) >= LARGE_PAYLOAD:
+        return [header + method_bytes + meta, payload]
+    return [b"".join((header, method_bytes, meta, payload))]
+
+
+def describe_garbage(data: bytes) -> str:
+    """A hint about what a non-polyrpc peer might be, from its first bytes."""
+    head = bytes(data[:8])
+    if head[:4] in (b"GET ", b"POST", b"PUT ", b"HEAD", b"PRI ", b"OPTI", b"DELE", b"HTTP"):
+        return f"the peer is speaking HTTP, not polyrpc (got {head!r})"
+    if head[:1] == b"\x16":
+        return f"the peer is speaking TLS; use the tls@ scheme (got {head!r})"
+    return f"the peer is not speaking polyrpc (bad magic {head[:2]!r}, expected {MAGIC!r})"
+
+
+class FrameDecoder:
+    """Incremental frame parser. Feed bytes (or let a socket fill :meth:`get_buffer`).
+
+    Both entry points return the frames completed so far; a violation raises
+    ProtocolError and leaves the decoder broken (the connection must close).
+    """
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self._buf = bytearray(INITIAL_BUFFER)
+        self._start = 0
+        self._end = 0
+        self._large: bytearray | None = None
+        self._large_filled = 0
+        self._large_frame: Frame | None = None
+        self._methods: dict[bytes, str] = {}
+        self.broken: ProtocolError | None = None
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of an incomplete frame held (non-zero at EOF means a truncated frame)."""
+        if self._large is not None:
+            return HEADER_SIZE + self._large_filled
+        return self._end - self._start
+
+    # -- socket-facing, copy-free path ------------------------------------
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Writable space for the next read (the large payload's own buffer when in one)."""
+        if self._large is not None:
+            return memoryview(self._large)[self._large_filled :]
+        free = len(self._buf) - self._end
+        if free < 4096:
+            self._make_room(4096)
+        return memoryview(self._buf)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> list[Frame]:
+        """``nbytes`` were written into the last :meth:`get_buffer`; return complete frames."""
+        if self._large is not None:
+            self._large_filled += nbytes
+            if self._large_filled < len(self._large):
+                return []
+            frame = self._large_frame
+            assert frame is not None
+            frame.payload = self._large
+            self._large = self._large_frame = None
+            return [frame]
+        self._end += nbytes
+        return self._parse()
+
+    # -- plain path --------------------------------------------------------
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Add received bytes; return the frames they complete."""
+        frames: list[Frame] = []
+        view = memoryview(data)
+        while view:
+            target = self.get_buffer(len(view))
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            view = view[n:]
+            frames += self.buffer_updated(n)
+        return frames
+
+    # -- internals ---------------------------------------------------------
+    def _make_room(self, needed: int) -> None:
+        """Ensure ``needed`` free bytes after ``_end``: compact first, grow if still short."""
+        used = self._end - self._start
+        if self._start:
+            self._buf[:used] = self._buf[self._start : self._end]
+            self._start, self._end = 0, used
+        if len(self._buf) - used < needed:
+            self._buf.extend(bytes(needed - (len(self._buf) - used)))
+
+    def _fail(self, message: str) -> ProtocolError:
+        self.broken = ProtocolError(message)
+        return self.broken
+
+    def _parse(self) -> list[Frame]:
+        if self.broken is not None:
+            raise self.broken
+        frames: list[Frame] = []
+        buf = self._buf
+        limits = self.limits
+        while True:
+            start, avail = self._start, self._end - self._start
+            if avail < HEADER_SIZE:
+                if avail >= 2 and buf[start : start + 2] != MAGIC:
+                    raise self._fail(describe_garbage(bytes(buf[start : self._end])))
+                break
+            magic, version, kind, codec, flags, mlen, seq, metalen, plen = HEADER.unpack_from(
+                buf, start
+            )
+            if magic != MAGIC:
+                raise self._fail(describe_garbage(bytes(buf[start : start + HEADER_SIZE])))
+            if version != VERSION:
+                raise self._fail(f"unsupported polyrpc frame version {version} (this is {VERSION})")
+            if kind not in _KINDS:
+                raise self._fail(f"unknown frame kind {kind}")
+            if mlen > limits.max_method:
+                raise self._fail(f"method name of {mlen} bytes exceeds {limits.max_method}")
+            if metalen > limits.max_metadata:
+                raise self._fail(f"metadata of {metalen} bytes exceeds {limits.max_metadata}")
+            total = HEADER_SIZE + mlen + metalen + plen
+            if total > limits.max_frame:
+                raise self._fail(f"frame of {total} bytes exceeds the limit of {limits.max_frame}")
+            prefix = HEADER_SIZE + mlen + metalen
+            if avail < total:
+                if plen >= LARGE_PAYLOAD and avail >= prefix:
+                    self._begin_large(kind, seq, codec, flags, mlen, metalen, plen)
+                    break
+                if total > len(buf) - start:
+                    self._make_room(total - avail)
+                    buf = self._buf
+                break
+            frame = self._build(kind, seq, codec, flags, mlen, metalen)
+            frame.payload = bytes(buf[start + prefix : start + total])
+            frames.append(frame)
+            self._start = start + total
+        if self._start == self._end:
+            self._start = self._end = 0
+        return frames
+
+    def _build(self, kind: int, seq: int, codec: int, flags: int, mlen: int, metalen: int) -> Frame:
+        buf, pos = self._buf, self._start + HEADER_SIZE
+        method = ""
+        if mlen:
+            raw = bytes(buf[pos : pos + mlen])
+            method = self._methods.get(raw)  # type: ignore[assignment]
+            if method is None:
+                try:
+                    method = raw.decode()
+                except UnicodeDecodeError:
+                    raise self._fail("method name is not valid UTF-8") from None
+                if len(self._methods) < 4096:
+                    self._methods[raw] = method
+        metadata = _EMPTY
+        if metalen:
+            try:
+                metadata = decode_metadata(memoryview(buf)[pos + mlen : pos + mlen + metalen])
+            except ProtocolError as exc:
+                raise self._fail(str(exc)) from None
+        return Frame(kind, seq, method, metadata, b"", codec, flags)
+
+    def _begin_large(
+        self, kind: int, seq: int, codec: int, flags: int, mlen: int, metalen: int, plen: int
+    ) -> None:
+        """Switch to reading a big payload into its own buffer, keeping what already arrived."""
+        frame = self._build(kind, seq, codec, flags, mlen, metalen)
+        begin = self._start + HEADER_SIZE + mlen + metalen
+        have = self._end - begin
+        large = bytearray(plen)
+        large[:have] = self._buf[begin : self._end]
+        self._start = self._end = 0
+        self._large, self._large_filled, self._large_frame = large, have, frame

@@ -1,0 +1,319 @@
+"""The message core's public API: whole messages over any transport URL, no RPC.
+
+``dial(url)`` gives a :class:`Connection`; ``listen(url, ...)`` accepts them.
+A connection sends one-way messages (``send``/``receive``) and request/reply
+pairs (``request`` on one side, ``on_request`` on the other). The RPC layer
+uses the same session underneath.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+from .errors import ConnectionLost, ConnectTimeout, PolyrpcError
+from .frames import Frame
+from .registry import registry
+from .session import Session, SessionConfig
+from .stream import Listener, Stream
+
+log = logging.getLogger("polyrpc")
+
+RequestHandler = Callable[[Any], Any]
+"""Answers a request: takes the message, returns the reply (or an awaitable of it)."""
+
+
+class Message:
+    """A received one-way message: the decoded ``payload`` and its ``metadata``."""
+
+    __slots__ = ("metadata", "payload")
+
+    def __init__(self, payload: Any, metadata: dict[str, str]) -> None:
+        self.payload = payload
+        self.metadata = metadata
+
+    def __repr__(self) -> str:
+        return f"Message({self.payload!r}, metadata={self.metadata!r})"
+
+
+class Connection(Session):
+    """A polyrpc connection used for plain messages and request/reply."""
+
+    def __init__(
+        self,
+        stream: Stream,
+        config: SessionConfig,
+        *,
+        is_client: bool,
+        on_request: RequestHandler | None = None,
+    ) -> None:
+        super().__init__(stream, config, is_client=is_client)
+        self.on_request_handler = on_request
+        self._inbox: deque[tuple[Message, int]] = deque()
+        self._inbox_bytes = 0
+        self._reading_paused = False
+        self._inbox_waiter: asyncio.Future[None] | None = None
+        self._handlers_running = 0
+
+    # --- sending ---------------------------------------------------------
+    async def send(self, message: Any, *, metadata: dict[str, str] | None = None) -> None:
+        """Send a one-way message; waits only while the peer or the network is slow."""
+        self.send_oneway(message, metadata=metadata)
+        if self.stream.writing_paused:
+            await self.wait_writable()
+
+    async def request(
+        self,
+        message: Any,
+        *,
+        timeout: float | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Any:
+        """Send ``message`` as a request and return the peer's reply."""
+        return self.result(await self.request_frame(message, metadata=metadata, timeout=timeout))
+
+    # --- receiving -------------------------------------------------------
+    async def receive_message(self) -> Message:
+        """The next one-way message with its metadata; ConnectionLost once closed and drained."""
+        while not self._inbox:
+            if self.is_closed or self._peer_closing:
+                raise self.lost_error() if self.is_closed else ConnectionLost(
+                    "the peer closed the connection"
+                )
+            if self._inbox_waiter is None:
+                self._inbox_waiter = self.loop.create_future()
+            await self._inbox_waiter
+        message, size = self._inbox.popleft()
+        self._inbox_bytes -= size
+        if self._reading_paused and self._inbox_bytes <= self.config.max_inbox_bytes // 2:
+            self._reading_paused = False
+            self.stream.resume_reading()
+        return message
+
+    async def receive(self) -> Any:
+        """The payload of the next one-way message."""
+        return (await self.receive_message()).payload
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                yield await self.receive()
+            except ConnectionLost:
+                return
+
+    def _wake_receiver(self) -> None:
+        waiter, self._inbox_waiter = self._inbox_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- session hooks ---------------------------------------------------
+    def on_oneway(self, frame: Frame) -> None:
+        size = len(frame.payload)
+        self._inbox.append((Message(self.decode(frame), frame.metadata), size))
+        self._inbox_bytes += size
+        if not self._reading_paused and self._inbox_bytes > self.config.max_inbox_bytes:
+            self._reading_paused = True
+            self.stream.pause_reading()
+        self._wake_receiver()
+
+    def on_request(self, frame: Frame) -> None:
+        handler = self.on_request_handler
+        if handler is None:
+            super().on_request(frame)
+            return
+        try:
+            reply = handler(self.decode(frame))
+        except Exception as exc:
+            self.respond_error(frame.seq, exc, "handler_error")
+            return
+        if inspect.isawaitable(reply):
+            self._handlers_running += 1
+            self.loop.create_task(self._finish_request(frame.seq, reply))
+        else:
+            self.respond(frame.seq, reply)
+
+    async def _finish_request(self, seq: int, reply: Awaitable[Any]) -> None:
+        try:
+            value = await reply
+        except Exception as exc:
+            self.respond_error(seq, exc, "handler_error")
+        else:
+            self.respond(seq, value)
+        finally:
+            self._handlers_running -= 1
+
+    def active_incoming(self) -> int:
+        return self._handlers_running
+
+    def on_eof(self) -> None:
+        self._wake_receiver()
+        super().on_eof()
+
+    def on_goaway(self) -> None:
+        self._wake_receiver()
+
+    def on_closed(self, exc: Exception | None) -> None:
+        self._wake_receiver()
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.is_closed else "open"
+        return f"<Connection {self.transport} peer={self.peer!r} {state}>"
+
+
+def make_config(config: SessionConfig | None, **overrides: Any) -> SessionConfig:
+    """A SessionConfig from ``config`` with keyword overrides (unknown names are errors)."""
+    base = config or SessionConfig()
+    values = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return replace(base, **values)
+    except TypeError as exc:
+        raise TypeError(f"unknown connection option: {exc}") from None
+
+
+async def open_session(
+    url: str,
+    factory: Callable[[Stream], Session],
+    timeout: float,
+) -> Session:
+    """Dial ``url``, wrap the stream with ``factory`` and complete the HELLO handshake."""
+    transport, address = registry.resolve(url)
+    try:
+        async with asyncio.timeout(timeout):
+            stream = await transport.dial(address)
+            session = factory(stream)
+            try:
+                await session.handshake()
+            except BaseException:
+                session.abort()
+                raise
+    except TimeoutError:
+        raise ConnectTimeout(f"connecting to {url} timed out after {timeout:g}s") from None
+    return session
+
+
+async def dial(
+    url: str,
+    *,
+    on_request: RequestHandler | None = None,
+    timeout: float = 10.0,
+    config: SessionConfig | None = None,
+    **options: Any,
+) -> Connection:
+    """Connect to ``url`` and return a message :class:`Connection`.
+
+    ``options`` are :class:`SessionConfig` fields (codec, token, max_in_flight,
+    heartbeat_interval, idle_timeout, ...). ``on_request`` answers the peer's requests.
+    """
+    cfg = make_config(config, **options)
+    session = await open_session(
+        url, lambda s: Connection(s, cfg, is_client=True, on_request=on_request), timeout
+    )
+    assert isinstance(session, Connection)
+    return session
+
+
+ConnectionHandler = Callable[[Connection], Awaitable[None] | None]
+
+
+class MessageListener:
+    """Accepts connections on one URL; iterate it, ``accept()``, or pass a handler to listen()."""
+
+    def __init__(
+        self,
+        config: SessionConfig,
+        handler: ConnectionHandler | None,
+        on_request: RequestHandler | None,
+    ) -> None:
+        self.config = config
+        self.handler = handler
+        self.on_request = on_request
+        self.listener: Listener | None = None
+        self.connections: set[Connection] = set()
+        self._accepted: asyncio.Queue[Connection] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        """The URL clients dial (port 0 resolved to the bound port)."""
+        assert self.listener is not None
+        return self.listener.url
+
+    def _on_stream(self, stream: Stream) -> None:
+        connection = Connection(stream, self.config, is_client=False, on_request=self.on_request)
+        task = asyncio.get_running_loop().create_task(self._admit(connection))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _admit(self, connection: Connection) -> None:
+        try:
+            await connection.handshake()
+        except PolyrpcError as exc:
+            log.info("%s handshake with %s failed: %s", connection.transport, connection.peer, exc)
+            return
+        self.connections.add(connection)
+        connection._closed.add_done_callback(lambda _: self.connections.discard(connection))
+        if self.handler is None:
+            self._accepted.put_nowait(connection)
+            return
+        try:
+            result = self.handler(connection)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("connection handler failed for %s", connection.peer)
+            connection.abort()
+
+    async def accept(self) -> Connection:
+        """The next connection that completed its handshake (without a handler)."""
+        return await self._accepted.get()
+
+    def __aiter__(self) -> MessageListener:
+        return self
+
+    async def __anext__(self) -> Connection:
+        return await self.accept()
+
+    async def close(self, *, connections: bool = True) -> None:
+        """Stop listening and, by default, close the accepted connections gracefully."""
+        if self.listener is not None:
+            await self.listener.close()
+        if connections:
+            await asyncio.gather(*(c.close() for c in list(self.connections)))
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def __aenter__(self) -> MessageListener:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+async def listen(
+    url: str,
+    handler: ConnectionHandler | None = None,
+    *,
+    on_request: RequestHandler | None = None,
+    config: SessionConfig | None = None,
+    **options: Any,
+) -> MessageListener:
+    """Listen on ``url``; each connection goes to ``handler`` (or to ``accept()``)."""
+    cfg = make_config(config, **options)
+    transport, address = registry.resolve(url)
+    listener = MessageListener(cfg, handler, on_request)
+    listener.listener = await transport.listen(address, listener._on_stream)
+    return listener

@@ -1,0 +1,620 @@
+"""The session: one multiplexed, full-duplex polyrpc connection over any Stream.
+
+It owns the frame decoder, the HELLO handshake, sequence ids, the window of
+in-flight requests, batched writes, batched timeouts, heartbeats and the idle
+timeout, and graceful close. Whatever is above it (the message API, RPC)
+subclasses it and handles requests, one-way messages and the other frame kinds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .codecs import RAW, Codec, codec_by_id, codec_by_name
+from .errors import (
+    CallTimeout,
+    ConnectionLost,
+    HandshakeError,
+    PolyrpcError,
+    ProtocolError,
+    RemoteError,
+)
+from .frames import (
+    FLAG_REPLY,
+    VERSION,
+    Frame,
+    FrameDecoder,
+    Kind,
+    Limits,
+    encode_frame,
+)
+from .stream import Buffer, Stream
+from .timeouts import DeadlineWheel
+
+log = logging.getLogger("polyrpc")
+
+FEATURES = "cancel,stream,credit,goaway"
+"""What this implementation supports, announced in HELLO."""
+
+_REQUEST, _RESPONSE, _ERROR, _ONEWAY = Kind.REQUEST, Kind.RESPONSE, Kind.ERROR, Kind.ONEWAY
+_HEARTBEAT, _HELLO, _GOAWAY, _CANCEL = Kind.HEARTBEAT, Kind.HELLO, Kind.GOAWAY, Kind.CANCEL
+_BYTES = (bytes, bytearray, memoryview)
+
+
+@dataclass
+class SessionConfig:
+    """Per-connection settings; the defaults suit most uses."""
+
+    codec: str = "msgpack"
+    limits: Limits = field(default_factory=Limits)
+    max_in_flight: int = 128
+    """Outgoing requests awaiting a reply at once; more callers wait for a slot."""
+    heartbeat_interval: float = 5.0
+    """Send a heartbeat when nothing was sent for this long (0: never)."""
+    idle_timeout: float = 20.0
+    """Declare the peer dead when nothing arrived for this long (0: never)."""
+    handshake_timeout: float = 10.0
+    close_timeout: float = 10.0
+    """How long a graceful close waits for in-flight work before aborting."""
+    max_inbox_bytes: int = 8 << 20
+    """Unread received messages above this size pause reading (backpressure)."""
+    token: str | None = None
+    """Shared secret: a client sends it, a server requires it."""
+
+    def __post_init__(self) -> None:
+        codec_by_name(self.codec)
+        if self.max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+
+
+def error_payload(exc: BaseException, code: str, traceback_text: str | None = None) -> dict:
+    """The body of an ERROR frame describing ``exc``."""
+    body = {"type": type(exc).__name__, "message": str(exc), "code": code}
+    if traceback_text:
+        body["traceback"] = traceback_text
+    return body
+
+
+class Session:
+    """One polyrpc connection. Create with :meth:`client` / :meth:`server` helpers of subclasses."""
+
+    def __init__(self, stream: Stream, config: SessionConfig, *, is_client: bool) -> None:
+        self.stream = stream
+        self.config = config
+        self.is_client = is_client
+        self.codec: Codec = codec_by_name(config.codec)
+        self.peer_features: set[str] = set()
+        self.peer_info: dict[str, str] = {}
+        self.loop = asyncio.get_running_loop()
+        self._decoder = FrameDecoder(config.limits)
+        self._next_seq = 1
+        self._pending: dict[int, asyncio.Future[Frame]] = {}
+        self._pending_info: dict[int, tuple[str, float]] = {}
+        self._window = asyncio.Semaphore(config.max_in_flight)
+        self._out: list[Buffer] = []
+        self._out_ordered = False
+        self._flush_handle: asyncio.Handle | None = None
+        self._in_receive = False
+        self._deadlines = DeadlineWheel()
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._heartbeat_timer: asyncio.TimerHandle | None = None
+        self._last_recv = self._last_send = self.loop.time()
+        self._handshake: asyncio.Future[None] = self.loop.create_future()
+        self._closed: asyncio.Future[Exception | None] = self.loop.create_future()
+        self._closing = False
+        self._peer_closing = False
+        self.close_reason: Exception | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.opened_at = time.time()
+        stream.set_receiver(self)
+
+    # ------------------------------------------------------------------ info
+    @property
+    def transport(self) -> str:
+        """The transport's scheme (``tcp``, ``quic``...)."""
+        return self.stream.transport_name
+
+    @property
+    def peer(self) -> Any:
+        """The peer's address as the transport reports it."""
+        return self.stream.get_extra_info("peer")
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """Transport details: peer, local, tls_version, cipher, peer_cert, mtu..."""
+        return self.stream.extra
+
+    @property
+    def is_closed(self) -> bool:
+        """True once the connection is gone (closed or lost)."""
+        return self._closed.done()
+
+    @property
+    def in_flight(self) -> int:
+        """Outgoing requests awaiting a reply."""
+        return len(self._pending)
+
+    # ------------------------------------------------------------- handshake
+    async def handshake(self) -> None:
+        """Exchange HELLO frames; the client proposes, the server checks and answers."""
+        if self.is_client:
+            meta = {"version": str(VERSION), "codec": self.codec.name, "features": FEATURES}
+            if self.config.token is not None:
+                meta["token"] = self.config.token
+            self._write(encode_frame(_HELLO, 0, metadata=meta), ordered=True)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._handshake), self.config.handshake_timeout)
+        except TimeoutError:
+            self.abort(ConnectionLost("no polyrpc HELLO from the peer in time"))
+            raise HandshakeError(
+                f"the peer at {self.peer} did not complete the polyrpc handshake within "
+                f"{self.config.handshake_timeout}s (is it a polyrpc server?)",
+                "not_polyrpc",
+            ) from None
+        self._arm_heartbeat()
+
+    def _on_hello(self, frame: Frame) -> None:
+        meta = frame.metadata
+        if self._handshake.done():
+            raise ProtocolError("HELLO received twice")
+        if self.is_client:
+            if not frame.flags & FLAG_REPLY:
+                raise ProtocolError("expected a HELLO reply from the server")
+            self.peer_features = set(meta.get("features", "").split(","))
+            self.peer_info = dict(meta)
+            self._handshake.set_result(None)
+            return
+        problem = self._check_hello(meta)
+        if problem is not None:
+            reason, message = problem
+            log.info("refusing %s connection from %s: %s", self.transport, self.peer, message)
+            body = {"type": "HandshakeError", "message": message, "code": reason}
+            self._write(
+                encode_frame(_ERROR, 0, self.codec.encode(body), codec=self.codec.id), ordered=True
+            )
+            self._handshake.set_exception(HandshakeError(message, reason))
+            self._handshake.exception()
+            self.loop.create_task(self.close())
+            return
+        self.codec = codec_by_name(meta["codec"])
+        self.peer_features = set(meta.get("features", "").split(","))
+        self.peer_info = {k: v for k, v in meta.items() if k != "token"}
+        reply = {"version": str(VERSION), "codec": self.codec.name, "features": FEATURES}
+        self._write(encode_frame(_HELLO, 0, metadata=reply, flags=FLAG_REPLY), ordered=True)
+        self._handshake.set_result(None)
+
+    def _check_hello(self, meta: dict[str, str]) -> tuple[str, str] | None:
+        """None if the client's HELLO is acceptable, else (reason, message)."""
+        if meta.get("version") != str(VERSION):
+            return "version", f"unsupported polyrpc version {meta.get('version')!r}; need {VERSION}"
+        try:
+            codec_by_name(meta.get("codec", ""))
+        except ValueError as exc:
+            return "codec", str(exc)
+        expected = self.config.token
+        if expected is not None and meta.get("token") != expected:
+            what = "missing" if "token" not in meta else "wrong"
+            return "bad_token", f"{what} token: this server requires a valid token"
+        return None
+
+    def _on_handshake_error(self, frame: Frame) -> None:
+        body = self._decode(frame)
+        reason = body.get("code", "refused") if isinstance(body, dict) else "refused"
+        message = body.get("message", "") if isinstance(body, dict) else str(body)
+        exc = HandshakeError(f"the server refused the connection: {message}", reason)
+        if not self._handshake.done():
+            self._handshake.set_exception(exc)
+            self._handshake.exception()
+        self.abort(exc)
+
+    # ---------------------------------------------------------- receive side
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.bytes_in += nbytes
+        self._last_recv = self.loop.time()
+        try:
+            frames = self._decoder.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            self._protocol_failure(exc)
+            return
+        self._dispatch(frames)
+
+    def data_received(self, data: Buffer) -> None:
+        self.bytes_in += len(data)
+        self._last_recv = self.loop.time()
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            self._protocol_failure(exc)
+            return
+        self._dispatch(frames)
+
+    def _dispatch(self, frames: list[Frame]) -> None:
+        """Handle frames in order; replies written meanwhile go out in one write afterwards."""
+        self._in_receive = True
+        try:
+            for frame in frames:
+                kind = frame.kind
+                if kind == _RESPONSE or kind == _ERROR:
+                    if frame.seq == 0 and kind == _ERROR and not self._handshake.done():
+                        self._on_handshake_error(frame)
+                        return
+                    future = self._pending.pop(frame.seq, None)
+                    if future is not None and not future.done():
+                        future.set_result(frame)
+                elif not self._handshake.done():
+                    if kind != _HELLO:
+                        raise ProtocolError(f"expected HELLO first, got {Kind(kind).name}")
+                    self._on_hello(frame)
+                elif kind == _REQUEST:
+                    self.on_request(frame)
+                elif kind == _ONEWAY:
+                    self.on_oneway(frame)
+                elif kind == _HEARTBEAT:
+                    if not frame.flags & FLAG_REPLY:
+                        self._write(encode_frame(_HEARTBEAT, frame.seq, flags=FLAG_REPLY))
+                elif kind == _GOAWAY:
+                    self._peer_closing = True
+                    self.on_goaway()
+                elif kind == _HELLO:
+                    raise ProtocolError("HELLO received twice")
+                else:
+                    self.on_frame(frame)
+        except ProtocolError as exc:
+            self._protocol_failure(exc)
+        finally:
+            self._in_receive = False
+            if self._out:
+                self._flush()
+
+    def _protocol_failure(self, exc: ProtocolError) -> None:
+        """The peer broke the protocol: log it and drop this connection only."""
+        log.warning("%s connection from %s: protocol error: %s", self.transport, self.peer, exc)
+        if not self._handshake.done():
+            self._handshake.set_exception(
+                HandshakeError(f"handshake with {self.peer} failed: {exc}", "not_polyrpc")
+            )
+            self._handshake.exception()
+        self.abort(exc)
+
+    def eof_received(self) -> None:
+        if self._decoder.pending_bytes:
+            self._protocol_failure(
+                ProtocolError(
+                    f"connection closed in the middle of a frame "
+                    f"({self._decoder.pending_bytes} bytes of it received)"
+                )
+            )
+            return
+        self._peer_closing = True
+        self._fail_pending(ConnectionLost(f"the peer closed the {self.transport} connection"))
+        self.on_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.close_reason is None:
+            self.close_reason = exc
+        reason = self.close_reason
+        if isinstance(reason, ConnectionLost):
+            lost = reason
+        elif reason is not None:
+            lost = ConnectionLost(f"{self.transport} connection dropped: {reason}")
+        else:
+            lost = ConnectionLost(f"{self.transport} connection closed")
+        for timer in (self._deadline_timer, self._heartbeat_timer, self._flush_handle):
+            if timer is not None:
+                timer.cancel()
+        self._out.clear()
+        if not self._handshake.done():
+            self._handshake.set_exception(lost)
+            self._handshake.exception()
+        self._fail_pending(lost)
+        if not self._closed.done():
+            self._closed.set_result(exc)
+        self.on_closed(exc)
+
+    def _fail_pending(self, exc: ConnectionLost) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(exc)
+
+    # ----------------------------------------------------- hooks for layers
+    def on_request(self, frame: Frame) -> None:
+        """A REQUEST arrived; answer with :meth:`respond` / :meth:`respond_error`."""
+        self.respond_error(
+            frame.seq, PolyrpcError("this endpoint does not answer requests"), "no_handler"
+        )
+
+    def on_oneway(self, frame: Frame) -> None:
+        """A one-way message arrived."""
+
+    def on_frame(self, frame: Frame) -> None:
+        """Any other frame kind (CANCEL, STREAM_ITEM, STREAM_END, CREDIT)."""
+
+    def on_goaway(self) -> None:
+        """The peer announced a graceful close: it accepts no new requests."""
+
+    def on_eof(self) -> None:
+        """The peer finished sending; by default close once our own work is done."""
+        self.loop.create_task(self.close())
+
+    def on_closed(self, exc: Exception | None) -> None:
+        """The connection is gone (``exc`` None after a clean local close)."""
+
+    def active_incoming(self) -> int:
+        """Requests from the peer still being handled (graceful close waits for them)."""
+        return 0
+
+    # ------------------------------------------------------------ send side
+    def encode(self, obj: Any) -> tuple[Buffer, int]:
+        """(payload, codec id): bytes-like objects go raw, the rest with the session codec."""
+        if isinstance(obj, _BYTES):
+            return obj, 0
+        return self.codec.encode(obj), self.codec.id
+
+    def _decode(self, frame: Frame) -> Any:
+        codec = self.codec if frame.codec == self.codec.id else codec_by_id(frame.codec)
+        return codec.decode(frame.payload)
+
+    def decode(self, frame: Frame) -> Any:
+        """The payload of ``frame`` as an object (bytes for raw frames)."""
+        if frame.codec == 0:
+            return RAW.decode(frame.payload)
+        return self._decode(frame)
+
+    def _write(self, buffers: Sequence[Buffer], ordered: bool = True) -> None:
+        """Send whole frames; coalesced with others written in the same loop turn."""
+        if self._closed.done():
+            raise self.lost_error()
+        self._last_send = self.loop.time()
+        if not self._out and not self._in_receive and self._flush_handle is None:
+            self.bytes_out += sum(map(len, buffers))
+            self.stream.write(buffers, ordered=ordered)
+            return
+        self._out += buffers
+        self._out_ordered = self._out_ordered or ordered
+        if self._flush_handle is None and not self._in_receive:
+            self._flush_handle = self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        out, self._out = self._out, []
+        ordered, self._out_ordered = self._out_ordered, False
+        if out and not self._closed.done():
+            self.bytes_out += sum(map(len, out))
+            try:
+                self.stream.write(out, ordered=ordered)
+            except ConnectionLost:
+                pass  # connection_lost() reports it to everyone waiting
+
+    def lost_error(self) -> ConnectionLost:
+        """The error to raise for operations on a closed connection."""
+        reason = self.close_reason
+        if isinstance(reason, ConnectionLost):
+            return reason
+        return ConnectionLost(f"the {self.transport} connection is closed")
+
+    def _check_open(self) -> None:
+        if self._closed.done():
+            raise self.lost_error()
+        if self._closing:
+            raise ConnectionLost(f"the {self.transport} connection is closing")
+        if self._peer_closing:
+            raise ConnectionLost("the peer is closing the connection; no new requests")
+
+    async def wait_writable(self) -> None:
+        """Wait while the stream holds more than its high-water mark (backpressure)."""
+        if self.stream.writing_paused:
+            try:
+                await self.stream.drain()
+            except ConnectionLost:
+                raise self.lost_error() from None
+
+    async def request_frame(
+        self,
+        obj: Any,
+        *,
+        method: str = "",
+        metadata: dict[str, str] | None = None,
+        timeout: float | None = None,
+        flags: int = 0,
+    ) -> Frame:
+        """Send a REQUEST and return the RESPONSE/ERROR frame (raw; see :meth:`result`)."""
+        self._check_open()
+        payload, codec = self.encode(obj)
+        await self._window.acquire()
+        try:
+            self._check_open()
+            seq = self._next_seq
+            self._next_seq = seq + 1
+            future: asyncio.Future[Frame] = self.loop.create_future()
+            self._pending[seq] = future
+            if timeout is not None:
+                if timeout <= 0:
+                    raise CallTimeout(f"{method or 'request'}: timeout must be positive")
+                metadata = {**(metadata or {}), "timeout": f"{timeout:.6g}"}
+                self._track_deadline(seq, method, timeout)
+            self._write(
+                encode_frame(
+                    _REQUEST, seq, payload, method=method, metadata=metadata, codec=codec, flags=flags
+                ),
+                ordered=False,
+            )
+            if self.stream.writing_paused:
+                await self.wait_writable()
+            try:
+                return await future
+            except asyncio.CancelledError:
+                if self._pending.pop(seq, None) is not None and not self._closed.done():
+                    self._write(encode_frame(_CANCEL, seq))
+                raise
+        finally:
+            self._window.release()
+
+    def result(self, frame: Frame) -> Any:
+        """Decode a reply frame: the value of a RESPONSE, or raise the ERROR's RemoteError."""
+        if frame.kind == _ERROR:
+            raise self.remote_error(frame)
+        return self.decode(frame)
+
+    def remote_error(self, frame: Frame) -> RemoteError:
+        """The RemoteError described by an ERROR frame."""
+        body = self._decode(frame)
+        if not isinstance(body, dict):
+            return RemoteError("Error", str(body), "unknown")
+        return RemoteError(
+            str(body.get("type", "Error")),
+            str(body.get("message", "")),
+            str(body.get("code", "handler_error")),
+            body.get("traceback"),
+        )
+
+    def _track_deadline(self, seq: int, method: str, timeout: float) -> None:
+        deadline = self.loop.time() + timeout
+        self._pending_info[seq] = (method, timeout)
+        if self._deadlines.add(seq, deadline):
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
+            when = self._deadlines.next_deadline()
+            assert when is not None
+            self._deadline_timer = self.loop.call_at(when, self._expire_deadlines)
+
+    def _expire_deadlines(self) -> None:
+        """Fail every request whose deadline passed, in one sweep, and tell the peer."""
+        self._deadline_timer = None
+        for seq in self._deadlines.expire(self.loop.time()):
+            method, timeout = self._pending_info.pop(seq, ("", 0.0))
+            future = self._pending.pop(seq, None)
+            if future is None or future.done():
+                continue
+            future.set_exception(
+                CallTimeout(f"{method or 'request'} timed out after {timeout:g}s")
+            )
+            if not self._closed.done():
+                self._write(encode_frame(_CANCEL, seq))
+        when = self._deadlines.next_deadline()
+        if when is not None and not self._closed.done():
+            self._deadline_timer = self.loop.call_at(when, self._expire_deadlines)
+
+    def respond(self, seq: int, obj: Any, *, flags: int = 0) -> None:
+        """Answer request ``seq`` with ``obj`` (an error frame if it cannot be encoded)."""
+        if self._closed.done():
+            return
+        try:
+            payload, codec = self.encode(obj)
+        except TypeError as exc:
+            log.warning("cannot encode the reply to request %d: %s", seq, exc)
+            self.respond_error(seq, exc, "unencodable_result")
+            return
+        self._write(encode_frame(_RESPONSE, seq, payload, codec=codec, flags=flags), ordered=False)
+
+    def respond_error(
+        self, seq: int, exc: BaseException, code: str, traceback_text: str | None = None
+    ) -> None:
+        """Answer request ``seq`` with an ERROR frame describing ``exc``."""
+        if self._closed.done():
+            return
+        body = self.codec.encode(error_payload(exc, code, traceback_text))
+        self._write(encode_frame(_ERROR, seq, body, codec=self.codec.id), ordered=False)
+
+    def send_oneway(
+        self, obj: Any, *, method: str = "", metadata: dict[str, str] | None = None
+    ) -> None:
+        """Queue a one-way message (no reply). Callers await :meth:`wait_writable` after."""
+        self._check_open()
+        payload, codec = self.encode(obj)
+        self._write(
+            encode_frame(_ONEWAY, 0, payload, method=method, metadata=metadata, codec=codec)
+        )
+
+    def send_frame(
+        self,
+        kind: int,
+        seq: int,
+        obj: Any = b"",
+        *,
+        flags: int = 0,
+        metadata: dict[str, str] | None = None,
+        ordered: bool = True,
+    ) -> None:
+        """Send a frame of any kind (used by layers above for streams, credit, cancel)."""
+        if self._closed.done():
+            raise self.lost_error()
+        payload, codec = self.encode(obj)
+        self._write(
+            encode_frame(kind, seq, payload, metadata=metadata, codec=codec, flags=flags),
+            ordered=ordered,
+        )
+
+    def next_seq(self) -> int:
+        """Allocate a sequence id (for layers that open their own exchanges)."""
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        return seq
+
+    # ---------------------------------------------------- liveness, closing
+    def _arm_heartbeat(self) -> None:
+        interval = self.config.heartbeat_interval
+        idle = self.config.idle_timeout
+        periods = [p for p in (interval, idle / 4 if idle else 0) if p > 0]
+        if periods and not self._closed.done():
+            self._heartbeat_timer = self.loop.call_later(min(periods), self._on_heartbeat_timer)
+
+    def _on_heartbeat_timer(self) -> None:
+        now = self.loop.time()
+        idle = self.config.idle_timeout
+        if idle and now - self._last_recv > idle:
+            self.abort(
+                ConnectionLost(
+                    f"no data from the {self.transport} peer {self.peer} for {idle:g}s; "
+                    "assuming it is dead"
+                )
+            )
+            return
+        interval = self.config.heartbeat_interval
+        if interval and now - self._last_send >= interval * 0.9:
+            self._write(encode_frame(_HEARTBEAT, 0))
+        self._arm_heartbeat()
+
+    async def close(self) -> None:
+        """Graceful close: no new requests, let in-flight work finish, flush, then close."""
+        if self._closed.done():
+            return
+        if not self._closing:
+            self._closing = True
+            try:
+                if self._handshake.done() and not self._peer_closing:
+                    self._write(encode_frame(_GOAWAY, 0))
+                deadline = self.loop.time() + self.config.close_timeout
+                while (self._pending or self.active_incoming()) and not self._closed.done():
+                    if self.loop.time() > deadline:
+                        self.abort(ConnectionLost("graceful close timed out; connection aborted"))
+                        break
+                    await asyncio.sleep(0.005)
+                if self._out:
+                    self._flush()
+                if not self._closed.done():
+                    await self.stream.close()
+            except ConnectionLost:
+                pass
+        await asyncio.shield(self._closed)
+
+    def abort(self, exc: Exception | None = None) -> None:
+        """Drop the connection now; pending operations fail with ConnectionLost."""
+        if self._closed.done():
+            return
+        if exc is not None and self.close_reason is None:
+            self.close_reason = exc
+        self.stream.abort()
+
+    async def wait_closed(self) -> Exception | None:
+        """Wait until the connection is gone; returns why (None after a clean close)."""
+        return await asyncio.shield(self._closed)

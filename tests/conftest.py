@@ -1,0 +1,61 @@
+"""Shared fixtures: the conformance suite runs over every transport usable here."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from polyrpc import registry
+
+REQUIRED = [s for s in os.environ.get("POLYRPC_REQUIRE_TRANSPORTS", "").split(",") if s]
+ONLY = [s for s in os.environ.get("POLYRPC_TEST_TRANSPORTS", "").split(",") if s]
+
+
+def usable_transports() -> list[str]:
+    """Schemes to run the conformance suite over; required-but-unusable ones fail loudly."""
+    rows = {row.scheme: row for row in registry.describe()}
+    for scheme in REQUIRED:
+        row = rows.get(scheme)
+        if row is None or not row.usable:
+            reason = row.reason if row else "not registered"
+            raise pytest.UsageError(
+                f"transport {scheme!r} is required (POLYRPC_REQUIRE_TRANSPORTS) but unusable: "
+                f"{reason}"
+            )
+    schemes = [s for s, row in rows.items() if row.usable]
+    if ONLY:
+        schemes = [s for s in schemes if s in ONLY]
+    return schemes
+
+
+class Endpoint:
+    """How to reach a transport in tests: a listen URL and the client's extra options."""
+
+    def __init__(self, scheme: str, workdir: Path) -> None:
+        self.scheme = scheme
+        self.transport = registry.get(scheme)
+        self.listen_url, self.client_options = self.transport.loopback_urls(workdir)
+
+    def client_url(self, bound_url: str) -> str:
+        """The URL a client dials for a listener bound at ``bound_url``."""
+        address = self.transport.parse(bound_url).with_options(**self.client_options)
+        return str(address)
+
+    @property
+    def in_process(self) -> bool:
+        return self.scheme == "mem"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "scheme" in metafunc.fixturenames:
+        metafunc.parametrize("scheme", usable_transports())
+
+
+@pytest.fixture
+def endpoint(scheme: str) -> Endpoint:
+    # unix socket paths must stay short (108 bytes), so use a short temp dir
+    with tempfile.TemporaryDirectory(prefix="prpc") as workdir:
+        yield Endpoint(scheme, Path(workdir))

@@ -1,0 +1,323 @@
+"""The conformance suite: the same behaviour checked over every usable transport.
+
+A transport joins by registering itself; see conftest.usable_transports().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import polyrpc
+from polyrpc.core.frames import HEADER, MAGIC, VERSION, Kind
+
+PEER = Path(__file__).with_name("peer.py")
+SIZES = [0, 1, 64 << 10, 1 << 20, 16 << 20]
+
+
+def pattern(size: int, seed: int = 0) -> bytes:
+    """Deterministic, non-repeating-looking bytes so corruption or reordering shows."""
+    block = bytes((i * 131 + seed * 17 + (i >> 8)) & 0xFF for i in range(4096))
+    return (block * (size // 4096 + 1))[:size]
+
+
+async def echo_messages(conn: polyrpc.Connection) -> None:
+    async for message in conn:
+        await conn.send(message)
+
+
+@contextlib.asynccontextmanager
+async def server(endpoint, handler=echo_messages, on_request=lambda m: m, **options):
+    listener = await polyrpc.listen(endpoint.listen_url, handler, on_request=on_request, **options)
+    try:
+        yield listener, endpoint.client_url(listener.url)
+    finally:
+        await listener.close()
+
+
+class Recorder:
+    """A raw StreamReceiver that records what a stream delivers."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.eof = asyncio.Event()
+        self.lost = asyncio.Event()
+        self.lost_exc: Exception | None = None
+
+    def data_received(self, data) -> None:
+        self.data += data
+
+    def eof_received(self) -> None:
+        self.eof.set()
+
+    def connection_lost(self, exc) -> None:
+        self.lost_exc = exc
+        self.lost.set()
+
+    async def closed_by_peer(self) -> None:
+        """Wait for the peer to end the stream: EOF (TCP FIN) or a reset."""
+        eof, lost = asyncio.ensure_future(self.eof.wait()), asyncio.ensure_future(self.lost.wait())
+        await asyncio.wait([eof, lost], return_when=asyncio.FIRST_COMPLETED)
+        eof.cancel()
+        lost.cancel()
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s}B")
+async def test_message_sizes_arrive_intact(endpoint, size):
+    async with server(endpoint) as (_, url), await polyrpc.dial(url) as conn:
+        payload = pattern(size, seed=size % 7)
+        assert await conn.request(payload, timeout=60) == payload
+        await conn.send(payload)
+        assert await asyncio.wait_for(conn.receive(), 60) == payload
+
+
+async def test_mixed_sizes_keep_order(endpoint):
+    sizes = [s for s in SIZES if s <= 1 << 20] * 3
+    async with server(endpoint) as (_, url), await polyrpc.dial(url) as conn:
+        for i, size in enumerate(sizes):
+            await conn.send(pattern(size, seed=i))
+        for i, size in enumerate(sizes):
+            assert await asyncio.wait_for(conn.receive(), 30) == pattern(size, seed=i)
+
+
+async def test_thousand_messages_in_flight(endpoint):
+    async with server(endpoint) as (_, url), await polyrpc.dial(url, max_in_flight=1000) as conn:
+        replies = await asyncio.wait_for(
+            asyncio.gather(*(conn.request({"n": i}) for i in range(1000))), 60
+        )
+        assert replies == [{"n": i} for i in range(1000)]
+        for i in range(1000):
+            await conn.send(i)
+        assert [await asyncio.wait_for(conn.receive(), 30) for _ in range(1000)] == list(
+            range(1000)
+        )
+
+
+async def test_both_directions_at_once(endpoint):
+    count, size = 200, 16 << 10
+    received_by_server: list = []
+
+    async def both_ways(conn: polyrpc.Connection) -> None:
+        async def pump() -> None:
+            for i in range(count):
+                await conn.send(pattern(size, seed=i))
+
+        sender = asyncio.create_task(pump())
+        for _ in range(count):
+            received_by_server.append(await conn.receive())
+        await sender
+
+    async with server(endpoint, both_ways) as (_, url), await polyrpc.dial(url) as conn:
+
+        async def pump() -> None:
+            for i in range(count):
+                await conn.send(pattern(size, seed=i + 1))
+
+        sender = asyncio.create_task(pump())
+        got = [await asyncio.wait_for(conn.receive(), 30) for _ in range(count)]
+        await sender
+        assert got == [pattern(size, seed=i) for i in range(count)]
+    assert received_by_server == [pattern(size, seed=i + 1) for i in range(count)]
+
+
+async def test_stream_eof_and_half_close(endpoint):
+    """At the stream level: write_eof lets the other side answer before it closes too."""
+    transport = endpoint.transport
+    accepted: list = []
+
+    def on_stream(stream) -> None:
+        recorder = Recorder()
+        stream.set_receiver(recorder)
+        accepted.append((stream, recorder))
+
+    listener = await transport.listen(transport.parse(endpoint.listen_url), on_stream)
+    try:
+        client = await transport.dial(transport.parse(endpoint.client_url(listener.url)))
+        mine = Recorder()
+        client.set_receiver(mine)
+        await client.send([b"question"])
+        if not getattr(client, "can_write_eof", True):
+            with pytest.raises(polyrpc.ConnectionLost, match="half-close"):
+                client.write_eof()
+            await client.close()
+            return
+        client.write_eof()
+        for _ in range(500):
+            if accepted:
+                break
+            await asyncio.sleep(0.01)
+        server_stream, theirs = accepted[0]
+        await asyncio.wait_for(theirs.eof.wait(), 10)
+        assert bytes(theirs.data) == b"question"
+        await server_stream.send([b"answer after ", b"eof"])
+        await server_stream.close()
+        await asyncio.wait_for(mine.eof.wait(), 10)
+        assert bytes(mine.data) == b"answer after eof"
+        await asyncio.wait_for(mine.lost.wait(), 10)
+        with pytest.raises(polyrpc.ConnectionLost):
+            await client.send([b"too late"])
+        await client.close()
+    finally:
+        await listener.close()
+
+
+async def test_graceful_close_finishes_in_flight_requests(endpoint):
+    async def slow(message):
+        await asyncio.sleep(0.2)
+        return message
+
+    async with server(endpoint, on_request=slow) as (_, url):
+        conn = await polyrpc.dial(url)
+        calls = [asyncio.create_task(conn.request(i)) for i in range(10)]
+        await asyncio.sleep(0.05)
+        await conn.close()
+        assert [await c for c in calls] == list(range(10))
+        with pytest.raises(polyrpc.ConnectionLost):
+            await conn.request(1)
+
+
+async def test_abort_fails_pending_with_connection_lost(endpoint):
+    async def never(message):
+        await asyncio.sleep(3600)
+
+    async with server(endpoint, on_request=never) as (_, url):
+        conn = await polyrpc.dial(url)
+        calls = [asyncio.create_task(conn.request(i)) for i in range(5)]
+        await asyncio.sleep(0.05)
+        conn.abort()
+        for call in calls:
+            with pytest.raises(polyrpc.ConnectionLost):
+                await asyncio.wait_for(call, 5)
+
+
+async def test_peer_death_gives_connection_lost_promptly(endpoint):
+    """Kill the server process mid-call: every pending call fails within a second or two."""
+    options = {"heartbeat_interval": 0.2, "idle_timeout": 1.0}
+    if endpoint.in_process:
+        # the in-process transport has no process to kill: drop the server side instead
+        async with server(endpoint, on_request=lambda m: asyncio.sleep(3600)) as (lst, url):
+            conn = await polyrpc.dial(url, **options)
+            calls = [asyncio.create_task(conn.request(i)) for i in range(5)]
+            await asyncio.sleep(0.05)
+            started = time.monotonic()
+            for c in list(lst.connections):
+                c.stream.abort()
+            for call in calls:
+                with pytest.raises(polyrpc.ConnectionLost):
+                    await asyncio.wait_for(call, 5)
+            assert time.monotonic() - started < 2.0
+        return
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, str(PEER), endpoint.listen_url],
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+        conn = await polyrpc.dial(endpoint.client_url(line.strip()), **options)
+        assert await conn.request({"hello": 1}) == {"hello": 1}
+        calls = [asyncio.create_task(conn.request({"sleep": 3600})) for _ in range(5)]
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGKILL)
+        for call in calls:
+            with pytest.raises(polyrpc.ConnectionLost):
+                await asyncio.wait_for(call, 10)
+        elapsed = time.monotonic() - started
+        assert elapsed < 2.5, f"pending calls took {elapsed:.2f}s to fail"
+        with pytest.raises(polyrpc.ConnectionLost):
+            await conn.request(1)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_slow_reader_bounds_sender_memory(endpoint):
+    """A receiver that never reads must stop the sender, not let buffers grow."""
+    hold = asyncio.Event()
+
+    async def never_read(conn: polyrpc.Connection) -> None:
+        await hold.wait()
+
+    chunk = pattern(64 << 10)
+    attempt = 512 << 20
+    async with server(endpoint, never_read, max_inbox_bytes=1 << 20) as (_, url):
+        conn = await polyrpc.dial(url)
+        sent = 0
+        peak_buffered = 0
+
+        async def flood() -> None:
+            nonlocal sent, peak_buffered
+            while sent < attempt:
+                await conn.send(chunk)
+                sent += len(chunk)
+                peak_buffered = max(peak_buffered, conn.stream.write_buffer_size)
+
+        task = asyncio.create_task(flood())
+        await asyncio.sleep(2.0)
+        assert not task.done(), "the sender was never stopped by the slow reader"
+        # bounded: what the kernel/transport windows hold plus our own high-water mark
+        assert sent < 96 << 20, f"{sent >> 20} MiB accepted although the peer reads nothing"
+        assert peak_buffered <= conn.stream.high_water + len(chunk) + (1 << 16)
+        task.cancel()
+        hold.set()
+        conn.abort()
+
+
+async def test_oversize_frame_drops_only_that_connection(endpoint):
+    limits = polyrpc.Limits(max_frame=1 << 20)
+    async with server(endpoint, limits=limits) as (_, url):
+        good = await polyrpc.dial(url)
+        bad = await polyrpc.dial(url)
+        with pytest.raises(polyrpc.ConnectionLost):
+            await asyncio.wait_for(bad.request(pattern(2 << 20)), 10)
+        assert await good.request(b"still here") == b"still here"
+        late = await polyrpc.dial(url)
+        assert await late.request([1, 2]) == [1, 2]
+        for conn in (good, late):
+            await conn.close()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        bytes(range(256)) * 4,
+        HEADER.pack(MAGIC, VERSION, Kind.HELLO, 0, 0, 0, 0, 0, 0xFFFFFFFF) + b"x" * 100,
+        HEADER.pack(MAGIC, VERSION, Kind.HELLO, 0, 0, 0, 0, 0, 100)[:20],
+    ],
+    ids=["http", "random", "4GiB-length", "truncated"],
+)
+async def test_garbage_peer_is_dropped_without_harm(endpoint, garbage):
+    transport = endpoint.transport
+    async with server(endpoint) as (_, url):
+        good = await polyrpc.dial(url)
+        raw = await transport.dial(transport.parse(url))
+        recorder = Recorder()
+        raw.set_receiver(recorder)
+        await raw.send([garbage])
+        if len(garbage) < 24:
+            raw.write_eof() if getattr(raw, "can_write_eof", True) else None
+        await asyncio.wait_for(recorder.closed_by_peer(), 15)
+        assert await good.request(b"ok") == b"ok"
+        await good.close()
+        raw.abort()
+
+
+async def test_extra_info_names_transport_and_peer(endpoint):
+    async with server(endpoint) as (listener, url), await polyrpc.dial(url) as conn:
+        assert conn.transport == endpoint.scheme
+        assert conn.extra["transport"] == endpoint.scheme
+        assert conn.peer is not None
+        server_side = next(iter(listener.connections))
+        assert server_side.peer is not None
