@@ -200,7 +200,7 @@ cmd_test() {
     else
         args=$(quote_args "$@")
     fi
-    run_in_vm "python3 -m pytest -p no:cacheprovider -q$args"
+    run_in_vm "sh vm/guest-test.sh$args"
 }
 
 cmd_run() {

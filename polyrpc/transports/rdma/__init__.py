@@ -143,6 +143,12 @@ class RdmaListener(Listener):
             self._teardown()
             raise
         dev = self._id.device_name
+        if not dev and not ipaddress.ip_address(host).is_unspecified:
+            self._teardown()
+            raise TransportUnavailable(
+                f"rdma: {host} is not the address of an RDMA interface (no RDMA device has it); "
+                f"{_describe_interfaces()}"
+            )
         if self._opts["dev"] and dev and dev != self._opts["dev"]:
             self._teardown()
             raise InvalidAddress(
@@ -207,6 +213,7 @@ class RdmaTransport(Transport):
         self.check_available()
         opts = self.parse_options(address)
         host = await self._numeric_host(address)
+        _refuse_loopback(host)
         listener = RdmaListener(dataclasses.replace(address, host=host), self, opts)
         listener.start(on_stream)
         return listener
@@ -223,6 +230,7 @@ class RdmaTransport(Transport):
                 f"cannot dial port 0 in {address}: port 0 only works for listening"
             )
         host = await self._numeric_host(address)
+        _refuse_loopback(host)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         channel = cm.Channel(loop)
@@ -321,7 +329,8 @@ class RdmaTransport(Transport):
         channel.route(event.id, until_established)
 
     def loopback_urls(self, workdir: Path) -> tuple[str, dict[str, str]]:
-        """Listen on POLYRPC_RDMA_LISTEN (or the first RDMA address); dial from POLYRPC_RDMA_DIAL_SRC."""
+        """Listen on $POLYRPC_RDMA_LISTEN (else the first RDMA address); dial from
+        $POLYRPC_RDMA_DIAL_SRC (else the same address: one device)."""
         interfaces = rdma_interfaces()
         by_ip = {ip: dev for dev, _, ip in interfaces}
         listen_ip = os.environ.get("POLYRPC_RDMA_LISTEN") or (
@@ -337,6 +346,14 @@ class RdmaTransport(Transport):
         if src in by_ip:
             client["dev"] = by_ip[src]
         return listen, client
+
+
+def _refuse_loopback(host: str) -> None:
+    if ipaddress.ip_address(host).is_loopback:
+        raise TransportUnavailable(
+            f"rdma: {host} is not the address of an RDMA interface (RDMA does not run over the "
+            f"loopback device; use the IP of the RDMA interface itself); {_describe_interfaces()}"
+        )
 
 
 def _local_gid(dev: str, port: int, local_ip: str, gid_index: int | None) -> tuple[int, bytes]:

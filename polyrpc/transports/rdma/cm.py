@@ -241,9 +241,9 @@ class Channel:
             c = _CmEvent.from_address(raw.value)
             conn = c.param.conn
             private = b""
-            if c.event in (CONNECT_REQUEST, CONNECT_RESPONSE, ESTABLISHED, REJECTED):
-                if conn.private_data and conn.private_data_len:
-                    private = ctypes.string_at(conn.private_data, conn.private_data_len)
+            with_data = c.event in (CONNECT_REQUEST, CONNECT_RESPONSE, ESTABLISHED, REJECTED)
+            if with_data and conn.private_data and conn.private_data_len:
+                private = ctypes.string_at(conn.private_data, conn.private_data_len)
             event = Event(c.event, c.status, c.id or 0, c.listen_id or 0, private, conn.qp_num)
             lib_.ack_cm_event(raw)
             target = event.listen_id if event.kind == CONNECT_REQUEST else event.id

@@ -204,7 +204,9 @@ class Resources:
         attr = QPAttr(qp_state=e.IBV_QPS_RTS)
         attr.timeout = 14
         attr.retry_cnt = 7
-        attr.rnr_retry = 7
+        # Credits guarantee a posted receive for every message: a receiver-not-ready NAK
+        # would be a bug, so it fails the connection at once instead of being retried.
+        attr.rnr_retry = 0
         attr.sq_psn = self.psn
         attr.max_rd_atomic = 1
         mask = (
