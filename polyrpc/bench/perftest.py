@@ -1,0 +1,105 @@
+"""The RDMA ceiling rows: perftest's ib_send_lat and ib_send_bw on the same device, same run.
+
+``python3 -m polyrpc.bench.perftest --ip 10.77.0.1 --dev rxe0 [--json out.json]``
+starts each tool's server, runs its client against it (connection set up with
+rdma_cm, ``-R``), parses the result line and prints one row per tool and size.
+These are what the verbs path can do without Python in it; ``polyrpc bench``
+rows for rdma are compared against them as ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+MIB = 1 << 20
+
+
+def _run_pair(tool: str, ip: str, dev: str, size: int, iters: int, port: int) -> str:
+    """Run ``tool``'s server and client once; return the client's output."""
+    common = [tool, "-d", dev, "-s", str(size), "-n", str(iters), "-F", "-R", "-p", str(port)]
+    server = subprocess.Popen(
+        common,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            time.sleep(0.5)
+            client = subprocess.run([*common, ip], capture_output=True, text=True, timeout=300)
+            if client.returncode == 0 or time.monotonic() > deadline:
+                break
+        if client.returncode != 0:
+            raise RuntimeError(f"{tool} failed: {(client.stdout + client.stderr).strip()[-400:]}")
+        return client.stdout
+    finally:
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _result_line(output: str, size: int) -> list[str]:
+    for line in output.splitlines():
+        fields = line.split()
+        if fields and fields[0] == str(size) and len(fields) >= 4:
+            return fields
+    raise RuntimeError(f"no result line for {size} bytes in:\n{output}")
+
+
+def send_lat(ip: str, dev: str, size: int, iters: int = 2000) -> dict:
+    """ib_send_lat: typical (median) and 99th percentile one-way latency in microseconds."""
+    fields = _result_line(_run_pair("ib_send_lat", ip, dev, size, iters, 18515), size)
+    # #bytes #iterations t_min t_max t_typical t_avg t_stdev 99% 99.9%
+    return {
+        "transport": "perftest ib_send_lat",
+        "kind": "ceiling",
+        "payload_bytes": size,
+        "p50_us": float(fields[4]),
+        "p99_us": float(fields[7]),
+    }
+
+
+def send_bw(ip: str, dev: str, size: int, iters: int = 1000) -> dict:
+    """ib_send_bw: average bandwidth in MB/s (10^6 bytes, like polyrpc bench's mb_per_s)."""
+    fields = _result_line(_run_pair("ib_send_bw", ip, dev, size, iters, 18516), size)
+    # #bytes #iterations BW-peak[MiB/s] BW-average[MiB/s] MsgRate[Mpps]
+    return {
+        "transport": "perftest ib_send_bw",
+        "kind": "ceiling",
+        "payload_bytes": size,
+        "mb_per_s": float(fields[3]) * MIB / 1e6,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry: print (and optionally save) the perftest ceiling rows."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ip", required=True, help="IP of the RDMA interface (server side)")
+    parser.add_argument("--dev", default="rxe0", help="RDMA device")
+    parser.add_argument("--lat-size", type=int, default=64)
+    parser.add_argument("--bw-size", type=int, default=1 << 20)
+    parser.add_argument("--json", help="write the rows to this file")
+    args = parser.parse_args(argv)
+    for tool in ("ib_send_lat", "ib_send_bw"):
+        if shutil.which(tool) is None:
+            print(f"{tool} not found: apt-get install perftest", file=sys.stderr)
+            return 2
+    rows = [send_lat(args.ip, args.dev, args.lat_size), send_bw(args.ip, args.dev, args.bw_size)]
+    for row in rows:
+        print(json.dumps(row))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(rows, out, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
