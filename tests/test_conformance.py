@@ -209,7 +209,7 @@ async def test_peer_death_gives_connection_lost_promptly(endpoint):
             await asyncio.sleep(0.05)
             started = time.monotonic()
             for c in list(lst.connections):
-                c.stream.abort()
+                c.byte_stream.abort()
             for call in calls:
                 with pytest.raises(polyrpc.ConnectionLost):
                     await asyncio.wait_for(call, 5)
@@ -261,14 +261,14 @@ async def test_slow_reader_bounds_sender_memory(endpoint):
             while sent < attempt:
                 await conn.send(chunk)
                 sent += len(chunk)
-                peak_buffered = max(peak_buffered, conn.stream.write_buffer_size)
+                peak_buffered = max(peak_buffered, conn.byte_stream.write_buffer_size)
 
         task = asyncio.create_task(flood())
         await asyncio.sleep(2.0)
-        assert not task.done(), "the sender was never stopped by the slow reader"
+        assert not task.done(), f"the sender was never stopped: {task.exception() if task.done() else None!r}"
         # bounded: what the kernel/transport windows hold plus our own high-water mark
         assert sent < 96 << 20, f"{sent >> 20} MiB accepted although the peer reads nothing"
-        assert peak_buffered <= conn.stream.high_water + len(chunk) + (1 << 16)
+        assert peak_buffered <= conn.byte_stream.high_water + len(chunk) + (1 << 16)
         task.cancel()
         hold.set()
         conn.abort()

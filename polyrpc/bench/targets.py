@@ -11,6 +11,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from ..core.messages import Connection, dial, listen
+from ..core.registry import registry
+
 
 class EchoClient(ABC):
     """A connected client: ``echo`` sends ``payload`` and returns the server's copy."""
@@ -40,3 +43,38 @@ class Target(ABC):
     @abstractmethod
     async def connect(self, info: str) -> EchoClient:
         """Connect to the server described by ``info`` (what :meth:`serve` returned)."""
+
+
+class _ConnectionClient(EchoClient):
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.echo = connection.request  # type: ignore[method-assign]  # no wrapper on the hot path
+
+    async def echo(self, payload: bytes) -> bytes:
+        return await self.connection.request(payload)
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+
+class MessageTarget(Target):
+    """A polyrpc transport through the message core (request/reply of raw bytes)."""
+
+    kind = "message"
+
+    def __init__(self, scheme: str) -> None:
+        self.scheme = scheme
+        self.name = scheme
+
+    def unavailable_reason(self) -> str | None:
+        return registry.get(self.scheme).unavailable_reason()
+
+    async def serve(self, workdir: Path) -> tuple[str, Callable[[], Awaitable[None]]]:
+        transport = registry.get(self.scheme)
+        listen_url, client_options = transport.loopback_urls(workdir)
+        listener = await listen(listen_url, on_request=lambda message: message)
+        client_url = str(transport.parse(listener.url).with_options(**client_options))
+        return client_url, listener.close
+
+    async def connect(self, info: str) -> EchoClient:
+        return _ConnectionClient(await dial(info, max_in_flight=1024))

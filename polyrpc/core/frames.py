@@ -31,6 +31,7 @@ MAGIC = b"PR"
 VERSION = 1
 HEADER = struct.Struct("<2sBBBBHQII")
 HEADER_SIZE = HEADER.size
+_pack = HEADER.pack
 _META_KEY = struct.Struct("<H")
 _META_VALUE = struct.Struct("<I")
 _EMPTY: dict[str, str] = {}
@@ -163,6 +164,8 @@ def encode_frame(
     flags: int = 0,
 ) -> list[bytes | bytearray | memoryview]:
     """The frame as buffers for a gather write: a prefix, and a large payload separately."""
+    if not method and not metadata:
+        return encode_plain(kind, seq, payload, codec, flags)
     method_bytes = method.encode() if method else b""
     meta = encode_metadata(metadata) if metadata else b""
     header = HEADER.pack(
@@ -171,6 +174,16 @@ def encode_frame(
     if len(payload) >= LARGE_PAYLOAD:
         return [header + method_bytes + meta, payload]
     return [b"".join((header, method_bytes, meta, payload))]
+
+
+def encode_plain(
+    kind: int, seq: int, payload: bytes | bytearray | memoryview, codec: int = 0, flags: int = 0
+) -> list[bytes | bytearray | memoryview]:
+    """:func:`encode_frame` for the common frame with no method and no metadata (hot path)."""
+    header = _pack(MAGIC, VERSION, kind, codec, flags, 0, seq, 0, len(payload))
+    if len(payload) >= LARGE_PAYLOAD:
+        return [header, payload]
+    return [header + payload if type(payload) is bytes else b"".join((header, payload))]
 
 
 def describe_garbage(data: bytes) -> str:
@@ -296,8 +309,13 @@ class FrameDecoder:
                     self._make_room(total - avail)
                     buf = self._buf
                 break
-            frame = self._build(kind, seq, codec, flags, mlen, metalen)
-            frame.payload = bytes(buf[start + prefix : start + total])
+            if mlen or metalen:
+                frame = self._build(kind, seq, codec, flags, mlen, metalen)
+                frame.payload = bytes(buf[start + prefix : start + total])
+            else:
+                frame = Frame(
+                    kind, seq, "", _EMPTY, bytes(buf[start + prefix : start + total]), codec, flags
+                )
             frames.append(frame)
             self._start = start + total
         if self._start == self._end:

@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from .errors import ConnectionLost, ConnectTimeout, PolyrpcError
-from .frames import Frame
+from .frames import Frame, Kind
 from .registry import registry
 from .session import Session, SessionConfig
 from .stream import Listener, Stream
@@ -64,7 +64,7 @@ class Connection(Session):
     async def send(self, message: Any, *, metadata: dict[str, str] | None = None) -> None:
         """Send a one-way message; waits only while the peer or the network is slow."""
         self.send_oneway(message, metadata=metadata)
-        if self.stream.writing_paused:
+        if self.byte_stream.writing_paused:
             await self.wait_writable()
 
     async def request(
@@ -75,7 +75,20 @@ class Connection(Session):
         metadata: dict[str, str] | None = None,
     ) -> Any:
         """Send ``message`` as a request and return the peer's reply."""
-        return self.result(await self.request_frame(message, metadata=metadata, timeout=timeout))
+        # request_frame() inlined: one coroutine level less on the hottest path
+        if len(self._pending) >= self._max_in_flight:
+            await self.wait_for_slot()
+        seq, future = self.begin_request(message, "", metadata, timeout)
+        if self.byte_stream.writing_paused:
+            await self.wait_writable()
+        try:
+            frame = await future
+        except asyncio.CancelledError:
+            self.cancel_request(seq)
+            raise
+        if frame.kind == Kind.RESPONSE and frame.codec == 0:
+            return frame.payload if type(frame.payload) is bytes else bytes(frame.payload)
+        return self.result(frame)
 
     # --- receiving -------------------------------------------------------
     async def receive_message(self) -> Message:
@@ -92,7 +105,7 @@ class Connection(Session):
         self._inbox_bytes -= size
         if self._reading_paused and self._inbox_bytes <= self.config.max_inbox_bytes // 2:
             self._reading_paused = False
-            self.stream.resume_reading()
+            self.byte_stream.resume_reading()
         return message
 
     async def receive(self) -> Any:
@@ -121,7 +134,7 @@ class Connection(Session):
         self._inbox_bytes += size
         if not self._reading_paused and self._inbox_bytes > self.config.max_inbox_bytes:
             self._reading_paused = True
-            self.stream.pause_reading()
+            self.byte_stream.pause_reading()
         self._wake_receiver()
 
     def on_request(self, frame: Frame) -> None:
@@ -129,12 +142,16 @@ class Connection(Session):
         if handler is None:
             super().on_request(frame)
             return
+        payload = frame.payload
         try:
-            reply = handler(self.decode(frame))
+            if frame.codec == 0 and type(payload) is bytes:
+                reply = handler(payload)
+            else:
+                reply = handler(self.decode(frame))
         except Exception as exc:
             self.respond_error(frame.seq, exc, "handler_error")
             return
-        if inspect.isawaitable(reply):
+        if hasattr(reply, "__await__"):
             self._handlers_running += 1
             self.loop.create_task(self._finish_request(frame.seq, reply))
         else:

@@ -21,6 +21,7 @@ BUILTIN: dict[str, str] = {
     "tls": "polyrpc.transports.tcp:TlsTransport",
     "unix": "polyrpc.transports.tcp:UnixTransport",
     "mem": "polyrpc.transports.tcp.memory:MemoryTransport",
+    "quic": "polyrpc.transports.quic:QuicTransport",
     "rdma": "polyrpc.transports.rdma:RdmaTransport",
 }
 

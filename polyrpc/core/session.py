@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ from .frames import (
     Kind,
     Limits,
     encode_frame,
+    encode_plain,
 )
 from .stream import Buffer, Stream
 from .timeouts import DeadlineWheel
@@ -41,9 +43,18 @@ log = logging.getLogger("polyrpc")
 FEATURES = "cancel,stream,credit,goaway"
 """What this implementation supports, announced in HELLO."""
 
-_REQUEST, _RESPONSE, _ERROR, _ONEWAY = Kind.REQUEST, Kind.RESPONSE, Kind.ERROR, Kind.ONEWAY
-_HEARTBEAT, _HELLO, _GOAWAY, _CANCEL = Kind.HEARTBEAT, Kind.HELLO, Kind.GOAWAY, Kind.CANCEL
+# plain ints: compared on every frame
+_REQUEST, _RESPONSE, _ERROR, _ONEWAY = (
+    int(k) for k in (Kind.REQUEST, Kind.RESPONSE, Kind.ERROR, Kind.ONEWAY)
+)
+_HEARTBEAT, _HELLO, _GOAWAY, _CANCEL = (
+    int(k) for k in (Kind.HEARTBEAT, Kind.HELLO, Kind.GOAWAY, Kind.CANCEL)
+)
 _BYTES = (bytes, bytearray, memoryview)
+FLUSH_BUFFERS = 256
+"""Queued buffers that trigger a write before the end of the loop turn."""
+FLUSH_BYTES = 64 << 10
+"""A buffer at least this big is written at once rather than batched."""
 
 
 @dataclass
@@ -73,8 +84,11 @@ class SessionConfig:
 
 
 def error_payload(exc: BaseException, code: str, traceback_text: str | None = None) -> dict:
-    """The body of an ERROR frame describing ``exc``."""
-    body = {"type": type(exc).__name__, "message": str(exc), "code": code}
+    """The body of an ERROR frame describing ``exc`` (a RemoteError keeps its own fields)."""
+    if isinstance(exc, RemoteError):
+        body = {"type": exc.type_name, "message": exc.message, "code": exc.code}
+    else:
+        body = {"type": type(exc).__name__, "message": str(exc), "code": code}
     if traceback_text:
         body["traceback"] = traceback_text
     return body
@@ -84,7 +98,7 @@ class Session:
     """One polyrpc connection. Create with :meth:`client` / :meth:`server` helpers of subclasses."""
 
     def __init__(self, stream: Stream, config: SessionConfig, *, is_client: bool) -> None:
-        self.stream = stream
+        self.byte_stream = stream
         self.config = config
         self.is_client = is_client
         self.codec: Codec = codec_by_name(config.codec)
@@ -92,10 +106,14 @@ class Session:
         self.peer_info: dict[str, str] = {}
         self.loop = asyncio.get_running_loop()
         self._decoder = FrameDecoder(config.limits)
-        self._next_seq = 1
+        self._decoder_updated = self._decoder.buffer_updated
+        self.get_buffer = self._decoder.get_buffer  # type: ignore[method-assign]  # hot path
+        self._next_seq = 1 if is_client else 2
+        """Clients number their requests odd, servers even: a seq names one exchange."""
         self._pending: dict[int, asyncio.Future[Frame]] = {}
         self._pending_info: dict[int, tuple[str, float]] = {}
-        self._window = asyncio.Semaphore(config.max_in_flight)
+        self._max_in_flight = config.max_in_flight
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._out: list[Buffer] = []
         self._out_ordered = False
         self._flush_handle: asyncio.Handle | None = None
@@ -104,11 +122,15 @@ class Session:
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._heartbeat_timer: asyncio.TimerHandle | None = None
         self._last_recv = self._last_send = self.loop.time()
+        self._seen_in = self._seen_out = 0
+        self._accepting = True
+        """False once closing, closed or the peer is closing: no new requests."""
         self._handshake: asyncio.Future[None] = self.loop.create_future()
         self._closed: asyncio.Future[Exception | None] = self.loop.create_future()
         self._closing = False
         self._peer_closing = False
         self.close_reason: Exception | None = None
+        self._refusal: tuple[str, str] | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         self.opened_at = time.time()
@@ -118,17 +140,17 @@ class Session:
     @property
     def transport(self) -> str:
         """The transport's scheme (``tcp``, ``quic``...)."""
-        return self.stream.transport_name
+        return self.byte_stream.transport_name
 
     @property
     def peer(self) -> Any:
         """The peer's address as the transport reports it."""
-        return self.stream.get_extra_info("peer")
+        return self.byte_stream.get_extra_info("peer")
 
     @property
     def extra(self) -> dict[str, Any]:
         """Transport details: peer, local, tls_version, cipher, peer_cert, mtu..."""
-        return self.stream.extra
+        return self.byte_stream.extra
 
     @property
     def is_closed(self) -> bool:
@@ -189,8 +211,14 @@ class Session:
         self._write(encode_frame(_HELLO, 0, metadata=reply, flags=FLAG_REPLY), ordered=True)
         self._handshake.set_result(None)
 
+    def refuse(self, reason: str, message: str) -> None:
+        """Server side: answer the coming HELLO with this error instead of accepting."""
+        self._refusal = (reason, message)
+
     def _check_hello(self, meta: dict[str, str]) -> tuple[str, str] | None:
         """None if the client's HELLO is acceptable, else (reason, message)."""
+        if self._refusal is not None:
+            return self._refusal
         if meta.get("version") != str(VERSION):
             return "version", f"unsupported polyrpc version {meta.get('version')!r}; need {VERSION}"
         try:
@@ -219,9 +247,8 @@ class Session:
 
     def buffer_updated(self, nbytes: int) -> None:
         self.bytes_in += nbytes
-        self._last_recv = self.loop.time()
         try:
-            frames = self._decoder.buffer_updated(nbytes)
+            frames = self._decoder_updated(nbytes)
         except ProtocolError as exc:
             self._protocol_failure(exc)
             return
@@ -229,7 +256,6 @@ class Session:
 
     def data_received(self, data: Buffer) -> None:
         self.bytes_in += len(data)
-        self._last_recv = self.loop.time()
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
@@ -248,8 +274,11 @@ class Session:
                         self._on_handshake_error(frame)
                         return
                     future = self._pending.pop(frame.seq, None)
-                    if future is not None and not future.done():
-                        future.set_result(frame)
+                    if future is not None:
+                        if not future.done():
+                            future.set_result(frame)
+                        if self._slot_waiters:
+                            self._wake_slot()
                 elif not self._handshake.done():
                     if kind != _HELLO:
                         raise ProtocolError(f"expected HELLO first, got {Kind(kind).name}")
@@ -263,6 +292,7 @@ class Session:
                         self._write(encode_frame(_HEARTBEAT, frame.seq, flags=FLAG_REPLY))
                 elif kind == _GOAWAY:
                     self._peer_closing = True
+                    self._accepting = False
                     self.on_goaway()
                 elif kind == _HELLO:
                     raise ProtocolError("HELLO received twice")
@@ -295,6 +325,7 @@ class Session:
             )
             return
         self._peer_closing = True
+        self._accepting = False
         self._fail_pending(ConnectionLost(f"the peer closed the {self.transport} connection"))
         self.on_eof()
 
@@ -318,6 +349,7 @@ class Session:
         self._fail_pending(lost)
         if not self._closed.done():
             self._closed.set_result(exc)
+        self._accepting = False
         self.on_closed(exc)
 
     def _fail_pending(self, exc: ConnectionLost) -> None:
@@ -325,6 +357,8 @@ class Session:
         for future in pending.values():
             if not future.done():
                 future.set_exception(exc)
+        while self._slot_waiters:
+            self._wake_slot()
 
     # ----------------------------------------------------- hooks for layers
     def on_request(self, frame: Frame) -> None:
@@ -371,27 +405,41 @@ class Session:
         return self._decode(frame)
 
     def _write(self, buffers: Sequence[Buffer], ordered: bool = True) -> None:
-        """Send whole frames; coalesced with others written in the same loop turn."""
+        """Send whole frames, batching whatever is written in the same loop turn.
+
+        A frame goes out at once only when the connection is otherwise quiet (no
+        other request in flight), which keeps a lone call's latency minimal; under
+        load everything written in a loop turn, or while handling received frames,
+        is collected and written together (one syscall instead of many).
+        """
+        if self._in_receive or self._flush_handle is not None or len(self._pending) > 1:
+            out = self._out
+            out += buffers
+            if ordered:
+                self._out_ordered = True
+            if len(out) > FLUSH_BUFFERS or len(buffers[-1]) >= FLUSH_BYTES:
+                self._flush()  # hand big batches to the stream now so its backpressure applies
+            elif self._flush_handle is None and not self._in_receive:
+                self._flush_handle = self.loop.call_soon(self._flush)
+            return
         if self._closed.done():
             raise self.lost_error()
-        self._last_send = self.loop.time()
-        if not self._out and not self._in_receive and self._flush_handle is None:
-            self.bytes_out += sum(map(len, buffers))
-            self.stream.write(buffers, ordered=ordered)
-            return
-        self._out += buffers
-        self._out_ordered = self._out_ordered or ordered
-        if self._flush_handle is None and not self._in_receive:
+        self.bytes_out += len(buffers[0]) if len(buffers) == 1 else sum(map(len, buffers))
+        self.byte_stream.write(buffers, ordered=ordered)
+        if not self._pending:
+            # not a lone request: batch whatever else is written in this loop turn
             self._flush_handle = self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_handle = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         out, self._out = self._out, []
         ordered, self._out_ordered = self._out_ordered, False
         if out and not self._closed.done():
             self.bytes_out += sum(map(len, out))
             try:
-                self.stream.write(out, ordered=ordered)
+                self.byte_stream.write(out, ordered=ordered)
             except ConnectionLost:
                 pass  # connection_lost() reports it to everyone waiting
 
@@ -403,18 +451,21 @@ class Session:
         return ConnectionLost(f"the {self.transport} connection is closed")
 
     def _check_open(self) -> None:
+        if not self._accepting:
+            self._raise_not_accepting()
+
+    def _raise_not_accepting(self) -> None:
         if self._closed.done():
             raise self.lost_error()
         if self._closing:
             raise ConnectionLost(f"the {self.transport} connection is closing")
-        if self._peer_closing:
-            raise ConnectionLost("the peer is closing the connection; no new requests")
+        raise ConnectionLost("the peer is closing the connection; no new requests")
 
     async def wait_writable(self) -> None:
         """Wait while the stream holds more than its high-water mark (backpressure)."""
-        if self.stream.writing_paused:
+        if self.byte_stream.writing_paused:
             try:
-                await self.stream.drain()
+                await self.byte_stream.drain()
             except ConnectionLost:
                 raise self.lost_error() from None
 
@@ -428,36 +479,81 @@ class Session:
         flags: int = 0,
     ) -> Frame:
         """Send a REQUEST and return the RESPONSE/ERROR frame (raw; see :meth:`result`)."""
-        self._check_open()
-        payload, codec = self.encode(obj)
-        await self._window.acquire()
+        if len(self._pending) >= self._max_in_flight:
+            await self.wait_for_slot()
+        seq, future = self.begin_request(obj, method, metadata, timeout, flags)
+        if self.byte_stream.writing_paused:
+            await self.wait_writable()
         try:
-            self._check_open()
-            seq = self._next_seq
-            self._next_seq = seq + 1
-            future: asyncio.Future[Frame] = self.loop.create_future()
-            self._pending[seq] = future
-            if timeout is not None:
-                if timeout <= 0:
-                    raise CallTimeout(f"{method or 'request'}: timeout must be positive")
-                metadata = {**(metadata or {}), "timeout": f"{timeout:.6g}"}
-                self._track_deadline(seq, method, timeout)
-            self._write(
-                encode_frame(
-                    _REQUEST, seq, payload, method=method, metadata=metadata, codec=codec, flags=flags
-                ),
-                ordered=False,
+            return await future
+        except asyncio.CancelledError:
+            self.cancel_request(seq)
+            raise
+
+    def begin_request(
+        self,
+        obj: Any,
+        method: str = "",
+        metadata: dict[str, str] | None = None,
+        timeout: float | None = None,
+        flags: int = 0,
+        encoded: bool = False,
+    ) -> tuple[int, asyncio.Future[Frame]]:
+        """Write a REQUEST now (the caller checked the window); returns (seq, reply future).
+
+        ``encoded``: ``obj`` is already a payload in the session codec.
+        """
+        self._check_open()
+        if encoded:
+            payload, codec = obj, self.codec.id
+        elif isinstance(obj, _BYTES):
+            payload, codec = obj, 0
+        else:
+            payload, codec = self.codec.encode(obj), self.codec.id
+        seq = self._next_seq
+        self._next_seq = seq + 2
+        if timeout is not None:
+            if timeout <= 0:
+                raise CallTimeout(f"{method or 'request'}: timeout must be positive")
+            metadata = {**(metadata or {}), "timeout": f"{timeout:.6g}"}
+            self._track_deadline(seq, method, timeout)
+        future: asyncio.Future[Frame] = self.loop.create_future()
+        self._pending[seq] = future
+        if method or metadata:
+            frame = encode_frame(
+                _REQUEST, seq, payload, method=method, metadata=metadata, codec=codec, flags=flags
             )
-            if self.stream.writing_paused:
-                await self.wait_writable()
-            try:
-                return await future
-            except asyncio.CancelledError:
-                if self._pending.pop(seq, None) is not None and not self._closed.done():
-                    self._write(encode_frame(_CANCEL, seq))
-                raise
-        finally:
-            self._window.release()
+        else:
+            frame = encode_plain(_REQUEST, seq, payload, codec, flags)
+        self._write(frame, ordered=False)
+        return seq, future
+
+    def cancel_request(self, seq: int) -> None:
+        """Forget request ``seq`` (its caller gave up) and tell the peer to stop working on it."""
+        if self.finish_request(seq) is not None and not self._closed.done():
+            self._write(encode_frame(_CANCEL, seq))
+
+    def finish_request(self, seq: int) -> asyncio.Future[Frame] | None:
+        """Remove request ``seq`` from the window (for exchanges ended by other frames)."""
+        future = self._pending.pop(seq, None)
+        if future is not None and self._slot_waiters:
+            self._wake_slot()
+        return future
+
+    async def wait_for_slot(self) -> None:
+        """Wait until fewer than ``max_in_flight`` requests are pending (the window)."""
+        while len(self._pending) >= self._max_in_flight:
+            self._check_open()
+            waiter = self.loop.create_future()
+            self._slot_waiters.append(waiter)
+            await waiter
+
+    def _wake_slot(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def result(self, frame: Frame) -> Any:
         """Decode a reply frame: the value of a RESPONSE, or raise the ERROR's RemoteError."""
@@ -495,9 +591,9 @@ class Session:
             future = self._pending.pop(seq, None)
             if future is None or future.done():
                 continue
-            future.set_exception(
-                CallTimeout(f"{method or 'request'} timed out after {timeout:g}s")
-            )
+            if self._slot_waiters:
+                self._wake_slot()
+            future.set_exception(CallTimeout(f"{method or 'request'} timed out after {timeout:g}s"))
             if not self._closed.done():
                 self._write(encode_frame(_CANCEL, seq))
         when = self._deadlines.next_deadline()
@@ -508,13 +604,16 @@ class Session:
         """Answer request ``seq`` with ``obj`` (an error frame if it cannot be encoded)."""
         if self._closed.done():
             return
+        if isinstance(obj, _BYTES):
+            self._write(encode_plain(_RESPONSE, seq, obj, 0, flags), ordered=False)
+            return
         try:
-            payload, codec = self.encode(obj)
+            payload = self.codec.encode(obj)
         except TypeError as exc:
             log.warning("cannot encode the reply to request %d: %s", seq, exc)
             self.respond_error(seq, exc, "unencodable_result")
             return
-        self._write(encode_frame(_RESPONSE, seq, payload, codec=codec, flags=flags), ordered=False)
+        self._write(encode_plain(_RESPONSE, seq, payload, self.codec.id, flags), ordered=False)
 
     def respond_error(
         self, seq: int, exc: BaseException, code: str, traceback_text: str | None = None
@@ -526,11 +625,16 @@ class Session:
         self._write(encode_frame(_ERROR, seq, body, codec=self.codec.id), ordered=False)
 
     def send_oneway(
-        self, obj: Any, *, method: str = "", metadata: dict[str, str] | None = None
+        self,
+        obj: Any,
+        *,
+        method: str = "",
+        metadata: dict[str, str] | None = None,
+        encoded: bool = False,
     ) -> None:
         """Queue a one-way message (no reply). Callers await :meth:`wait_writable` after."""
         self._check_open()
-        payload, codec = self.encode(obj)
+        payload, codec = (obj, self.codec.id) if encoded else self.encode(obj)
         self._write(
             encode_frame(_ONEWAY, 0, payload, method=method, metadata=metadata, codec=codec)
         )
@@ -554,11 +658,9 @@ class Session:
             ordered=ordered,
         )
 
-    def next_seq(self) -> int:
-        """Allocate a sequence id (for layers that open their own exchanges)."""
-        seq = self._next_seq
-        self._next_seq = seq + 1
-        return seq
+    def is_own_seq(self, seq: int) -> bool:
+        """True if ``seq`` numbers an exchange this side started."""
+        return seq % 2 == (1 if self.is_client else 0)
 
     # ---------------------------------------------------- liveness, closing
     def _arm_heartbeat(self) -> None:
@@ -569,7 +671,12 @@ class Session:
             self._heartbeat_timer = self.loop.call_later(min(periods), self._on_heartbeat_timer)
 
     def _on_heartbeat_timer(self) -> None:
+        # activity is sampled here from the byte counters, keeping clocks off the hot path
         now = self.loop.time()
+        if self.bytes_in != self._seen_in:
+            self._seen_in, self._last_recv = self.bytes_in, now
+        if self.bytes_out != self._seen_out:
+            self._seen_out, self._last_send = self.bytes_out, now
         idle = self.config.idle_timeout
         if idle and now - self._last_recv > idle:
             self.abort(
@@ -590,6 +697,7 @@ class Session:
             return
         if not self._closing:
             self._closing = True
+            self._accepting = False
             try:
                 if self._handshake.done() and not self._peer_closing:
                     self._write(encode_frame(_GOAWAY, 0))
@@ -602,7 +710,7 @@ class Session:
                 if self._out:
                     self._flush()
                 if not self._closed.done():
-                    await self.stream.close()
+                    await self.byte_stream.close()
             except ConnectionLost:
                 pass
         await asyncio.shield(self._closed)
@@ -613,7 +721,7 @@ class Session:
             return
         if exc is not None and self.close_reason is None:
             self.close_reason = exc
-        self.stream.abort()
+        self.byte_stream.abort()
 
     async def wait_closed(self) -> Exception | None:
         """Wait until the connection is gone; returns why (None after a clean close)."""

@@ -38,14 +38,12 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
         self._half_close = half_close
         self._read_buffer = bytearray(READ_CHUNK)
         self._read_view = memoryview(self._read_buffer)
-        self._buffered_receiver = False
         self._lost_future: asyncio.Future[None] | None = None
         self._eof_sent = False
 
     # -- asyncio protocol side --------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = transport  # type: ignore[assignment]
         self._lost_future = asyncio.get_running_loop().create_future()
         transport.set_write_buffer_limits(high=self.high_water, low=self.low_water)
         self.extra["peer"] = _format_peer(transport.get_extra_info("peername"))
@@ -61,18 +59,19 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
 
     def set_receiver(self, receiver: Any) -> None:
         super().set_receiver(receiver)
-        self._buffered_receiver = hasattr(receiver, "get_buffer")
+        if hasattr(receiver, "get_buffer"):
+            # the receiver reads straight from the socket into its own buffers; re-setting
+            # the protocol makes event loops that cache these methods (uvloop) see them
+            self.get_buffer = receiver.get_buffer  # type: ignore[method-assign]
+            self.buffer_updated = receiver.buffer_updated  # type: ignore[method-assign]
+            if self._transport is not None:
+                self._transport.set_protocol(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._buffered_receiver:
-            return self.receiver.get_buffer(sizehint)  # type: ignore[attr-defined]
         return self._read_view
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._buffered_receiver:
-            self.receiver.buffer_updated(nbytes)  # type: ignore[attr-defined]
-        else:
-            self.receiver.data_received(self._read_view[:nbytes])
+        self.receiver.data_received(self._read_view[:nbytes])
 
     def eof_received(self) -> bool:
         self.receiver.eof_received()

@@ -1,0 +1,37 @@
+"""Which rows the benchmark can run: polyrpc transports and the reference implementations."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..core.registry import registry
+from .targets import MessageTarget, Target
+
+REFERENCES: dict[str, str] = {
+    "raw-asyncio": "polyrpc.bench.raw_asyncio:RawAsyncio",
+    "raw-aioquic": "polyrpc.bench.raw_aioquic:RawAioquic",
+}
+"""Hand-written baselines, measured in the same run as polyrpc's rows."""
+
+IN_PROCESS = {"mem"}
+"""Transports that cannot cross processes, so the benchmark leaves them out."""
+
+
+def resolve_target(name: str) -> Target:
+    """The Target for a row name: a reference, ``SCHEME`` (message core)."""
+    if name in REFERENCES:
+        module, _, attr = REFERENCES[name].partition(":")
+        return getattr(importlib.import_module(module), attr)()
+    if name in registry.schemes():
+        return MessageTarget(name)
+    raise ValueError(f"unknown benchmark row {name!r}; known: {', '.join(default_rows(True))}")
+
+
+def default_rows(include_unusable: bool = False) -> list[str]:
+    """Every row name: usable transports first, then the references."""
+    names = [
+        row.scheme
+        for row in registry.describe()
+        if row.scheme not in IN_PROCESS and (include_unusable or row.usable)
+    ]
+    return names + list(REFERENCES)

@@ -1,0 +1,91 @@
+"""One benchmark process: the server half or the client half of a row.
+
+``python -m polyrpc.bench.worker serve ROW`` prints the connect info, then serves
+until its stdin closes; ``... client ROW INFO PAYLOAD IN_FLIGHT SECONDS`` runs one
+workload and prints its measurements as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..core.runtime import run
+from .rows import resolve_target
+
+WARMUP_SECONDS = 0.2
+
+
+async def serve(row: str) -> None:
+    target = resolve_target(row)
+    with tempfile.TemporaryDirectory(prefix="prpcbench") as workdir:
+        info, stop = await target.serve(Path(workdir))
+        print(info, flush=True)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, sys.stdin.read)  # until the runner closes our stdin
+        await stop()
+
+
+async def measure(row: str, info: str, payload_bytes: int, in_flight: int, seconds: float) -> dict:
+    """Run ``in_flight`` concurrent echo loops for ``seconds``; return latency and throughput."""
+    target = resolve_target(row)
+    client = await target.connect(info)
+    payload = os.urandom(payload_bytes)
+    latencies: list[int] = []
+    record = False
+    stop_at = 0.0
+
+    async def loop_echo() -> None:
+        clock = time.perf_counter_ns
+        while time.perf_counter() < stop_at:
+            started = clock()
+            reply = await client.echo(payload)
+            if record:
+                latencies.append(clock() - started)
+            if len(reply) != payload_bytes:
+                raise RuntimeError(f"echo returned {len(reply)} bytes, sent {payload_bytes}")
+
+    stop_at = time.perf_counter() + WARMUP_SECONDS
+    await asyncio.gather(*(loop_echo() for _ in range(in_flight)))
+    assert await client.echo(payload) == payload, "echo corrupted the payload"
+    record = True
+    began = time.perf_counter()
+    stop_at = began + seconds
+    await asyncio.gather(*(loop_echo() for _ in range(in_flight)))
+    elapsed = time.perf_counter() - began
+    await client.close()
+    latencies.sort()
+    count = len(latencies)
+
+    def percentile(p: float) -> float:
+        return latencies[min(count - 1, int(p * count))] / 1000 if count else float("nan")
+
+    return {
+        "p50_us": percentile(0.50),
+        "p99_us": percentile(0.99),
+        "requests_per_s": count / elapsed,
+        "mb_per_s": count * payload_bytes / elapsed / 1e6,
+        "count": count,
+    }
+
+
+def main(argv: list[str]) -> int:
+    if argv[0] == "serve":
+        run(serve(argv[1]))
+        return 0
+    if argv[0] == "client":
+        row, info, payload, in_flight, seconds = argv[1:6]
+        result = run(measure(row, info, int(payload), int(in_flight), float(seconds)))
+        print(json.dumps(result), flush=True)
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,638 @@
+"""Remote calls on the session: dispatch, errors, proxies, callbacks both ways, streaming.
+
+Wire usage (see docs/protocol.md): a REQUEST's method is ``Service.method`` and its
+payload ``[args, kwargs]`` in the session codec. Results come back as RESPONSE or
+ERROR. Streamed results are STREAM_ITEM frames closed by STREAM_END; the caller
+grants credit (CREDIT frames) so a slow consumer stops a fast producer. A streamed
+argument flows the other way on the same sequence id. Clients number exchanges
+odd and servers even, so a sequence id always names one exchange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import logging
+import time
+import traceback
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConnectionLost, ProtocolError, RemoteError
+from .frames import FLAG_ARG_STREAM, FLAG_STREAM, Frame, Kind
+from .services import Method, ServiceRegistry
+from .session import Session, SessionConfig
+from .stream import Stream
+
+log = logging.getLogger("polyrpc")
+
+STREAM_CREDIT = 32
+"""Items a stream's producer may send ahead of its consumer."""
+_STREAM_ITEM, _STREAM_END, _CREDIT, _CANCEL = (
+    int(Kind.STREAM_ITEM),
+    int(Kind.STREAM_END),
+    int(Kind.CREDIT),
+    int(Kind.CANCEL),
+)
+_context: contextvars.ContextVar[CallContext] = contextvars.ContextVar("polyrpc_call")
+
+
+@dataclass
+class CallContext:
+    """What a handler knows about the call it is serving (see :func:`current_context`)."""
+
+    method: str
+    connection: RpcConnection
+    metadata: dict[str, str]
+    deadline: float | None
+    """Seconds since the epoch after which the caller stops waiting, if it set a timeout."""
+
+    @property
+    def peer(self) -> Any:
+        return self.connection.peer
+
+    @property
+    def transport(self) -> str:
+        return self.connection.transport
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call a service the caller registered, over the same connection (a callback)."""
+        return await self.connection.call(method, *args, **kwargs)
+
+
+def current_context() -> CallContext:
+    """The context of the call being handled; RuntimeError outside a handler."""
+    try:
+        return _context.get()
+    except LookupError:
+        raise RuntimeError("polyrpc.current_context() is only available inside a handler") from None
+
+
+@dataclass
+class RpcOptions:
+    """Server-side behaviour of a connection's call handling."""
+
+    services: ServiceRegistry = field(default_factory=ServiceRegistry)
+    max_concurrent_calls: int = 1024
+    """Calls from one peer handled at once; more are refused with code ``too_many_calls``."""
+    inline_sync: bool = False
+    """Run sync handlers on the event loop (fast, but they must not block) instead of threads."""
+    send_tracebacks: bool = False
+
+
+class _IncomingCall:
+    """A call from the peer being handled here."""
+
+    __slots__ = ("args_stream", "credit", "credit_event", "task")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+        self.credit = 0
+        self.credit_event: asyncio.Event | None = None
+        self.args_stream: _ItemQueue | None = None
+
+
+class _ItemQueue:
+    """Items of one stream as they arrive, handed out in order, with credit returned."""
+
+    def __init__(self, connection: RpcConnection, seq: int, window: int) -> None:
+        self.connection = connection
+        self.seq = seq
+        self.window = window
+        self.items: deque[Any] = deque()
+        self.ended = False
+        self.error: BaseException | None = None
+        self.consumed = 0
+        self.waiter: asyncio.Future[None] | None = None
+
+    def push(self, item: Any) -> None:
+        if len(self.items) >= self.window * 2:
+            raise ProtocolError(f"stream {self.seq}: the peer sent more items than its credit")
+        self.items.append(item)
+        self._wake()
+
+    def end(self, error: BaseException | None = None) -> None:
+        self.ended = True
+        self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def next(self) -> Any:
+        while not self.items:
+            if self.ended:
+                if self.error is not None:
+                    raise self.error
+                raise StopAsyncIteration
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        item = self.items.popleft()
+        self.consumed += 1
+        if self.consumed >= self.window // 2 and not self.ended:
+            grant, self.consumed = self.consumed, 0
+            if not self.connection.is_closed:
+                self.connection.send_frame(_CREDIT, self.seq, grant)
+        return item
+
+
+class ArgumentStream:
+    """The async iterator a handler receives for an argument the caller streams."""
+
+    def __init__(self, queue: _ItemQueue) -> None:
+        self._queue = queue
+
+    def __aiter__(self) -> ArgumentStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self._queue.next()
+
+
+class ResultStream:
+    """The caller's side of a streaming call: ``async for item in client.stream(...)``.
+
+    Leaving the loop early (break, exception) cancels the remote generator.
+    """
+
+    def __init__(self, connection: RpcConnection, method: str, args: tuple, kwargs: dict,
+                 timeout: float | None, metadata: dict[str, str] | None) -> None:
+        self._connection = connection
+        self._call = (method, args, kwargs, timeout, metadata)
+        self._queue: _ItemQueue | None = None
+        self._seq = 0
+        self._sender: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def __aiter__(self) -> ResultStream:
+        return self
+
+    async def _start(self) -> _ItemQueue:
+        method, args, kwargs, timeout, metadata = self._call
+        conn = self._connection
+        meta = {**(metadata or {}), "credit": str(STREAM_CREDIT)}
+        seq, future, sender = await conn._send_call(
+            method, args, kwargs, timeout, meta, FLAG_STREAM
+        )
+        self._seq, self._sender = seq, sender
+        queue = _ItemQueue(conn, seq, STREAM_CREDIT)
+        conn._result_streams[seq] = queue
+
+        def finished(done: asyncio.Future[Frame]) -> None:
+            conn._result_streams.pop(seq, None)
+            if done.cancelled():
+                queue.end(ConnectionLost("stream cancelled"))
+            elif done.exception() is not None:
+                queue.end(done.exception())
+            else:
+                frame = done.result()
+                queue.end(conn.remote_error(frame) if frame.kind == Kind.ERROR else None)
+
+        future.add_done_callback(finished)
+        self._queue = queue
+        return queue
+
+    async def __anext__(self) -> Any:
+        queue = self._queue or await self._start()
+        try:
+            return await queue.next()
+        except StopAsyncIteration:
+            self._closed = True
+            raise
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        """Stop the stream: the remote generator is cancelled if it is still running."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._sender is not None:
+            self._sender.cancel()
+        if self._queue is not None and not self._queue.ended:
+            self._connection._result_streams.pop(self._seq, None)
+            self._connection.cancel_request(self._seq)
+
+    async def __aenter__(self) -> ResultStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class ServiceProxy:
+    """``client.proxy("Arith").mul(3, 4)``: attribute access builds method names."""
+
+    def __init__(self, connection: RpcConnection, service: str) -> None:
+        self._connection = connection
+        self._service = service
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return functools.partial(self._connection.call, f"{self._service}.{name}")
+
+    def __repr__(self) -> str:
+        return f"<ServiceProxy {self._service} via {self._connection!r}>"
+
+
+class RpcConnection(Session):
+    """A session that makes and serves remote calls (both sides may do both)."""
+
+    def __init__(
+        self, stream: Stream, config: SessionConfig, *, is_client: bool, options: RpcOptions
+    ) -> None:
+        super().__init__(stream, config, is_client=is_client)
+        self.options = options
+        self.services = options.services
+        self._incoming: dict[int, _IncomingCall] = {}
+        self._result_streams: dict[int, _ItemQueue] = {}
+        self._arg_senders: dict[int, _IncomingCall] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.calls_handled = 0
+
+    # ----------------------------------------------------------- calling
+    def _encode_call(self, args: tuple, kwargs: dict) -> bytes:
+        try:
+            return self.codec.encode([list(args), kwargs])
+        except TypeError as exc:
+            raise TypeError(f"cannot send these arguments: {exc}") from None
+
+    async def _send_call(
+        self,
+        method: str,
+        args: tuple,
+        kwargs: dict,
+        timeout: float | None,
+        metadata: dict[str, str] | None,
+        flags: int = 0,
+    ) -> tuple[int, asyncio.Future[Frame], asyncio.Task[None] | None]:
+        """Start a call; a streamed argument (an async iterable) gets a sender task."""
+        streamed = None
+        for index, arg in enumerate(args):
+            if isinstance(arg, AsyncIterable):
+                if streamed is not None:
+                    raise TypeError("only one argument may be an async iterable (streamed)")
+                streamed = index
+        if streamed is not None:
+            source = args[streamed]
+            args = (*args[:streamed], None, *args[streamed + 1 :])
+            metadata = {**(metadata or {}), "argstream": str(streamed)}
+            flags |= FLAG_ARG_STREAM
+        payload = self._encode_call(args, kwargs)
+        if len(self._pending) >= self._max_in_flight:
+            await self.wait_for_slot()
+        seq, future = self.begin_request(payload, method, metadata, timeout, flags, encoded=True)
+        sender = None
+        if streamed is not None:
+            state = _IncomingCall()
+            state.credit = STREAM_CREDIT
+            self._arg_senders[seq] = state
+            sender = self.loop.create_task(self._send_argument_stream(seq, source, state))
+            future.add_done_callback(lambda _: sender.cancel())
+        if self.byte_stream.writing_paused:
+            await self.wait_writable()
+        return seq, future, sender
+
+    async def _send_argument_stream(
+        self, seq: int, source: AsyncIterable[Any], state: _IncomingCall
+    ) -> None:
+        try:
+            async for item in source:
+                await self._spend_credit(state)
+                self.send_frame(_STREAM_ITEM, seq, item)
+                if self.byte_stream.writing_paused:
+                    await self.wait_writable()
+            self.send_frame(_STREAM_END, seq)
+        except (ConnectionLost, asyncio.CancelledError):
+            pass
+        except Exception as exc:
+            log.warning("streamed argument of call %d failed: %s", seq, exc)
+            self.cancel_request(seq)
+        finally:
+            self._arg_senders.pop(seq, None)
+
+    async def call(
+        self,
+        method: str,
+        *args: Any,
+        timeout: float | None = None,
+        metadata: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Call ``method`` ("Service.method") and return its result.
+
+        Raises RemoteError for errors in the handler, CallTimeout after ``timeout``
+        seconds (the handler is cancelled remotely too) and ConnectionLost.
+        """
+        seq, future, _ = await self._send_call(method, args, kwargs, timeout, metadata)
+        try:
+            frame = await future
+        except asyncio.CancelledError:
+            self.cancel_request(seq)
+            raise
+        return self.result(frame)
+
+    async def notify(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Call ``method`` one-way: no reply, errors are only logged by the peer."""
+        self.send_oneway(self._encode_call(args, kwargs), method=method, encoded=True)
+        if self.byte_stream.writing_paused:
+            await self.wait_writable()
+
+    def stream(
+        self,
+        method: str,
+        *args: Any,
+        timeout: float | None = None,
+        metadata: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> ResultStream:
+        """Iterate the items a streaming method (an async generator) yields."""
+        return ResultStream(self, method, args, kwargs, timeout, metadata)
+
+    def proxy(self, service: str) -> ServiceProxy:
+        """An object whose methods call ``service``'s: ``await proxy.mul(3, 4)``."""
+        return ServiceProxy(self, service)
+
+    def register(self, obj: Any, name: str | None = None) -> list[str]:
+        """Expose ``obj`` to the peer on this connection (callbacks)."""
+        return self.services.register(obj, name)
+
+    # ---------------------------------------------------------- serving
+    def on_request(self, frame: Frame) -> None:
+        seq = frame.seq
+        if len(self._incoming) >= self.options.max_concurrent_calls:
+            self.respond_error(
+                seq,
+                RemoteError(
+                    "RuntimeError",
+                    f"too many concurrent calls on this connection "
+                    f"(limit {self.options.max_concurrent_calls})",
+                    "too_many_calls",
+                ),
+                "too_many_calls",
+            )
+            return
+        call = _IncomingCall()
+        try:
+            method = self.services.lookup(frame.method)
+            args, kwargs = self._decode_arguments(frame)
+            if frame.flags & FLAG_ARG_STREAM:
+                index = int(frame.metadata.get("argstream", "-1"))
+                if not 0 <= index < len(args):
+                    raise ProtocolError("streamed argument index out of range")
+                call.args_stream = _ItemQueue(self, seq, STREAM_CREDIT)
+                args[index] = ArgumentStream(call.args_stream)
+            method.check_arguments(args, kwargs)
+        except RemoteError as exc:
+            self.respond_error(seq, exc, exc.code)
+            return
+        except ProtocolError as exc:
+            self.respond_error(seq, exc, "bad_request")
+            return
+        if method.kind == "sync" and self.options.inline_sync and not frame.flags:
+            self._call_inline(seq, method, args, kwargs, frame)
+            return
+        self._incoming[seq] = call
+        call.task = self.loop.create_task(self._run_call(seq, call, method, args, kwargs, frame))
+
+    def _decode_arguments(self, frame: Frame) -> tuple[list, dict]:
+        try:
+            body = self.decode(frame)
+        except ProtocolError:
+            raise
+        if (
+            not isinstance(body, list)
+            or len(body) != 2
+            or not isinstance(body[0], list)
+            or not isinstance(body[1], dict)
+        ):
+            raise ProtocolError("a call's payload must be [args, kwargs]")
+        return body[0], body[1]
+
+    def _context_for(self, frame: Frame) -> CallContext:
+        deadline = None
+        timeout = frame.metadata.get("timeout")
+        if timeout is not None:
+            try:
+                deadline = time.time() + float(timeout)
+            except ValueError:
+                deadline = None
+        return CallContext(frame.method, self, frame.metadata, deadline)
+
+    def _call_inline(self, seq: int, method: Method, args: list, kwargs: dict, frame: Frame) -> None:
+        started = time.perf_counter()
+        token = _context.set(self._context_for(frame))
+        try:
+            result = method.func(*args, **kwargs)
+        except Exception as exc:
+            self._report_failure(seq, method, exc, started)
+            return
+        finally:
+            _context.reset(token)
+        self.services.record(method.name, time.perf_counter() - started, False)
+        self.calls_handled += 1
+        self.respond(seq, result)
+
+    def _report_failure(self, seq: int, method: Method, exc: BaseException, started: float) -> None:
+        self.services.record(method.name, time.perf_counter() - started, True)
+        self.calls_handled += 1
+        text = traceback.format_exc() if self.options.send_tracebacks else None
+        code = exc.code if isinstance(exc, RemoteError) else "handler_error"
+        self.respond_error(seq, exc, code, text)
+
+    async def _run_call(
+        self,
+        seq: int,
+        call: _IncomingCall,
+        method: Method,
+        args: list,
+        kwargs: dict,
+        frame: Frame,
+    ) -> None:
+        context = self._context_for(frame)
+        _context.set(context)
+        started = time.perf_counter()
+        timeout = None if context.deadline is None else max(0.0, context.deadline - time.time())
+        wants_stream = bool(frame.flags & FLAG_STREAM)
+        try:
+            async with asyncio.timeout(timeout):
+                if method.kind == "stream" or wants_stream:
+                    await self._stream_results(seq, call, method, args, kwargs, frame)
+                    self.services.record(method.name, time.perf_counter() - started, False)
+                    self.calls_handled += 1
+                    return
+                if method.kind == "async":
+                    result = await method.func(*args, **kwargs)
+                else:
+                    runner = functools.partial(method.func, *args, **kwargs)
+                    ctx = contextvars.copy_context()
+                    result = await self.loop.run_in_executor(None, ctx.run, runner)
+        except asyncio.CancelledError:
+            # the caller cancelled, or the connection went away: nobody waits for an answer
+            self.services.record(method.name, time.perf_counter() - started, True)
+            return
+        except TimeoutError as exc:
+            if context.deadline is not None and time.time() >= context.deadline - 0.001:
+                exc = RemoteError(
+                    "TimeoutError", f"{method.name} passed its deadline", "deadline_exceeded"
+                )
+            self._report_failure(seq, method, exc, started)
+            return
+        except Exception as exc:
+            self._report_failure(seq, method, exc, started)
+            return
+        finally:
+            self._incoming.pop(seq, None)
+        self.services.record(method.name, time.perf_counter() - started, False)
+        self.calls_handled += 1
+        self.respond(seq, result)
+
+    async def _stream_results(
+        self, seq: int, call: _IncomingCall, method: Method, args: list, kwargs: dict, frame: Frame
+    ) -> None:
+        if not frame.flags & FLAG_STREAM:
+            raise RemoteError(
+                "TypeError",
+                f"{method.name} is a streaming method; call it with client.stream()",
+                "stream_mismatch",
+            )
+        produced = method.func(*args, **kwargs)
+        if hasattr(produced, "__await__"):
+            produced = await produced
+        if not isinstance(produced, AsyncIterable | Iterable):
+            raise RemoteError(
+                "TypeError", f"{method.name} did not return an iterable to stream", "stream_mismatch"
+            )
+        try:
+            call.credit = int(frame.metadata.get("credit", str(STREAM_CREDIT)))
+        except ValueError:
+            call.credit = STREAM_CREDIT
+        iterator = produced if isinstance(produced, AsyncIterable) else _aiter_sync(produced)
+        try:
+            async for item in iterator:
+                await self._spend_credit(call)
+                self.send_frame(_STREAM_ITEM, seq, item)
+                if self.byte_stream.writing_paused:
+                    await self.wait_writable()
+        finally:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        self.send_frame(_STREAM_END, seq)
+
+    async def _spend_credit(self, state: _IncomingCall) -> None:
+        """Wait until the consumer granted credit for one more item, then use it."""
+        while state.credit <= 0:
+            if self.is_closed:
+                raise self.lost_error()
+            if state.credit_event is None:
+                state.credit_event = asyncio.Event()
+            state.credit_event.clear()
+            await state.credit_event.wait()
+        state.credit -= 1
+
+    def on_oneway(self, frame: Frame) -> None:
+        if not frame.method:
+            log.debug("ignoring a plain message on an RPC connection")
+            return
+        try:
+            method = self.services.lookup(frame.method)
+            args, kwargs = self._decode_arguments(frame)
+            method.check_arguments(args, kwargs)
+        except (RemoteError, ProtocolError) as exc:
+            log.warning("notification %s from %s dropped: %s", frame.method, self.peer, exc)
+            return
+        task = self.loop.create_task(self._run_notification(method, args, kwargs, frame))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_notification(
+        self, method: Method, args: list, kwargs: dict, frame: Frame
+    ) -> None:
+        _context.set(self._context_for(frame))
+        started = time.perf_counter()
+        try:
+            result = method.func(*args, **kwargs)
+            if hasattr(result, "__await__"):
+                await result
+        except Exception:
+            self.services.record(method.name, time.perf_counter() - started, True)
+            log.exception("notification %s failed", method.name)
+            return
+        self.services.record(method.name, time.perf_counter() - started, False)
+
+    def on_frame(self, frame: Frame) -> None:
+        kind, seq = frame.kind, frame.seq
+        own = self.is_own_seq(seq)
+        if kind == _CANCEL:
+            call = self._incoming.get(seq)
+            if call is not None and call.task is not None:
+                call.task.cancel()
+        elif kind == _CREDIT:
+            state = self._arg_senders.get(seq) if own else self._incoming.get(seq)
+            if state is not None:
+                grant = self.decode(frame)
+                if not isinstance(grant, int) or grant <= 0:
+                    raise ProtocolError("CREDIT must carry a positive integer")
+                state.credit += grant
+                if state.credit_event is not None:
+                    state.credit_event.set()
+        elif kind == _STREAM_ITEM:
+            queue = self._result_streams.get(seq) if own else self._args_queue(seq)
+            if queue is not None:
+                queue.push(self.decode(frame))
+        elif kind == _STREAM_END:
+            if own:
+                queue = self._result_streams.pop(seq, None)
+                future = self.finish_request(seq)
+                if future is not None and not future.done():
+                    future.set_result(frame)
+                if queue is not None:
+                    queue.end()
+            else:
+                queue = self._args_queue(seq)
+                if queue is not None:
+                    queue.end()
+
+    def _args_queue(self, seq: int) -> _ItemQueue | None:
+        call = self._incoming.get(seq)
+        return call.args_stream if call is not None else None
+
+    def active_incoming(self) -> int:
+        return len(self._incoming) + len(self._tasks)
+
+    def on_closed(self, exc: Exception | None) -> None:
+        lost = self.lost_error()
+        for call in list(self._incoming.values()):
+            if call.task is not None:
+                call.task.cancel()
+            if call.args_stream is not None:
+                call.args_stream.end(lost)
+        for queue in list(self._result_streams.values()):
+            queue.end(lost)
+        self._result_streams.clear()
+        for state in self._arg_senders.values():
+            if state.credit_event is not None:
+                state.credit_event.set()
+
+    async def __aenter__(self) -> RpcConnection:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.is_closed else "open"
+        return f"<{type(self).__name__} {self.transport} peer={self.peer!r} {state}>"
+
+
+async def _aiter_sync(items: Iterable[Any]) -> AsyncIterator[Any]:
+    for item in items:
+        yield item

@@ -1,0 +1,712 @@
+"""QuicStream: the stream trait on one aioquic ``QuicConnection`` (sans-IO), driven by our UDP glue.
+
+Every :meth:`QuicStream.write` call travels on its own unidirectional QUIC stream
+and is delivered to the receiver only once that QUIC stream has ended, as one
+unit. A lost packet therefore delays only the unit it belongs to; units from
+different writes may overtake each other (``extra["unordered_units"]``). The
+upper layer writes only whole frames per call, so any order of units is a valid
+byte stream for it. EOF is an empty unit; it is delivered after every unit
+opened before it (stream ids are sequential).
+
+Backpressure both ways: a writer waits (``drain``) while more than the
+high-water mark of its data is unacknowledged, and a receiver whose reader is
+paused stops granting MAX_DATA credit, so the peer's writer waits in turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from aioquic.buffer import Buffer as QuicBuffer
+from aioquic.buffer import encode_uint_var
+from aioquic.quic.connection import Limit, QuicConnection
+from aioquic.quic.events import (
+    ConnectionIdIssued,
+    ConnectionIdRetired,
+    ConnectionTerminated,
+    HandshakeCompleted,
+    PingAcknowledged,
+    StreamDataReceived,
+    StreamReset,
+)
+from aioquic.tls import Epoch as tls_epoch
+
+from ...core.errors import ConnectionLost, HandshakeError
+from ...core.stream import Buffer, Stream
+
+if TYPE_CHECKING:
+    from aioquic.quic.stream import QuicStreamSender
+
+CLOSE_TIMEOUT = 10.0
+NO_ERROR = 0x0
+ABORT_ERROR = 0x1
+"""Application error code sent by :meth:`QuicStream.abort`."""
+PROTOCOL_ERROR = 0x2
+"""Application error code for a peer that breaks the stream rules below."""
+CRYPTO_ERROR = 0x100
+JOIN_LIMIT = 64 << 10
+"""Writes smaller than this are joined into one buffer before aioquic copies them."""
+UNIT, CHANNEL, EOF = 0, 1, 2
+"""First byte of every unidirectional stream: one unit, the ordered channel, or EOF."""
+UNIT_HEADER, CHANNEL_HEADER, EOF_HEADER = bytes([UNIT]), bytes([CHANNEL]), bytes([EOF])
+ALERT_NO_APPLICATION_PROTOCOL = 120
+CERTIFICATE_ALERTS = {42, 43, 44, 45, 46, 48}
+IDLE_REASON = "Idle timeout"
+
+
+class Driver:
+    """What a QuicStream needs from its endpoint (client socket or listener)."""
+
+    def send(self, datagrams: list[tuple[bytes, Any]]) -> None:
+        """Put datagrams on the wire."""
+        raise NotImplementedError
+
+    def cid_issued(self, cid: bytes, stream: QuicStream) -> None:
+        """Route datagrams for ``cid`` to ``stream``."""
+
+    def cid_retired(self, cid: bytes) -> None:
+        """Stop routing ``cid``."""
+
+    def finished(self, stream: QuicStream) -> None:
+        """The connection is over; release its routes (and the socket of a client)."""
+
+    def established(self, stream: QuicStream) -> None:
+        """The handshake completed (a listener hands the stream to its handler)."""
+
+
+class ReceiveCredit(Limit):
+    """MAX_DATA that grows only as the application takes delivery.
+
+    aioquic doubles its receive window whenever half of it is used, whatever the
+    application does with the data; this limit caps the window at ``window`` bytes
+    beyond what the application has been handed (``held`` counts received units
+    still waiting for a paused reader), so a slow reader stops the peer's writer.
+    """
+
+    def __init__(self, base: Limit, window: int, held: Callable[[], int]) -> None:
+        self._window = window
+        self._held = held
+        self._value = base.value
+        self.frame_type = base.frame_type
+        self.name = base.name
+        self.sent = base.sent
+        self.used = base.used
+
+    @property
+    def value(self) -> int:
+        """The current credit limit (bytes the peer may send in total)."""
+        return self._value
+
+    @value.setter
+    def value(self, requested: int) -> None:
+        cap = self.used - self._held() + self._window
+        new = min(requested, cap)
+        if new - self._value >= self._window >> 3:
+            self._value = new
+
+
+def _read_counts(data: bytes) -> tuple[int, int]:
+    """The two varints of an EOF stream: units and ordered units sent before it."""
+    buf = QuicBuffer(data=data[1:])
+    return buf.pull_uint_var(), buf.pull_uint_var()
+
+
+class OrderedChannel:
+    """Splits the ordered stream (varint length + unit, repeated) back into whole units."""
+
+    def __init__(self) -> None:
+        self._header = bytearray()
+        self._remaining = 0
+        self._chunks: list[Buffer] = []
+
+    def feed(self, data: Buffer) -> list[list[Buffer]]:
+        """Consume ``data``; return the units it completed (lists of memoryview chunks)."""
+        done: list[list[Buffer]] = []
+        view = memoryview(data)
+        pos, end = 0, len(view)
+        while pos < end:
+            if not self._remaining:
+                header = self._header
+                header.append(view[pos])
+                pos += 1
+                if len(header) < 1 << (header[0] >> 6):
+                    continue
+                self._remaining = QuicBuffer(data=bytes(header)).pull_uint_var()
+                header.clear()
+                if not self._remaining:
+                    raise ValueError("empty unit on the ordered stream")
+                continue
+            take = min(self._remaining, end - pos)
+            self._chunks.append(view[pos : pos + take])
+            pos += take
+            self._remaining -= take
+            if not self._remaining:
+                done.append(self._chunks)
+                self._chunks = []
+        return done
+
+
+_ping_ids = itertools.count(1)
+
+
+class QuicStream(Stream):
+    """Stream trait over one QUIC connection (units on unidirectional QUIC streams)."""
+
+    transport_name = "quic"
+
+    def __init__(
+        self,
+        connection: QuicConnection,
+        driver: Driver,
+        peer: Any,
+        *,
+        window: int,
+        keepalive: float,
+        high_water: int,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            {"peer": _format(peer), "unordered_units": True, "alpn": None, **(extra or {})},
+            high_water=high_water,
+            low_water=high_water // 4,
+        )
+        self._loop = asyncio.get_running_loop()
+        self.connection = connection
+        self._driver = driver
+        self._keepalive = keepalive
+        self._incoming: dict[int, list[Buffer] | OrderedChannel] = {}
+        self._express_id: int | None = None
+        self._express: QuicStreamSender | None = None
+        self._channel_id: int | None = None
+        self._ready: deque[tuple[list[Buffer], bool]] = deque()
+        self._ready_bytes = 0
+        connection._local_max_data = ReceiveCredit(
+            connection._local_max_data, window, lambda: self._ready_bytes
+        )
+        self._delivered_unordered = 0
+        self._delivered_ordered = 0
+        self._sent_unordered = 0
+        self._sent_ordered = 0
+        self._eof_after: tuple[int, int] | None = None
+        self._eof_delivered = False
+        self._reading_paused = False
+        self._eof_sent = False
+        self._sending: dict[int, QuicStreamSender] = {}
+        self._unacked = 0
+        self._batch: list[Buffer] = []
+        self._batch_size = 0
+        self._batch_limit = connection._max_datagram_size
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._transmit_handle: asyncio.Handle | None = None
+        self._turn: asyncio.Handle | None = None
+        self._in_process = False
+        self._new_data = False
+        self._app_space: Any = None
+        self._keepalive_handle: asyncio.TimerHandle | None = None
+        self._last_receive = self._loop.time()
+        self.handshake: asyncio.Future[None] = self._loop.create_future()
+        self.fingerprint_check: Callable[[QuicStream], HandshakeError | None] | None = None
+        self._finished = False
+        self._closing = False
+        self._flushed: asyncio.Future[None] | None = None
+        self.pings_acknowledged = 0
+
+    # -- I/O entry points (called by the driver) ---------------------------
+    def datagram_received(self, data: bytes, address: Any, now: float) -> None:
+        """Feed one datagram; call :meth:`process` after a batch."""
+        self.connection.receive_datagram(data, address, now)
+        self._last_receive = now
+
+    def process(self) -> None:
+        """Handle what the connection produced, deliver data, send what is due."""
+        connection = self.connection
+        self._in_process = True
+        while (event := connection.next_event()) is not None:
+            kind = type(event)
+            if kind is StreamDataReceived:
+                self._stream_data(event)  # type: ignore[arg-type]
+            elif kind is HandshakeCompleted:
+                self._handshake_completed(event)  # type: ignore[arg-type]
+            elif kind is ConnectionIdIssued:
+                self._driver.cid_issued(event.connection_id, self)  # type: ignore[attr-defined]
+            elif kind is ConnectionIdRetired:
+                self._driver.cid_retired(event.connection_id)  # type: ignore[attr-defined]
+            elif kind is ConnectionTerminated:
+                self._terminated(event)  # type: ignore[arg-type]
+            elif kind is StreamReset:
+                self._protocol_error(f"QUIC stream {event.stream_id} was reset")  # type: ignore[attr-defined]
+            elif kind is PingAcknowledged:
+                self.pings_acknowledged += 1
+        if not self._finished:
+            close_event = connection._close_event
+            if close_event is not None and not self._closing:
+                # the peer closed, or the TLS stack rejected the handshake: aioquic only
+                # reports it after the draining period, we report it at once
+                self._terminated(close_event)
+            else:
+                self._deliver()
+                self._acks_processed()
+        self._in_process = False
+        if self._transmit_handle is not None or self._may_send():
+            self.transmit()
+        else:
+            self._arm_timer()
+
+    def _may_send(self) -> bool:
+        """Whether a packet could be due now (else building one would only find nothing).
+
+        Conservative: anything unusual means yes. ACKs, flow-control credit and stream
+        limits that are not due now leave with the next packet, at the latest when the
+        ACK timer fires.
+        """
+        connection = self.connection
+        space = self._app_space
+        if (
+            space is None
+            or not connection._handshake_confirmed
+            or self._batch
+            or connection._close_pending
+            or connection._ping_pending
+            or connection._probe_pending
+            or connection._streams_blocked_pending
+            or connection._handshake_done_pending
+            or connection._retire_connection_ids
+            or connection._datagrams_pending
+        ):
+            return True
+        if space.ack_at is not None and space.ack_at <= self._loop.time():
+            return True
+        path = connection._network_paths[0]
+        if path.remote_challenges or not path.is_validated:
+            return True
+        if not self._crypto_sender.buffer_is_empty:
+            return True
+        for sender in self._sending.values():
+            if not sender.buffer_is_empty:
+                return True
+        return any(not cid.was_sent for cid in connection._host_cids)
+
+    def transmit(self) -> None:
+        """Send every datagram the connection has ready and re-arm its timer."""
+        if self._transmit_handle is not None:
+            self._transmit_handle.cancel()
+            self._transmit_handle = None
+        if self._batch:
+            self._flush_batch()
+        now = self._loop.time()
+        if self._new_data:
+            # aioquic only sends an ACK once its 1 ms delay is due; when data is leaving
+            # anyway, let the pending ACK ride along instead of costing its own packet later
+            self._new_data = False
+            space = self._app_space
+            if space is not None and space.ack_at is not None:
+                space.ack_at = now
+        datagrams = self.connection.datagrams_to_send(now)
+        if datagrams:
+            self._driver.send(datagrams)
+        if not self._finished:
+            self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        timer_at = self.connection.get_timer()
+        current = self._timer_at
+        if timer_at is not None and current is not None and current <= timer_at:
+            return  # an earlier wake-up is harmless: _fire() re-arms for the real deadline
+        if timer_at != current:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = timer_at
+            self._timer = None if timer_at is None else self._loop.call_at(timer_at, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.connection.handle_timer(self._loop.time())
+        self.process()
+
+    def _end_turn(self) -> None:
+        self._turn = None
+
+    def _schedule_transmit(self) -> None:
+        if self._transmit_handle is None:
+            self._transmit_handle = self._loop.call_soon(self.transmit)
+
+    # -- connection events ---------------------------------------------------
+    def _handshake_completed(self, event: HandshakeCompleted) -> None:
+        tls = self.connection.tls
+        self.extra["alpn"] = event.alpn_protocol
+        self.extra["tls_version"] = "TLSv1.3"
+        self.extra["session_resumed"] = event.session_resumed
+        self.extra["cipher"] = getattr(tls.key_schedule, "cipher_suite", None)
+        self.extra["peer_cert"] = getattr(tls, "_peer_certificate", None)
+        self.extra["mtu"] = self.connection._max_datagram_size
+        self._app_space = self.connection._spaces.get(tls_epoch.ONE_RTT)
+        self._crypto_sender = self.connection._crypto_streams[tls_epoch.ONE_RTT].sender
+        if self.fingerprint_check is not None:
+            error = self.fingerprint_check(self)
+            if error is not None:
+                self.connection.close(
+                    CRYPTO_ERROR + 42, reason_phrase="certificate fingerprint mismatch"
+                )
+                self._finish(error)
+                return
+        if self._keepalive:
+            self._keepalive_handle = self._loop.call_later(self._keepalive, self._keepalive_tick)
+        if not self.handshake.done():
+            self.handshake.set_result(None)
+        self._driver.established(self)
+
+    def _keepalive_tick(self) -> None:
+        if self._finished:
+            return
+        if self._loop.time() - self._last_receive >= self._keepalive * 0.9:
+            self.connection.send_ping(next(_ping_ids))
+            self.transmit()
+        self._keepalive_handle = self._loop.call_later(self._keepalive, self._keepalive_tick)
+
+    def _terminated(self, event: ConnectionTerminated) -> None:
+        if self._finished:
+            return
+        if not self.handshake.done():
+            self._finish(handshake_error(event, self))
+            return
+        if self._closing:
+            self._finish(None)
+            return
+        code, reason = event.error_code, event.reason_phrase
+        if code == NO_ERROR and event.frame_type is None:
+            exc = ConnectionLost(f"quic: the peer closed the connection ({reason or 'no reason'})")
+            self._finish(exc, graceful=True)
+        elif reason == IDLE_REASON:
+            idle = self.connection._idle_timeout()
+            self._finish(
+                ConnectionLost(
+                    f"quic: connection to {self.extra['peer']} lost: no packets for {idle:.3g}s "
+                    "(idle timeout; the peer is gone or the network is down)"
+                )
+            )
+        else:
+            what = "reset by the peer" if event.frame_type is None else "closed with an error"
+            self._finish(
+                ConnectionLost(
+                    f"quic: connection {what} (code 0x{code:x}: {reason or 'no reason'})"
+                )
+            )
+
+    def _finish(self, exc: Exception | None, *, graceful: bool = False) -> None:
+        """Tear down once: fail the handshake or report the loss, release timers and routes."""
+        if self._finished:
+            return
+        self._finished = True
+        for handle in (self._timer, self._keepalive_handle, self._transmit_handle):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._keepalive_handle = self._transmit_handle = None
+        if self._flushed is not None and not self._flushed.done():
+            self._flushed.set_result(None)
+        if not self.handshake.done():
+            self.handshake.set_exception(exc or ConnectionLost("quic: connection closed"))
+            self.handshake.exception()
+            self._lost = exc or ConnectionLost("quic: connection closed")
+        else:
+            if graceful:
+                self._reading_paused = False
+                self._deliver()
+                if not self._eof_delivered:
+                    self._eof_delivered = True
+                    self.receiver.eof_received()
+            self._connection_lost(None if self._closed else exc)
+        self.transmit()
+        self._driver.finished(self)
+
+    # -- receiving -------------------------------------------------------------
+    def _stream_data(self, event: StreamDataReceived) -> None:
+        stream_id = event.stream_id
+        data = event.data
+        state = self._incoming.get(stream_id)
+        if state is None:
+            if not data:
+                if event.end_stream:
+                    self._protocol_error(f"empty QUIC stream {stream_id}")
+                return
+            kind = data[0]
+            if not stream_id & 2:
+                self._protocol_error(f"bidirectional QUIC stream {stream_id} is not used")
+                return
+            if kind == UNIT:
+                state = self._incoming[stream_id] = []
+            elif kind == CHANNEL:
+                state = OrderedChannel()
+                self._incoming[stream_id] = state
+            elif kind == EOF and len(data) > 1 and event.end_stream:
+                self._eof_after = _read_counts(data)
+                self._deliver_eof()
+                return
+            else:
+                self._protocol_error(f"unknown QUIC stream kind {kind} on stream {stream_id}")
+                return
+            data = memoryview(data)[1:]
+        if type(state) is list:
+            if data:
+                state.append(data)
+            if event.end_stream:
+                del self._incoming[stream_id]
+                if not state:
+                    self._protocol_error(f"empty unit on QUIC stream {stream_id}")
+                    return
+                self._ready.append((state, False))
+                self._ready_bytes += sum(map(len, state))
+        else:
+            try:
+                units = state.feed(data)
+            except ValueError as exc:
+                self._protocol_error(str(exc))
+                return
+            for unit in units:
+                self._ready.append((unit, True))
+                self._ready_bytes += sum(map(len, unit))
+            if event.end_stream:
+                del self._incoming[stream_id]
+
+    def _protocol_error(self, reason: str) -> None:
+        self.connection.close(PROTOCOL_ERROR, reason_phrase=reason)
+        self._finish(ConnectionLost(f"quic: the peer broke the polyrpc stream rules: {reason}"))
+
+    def _deliver(self) -> None:
+        ready = self._ready
+        receiver = self.receiver
+        while ready and not self._reading_paused:
+            chunks, ordered = ready.popleft()
+            for chunk in chunks:
+                self._ready_bytes -= len(chunk)
+                receiver.data_received(chunk)
+            if ordered:
+                self._delivered_ordered += 1
+            else:
+                self._delivered_unordered += 1
+        if self._eof_after is not None:
+            self._deliver_eof()
+
+    def _deliver_eof(self) -> None:
+        unordered, ordered = self._eof_after  # type: ignore[misc]
+        if (
+            not self._eof_delivered
+            and not self._reading_paused
+            and self._delivered_unordered >= unordered
+            and self._delivered_ordered >= ordered
+        ):
+            self._eof_delivered = True
+            self.receiver.eof_received()
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        if not self._reading_paused:
+            return
+        self._reading_paused = False
+        if not self._finished:
+            self._deliver()
+            self._schedule_transmit()  # lets the connection grant credit again
+
+    # -- sending ---------------------------------------------------------------
+    def write(self, buffers: Sequence[Buffer], *, ordered: bool = True) -> None:
+        self._check_writable()
+        size = 0
+        for buf in buffers:
+            size += len(buf)
+        if not size:
+            return
+        connection = self.connection
+        if ordered:
+            stream_id = self._channel_id
+            if stream_id is None:
+                stream_id = self._channel_id = self._open(CHANNEL_HEADER)
+            if size < JOIN_LIMIT:
+                # one C-level join beats one aioquic call (and bytearray append) per buffer
+                connection.send_stream_data(stream_id, b"".join([encode_uint_var(size), *buffers]))
+            else:
+                connection.send_stream_data(stream_id, encode_uint_var(size))
+                for buf in buffers:
+                    connection.send_stream_data(stream_id, buf)
+            self._sent_ordered += 1
+            self._unacked += size
+        elif size < self._batch_limit and not self._batch and self._express_idle():
+            # nothing is outstanding on the express channel, so nothing can hold this unit
+            # back there: reuse that stream instead of opening (and retiring) a new one
+            stream_id = self._express_id
+            if stream_id is None:
+                stream_id = self._express_id = self._open(CHANNEL_HEADER)
+                self._express = connection._streams[stream_id].sender
+            connection.send_stream_data(stream_id, b"".join([encode_uint_var(size), *buffers]))
+            self._sent_ordered += 1
+            self._unacked += size
+        elif size < self._batch_limit:
+            # small units written in the same loop turn would share packets anyway, so they
+            # share one QUIC stream too (flushed by transmit(), at most one datagram's worth)
+            if self._batch_size + size > self._batch_limit:
+                self._flush_batch()
+            self._batch += buffers
+            self._batch_size += size
+        else:
+            self._send_unordered(buffers, size)
+        self._new_data = True
+        if self._transmit_handle is None:
+            if self._in_process or self._turn is not None:
+                self._transmit_handle = self._loop.call_soon(self.transmit)
+            else:
+                # the first write of a loop turn goes out at once (latency); later ones in
+                # the same turn are sent together by the scheduled transmit (rate)
+                self.transmit()
+                self._turn = self._loop.call_soon(self._end_turn)
+        if not self._write_paused and self._unacked + self._batch_size > self.high_water:
+            self._update_write_pressure()
+
+    def _express_idle(self) -> bool:
+        express = self._express
+        return express is None or express._buffer_start == express._buffer_stop
+
+    def _send_unordered(self, buffers: Sequence[Buffer], size: int) -> None:
+        connection = self.connection
+        stream_id = connection.get_next_available_stream_id(is_unidirectional=True)
+        if size < JOIN_LIMIT:
+            connection.send_stream_data(stream_id, b"".join([UNIT_HEADER, *buffers]), True)
+        else:
+            connection.send_stream_data(stream_id, UNIT_HEADER)
+            last = len(buffers) - 1
+            for i, buf in enumerate(buffers):
+                connection.send_stream_data(stream_id, buf, i == last)
+        self._sending[stream_id] = connection._streams[stream_id].sender
+        self._sent_unordered += 1
+        self._unacked += size
+
+    def _flush_batch(self) -> None:
+        if self._batch:
+            batch, size = self._batch, self._batch_size
+            self._batch, self._batch_size = [], 0
+            self._send_unordered(batch, size)
+
+    def _open(self, header: bytes) -> int:
+        """Open a unidirectional QUIC stream whose first byte says what it carries."""
+        connection = self.connection
+        stream_id = connection.get_next_available_stream_id(is_unidirectional=True)
+        connection.send_stream_data(stream_id, header)
+        self._sending[stream_id] = connection._streams[stream_id].sender
+        return stream_id
+
+    def _acks_processed(self) -> None:
+        sending = self._sending
+        unacked = 0
+        if sending:
+            finished = []
+            for stream_id, sender in sending.items():
+                if sender.is_finished:
+                    finished.append(stream_id)
+                else:
+                    unacked += sender._buffer_stop - sender._buffer_start
+            for stream_id in finished:
+                del sending[stream_id]
+        self._unacked = unacked
+        self._update_write_pressure()
+        if self._flushed is not None and not self.write_buffer_size and not self._flushed.done():
+            self._flushed.set_result(None)
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Bytes written but not yet acknowledged by the peer."""
+        return self._unacked + self._batch_size
+
+    def write_eof(self) -> None:
+        self._check_writable()
+        self._flush_batch()
+        counts = encode_uint_var(self._sent_unordered) + encode_uint_var(self._sent_ordered)
+        stream_id = self._open(EOF_HEADER)
+        self.connection.send_stream_data(stream_id, counts, True)
+        for channel in (self._channel_id, self._express_id):
+            if channel is not None:
+                self.connection.send_stream_data(channel, b"", True)
+        self._eof_sent = True
+        self._schedule_transmit()
+
+    def _check_writable(self) -> None:
+        super()._check_writable()
+        if self._eof_sent:
+            raise ConnectionLost("quic stream: write after write_eof()")
+
+    # -- closing ---------------------------------------------------------------
+    async def close(self, reason: str = "closed") -> None:
+        """Graceful close: wait until the peer acknowledged everything, then CONNECTION_CLOSE."""
+        if self._closed or self._finished:
+            self._closed = True
+            return
+        self._closed = True
+        if self.write_buffer_size:
+            self._flushed = self._loop.create_future()
+            self.transmit()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._flushed), CLOSE_TIMEOUT)
+            except TimeoutError:
+                reason = f"{reason} (unacknowledged data dropped after {CLOSE_TIMEOUT:g}s)"
+        if self._finished:
+            return
+        self._closing = True
+        self.connection.close(NO_ERROR, reason_phrase=reason)
+        self._finish(None)
+
+    def abort(self) -> None:
+        if self._finished:
+            self._closed = True
+            return
+        self._closed = True
+        self._closing = True
+        self.connection.close(ABORT_ERROR, reason_phrase="aborted")
+        self._finish(None)
+
+
+def _format(address: Any) -> Any:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return (address[0], address[1])
+    return address
+
+
+def handshake_error(event: ConnectionTerminated, stream: QuicStream) -> HandshakeError | Exception:
+    """Turn a connection that ended before its handshake into a readable, classified error."""
+    from ...core.errors import ConnectFailed
+
+    peer = stream.extra.get("peer")
+    code, reason = event.error_code, event.reason_phrase or ""
+    alert = code - CRYPTO_ERROR if CRYPTO_ERROR <= code < CRYPTO_ERROR + 256 else None
+    if alert == ALERT_NO_APPLICATION_PROTOCOL:
+        return HandshakeError(
+            f"quic handshake with {peer} failed: the server does not speak polyrpc/1 "
+            f"(ALPN negotiation failed: {reason or 'no common protocol'})",
+            "alpn",
+        )
+    if alert in CERTIFICATE_ALERTS:
+        lowered = reason.lower()
+        if "doesn't match" in lowered or "hostname" in lowered or "ip address" in lowered:
+            return HandshakeError(
+                f"quic handshake with {peer} failed: hostname mismatch ({reason}); dial the "
+                "name in the certificate or set ?sni=",
+                "hostname_mismatch",
+            )
+        return HandshakeError(
+            f"quic handshake with {peer} failed: untrusted certificate ({reason}); pass the "
+            "issuing CA with ?ca=/path/ca.pem or pin it with ?fingerprint=",
+            "untrusted_certificate",
+        )
+    if alert is not None:
+        return HandshakeError(
+            f"quic handshake with {peer} failed: TLS alert {alert} ({reason})", "tls"
+        )
+    if reason == IDLE_REASON:
+        return ConnectFailed(f"quic: no answer from {peer} (is a QUIC server listening there?)")
+    return ConnectFailed(
+        f"quic: connection to {peer} closed during the handshake (code 0x{code:x}: "
+        f"{reason or 'no reason'})"
+    )

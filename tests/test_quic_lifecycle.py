@@ -1,0 +1,116 @@
+"""quic backpressure and lifecycle: bounded memory with a slow reader, idle timeout, keepalive."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import tracemalloc
+
+from quic_helpers import Sink, dial, serving
+from quic_relay import UdpRelay
+
+from polyrpc.core.errors import ConnectionLost
+
+UNIT = 256 << 10
+WINDOW = 512 << 10
+BUFFER = 1 << 20
+
+
+async def test_slow_reader_bounds_sender_memory(tmp_path) -> None:
+    options = f"&window={WINDOW}&buffer={BUFFER}"
+    async with serving(tmp_path, options) as (server, cert):
+        client = await dial(server.listener.address.port, f"ca={cert}{options}")
+        await client.send([b"hello"])
+        stream, sink = await server.first()
+        await sink.wait_for(5)
+        stream.pause_reading()
+        payload = b"\xab" * UNIT
+        sent = 0
+        peak_buffered = 0
+
+        async def writer() -> None:
+            nonlocal sent, peak_buffered
+            for _ in range(256):  # 64 MiB if nothing pushed back
+                await client.send([payload])
+                sent += 1
+                peak_buffered = max(peak_buffered, client.write_buffer_size)
+
+        tracemalloc.start()
+        try:
+            task = asyncio.ensure_future(writer())
+            await asyncio.sleep(1.5)
+            assert not task.done(), "the writer never had to wait"
+            current, _peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        received = len(sink.data)
+        held = stream._ready_bytes
+        # the writer stopped early: what it queued is bounded by its buffer plus one write,
+        # and the paused receiver holds no more than its window plus one unit
+        assert sent * UNIT <= BUFFER + WINDOW + 2 * UNIT, sent
+        assert peak_buffered <= BUFFER + UNIT
+        assert received == 5
+        assert held <= WINDOW + UNIT
+        assert current < 16 << 20, f"{current} bytes allocated while blocked"
+        stream.resume_reading()
+        await asyncio.wait_for(task, 30)
+        await sink.wait_for(5 + 256 * UNIT, timeout=30)
+        assert len(sink.data) == 5 + 256 * UNIT
+        await client.close()
+
+
+async def test_peer_vanishing_fails_pending_operations(tmp_path) -> None:
+    async with serving(tmp_path) as (server, cert):
+        port = server.listener.address.port
+        async with UdpRelay(target=("127.0.0.1", port), seed=3) as relay:
+            client = await dial(relay.address[1], f"ca={cert}&idle=1&keepalive=0.3")
+            sink = Sink()
+            client.set_receiver(sink)
+            await client.send([b"x"])
+            stream, _ = await server.first()
+            stream.pause_reading()
+            relay.blackhole = True
+            started = time.monotonic()
+
+            async def blocked_writer() -> None:
+                while True:
+                    await client.send([b"y" * UNIT])
+
+            task = asyncio.ensure_future(blocked_writer())
+            async with asyncio.timeout(10):
+                await sink.lost.wait()
+            elapsed = time.monotonic() - started
+            try:
+                await asyncio.wait_for(task, 2)
+            except ConnectionLost as exc:
+                assert "idle timeout" in str(exc)
+            else:
+                raise AssertionError("the blocked writer was not failed")
+            assert isinstance(sink.lost_exc, ConnectionLost)
+            assert "idle timeout" in str(sink.lost_exc)
+            assert 0.5 < elapsed < 5
+
+
+async def test_keepalive_holds_an_idle_connection_open(tmp_path) -> None:
+    async with serving(tmp_path, "&idle=1&keepalive=0.25") as (server, cert):
+        port = server.listener.address.port
+        kept = await dial(port, f"ca={cert}&idle=1&keepalive=0.25")
+        kept_sink = Sink()
+        kept.set_receiver(kept_sink)
+        await asyncio.sleep(2.5)  # well past the 1 s idle timeout, with no application data
+        assert not kept_sink.lost.is_set()
+        assert kept.pings_acknowledged > 0
+        await kept.send([b"still alive"])
+        await kept.close()
+
+
+async def test_idle_timeout_without_keepalive(tmp_path) -> None:
+    async with serving(tmp_path, "&idle=1&keepalive=0") as (server, cert):
+        client = await dial(server.listener.address.port, f"ca={cert}&idle=1&keepalive=0")
+        sink = Sink()
+        client.set_receiver(sink)
+        started = time.monotonic()
+        async with asyncio.timeout(5):
+            await sink.lost.wait()
+        assert time.monotonic() - started >= 0.8
+        assert "idle timeout" in str(sink.lost_exc)
