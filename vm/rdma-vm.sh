@@ -137,7 +137,8 @@ cmd_build() {
     fi
     start=$(date +%s)
     tmp="$dir.tmp.$$"
-    rm -rf --one-file-system "$dir" "$CACHE"/*.tmp.*
+    # one image at a time: drop images built from older inputs
+    rm -rf --one-file-system "$CACHE"/bookworm-*
     mkdir -p "$tmp"
     do_build "$tmp"
     touch "$tmp/complete"

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lat-size", type=int, default=64)
     parser.add_argument("--bw-size", type=int, default=1 << 20)
     parser.add_argument("--json", help="write the rows to this file")
+    parser.add_argument("--compare", help="a `polyrpc bench --json` file to compare against")
     args = parser.parse_args(argv)
     for tool in ("ib_send_lat", "ib_send_bw"):
         if shutil.which(tool) is None:
@@ -98,7 +99,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as out:
             json.dump(rows, out, indent=2)
+    if args.compare:
+        with open(args.compare) as src:
+            compare(json.load(src), rows)
     return 0
+
+
+def compare(bench: dict | list, ceiling: list[dict]) -> None:
+    """Print rdma bulk as a fraction of ib_send_bw and rdma vs tcp latency (same run, same VM)."""
+    results = bench["results"] if isinstance(bench, dict) else bench
+    got = {(r["transport"], r["workload"]): r for r in results if "error" not in r}
+    bw = ceiling[1]["mb_per_s"]
+    rdma_bulk = got.get(("rdma", "bulk"))
+    if rdma_bulk:
+        print(
+            f"rdma bulk {rdma_bulk['mb_per_s']:.1f} MB/s = {rdma_bulk['mb_per_s'] / bw:.2f} x "
+            f"ib_send_bw {bw:.1f} MB/s at {ceiling[1]['payload_bytes']} bytes"
+        )
+    rdma_lat, tcp_lat = got.get(("rdma", "latency")), got.get(("tcp", "latency"))
+    if rdma_lat and tcp_lat:
+        print(
+            f"latency p50: rdma {rdma_lat['p50_us']:.0f} us, tcp {tcp_lat['p50_us']:.0f} us "
+            f"(ratio {rdma_lat['p50_us'] / tcp_lat['p50_us']:.2f}); "
+            f"ib_send_lat typical {ceiling[0]['p50_us']:.1f} us"
+        )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ from .verbs import PeerInfo, Resources
 DATA, EOF, CLOSE, CREDIT = 0, 1, 2, 3
 KIND_SHIFT = 24
 CREDIT_MASK = (1 << KIND_SHIFT) - 1
-CONTROL_WR = 1 << 32
-"""wr_id of control messages (no send slot)."""
+NO_SLOT = -1
+"""Send-queue entry of a message without payload (EOF, CLOSE, credit update)."""
 CLOSE_TIMEOUT = 10.0
 DISCONNECT_TIMEOUT = 3.0
 POLL_BATCH = 32
@@ -66,7 +66,14 @@ class RdmaStream(Stream):
         self._queue: collections.deque[memoryview | int] = collections.deque()
         self._queued = 0
         self._free_slots = list(range(res.depth - 1, -1, -1))
-        self._outstanding = 0
+        # Posted sends in order: (sequence number = wr_id, slot). Only every
+        # ``_signal_every``-th send asks for a completion; on RC a completion also
+        # retires every earlier send, which frees their slots (fewer wake-ups).
+        self._sq: collections.deque[tuple[int, int]] = collections.deque()
+        self._seq = 0
+        self._since_signal = 0
+        self._signal_every = max(1, min(res.depth, res.max_send) // 4)
+        self._close_seq = -1
         self._eof_queued = False
         self._close_sent: asyncio.Future[None] | None = None
         self._flushed: asyncio.Future[None] | None = None
@@ -148,14 +155,14 @@ class RdmaStream(Stream):
         )
 
     def _on_send_done(self, wr_id: int) -> None:
-        self._outstanding -= 1
-        if wr_id == CONTROL_WR:
-            return
-        if wr_id > CONTROL_WR:
-            if self._close_sent is not None and not self._close_sent.done():
-                self._close_sent.set_result(None)
-            return
-        self._free_slots.append(wr_id)
+        sq = self._sq
+        while sq and sq[0][0] <= wr_id:
+            _, slot = sq.popleft()
+            if slot != NO_SLOT:
+                self._free_slots.append(slot)
+        sent = self._close_sent
+        if wr_id == self._close_seq and sent is not None and not sent.done():
+            sent.set_result(None)
 
     def _on_recv(self, slot: int, length: int, imm: int) -> None:
         self._received += 1
@@ -191,23 +198,30 @@ class RdmaStream(Stream):
         self._owed += 1
 
     # -- sending ---------------------------------------------------------------
-    def _post(self, wr_id: int, kind: int, addr: int = 0, length: int = 0) -> None:
+    def _post(self, kind: int, slot: int = NO_SLOT, length: int = 0, signal: bool = False) -> int:
+        """Post one SEND-with-immediate; returns its sequence number (the wr_id)."""
+        self._seq += 1
+        wr_id = self._seq
+        self._since_signal += 1
+        if signal or self._since_signal >= self._signal_every:
+            self._since_signal = 0
+            flags = e.IBV_SEND_SIGNALED
+        else:
+            flags = 0
+        addr = self._res.send_mr.buf + (slot * self._res.bufsize if slot != NO_SLOT else 0)
         imm = (kind << KIND_SHIFT) | self._owed
         self._granted += self._owed
         self._owed = 0
         # pyverbs wants one SGE even for a zero-length message.
-        sge = SGE(addr or self._res.send_mr.buf, length, self._res.send_mr.lkey)
+        sge = SGE(addr, length, self._res.send_mr.lkey)
         wr = SendWR(
-            wr_id=wr_id,
-            opcode=e.IBV_WR_SEND_WITH_IMM,
-            num_sge=1,
-            sg=[sge],
-            send_flags=e.IBV_SEND_SIGNALED,
+            wr_id=wr_id, opcode=e.IBV_WR_SEND_WITH_IMM, num_sge=1, sg=[sge], send_flags=flags
         )
         wr.imm_data = socket.htonl(imm)
         self._res.qp.post_send(wr)
         self._credits -= 1
-        self._outstanding += 1
+        self._sq.append((wr_id, slot))
+        return wr_id
 
     def _pump(self) -> None:
         """Send queued bytes while credits and send slots allow; hand back owed credits."""
@@ -216,11 +230,11 @@ class RdmaStream(Stream):
         res = self._res
         queue = self._queue
         bufsize = min(res.bufsize, self._peer_bufsize)
-        while queue and self._credits >= 2 and self._outstanding < res.max_send:
+        while queue and self._credits >= 2 and len(self._sq) < res.max_send:
             head = queue[0]
             if isinstance(head, int):  # EOF marker
                 queue.popleft()
-                self._post(CONTROL_WR, EOF)
+                self._post(EOF)
                 continue
             if not self._free_slots:
                 break
@@ -238,18 +252,18 @@ class RdmaStream(Stream):
                 else:
                     queue[0] = chunk[take:]
             self._queued -= filled
-            self._post(slot, DATA, res.send_mr.buf + base, filled)
+            self._post(DATA, slot, filled)
         self._update_write_pressure()
         if not queue and self._flushed is not None and not self._flushed.done():
             self._flushed.set_result(None)
         self._maybe_return_credits()
 
     def _maybe_return_credits(self) -> None:
-        if self._owed == 0 or self._credits < 1 or self._outstanding >= self._res.max_send:
+        if self._owed == 0 or self._credits < 1 or len(self._sq) >= self._res.max_send:
             return
         peer_can_send = self._granted - self._received
         if self._owed >= self._credit_threshold or peer_can_send <= 1:
-            self._post(CONTROL_WR, CREDIT)
+            self._post(CREDIT)
 
     def write(self, buffers: Sequence[Buffer], *, ordered: bool = True) -> None:
         self._check_writable()
@@ -326,7 +340,7 @@ class RdmaStream(Stream):
         if self._peer_gone or self._released:
             return
         self._close_sent = self._loop.create_future()
-        self._post(CONTROL_WR + 1, CLOSE)
+        self._close_seq = self._post(CLOSE, signal=True)
         await self._close_sent
 
     def abort(self) -> None:
