@@ -19,9 +19,10 @@ import time
 MIB = 1 << 20
 
 
-def _run_pair(tool: str, ip: str, dev: str, size: int, iters: int, port: int) -> str:
+def _run_pair(tool: str, ip: str, dev: str, size: int, iters: int, port: int, *flags: str) -> str:
     """Run ``tool``'s server and client once; return the client's output."""
     common = [tool, "-d", dev, "-s", str(size), "-n", str(iters), "-F", "-R", "-p", str(port)]
+    common += flags
     server = subprocess.Popen(
         common,
         stdout=subprocess.PIPE,
@@ -67,12 +68,18 @@ def send_lat(ip: str, dev: str, size: int, iters: int = 2000) -> dict:
     }
 
 
-def send_bw(ip: str, dev: str, size: int, iters: int = 1000) -> dict:
-    """ib_send_bw: average bandwidth in MB/s (10^6 bytes, like polyrpc bench's mb_per_s)."""
-    fields = _result_line(_run_pair("ib_send_bw", ip, dev, size, iters, 18516), size)
+def send_bw(ip: str, dev: str, size: int, iters: int = 1000, both_ways: bool = False) -> dict:
+    """ib_send_bw: average bandwidth in MB/s (10^6 bytes, like polyrpc bench's mb_per_s).
+
+    ``both_ways`` runs it bidirectionally (``-b``), the fair ceiling for an echo workload,
+    which moves every payload through the device twice; perftest then reports the sum.
+    """
+    flags = ("-b",) if both_ways else ()
+    output = _run_pair("ib_send_bw", ip, dev, size, iters, 18516 + both_ways, *flags)
+    fields = _result_line(output, size)
     # #bytes #iterations BW-peak[MiB/s] BW-average[MiB/s] MsgRate[Mpps]
     return {
-        "transport": "perftest ib_send_bw",
+        "transport": "perftest ib_send_bw" + (" -b" if both_ways else ""),
         "kind": "ceiling",
         "payload_bytes": size,
         "mb_per_s": float(fields[3]) * MIB / 1e6,
@@ -93,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"{tool} not found: apt-get install perftest", file=sys.stderr)
             return 2
-    rows = [send_lat(args.ip, args.dev, args.lat_size), send_bw(args.ip, args.dev, args.bw_size)]
+    rows = [
+        send_lat(args.ip, args.dev, args.lat_size),
+        send_bw(args.ip, args.dev, args.bw_size),
+        send_bw(args.ip, args.dev, args.bw_size, both_ways=True),
+    ]
     for row in rows:
         print(json.dumps(row))
     if args.json:
@@ -109,12 +120,15 @@ def compare(bench: dict | list, ceiling: list[dict]) -> None:
     """Print rdma bulk as a fraction of ib_send_bw and rdma vs tcp latency (same run, same VM)."""
     results = bench["results"] if isinstance(bench, dict) else bench
     got = {(r["transport"], r["workload"]): r for r in results if "error" not in r}
-    bw = ceiling[1]["mb_per_s"]
+    bw, both = ceiling[1]["mb_per_s"], ceiling[2]["mb_per_s"]
     rdma_bulk = got.get(("rdma", "bulk"))
     if rdma_bulk:
+        rate = rdma_bulk["mb_per_s"]
         print(
-            f"rdma bulk {rdma_bulk['mb_per_s']:.1f} MB/s = {rdma_bulk['mb_per_s'] / bw:.2f} x "
-            f"ib_send_bw {bw:.1f} MB/s at {ceiling[1]['payload_bytes']} bytes"
+            f"rdma bulk (echo) {rate:.1f} MB/s each way = {rate / bw:.2f} x ib_send_bw "
+            f"{bw:.1f} MB/s (one way); both directions {2 * rate:.1f} MB/s = "
+            f"{2 * rate / both:.2f} x ib_send_bw -b {both:.1f} MB/s; "
+            f"{ceiling[1]['payload_bytes']} bytes"
         )
     rdma_lat, tcp_lat = got.get(("rdma", "latency")), got.get(("tcp", "latency"))
     if rdma_lat and tcp_lat:

@@ -74,6 +74,8 @@ class RdmaStream(Stream):
         self._since_signal = 0
         self._signal_every = max(1, min(res.depth, res.max_send) // 4)
         self._close_seq = -1
+        self._sge = SGE(res.send_mr.buf, 0, res.send_mr.lkey)
+        self._wr = SendWR(opcode=e.IBV_WR_SEND_WITH_IMM, num_sge=1, sg=[self._sge])
         self._eof_queued = False
         self._close_sent: asyncio.Future[None] | None = None
         self._flushed: asyncio.Future[None] | None = None
@@ -212,11 +214,15 @@ class RdmaStream(Stream):
         imm = (kind << KIND_SHIFT) | self._owed
         self._granted += self._owed
         self._owed = 0
-        # pyverbs wants one SGE even for a zero-length message.
-        sge = SGE(addr, length, self._res.send_mr.lkey)
-        wr = SendWR(
-            wr_id=wr_id, opcode=e.IBV_WR_SEND_WITH_IMM, num_sge=1, sg=[sge], send_flags=flags
-        )
+        # One SGE and one WR object, refilled for every post: ibv_post_send copies them,
+        # and creating pyverbs objects per message costs more than the post itself.
+        sge = self._sge
+        sge.addr = addr
+        sge.length = length
+        wr = self._wr
+        wr.wr_id = wr_id
+        wr.sg_list = sge
+        wr.send_flags = flags
         wr.imm_data = socket.htonl(imm)
         self._res.qp.post_send(wr)
         self._credits -= 1
