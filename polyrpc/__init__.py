@@ -1,9 +1,11 @@
 """polyrpc: messages and remote calls over a transport chosen by URL."""
 
+from .core.endpoints import Client, Server, connect, serve
 from .core.errors import (
     CallTimeout,
     ConnectFailed,
     ConnectionLost,
+    ConnectTimeout,
     HandshakeError,
     InvalidAddress,
     PolyrpcError,
@@ -11,10 +13,8 @@ from .core.errors import (
     RemoteError,
     TransportUnavailable,
 )
-from .core.errors import ConnectTimeout
 from .core.frames import Limits
 from .core.messages import Connection, Message, MessageListener, dial, listen
-from .core.endpoints import Client, Server, connect, serve
 from .core.registry import registry
 from .core.rpc import CallContext, current_context
 from .core.session import SessionConfig
@@ -25,25 +25,25 @@ __all__ = [
     "CallContext",
     "CallTimeout",
     "Client",
-    "Server",
-    "connect",
-    "current_context",
-    "serve",
+    "ConnectFailed",
     "ConnectTimeout",
     "Connection",
-    "Limits",
-    "Message",
-    "MessageListener",
-    "SessionConfig",
-    "dial",
-    "listen",
-    "ConnectFailed",
     "ConnectionLost",
     "HandshakeError",
     "InvalidAddress",
+    "Limits",
+    "Message",
+    "MessageListener",
     "PolyrpcError",
     "ProtocolError",
     "RemoteError",
+    "Server",
+    "SessionConfig",
     "TransportUnavailable",
+    "connect",
+    "current_context",
+    "dial",
+    "listen",
     "registry",
+    "serve",
 ]

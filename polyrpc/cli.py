@@ -57,8 +57,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"{args.seconds:g}s each, {args.repeat} repeat(s)"
     )
     results = run_bench(rows, workloads, args.seconds, args.repeat, console)
-    reference = "raw-asyncio" if "raw-asyncio" in rows else None
-    render(results, reference, console)
+    render(results, console)
     if args.json:
         settings = {
             "rows": rows,

@@ -265,7 +265,9 @@ async def test_slow_reader_bounds_sender_memory(endpoint):
 
         task = asyncio.create_task(flood())
         await asyncio.sleep(2.0)
-        assert not task.done(), f"the sender was never stopped: {task.exception() if task.done() else None!r}"
+        assert not task.done(), (
+            f"the sender was never stopped: {task.exception() if task.done() else None!r}"
+        )
         # bounded: what the kernel/transport windows hold plus our own high-water mark
         assert sent < 96 << 20, f"{sent >> 20} MiB accepted although the peer reads nothing"
         assert peak_buffered <= conn.byte_stream.high_water + len(chunk) + (1 << 16)

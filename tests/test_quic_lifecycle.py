@@ -7,7 +7,7 @@ import time
 import tracemalloc
 
 from quic_helpers import Sink, dial, serving
-from quic_relay import UdpRelay
+from udp_relay import UdpRelay
 
 from polyrpc.core.errors import ConnectionLost
 
@@ -69,7 +69,7 @@ async def test_peer_vanishing_fails_pending_operations(tmp_path) -> None:
             await client.send([b"x"])
             stream, _ = await server.first()
             stream.pause_reading()
-            relay.blackhole = True
+            relay.loss = 1.0  # cut the link
             started = time.monotonic()
 
             async def blocked_writer() -> None:

@@ -8,7 +8,7 @@ import itertools
 import struct
 
 from quic_helpers import dial, serving
-from quic_relay import UdpRelay
+from udp_relay import UdpRelay
 
 import polyrpc
 from polyrpc.core.certs import self_signed_certificate
@@ -29,8 +29,8 @@ async def test_4mib_through_loss_reorder_duplication(tmp_path) -> None:
             assert hashlib.sha256(sink.data).digest() == hashlib.sha256(payload).digest()
             await client.close()
         stats = relay.stats
-        assert stats.dropped["up"] > 0 and stats.duplicated["up"] > 0
-        assert stats.reordered["up"] > 0 and stats.dropped["down"] > 0
+        assert stats["up_dropped"] > 0 and stats["up_duplicated"] > 0
+        assert stats["up_reordered"] > 0 and stats["down_dropped"] > 0
 
 
 async def _arrival_order(tmp_path, ordered: bool) -> list[int]:

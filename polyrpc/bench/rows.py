@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib
 
 from ..core.registry import registry
-from .targets import MessageTarget, Target
+from .targets import MessageTarget, RpcTarget, Target
 
 REFERENCES: dict[str, str] = {
     "raw-asyncio": "polyrpc.bench.raw_asyncio:RawAsyncio",
     "raw-aioquic": "polyrpc.bench.raw_aioquic:RawAioquic",
+    "raw-aiokcp": "polyrpc.bench.raw_aiokcp:RawAiokcpTarget",
 }
 """Hand-written baselines, measured in the same run as polyrpc's rows."""
 
@@ -18,20 +19,34 @@ IN_PROCESS = {"mem"}
 
 
 def resolve_target(name: str) -> Target:
-    """The Target for a row name: a reference, ``SCHEME`` (message core)."""
+    """The Target for a row name: a reference, ``SCHEME`` (message core) or ``SCHEME/rpc``."""
     if name in REFERENCES:
         module, _, attr = REFERENCES[name].partition(":")
         return getattr(importlib.import_module(module), attr)()
     if name in registry.schemes():
         return MessageTarget(name)
+    scheme, _, api = name.partition("/")
+    if api == "rpc" and scheme in registry.schemes():
+        return RpcTarget(scheme)
     raise ValueError(f"unknown benchmark row {name!r}; known: {', '.join(default_rows(True))}")
 
 
 def default_rows(include_unusable: bool = False) -> list[str]:
     """Every row name: usable transports first, then the references."""
-    names = [
+    schemes = [
         row.scheme
         for row in registry.describe()
         if row.scheme not in IN_PROCESS and (include_unusable or row.usable)
     ]
-    return names + list(REFERENCES)
+    return schemes + [f"{scheme}/rpc" for scheme in schemes] + list(REFERENCES)
+
+
+REFERENCE_FOR = {"quic": "raw-aioquic", "kcp": "raw-aiokcp"}
+"""Which reference row each transport's ratio is taken against (default raw-asyncio)."""
+
+
+def reference_for(row: str) -> str | None:
+    """The reference row ``row`` is compared with, or None for the references themselves."""
+    if row in REFERENCES:
+        return None
+    return REFERENCE_FOR.get(row.partition("/")[0], "raw-asyncio")

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..core.runtime import loop_name
-from .rows import resolve_target
+from .rows import reference_for, resolve_target
 
 METRICS = ("p50_us", "p99_us", "requests_per_s", "mb_per_s")
 
@@ -171,7 +171,9 @@ def run_bench(
                         progress.advance(task)
                 finally:
                     server.stop()
-    return [summarise(r, w, samples[(r, w.name)], errors[(r, w.name)]) for r in rows for w in chosen]
+    return [
+        summarise(r, w, samples[(r, w.name)], errors[(r, w.name)]) for r in rows for w in chosen
+    ]
 
 
 def _fmt(value: float, metric: str) -> str:
@@ -182,10 +184,10 @@ def _fmt(value: float, metric: str) -> str:
     return f"{value:,.1f}"
 
 
-def render(results: list[dict], reference: str | None, console: Console) -> None:
-    """Print one table: a line per row and workload, with the ratio to the reference row."""
-    table = Table(title="polyrpc bench (medians; spread = min..max over repeats)")
-    for column in ("row", "workload", "p50 µs", "p99 µs", "req/s", "MB/s", "vs " + (reference or "-")):
+def render(results: list[dict], console: Console) -> None:
+    """Print one table: a line per row and workload, with the ratio to its reference row."""
+    table = Table(title="polyrpc bench (medians over repeats)")
+    for column in ("row", "workload", "p50 µs", "p99 µs", "req/s", "MB/s", "vs reference"):
         table.add_column(column, justify="left" if column in ("row", "workload") else "right")
     by_key = {(r["transport"], r["workload"]): r for r in results}
     for r in results:
@@ -193,10 +195,11 @@ def render(results: list[dict], reference: str | None, console: Console) -> None
             table.add_row(r["transport"], r["workload"], f"[red]failed: {r['error']}", "", "", "", "")
             continue
         ratio = ""
+        reference = reference_for(r["transport"])
         ref = by_key.get((reference, r["workload"])) if reference else None
-        if ref and "error" not in ref and r["transport"] != reference:
+        if ref and "error" not in ref:
             metric = HEADLINE[r["workload"]]
-            ratio = f"{r[metric] / ref[metric]:.2f}×"
+            ratio = f"{r[metric] / ref[metric]:.2f}× {reference}"
         table.add_row(
             r["transport"],
             r["workload"],
@@ -207,6 +210,10 @@ def render(results: list[dict], reference: str | None, console: Console) -> None
             ratio,
         )
     console.print(table)
+    console.print(
+        "ratios: latency = p50 / reference p50 (lower is better); "
+        "rate and bulk = value / reference (higher is better)"
+    )
 
 
 def write_json(path: Path, results: list[dict], settings: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from ..core.endpoints import Client, Server, connect
 from ..core.messages import Connection, dial, listen
 from ..core.registry import registry
 
@@ -78,3 +79,42 @@ class MessageTarget(Target):
 
     async def connect(self, info: str) -> EchoClient:
         return _ConnectionClient(await dial(info, max_in_flight=1024))
+
+
+class EchoService:
+    """What the RPC rows call: an async method returning its argument."""
+
+    async def echo(self, payload: bytes) -> bytes:
+        return payload
+
+
+class _RpcClient(EchoClient):
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    async def echo(self, payload: bytes) -> bytes:
+        return await self.client.call("Echo.echo", payload)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class RpcTarget(MessageTarget):
+    """A polyrpc transport through the RPC API (``client.call`` of an async method)."""
+
+    kind = "rpc"
+
+    def __init__(self, scheme: str) -> None:
+        super().__init__(scheme)
+        self.name = f"{scheme}/rpc"
+
+    async def serve(self, workdir: Path) -> tuple[str, Callable[[], Awaitable[None]]]:
+        transport = registry.get(self.scheme)
+        listen_url, client_options = transport.loopback_urls(workdir)
+        server = Server()
+        server.register(EchoService(), "Echo")
+        bound = await server.start(listen_url)
+        return str(transport.parse(bound).with_options(**client_options)), server.close
+
+    async def connect(self, info: str) -> EchoClient:
+        return _RpcClient(await connect(info, max_in_flight=1024))

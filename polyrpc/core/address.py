@@ -105,9 +105,7 @@ def parse_hostport(url: str, text: str) -> tuple[str, int]:
             raise InvalidAddress(f"unexpected {rest!r} after ']' in {url!r}")
         port_text = rest[1:] if rest else None
     elif text.count(":") > 1:
-        raise InvalidAddress(
-            f"IPv6 addresses need brackets, e.g. 'tcp@[::1]:9000'; got {url!r}"
-        )
+        raise InvalidAddress(f"IPv6 addresses need brackets, e.g. 'tcp@[::1]:9000'; got {url!r}")
     elif ":" in text:
         host, port_text = text.rsplit(":", 1)
     else:

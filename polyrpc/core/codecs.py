@@ -40,7 +40,9 @@ class RawCodec(Codec):
 
     def encode(self, obj: Any) -> Bytes:
         if not isinstance(obj, bytes | bytearray | memoryview):
-            raise TypeError(f"the raw codec sends bytes-like objects only, not {type(obj).__name__}")
+            raise TypeError(
+                f"the raw codec sends bytes-like objects only, not {type(obj).__name__}"
+            )
         return obj
 
     def decode(self, data: Bytes) -> Any:
@@ -108,7 +110,9 @@ def codec_by_name(name: str) -> Codec:
     try:
         return _by_name[name]
     except KeyError:
-        raise ValueError(f"unknown codec {name!r}; available: {', '.join(sorted(_by_name))}") from None
+        raise ValueError(
+            f"unknown codec {name!r}; available: {', '.join(sorted(_by_name))}"
+        ) from None
 
 
 def codec_by_id(codec_id: int) -> Codec:

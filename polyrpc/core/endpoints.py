@@ -8,7 +8,6 @@ import time
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import Any
 
-from .errors import PolyrpcError
 from .frames import Limits
 from .messages import make_config, open_session
 from .registry import registry
@@ -142,19 +141,21 @@ class Server:
     def _on_stream(self, stream: Stream) -> None:
         connection = RpcConnection(stream, self.config, is_client=False, options=self._rpc)
         if len(self.connections) + len(self._admitting) >= self.max_connections:
-            log.warning("refusing %s connection from %s: max_connections", stream.transport_name,
-                        connection.peer)
-            connection.refuse("too_many_connections",
-                              f"the server is at its limit of {self.max_connections} connections")
+            log.warning(
+                "refusing %s connection from %s: max_connections",
+                stream.transport_name,
+                connection.peer,
+            )
+            connection.refuse(
+                "too_many_connections",
+                f"the server is at its limit of {self.max_connections} connections",
+            )
         task = asyncio.get_running_loop().create_task(self._admit(connection))
         self._admitting.add(task)
         task.add_done_callback(self._admitting.discard)
 
     async def _admit(self, connection: RpcConnection) -> None:
-        try:
-            await connection.handshake()
-        except PolyrpcError as exc:
-            log.info("%s handshake with %s failed: %s", connection.transport, connection.peer, exc)
+        if not await connection.accept_handshake():
             return
         self.connections.add(connection)
         self._total_connections += 1
@@ -177,9 +178,7 @@ class Server:
             "uptime_s": round(time.time() - self.services.started, 3),
             "connections": len(self.connections),
             "connections_total": self._total_connections,
-            "methods": {
-                name: s.snapshot() for name, s in self.services.stats.items() if s.calls
-            },
+            "methods": {name: s.snapshot() for name, s in self.services.stats.items() if s.calls},
             "transports": per_transport,
         }
 
@@ -223,4 +222,3 @@ def serve(urls: str | Iterable[str], *services: Any, **server_options: Any) -> _
         return server
 
     return _Opening(make)
-

@@ -35,6 +35,7 @@ _pack = HEADER.pack
 _META_KEY = struct.Struct("<H")
 _META_VALUE = struct.Struct("<I")
 _EMPTY: dict[str, str] = {}
+_method_bytes: dict[str, bytes] = {}
 
 LARGE_PAYLOAD = 128 << 10
 """Payloads at least this big are read straight into their own buffer (no copy)."""
@@ -166,7 +167,11 @@ def encode_frame(
     """The frame as buffers for a gather write: a prefix, and a large payload separately."""
     if not method and not metadata:
         return encode_plain(kind, seq, payload, codec, flags)
-    method_bytes = method.encode() if method else b""
+    method_bytes = _method_bytes.get(method)
+    if method_bytes is None:
+        method_bytes = method.encode()
+        if len(_method_bytes) < 4096:
+            _method_bytes[method] = method_bytes
     meta = encode_metadata(metadata) if metadata else b""
     header = HEADER.pack(
         MAGIC, VERSION, kind, codec, flags, len(method_bytes), seq, len(meta), len(payload)

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-from .errors import ConnectionLost, ConnectTimeout, PolyrpcError
+from .errors import ConnectionLost, ConnectTimeout
 from .frames import Frame, Kind
 from .registry import registry
 from .session import Session, SessionConfig
@@ -75,16 +75,15 @@ class Connection(Session):
         metadata: dict[str, str] | None = None,
     ) -> Any:
         """Send ``message`` as a request and return the peer's reply."""
-        # request_frame() inlined: one coroutine level less on the hottest path
         if len(self._pending) >= self._max_in_flight:
             await self.wait_for_slot()
         seq, future = self.begin_request(message, "", metadata, timeout)
-        if self.byte_stream.writing_paused:
-            await self.wait_writable()
         try:
+            if self.byte_stream.writing_paused:
+                await self.wait_writable()
             frame = await future
-        except asyncio.CancelledError:
-            self.cancel_request(seq)
+        except BaseException:
+            self.abandon_request(seq, future)
             raise
         if frame.kind == Kind.RESPONSE and frame.codec == 0:
             return frame.payload if type(frame.payload) is bytes else bytes(frame.payload)
@@ -95,8 +94,10 @@ class Connection(Session):
         """The next one-way message with its metadata; ConnectionLost once closed and drained."""
         while not self._inbox:
             if self.is_closed or self._peer_closing:
-                raise self.lost_error() if self.is_closed else ConnectionLost(
-                    "the peer closed the connection"
+                raise (
+                    self.lost_error()
+                    if self.is_closed
+                    else ConnectionLost("the peer closed the connection")
                 )
             if self._inbox_waiter is None:
                 self._inbox_waiter = self.loop.create_future()
@@ -180,15 +181,6 @@ class Connection(Session):
     def on_closed(self, exc: Exception | None) -> None:
         self._wake_receiver()
 
-    async def __aenter__(self) -> Connection:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    def __repr__(self) -> str:
-        state = "closed" if self.is_closed else "open"
-        return f"<Connection {self.transport} peer={self.peer!r} {state}>"
 
 
 def make_config(config: SessionConfig | None, **overrides: Any) -> SessionConfig:
@@ -276,10 +268,7 @@ class MessageListener:
         task.add_done_callback(self._tasks.discard)
 
     async def _admit(self, connection: Connection) -> None:
-        try:
-            await connection.handshake()
-        except PolyrpcError as exc:
-            log.info("%s handshake with %s failed: %s", connection.transport, connection.peer, exc)
+        if not await connection.accept_handshake():
             return
         self.connections.add(connection)
         connection._closed.add_done_callback(lambda _: self.connections.discard(connection))

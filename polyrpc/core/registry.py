@@ -22,6 +22,7 @@ BUILTIN: dict[str, str] = {
     "unix": "polyrpc.transports.tcp:UnixTransport",
     "mem": "polyrpc.transports.tcp.memory:MemoryTransport",
     "quic": "polyrpc.transports.quic:QuicTransport",
+    "kcp": "polyrpc.transports.kcp:KcpTransport",
     "rdma": "polyrpc.transports.rdma:RdmaTransport",
 }
 

@@ -35,22 +35,27 @@ class Method:
         else:
             kind = "sync"
         try:
+            signature = inspect.signature(func, eval_str=True)
+        except (NameError, SyntaxError):  # annotations naming things not importable here
             signature = inspect.signature(func)
         except (TypeError, ValueError):
             signature = None
         doc = inspect.getdoc(func) or ""
         return cls(name, func, signature, kind, doc)
 
-    def check_arguments(self, args: list, kwargs: dict) -> None:
-        """RemoteError(TypeError) if the arguments do not fit the signature."""
+    def binding_error(self, args: list, kwargs: dict) -> RemoteError | None:
+        """RemoteError(TypeError) if the arguments do not fit the signature, else None.
+
+        Checked only after a call raised TypeError: binding up front costs more than
+        the call itself.
+        """
         if self.signature is None:
-            return
+            return None
         try:
             self.signature.bind(*args, **kwargs)
         except TypeError as exc:
-            raise RemoteError(
-                "TypeError", f"{self.name}{self.signature}: {exc}", "bad_arguments"
-            ) from None
+            return RemoteError("TypeError", f"{self.name}{self.signature}: {exc}", "bad_arguments")
+        return None
 
     def describe(self) -> dict[str, str]:
         return {

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from .codecs import RAW, Codec, codec_by_id, codec_by_name
 from .errors import (
@@ -181,6 +181,15 @@ class Session:
             ) from None
         self._arm_heartbeat()
 
+    async def accept_handshake(self) -> bool:
+        """Server side: complete the handshake; a failure is logged and only drops this peer."""
+        try:
+            await self.handshake()
+        except PolyrpcError as exc:
+            log.info("%s handshake with %s failed: %s", self.transport, self.peer, exc)
+            return False
+        return True
+
     def _on_hello(self, frame: Frame) -> None:
         meta = frame.metadata
         if self._handshake.done():
@@ -269,7 +278,7 @@ class Session:
         try:
             for frame in frames:
                 kind = frame.kind
-                if kind == _RESPONSE or kind == _ERROR:
+                if kind in (_RESPONSE, _ERROR):
                     if frame.seq == 0 and kind == _ERROR and not self._handshake.done():
                         self._on_handshake_error(frame)
                         return
@@ -437,11 +446,11 @@ class Session:
         out, self._out = self._out, []
         ordered, self._out_ordered = self._out_ordered, False
         if out and not self._closed.done():
-            self.bytes_out += sum(map(len, out))
-            try:
+            self.bytes_out += len(out[0]) if len(out) == 1 else sum(map(len, out))
+            try:  # noqa: SIM105 - contextlib.suppress costs three calls on the hot path
                 self.byte_stream.write(out, ordered=ordered)
             except ConnectionLost:
-                pass  # connection_lost() reports it to everyone waiting
+                pass  # on a broken stream connection_lost() reports it to everyone waiting
 
     def lost_error(self) -> ConnectionLost:
         """The error to raise for operations on a closed connection."""
@@ -468,27 +477,6 @@ class Session:
                 await self.byte_stream.drain()
             except ConnectionLost:
                 raise self.lost_error() from None
-
-    async def request_frame(
-        self,
-        obj: Any,
-        *,
-        method: str = "",
-        metadata: dict[str, str] | None = None,
-        timeout: float | None = None,
-        flags: int = 0,
-    ) -> Frame:
-        """Send a REQUEST and return the RESPONSE/ERROR frame (raw; see :meth:`result`)."""
-        if len(self._pending) >= self._max_in_flight:
-            await self.wait_for_slot()
-        seq, future = self.begin_request(obj, method, metadata, timeout, flags)
-        if self.byte_stream.writing_paused:
-            await self.wait_writable()
-        try:
-            return await future
-        except asyncio.CancelledError:
-            self.cancel_request(seq)
-            raise
 
     def begin_request(
         self,
@@ -532,6 +520,13 @@ class Session:
         """Forget request ``seq`` (its caller gave up) and tell the peer to stop working on it."""
         if self.finish_request(seq) is not None and not self._closed.done():
             self._write(encode_frame(_CANCEL, seq))
+
+    def abandon_request(self, seq: int, future: asyncio.Future[Frame]) -> None:
+        """The caller stopped waiting (cancelled, or sending failed): forget the request,
+        tell the peer, and make sure the reply future holds no unretrieved error."""
+        self.cancel_request(seq)
+        if not future.done():
+            future.cancel()
 
     def finish_request(self, seq: int) -> asyncio.Future[Frame] | None:
         """Remove request ``seq`` from the window (for exchanges ended by other frames)."""
@@ -726,3 +721,13 @@ class Session:
     async def wait_closed(self) -> Exception | None:
         """Wait until the connection is gone; returns why (None after a clean close)."""
         return await asyncio.shield(self._closed)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.is_closed else "open"
+        return f"<{type(self).__name__} {self.transport} peer={self.peer!r} {state}>"

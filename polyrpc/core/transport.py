@@ -132,7 +132,9 @@ class Transport(ABC):
             try:
                 values[name] = option.parse(raw)
             except ValueError as exc:
-                raise InvalidAddress(f"bad value for {self.scheme} option {name!r}: {exc}") from None
+                raise InvalidAddress(
+                    f"bad value for {self.scheme} option {name!r}: {exc}"
+                ) from None
         return values
 
     @abstractmethod

@@ -83,7 +83,9 @@ class TcpTransport(Transport):
     async def dial(self, address: Address) -> SocketStream:
         opts = self.parse_options(address)
         if address.port == 0:
-            raise InvalidAddress(f"cannot dial port 0 in {address}: port 0 only works for listening")
+            raise InvalidAddress(
+                f"cannot dial port 0 in {address}: port 0 only works for listening"
+            )
         loop = asyncio.get_running_loop()
         context = self._ssl_context(address, server_side=False)
         kwargs: dict[str, Any] = {}

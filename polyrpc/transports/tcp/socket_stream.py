@@ -100,9 +100,13 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
             self._transport.resume_reading()
 
     def write(self, buffers: Sequence[Buffer], *, ordered: bool = True) -> None:
-        self._check_writable()
+        if self._lost is not None or self._closed:
+            self._check_writable()
         transport = self._transport
         assert transport is not None
+        if len(buffers) == 1:
+            transport.write(buffers[0])
+            return
         small: list[Buffer] = []
         for buf in buffers:
             if len(buf) < COALESCE_LIMIT:

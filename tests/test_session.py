@@ -1,0 +1,140 @@
+"""Session behaviour that needs no particular transport (run over the in-process one)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import polyrpc
+from polyrpc.core.frames import FrameDecoder, Kind
+
+
+async def test_idle_timeout_declares_a_silent_peer_dead():
+    listener = await polyrpc.listen("mem@0", on_request=lambda m: m, heartbeat_interval=0)
+    try:
+        conn = await polyrpc.dial(listener.url, heartbeat_interval=0.05, idle_timeout=0.3)
+        assert await conn.request(1) == 1
+        server_side = next(iter(listener.connections))
+        server_side.byte_stream.pause_reading()  # the server stops reading: no more replies
+        pending = asyncio.create_task(conn.request(2))
+        started = time.monotonic()
+        with pytest.raises(polyrpc.ConnectionLost, match="assuming it is dead"):
+            await asyncio.wait_for(pending, 5)
+        assert time.monotonic() - started < 1.5
+    finally:
+        await listener.close(connections=False)
+
+
+async def test_heartbeats_keep_an_idle_connection_alive():
+    listener = await polyrpc.listen(
+        "mem@0", on_request=lambda m: m, heartbeat_interval=0.05, idle_timeout=0.3
+    )
+    try:
+        conn = await polyrpc.dial(listener.url, heartbeat_interval=0.05, idle_timeout=0.3)
+        await asyncio.sleep(1.0)  # several idle timeouts long, but heartbeats flow
+        assert await conn.request("still alive") == "still alive"
+        await conn.close()
+    finally:
+        await listener.close()
+
+
+async def test_window_bounds_requests_in_flight():
+    release = asyncio.Event()
+    seen: list[int] = []
+
+    async def slow(message):
+        seen.append(message)
+        await release.wait()
+        return message
+
+    listener = await polyrpc.listen("mem@0", on_request=slow)
+    try:
+        conn = await polyrpc.dial(listener.url, max_in_flight=4)
+        calls = [asyncio.create_task(conn.request(i)) for i in range(10)]
+        await asyncio.sleep(0.1)
+        assert conn.in_flight == 4 and len(seen) == 4
+        release.set()
+        assert await asyncio.gather(*calls) == list(range(10))
+        await conn.close()
+    finally:
+        await listener.close()
+
+
+async def test_timeouts_share_one_timer():
+    listener = await polyrpc.listen("mem@0", on_request=lambda m: asyncio.sleep(10))
+    try:
+        conn = await polyrpc.dial(listener.url, max_in_flight=500)
+        calls = [asyncio.create_task(conn.request(i, timeout=0.2)) for i in range(300)]
+        await asyncio.sleep(0.01)
+        timers = [h for h in conn.loop._scheduled if not h.cancelled()]
+        assert sum(1 for h in timers if "expire_deadlines" in repr(h)) == 1
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(r, polyrpc.CallTimeout) for r in results)
+        conn.abort()
+    finally:
+        await listener.close(connections=False)
+
+
+async def test_wrong_peer_gets_a_clear_handshake_error():
+    """A server answering with frames that are not HELLO is reported as not polyrpc."""
+
+    def bogus_server(stream):
+        class Answer:
+            def data_received(self, data):
+                stream.write([b"HTTP/1.1 400 Bad Request\r\n\r\n"])
+
+            def eof_received(self):
+                pass
+
+            def connection_lost(self, exc):
+                pass
+
+        stream.set_receiver(Answer())
+
+    transport = polyrpc.registry.get("mem")
+    listener = await transport.listen(transport.parse("mem@bogus"), bogus_server)
+    try:
+        with pytest.raises(polyrpc.HandshakeError, match="speaking HTTP") as info:
+            await polyrpc.dial("mem@bogus")
+        assert info.value.reason == "not_polyrpc"
+    finally:
+        await listener.close()
+
+
+def test_many_frames_per_write_when_they_queue_up():
+    """Frames written in one loop turn leave as one stream write (batching)."""
+    writes: list[list] = []
+
+    class RecordingStream(polyrpc.core.stream.Stream):
+        transport_name = "rec"
+
+        def pause_reading(self): ...
+        def resume_reading(self): ...
+        def write(self, buffers, *, ordered=True):
+            writes.append(list(buffers))
+
+        @property
+        def write_buffer_size(self):
+            return 0
+
+        def write_eof(self): ...
+        async def close(self): ...
+        def abort(self): ...
+
+    async def scenario():
+        from polyrpc.core.session import Session, SessionConfig
+
+        session = Session(RecordingStream(), SessionConfig(), is_client=True)
+        session._handshake.set_result(None)
+        for i in range(100):
+            session.begin_request(i)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return session
+
+    asyncio.run(scenario())
+    frames = FrameDecoder().feed(b"".join(b for w in writes for b in w))
+    assert [f.kind for f in frames] == [Kind.REQUEST] * 100
+    assert len(writes) <= 3, f"{len(writes)} writes for 100 frames"
