@@ -197,7 +197,7 @@ quote_args() {
 cmd_test() {
     local args
     if [ $# -eq 0 ]; then
-        args=" tests/test_rdma_transport.py tests/test_conformance.py"
+        args=" tests/test_rdma_transport.py tests/test_conformance.py tests/test_rpc_conformance.py"
     else
         args=$(quote_args "$@")
     fi

@@ -101,7 +101,8 @@ class RdmaStream(Stream):
             self._poll()  # completions that arrived before the disconnect
             self._peer_gone = True
             if self._closed:
-                return  # close() is waiting for this and finishes the job
+                self._wake_closer()  # close() finishes the job
+                return
             if self._peer_closed:
                 self._finish_when_delivered()
             else:
@@ -146,6 +147,8 @@ class RdmaStream(Stream):
         self._pump()
 
     def _wc_error(self, wc) -> None:
+        if self._closed:
+            self._wake_closer()  # the peer is gone while we close: nothing left to flush
         if self._released or self._peer_gone or self._closed:
             return  # flushed work requests during teardown
         name = _WC_NAMES.get(wc.status, str(wc.status))
@@ -348,6 +351,13 @@ class RdmaStream(Stream):
         self._close_sent = self._loop.create_future()
         self._close_seq = self._post(CLOSE, signal=True)
         await self._close_sent
+
+    def _wake_closer(self) -> None:
+        """Let a pending close() stop waiting for a flush or the CLOSE acknowledgement."""
+        self._peer_gone = True
+        for fut in (self._flushed, self._close_sent):
+            if fut is not None and not fut.done():
+                fut.set_result(None)
 
     def abort(self) -> None:
         if self._released:
