@@ -319,13 +319,22 @@ class RdmaTransport(Transport):
             return
         stream = RdmaStream(cm_id, res, peer, _extra(cm_id, res, peer))
 
+        def established() -> None:
+            """Hand the stream over once: on ESTABLISHED, or on the first message, which
+            proves the peer's QP is ready even if its RTU is lost or late (IB's COMM_EST)."""
+            if stream.on_first_message is None:
+                return
+            stream.on_first_message = None
+            channel.route(event.id, stream.on_cm_event)
+            on_stream(stream)
+
         def until_established(ev) -> None:
             if ev.kind == cm.ESTABLISHED:
-                channel.route(event.id, stream.on_cm_event)
-                on_stream(stream)
+                established()
             elif ev.kind in (cm.REJECTED, cm.CONNECT_ERROR, cm.UNREACHABLE, cm.DISCONNECTED):
                 stream.abort()
 
+        stream.on_first_message = established
         channel.route(event.id, until_established)
 
     def loopback_urls(self, workdir: Path) -> tuple[str, dict[str, str]]:

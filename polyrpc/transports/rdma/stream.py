@@ -17,7 +17,7 @@ import asyncio
 import collections
 import contextlib
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyverbs.enums as e
@@ -87,6 +87,8 @@ class RdmaStream(Stream):
         self._peer_gone = False
         self._disconnected: asyncio.Future[None] = self._loop.create_future()
         self._released = False
+        self.on_first_message: Callable[[], None] | None = None
+        """Set by the listener until the connection is known to be established."""
         res.cq.req_notify()
         self._loop.add_reader(res.channel_fd, self._on_completion_event)
 
@@ -170,6 +172,8 @@ class RdmaStream(Stream):
             sent.set_result(None)
 
     def _on_recv(self, slot: int, length: int, imm: int) -> None:
+        if self.on_first_message is not None:
+            self.on_first_message()
         self._received += 1
         self._credits += imm & CREDIT_MASK
         kind = imm >> KIND_SHIFT
