@@ -331,3 +331,20 @@ async def test_graceful_server_close_finishes_calls(endpoint):
     with pytest.raises(polyrpc.ConnectionLost):
         await client.call("Slow.wait", 0)
     await client.close()
+
+
+async def test_one_server_on_several_transports(tmp_path):
+    """One Server, one service, listening on tcp, unix and mem at once."""
+    urls = ["tcp@127.0.0.1:0", f"unix@{tmp_path / 's.sock'}", "mem@0"]
+    async with polyrpc.serve(urls, Arith()) as server:
+        assert len(server.urls) == 3
+        for url in server.urls:
+            async with polyrpc.connect(url) as client:
+                assert await client.call("Arith.mul", 3, 4) == 12
+                assert client.transport == url.split("@")[0]
+        stats = await polyrpc.connect(server.urls[0])
+        try:
+            totals = (await stats.call("_sys.stats"))["transports"]
+        finally:
+            await stats.close()
+        assert {"tcp", "unix", "mem"} <= set(totals)

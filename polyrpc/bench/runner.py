@@ -192,7 +192,9 @@ def render(results: list[dict], console: Console) -> None:
     by_key = {(r["transport"], r["workload"]): r for r in results}
     for r in results:
         if "error" in r:
-            table.add_row(r["transport"], r["workload"], f"[red]failed: {r['error']}", "", "", "", "")
+            table.add_row(
+                r["transport"], r["workload"], f"[red]failed: {r['error']}", "", "", "", ""
+            )
             continue
         ratio = ""
         reference = reference_for(r["transport"])

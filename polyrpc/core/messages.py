@@ -182,7 +182,6 @@ class Connection(Session):
         self._wake_receiver()
 
 
-
 def make_config(config: SessionConfig | None, **overrides: Any) -> SessionConfig:
     """A SessionConfig from ``config`` with keyword overrides (unknown names are errors)."""
     base = config or SessionConfig()

@@ -17,6 +17,7 @@ from ...core.address import Address
 from ...core.errors import ConnectFailed, ConnectTimeout, InvalidAddress
 from ...core.stream import Listener, StreamHandler
 from ...core.transport import Option, Transport, choice, integer, number
+from ...core.udp import bind_udp
 from . import engine
 
 MODES: dict[str, tuple[int, int, int, int]] = {
@@ -150,20 +151,7 @@ class KcpTransport(Transport):
 
         self.check_available()
         config = self._config(address)
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(
-                address.host, address.port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
-            )
-        except OSError as exc:
-            raise ConnectFailed(f"could not resolve {address.host!r}: {exc}") from exc
-        family, _, _, _, sockaddr = infos[0]
-        sock = make_socket(family)
-        try:
-            sock.bind(sockaddr)
-        except OSError as exc:
-            sock.close()
-            raise ConnectFailed(f"could not listen on {address}: {exc.strerror or exc}") from exc
+        sock = await bind_udp(address, make_socket)
         listener: KcpListener | None = None
 
         def accept(conv: int, addr: bytes, sn: int, una: int) -> None:

@@ -43,6 +43,7 @@ from ...core.transport import (
     number,
     text,
 )
+from ...core.udp import bind_udp
 from .connection import Driver, QuicStream
 from .udp import UdpEndpoint, make_socket
 
@@ -469,22 +470,7 @@ class QuicTransport(Transport):
             configuration.load_cert_chain(opts["cert"], opts["key"])
         except (ValueError, OSError) as exc:
             raise InvalidAddress(f"{address}: could not load cert/key: {exc}") from exc
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(
-                address.host, address.port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
-            )
-        except OSError as exc:
-            raise ConnectFailed(
-                f"could not resolve {address.host!r}: {exc.strerror or exc}"
-            ) from exc
-        family, _, _, _, bind_address = infos[0]
-        sock = make_socket(family)
-        try:
-            sock.bind(bind_address)
-        except OSError as exc:
-            sock.close()
-            raise ConnectFailed(f"could not listen on {address}: {exc.strerror or exc}") from exc
+        sock = await bind_udp(address, make_socket)
         listener = QuicListener(address, configuration, opts, on_stream)
         listener.endpoint = UdpEndpoint(sock, listener.datagrams, listener.socket_error)
         listener.address = address.with_port(sock.getsockname()[1])

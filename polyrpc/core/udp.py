@@ -1,0 +1,29 @@
+"""Helpers shared by the datagram transports (quic, kcp): binding a listening UDP socket."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+from .address import Address
+from .errors import ConnectFailed
+
+
+async def bind_udp(address: Address, make_socket: Callable[[int], socket.socket]) -> socket.socket:
+    """Resolve ``address`` for listening and bind a socket from ``make_socket(family)`` to it."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        raise ConnectFailed(f"could not resolve {address.host!r}: {exc.strerror or exc}") from exc
+    family, _, _, _, sockaddr = infos[0]
+    sock = make_socket(family)
+    try:
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise ConnectFailed(f"could not listen on {address}: {exc.strerror or exc}") from exc
+    return sock
