@@ -1,5 +1,13 @@
-"""Builds the KCP C core (cffi API mode); all other metadata lives in pyproject.toml."""
+"""Builds the C parts: the KCP core (cffi API mode) and the optional frame-codec accelerator.
 
-from setuptools import setup
+All other metadata lives in pyproject.toml.
+"""
 
-setup(cffi_modules=["polyrpc/transports/kcp/_build.py:ffibuilder"])
+from setuptools import Extension, setup
+
+setup(
+    cffi_modules=["polyrpc/transports/kcp/_build.py:ffibuilder"],
+    ext_modules=[
+        Extension("polyrpc.core._frames", ["polyrpc/core/_frames.c"], optional=True),
+    ],
+)

@@ -1,8 +1,16 @@
-"""The frame codec and incremental decoder, sans-IO: bytes in, frames out."""
+"""The frame codec and incremental decoder, sans-IO: bytes in, frames out.
+
+Codec tests run against both implementations: the pure-Python reference and the C
+accelerator (polyrpc.core._frames; build it with ``python setup.py build_ext --inplace``).
+"""
 
 from __future__ import annotations
 
+import os
+import pickle
 import struct
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -10,23 +18,37 @@ from hypothesis import strategies as st
 
 from polyrpc import ProtocolError
 from polyrpc.core import codecs
+from polyrpc.core import frames as frames_module
 from polyrpc.core.frames import (
+    ACCELERATED,
     HEADER,
     HEADER_SIZE,
+    INITIAL_BUFFER,
     LARGE_PAYLOAD,
     MAGIC,
+    PYTHON,
     VERSION,
-    Frame,
-    FrameDecoder,
+    Implementation,
     Kind,
     Limits,
-    encode_frame,
 )
 from polyrpc.core.timeouts import DeadlineWheel
 
+NOT_BUILT = "C extension not built: run python setup.py build_ext --inplace"
+both = pytest.mark.parametrize(
+    "impl",
+    [
+        pytest.param(PYTHON, id="python"),
+        pytest.param(
+            ACCELERATED, id="c", marks=pytest.mark.skipif(not ACCELERATED, reason=NOT_BUILT)
+        ),
+    ],
+)
+needs_c = pytest.mark.skipif(not ACCELERATED, reason=NOT_BUILT)
+
 frames_strategy = st.lists(
     st.builds(
-        Frame,
+        PYTHON.Frame,
         kind=st.sampled_from(list(Kind)),
         seq=st.integers(0, 2**64 - 1),
         method=st.text(max_size=40),
@@ -40,12 +62,12 @@ frames_strategy = st.lists(
 )
 
 
-def wire(frames: list[Frame]) -> bytes:
+def wire(frames: list, impl: Implementation = PYTHON) -> bytes:
     out = b""
     for f in frames:
         out += b"".join(
             bytes(b)
-            for b in encode_frame(
+            for b in impl.encode_frame(
                 f.kind,
                 f.seq,
                 f.payload,
@@ -58,20 +80,21 @@ def wire(frames: list[Frame]) -> bytes:
     return out
 
 
-def normalise(frames: list[Frame]) -> list[tuple]:
+def normalise(frames: list) -> list[tuple]:
     return [
         (f.kind, f.seq, f.method, dict(f.metadata), bytes(f.payload), f.codec, f.flags)
         for f in frames
     ]
 
 
+@both
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(frames=frames_strategy, cuts=st.lists(st.integers(0, 10**6), max_size=12))
-def test_any_split_decodes_identically(frames, cuts):
-    data = wire(frames)
+def test_any_split_decodes_identically(impl, frames, cuts):
+    data = wire(frames, impl)
     points = sorted({c % (len(data) + 1) for c in cuts})
-    decoder = FrameDecoder()
-    got: list[Frame] = []
+    decoder = impl.FrameDecoder()
+    got: list = []
     last = 0
     for point in [*points, len(data)]:
         got += decoder.feed(data[last:point])
@@ -80,6 +103,7 @@ def test_any_split_decodes_identically(frames, cuts):
     assert decoder.pending_bytes == 0
 
 
+@both
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(
     frames=frames_strategy,
@@ -87,12 +111,12 @@ def test_any_split_decodes_identically(frames, cuts):
     replacement=st.binary(min_size=1, max_size=8),
     chunk=st.integers(1, 5000),
 )
-def test_corruption_never_crashes_or_allocates_hugely(frames, position, replacement, chunk):
+def test_corruption_never_crashes_or_allocates_hugely(impl, frames, position, replacement, chunk):
     data = bytearray(wire(frames))
     pos = position % len(data)
     data[pos : pos + len(replacement)] = replacement
     limits = Limits(max_frame=1 << 20)
-    decoder = FrameDecoder(limits)
+    decoder = impl.FrameDecoder(limits)
     try:
         for i in range(0, len(data), chunk):
             decoder.feed(bytes(data[i : i + chunk]))
@@ -103,10 +127,11 @@ def test_corruption_never_crashes_or_allocates_hugely(frames, position, replacem
             decoder.feed(b"more")  # a broken decoder stays broken
 
 
+@both
 @settings(max_examples=200, deadline=None)
 @given(st.binary(min_size=1, max_size=4000))
-def test_random_bytes_end_in_protocol_error_or_wait(data):
-    decoder = FrameDecoder(Limits(max_frame=1 << 20))
+def test_random_bytes_end_in_protocol_error_or_wait(impl, data):
+    decoder = impl.FrameDecoder(Limits(max_frame=1 << 20))
     try:
         frames = decoder.feed(data)
     except ProtocolError:
@@ -114,6 +139,7 @@ def test_random_bytes_end_in_protocol_error_or_wait(data):
     assert isinstance(frames, list)
 
 
+@both
 @pytest.mark.parametrize(
     ("header_fields", "message"),
     [
@@ -125,32 +151,35 @@ def test_random_bytes_end_in_protocol_error_or_wait(data):
         ((MAGIC, VERSION, Kind.REQUEST, 0, 0, 0, 1, 0, 0xFFFFFFFF), "exceeds the limit"),
     ],
 )
-def test_header_limits_checked_before_allocation(header_fields, message):
-    decoder = FrameDecoder()
+def test_header_limits_checked_before_allocation(impl, header_fields, message):
+    decoder = impl.FrameDecoder()
     before = len(decoder._buf)
     with pytest.raises(ProtocolError, match=message):
         decoder.feed(HEADER.pack(*header_fields))
     assert len(decoder._buf) == before
 
 
-def test_http_and_tls_peers_are_named():
+@both
+def test_http_and_tls_peers_are_named(impl):
     with pytest.raises(ProtocolError, match="speaking HTTP"):
-        FrameDecoder().feed(b"GET / HTTP/1.1\r\n\r\n")
+        impl.FrameDecoder().feed(b"GET / HTTP/1.1\r\n\r\n")
     with pytest.raises(ProtocolError, match="speaking TLS"):
-        FrameDecoder().feed(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40))
+        impl.FrameDecoder().feed(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40))
 
 
-def test_malformed_metadata_is_a_protocol_error():
+@both
+def test_malformed_metadata_is_a_protocol_error(impl):
     bad_meta = struct.pack("<H", 3) + b"key" + struct.pack("<I", 1000) + b"short"
     header = HEADER.pack(MAGIC, VERSION, Kind.ONEWAY, 0, 0, 0, 1, len(bad_meta), 0)
     with pytest.raises(ProtocolError, match="metadata"):
-        FrameDecoder().feed(header + bad_meta)
+        impl.FrameDecoder().feed(header + bad_meta)
 
 
-def test_large_payload_is_read_into_its_own_buffer():
+@both
+def test_large_payload_is_read_into_its_own_buffer(impl):
     payload = bytes(range(256)) * 4096  # 1 MiB
-    data = b"".join(bytes(b) for b in encode_frame(Kind.ONEWAY, 3, payload))
-    decoder = FrameDecoder()
+    data = b"".join(bytes(b) for b in impl.encode_frame(Kind.ONEWAY, 3, payload))
+    decoder = impl.FrameDecoder()
     frames = []
     pos = 0
     while pos < len(data):
@@ -163,12 +192,295 @@ def test_large_payload_is_read_into_its_own_buffer():
     assert len(decoder._buf) < len(payload)  # not staged through the small-frame buffer
 
 
-def test_encoder_keeps_large_payloads_separate_for_gather_writes():
+@both
+def test_encoder_keeps_large_payloads_separate_for_gather_writes(impl):
     payload = bytes(LARGE_PAYLOAD)
-    buffers = encode_frame(Kind.REQUEST, 1, payload, method="A.b")
+    buffers = impl.encode_frame(Kind.REQUEST, 1, payload, method="A.b")
     assert len(buffers) == 2 and buffers[1] is payload
     assert len(buffers[0]) == HEADER_SIZE + 3
-    assert len(encode_frame(Kind.REQUEST, 1, b"small")) == 1
+    assert len(impl.encode_frame(Kind.REQUEST, 1, b"small")) == 1
+    plain = impl.encode_plain(Kind.RESPONSE, 2, payload)
+    assert len(plain) == 2 and plain[1] is payload and len(plain[0]) == HEADER_SIZE
+
+
+@both
+def test_large_frame_with_split_prefix_while_the_read_view_is_alive(impl):
+    """asyncio's selector loop keeps get_buffer's view alive during buffer_updated."""
+    data = b"".join(bytes(b) for b in impl.encode_frame(2, 1, bytes(1 << 20), method="Svc.put"))
+    decoder = impl.FrameDecoder()
+    got, pos = [], 0
+    for size in (30, 1000, len(data)):  # the first read ends inside the method name
+        view = decoder.get_buffer(-1)
+        n = min(len(view), len(data) - pos, size)
+        view[:n] = data[pos : pos + n]
+        pos += n
+        got += decoder.buffer_updated(n)
+        del view
+    while pos < len(data):
+        view = decoder.get_buffer(-1)
+        n = min(len(view), len(data) - pos)
+        view[:n] = data[pos : pos + n]
+        pos += n
+        got += decoder.buffer_updated(n)
+        del view
+    assert normalise(got) == [(2, 1, "Svc.put", {}, bytes(1 << 20), 0, 0)]
+    assert len(decoder._buf) == INITIAL_BUFFER
+
+
+@both
+def test_method_names_are_cached_and_limits_can_be_replaced(impl):
+    data = wire([PYTHON.Frame(Kind.REQUEST, 1, "Svc.m"), PYTHON.Frame(Kind.REQUEST, 3, "Svc.m")])
+    decoder = impl.FrameDecoder()
+    first, second = decoder.feed(data)
+    assert first.method == "Svc.m" and first.method is second.method
+    decoder.limits = Limits(max_method=2)
+    assert decoder.limits == Limits(max_method=2)
+    with pytest.raises(ProtocolError, match="method name of 5 bytes exceeds 2"):
+        decoder.feed(data)
+    assert isinstance(decoder.broken, ProtocolError)
+
+
+@both
+def test_invalid_method_name_breaks_the_decoder(impl):
+    header = HEADER.pack(MAGIC, VERSION, Kind.REQUEST, 0, 0, 2, 1, 0, 0)
+    decoder = impl.FrameDecoder()
+    with pytest.raises(ProtocolError, match="method name is not valid UTF-8"):
+        decoder.feed(header + b"\xff\xfe")
+    assert decoder.pending_bytes == HEADER_SIZE + 2
+
+
+# -- the C accelerator against the Python reference ---------------------------------
+
+payload_types = st.sampled_from([bytes, bytearray, memoryview])
+
+
+@needs_c
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(frames=frames_strategy, wrap=payload_types)
+def test_implementations_encode_byte_identically(frames, wrap):
+    for f in frames:
+        payload = wrap(f.payload)
+        results = []
+        for impl in (PYTHON, ACCELERATED):
+            full = impl.encode_frame(
+                f.kind,
+                f.seq,
+                payload,
+                method=f.method,
+                metadata=f.metadata,
+                codec=f.codec,
+                flags=f.flags,
+            )
+            plain = impl.encode_plain(f.kind, f.seq, payload, f.codec, f.flags)
+            results.append(
+                [
+                    (type(b), bytes(b), b is payload)
+                    if isinstance(b, memoryview)
+                    else (type(b), b, b is payload)
+                    for b in (*full, None, *plain)
+                    if b is not None
+                ]
+            )
+        assert results[0] == results[1]
+
+
+limits_strategy = st.builds(
+    Limits,
+    max_frame=st.integers(HEADER_SIZE, 1 << 21),
+    max_metadata=st.integers(0, 300),
+    max_method=st.integers(0, 60),
+)
+
+
+def run_decoder(decoder, data: bytes, chunks: list[int], zero_copy: list[bool]) -> list:
+    """Feed ``data`` in ``chunks``; one event per chunk: frames or the error, and the state.
+
+    Stops at the first error (a broken decoder's connection is closed), after checking that
+    the decoder stays broken.
+    """
+    events: list = []
+    pos, i = 0, 0
+    while pos < len(data):
+        size = chunks[i % len(chunks)]
+        use_view = zero_copy[i % len(zero_copy)]
+        i += 1
+        try:
+            if use_view:
+                view = decoder.get_buffer(-1)  # kept alive across buffer_updated, as asyncio does
+                n = min(len(view), size, len(data) - pos)
+                view[:n] = data[pos : pos + n]
+                got = decoder.buffer_updated(n)
+                del view
+            else:
+                n = min(size, len(data) - pos)
+                got = decoder.feed(data[pos : pos + n])
+        except ProtocolError as exc:
+            with pytest.raises(ProtocolError) as again:
+                decoder.feed(b"more")
+            events.append((str(exc), str(again.value), str(decoder.broken), decoder.pending_bytes))
+            break
+        pos += n
+        frames = [
+            (*t, type(f.payload), type(f.metadata))
+            for t, f in zip(normalise(got), got, strict=True)
+        ]
+        events.append((frames, decoder.pending_bytes, len(decoder._buf)))
+    return events
+
+
+@needs_c
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    frames=frames_strategy,
+    limits=limits_strategy,
+    corrupt=st.none() | st.tuples(st.integers(0, 10**6), st.binary(min_size=1, max_size=8)),
+    chunks=st.lists(st.integers(1, 70000), min_size=1, max_size=8),
+    zero_copy=st.lists(st.booleans(), min_size=1, max_size=4),
+)
+def test_implementations_decode_identically(frames, limits, corrupt, chunks, zero_copy):
+    data = bytearray(wire(frames))
+    if corrupt is not None:
+        pos = corrupt[0] % len(data)
+        data[pos : pos + len(corrupt[1])] = corrupt[1]
+    expected = run_decoder(PYTHON.FrameDecoder(limits), bytes(data), chunks, zero_copy)
+    assert run_decoder(ACCELERATED.FrameDecoder(limits), bytes(data), chunks, zero_copy) == expected
+
+
+@needs_c
+@settings(max_examples=300, deadline=None)
+@given(
+    meta=st.binary(max_size=60),
+    method=st.binary(max_size=8),
+    payload=st.binary(max_size=8),
+)
+def test_implementations_agree_on_arbitrary_method_and_metadata_bytes(meta, method, payload):
+    header = HEADER.pack(MAGIC, VERSION, Kind.ONEWAY, 0, 0, len(method), 9, len(meta), len(payload))
+    data = header + method + meta + payload
+    assert run_decoder(ACCELERATED.FrameDecoder(), data, [len(data)], [False]) == run_decoder(
+        PYTHON.FrameDecoder(), data, [len(data)], [False]
+    )
+
+
+def outcome(fn, *args, **kwargs):
+    try:
+        return ("ok", [bytes(b) for b in fn(*args, **kwargs)])
+    except Exception as exc:
+        return (type(exc), str(exc))
+
+
+class Sized:
+    """A payload whose len() is not its byte count (len(payload) goes into the header)."""
+
+    def __len__(self) -> int:
+        return 3
+
+
+@needs_c
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ((256, 1, b"x"), {}),
+        ((-1, 1, b"x"), {}),
+        ((2, -1, b"x"), {}),
+        ((2, 1 << 64, b"x"), {}),
+        ((2.0, 1, b"x"), {}),
+        ((Kind.REQUEST, True, b"x"), {}),
+        ((2, 1, "text"), {}),
+        ((2, 1, Sized()), {}),
+        ((2, 1, memoryview(b"abcdefgh").cast("I")), {}),
+        ((2, 1, b"x"), {"codec": 300}),
+        ((2, 1, b"x"), {"flags": -1}),
+        ((2, 1, b"x"), {"method": b"bytes"}),
+        ((2, 1, b"x"), {"method": "\ud800"}),
+        ((2, 1, b"x"), {"method": "m" * 70000}),
+        ((2, 1, b"x"), {"metadata": {"k": 1}}),
+        ((2, 1, b"x"), {"metadata": {1: "v"}}),
+        ((2, 1, b"x"), {"metadata": {"k" * 70000: "v"}}),
+        ((2, 1, b"x"), {"metadata": {"k": "\udcff"}}),
+        ((2, 1, b"x"), {"metadata": [("k", "v")]}),
+        ((2, 1, b"x"), {"method": "", "metadata": {}}),
+        ((2, 1, b"x"), {"unknown": 1}),
+        ((2, 1, b"x", 0), {}),
+        ((2,), {}),
+        ((2, 1), {"payload": b"kw"}),
+        ((2, 1, bytearray(b"\xe9t\xe9")), {"method": "caf\xe9", "metadata": {"\u00fc": "\u20ac"}}),
+    ],
+)
+def test_implementations_agree_on_unusual_encoder_arguments(args, kwargs):
+    assert outcome(ACCELERATED.encode_frame, *args, **kwargs) == outcome(
+        PYTHON.encode_frame, *args, **kwargs
+    )
+    plain_args = args + tuple(kwargs[k] for k in ("codec", "flags") if k in kwargs)
+    if len(kwargs) == len(plain_args) - len(args):
+        assert outcome(ACCELERATED.encode_plain, *plain_args) == outcome(
+            PYTHON.encode_plain, *plain_args
+        )
+    assert outcome(ACCELERATED.encode_plain, 2, 1, b"x", flags=4) == outcome(
+        PYTHON.encode_plain, 2, 1, b"x", flags=4
+    )
+
+
+@needs_c
+def test_c_frame_behaves_like_the_python_frame():
+    c_frame, py_frame = ACCELERATED.Frame, PYTHON.Frame
+    args = (Kind.REQUEST, 7, "A.b", {"k": "v"}, b"abc", 1, 3)
+    a, b = c_frame(*args), py_frame(*args)
+    assert repr(a) == repr(b)
+    assert repr(c_frame(99, 1)) == repr(py_frame(99, 1))
+    for name in ("kind", "seq", "method", "metadata", "payload", "codec", "flags"):
+        assert getattr(a, name) == getattr(b, name)
+    d = c_frame(kind=2, seq=1)
+    assert (d.method, d.metadata, d.payload, d.codec, d.flags) == ("", {}, b"", 0, 0)
+    assert a == c_frame(*args)
+    assert not a != c_frame(*args)  # noqa: SIM202
+    a.payload = bytearray(b"new")  # the decoder sets large payloads after the fact
+    assert a.payload == b"new" and a != c_frame(*args)
+    with pytest.raises(TypeError):
+        hash(a)
+    assert pickle.loads(pickle.dumps(a)) == a
+    with pytest.raises(AttributeError):
+        a.other = 1
+    with pytest.raises(TypeError):
+        c_frame(1)
+
+
+@needs_c
+def test_c_module_constants_match_the_protocol():
+    from polyrpc.core import _frames
+
+    assert _frames.HEADER_SIZE == HEADER_SIZE == HEADER.size
+    assert _frames.VERSION == VERSION
+    assert _frames.LARGE_PAYLOAD == LARGE_PAYLOAD
+    assert _frames.INITIAL_BUFFER == INITIAL_BUFFER
+    assert [min(Kind), max(Kind)] == [_frames.KIND_MIN, _frames.KIND_MAX]
+    assert sorted(int(k) for k in Kind) == list(range(min(Kind), max(Kind) + 1))
+
+
+@needs_c
+def test_c_decoder_rejects_an_overrun_of_its_buffer():
+    decoder = ACCELERATED.FrameDecoder()
+    room = len(decoder.get_buffer(-1))
+    with pytest.raises(ValueError, match="get_buffer"):
+        decoder.buffer_updated(room + 1)
+    with pytest.raises(ValueError, match="get_buffer"):
+        decoder.buffer_updated(-1)
+    assert decoder.pending_bytes == 0 and decoder.feed(b"") == []
+
+
+@pytest.mark.parametrize("pure", ["1", ""])
+def test_pure_python_env_var_selects_the_implementation(pure):
+    code = "from polyrpc.core import frames as f; print(f.IMPLEMENTATION.name, f.FrameDecoder.__module__)"
+    env = {**os.environ, "POLYRPC_PURE_PYTHON": pure}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    if pure or not ACCELERATED:
+        assert out == ["python", "polyrpc.core.frames"]
+    else:
+        assert out == ["c", "polyrpc.core._frames"]
+    assert (frames_module.FrameDecoder is PYTHON.FrameDecoder) == (
+        frames_module.IMPLEMENTATION is PYTHON
+    )
 
 
 @pytest.mark.parametrize("name", ["msgpack", "json", "raw"])

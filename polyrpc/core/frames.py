@@ -20,10 +20,12 @@ buffer is allocated for it.
 
 from __future__ import annotations
 
+import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ProtocolError
 
@@ -105,19 +107,28 @@ class Frame:
         self.flags = flags
 
     def __repr__(self) -> str:
-        name = Kind(self.kind).name if self.kind in _KINDS else self.kind
-        return (
-            f"Frame({name}, seq={self.seq}, method={self.method!r}, "
-            f"metadata={self.metadata!r}, payload={len(self.payload)} bytes, "
-            f"codec={self.codec}, flags={self.flags:#x})"
-        )
+        return _frame_repr(self)
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Frame):
+        if not isinstance(other, _PyFrame):
             return NotImplemented
         return all(getattr(self, a) == getattr(other, a) for a in self.__slots__)
 
     __hash__ = None  # type: ignore[assignment]
+
+
+_PyFrame = Frame
+"""The pure-Python Frame, whichever ``Frame`` the module ends up exporting."""
+
+
+def _frame_repr(frame: Any) -> str:
+    """The repr of a Frame (shared by the Python and the C Frame)."""
+    name = Kind(frame.kind).name if frame.kind in _KINDS else frame.kind
+    return (
+        f"Frame({name}, seq={frame.seq}, method={frame.method!r}, "
+        f"metadata={frame.metadata!r}, payload={len(frame.payload)} bytes, "
+        f"codec={frame.codec}, flags={frame.flags:#x})"
+    )
 
 
 def encode_metadata(metadata: dict[str, str]) -> bytes:
@@ -166,7 +177,7 @@ def encode_frame(
 ) -> list[bytes | bytearray | memoryview]:
     """The frame as buffers for a gather write: a prefix, and a large payload separately."""
     if not method and not metadata:
-        return encode_plain(kind, seq, payload, codec, flags)
+        return _py_encode_plain(kind, seq, payload, codec, flags)
     method_bytes = _method_bytes.get(method)
     if method_bytes is None:
         method_bytes = method.encode()
@@ -189,6 +200,10 @@ def encode_plain(
     if len(payload) >= LARGE_PAYLOAD:
         return [header, payload]
     return [header + payload if type(payload) is bytes else b"".join((header, payload))]
+
+
+_py_encode_frame = encode_frame
+_py_encode_plain = encode_plain
 
 
 def describe_garbage(data: bytes) -> str:
@@ -310,15 +325,18 @@ class FrameDecoder:
                 if plen >= LARGE_PAYLOAD and avail >= prefix:
                     self._begin_large(kind, seq, codec, flags, mlen, metalen, plen)
                     break
-                if total > len(buf) - start:
-                    self._make_room(total - avail)
+                # a big payload gets its own buffer: only its prefix is staged here (growing
+                # for the whole frame would also fail while the caller holds get_buffer's view)
+                staged = prefix if plen >= LARGE_PAYLOAD else total
+                if staged > len(buf) - start:
+                    self._make_room(staged - avail)
                     buf = self._buf
                 break
             if mlen or metalen:
                 frame = self._build(kind, seq, codec, flags, mlen, metalen)
                 frame.payload = bytes(buf[start + prefix : start + total])
             else:
-                frame = Frame(
+                frame = _PyFrame(
                     kind, seq, "", _EMPTY, bytes(buf[start + prefix : start + total]), codec, flags
                 )
             frames.append(frame)
@@ -346,7 +364,7 @@ class FrameDecoder:
                 metadata = decode_metadata(memoryview(buf)[pos + mlen : pos + mlen + metalen])
             except ProtocolError as exc:
                 raise self._fail(str(exc)) from None
-        return Frame(kind, seq, method, metadata, b"", codec, flags)
+        return _PyFrame(kind, seq, method, metadata, b"", codec, flags)
 
     def _begin_large(
         self, kind: int, seq: int, codec: int, flags: int, mlen: int, metalen: int, plen: int
@@ -359,3 +377,34 @@ class FrameDecoder:
         large[:have] = self._buf[begin : self._end]
         self._start = self._end = 0
         self._large, self._large_filled, self._large_frame = large, have, frame
+
+
+class Implementation(NamedTuple):
+    """One complete frame codec: the pure-Python reference or the C accelerator."""
+
+    name: str
+    Frame: type
+    FrameDecoder: type
+    encode_frame: Callable[..., list[bytes | bytearray | memoryview]]
+    encode_plain: Callable[..., list[bytes | bytearray | memoryview]]
+
+
+PYTHON = Implementation("python", Frame, FrameDecoder, encode_frame, encode_plain)
+"""The pure-Python codec: the reference, and the fallback when the C one is missing."""
+ACCELERATED: Implementation | None = None
+"""The C codec (polyrpc.core._frames) when it is built, whether or not it is in use."""
+
+try:
+    from . import _frames
+except ImportError:
+    pass
+else:
+    ACCELERATED = Implementation(
+        "c", _frames.Frame, _frames.FrameDecoder, _frames.encode_frame, _frames.encode_plain
+    )
+
+IMPLEMENTATION = PYTHON
+"""The codec this module exports; POLYRPC_PURE_PYTHON=1 forces the pure-Python one."""
+if ACCELERATED is not None and os.environ.get("POLYRPC_PURE_PYTHON", "") in ("", "0"):
+    IMPLEMENTATION = ACCELERATED
+    Frame, FrameDecoder, encode_frame, encode_plain = ACCELERATED[1:]  # type: ignore[misc]

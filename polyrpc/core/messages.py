@@ -24,6 +24,7 @@ from .stream import Listener, Stream
 
 log = logging.getLogger("polyrpc")
 
+_RESPONSE = int(Kind.RESPONSE)
 RequestHandler = Callable[[Any], Any]
 """Answers a request: takes the message, returns the reply (or an awaitable of it)."""
 
@@ -85,7 +86,7 @@ class Connection(Session):
         except BaseException:
             self.abandon_request(seq, future)
             raise
-        if frame.kind == Kind.RESPONSE and frame.codec == 0:
+        if frame.kind == _RESPONSE and frame.codec == 0:
             return frame.payload if type(frame.payload) is bytes else bytes(frame.payload)
         return self.result(frame)
 

@@ -23,6 +23,7 @@ BUILTIN: dict[str, str] = {
     "mem": "polyrpc.transports.tcp.memory:MemoryTransport",
     "quic": "polyrpc.transports.quic:QuicTransport",
     "kcp": "polyrpc.transports.kcp:KcpTransport",
+    "rdma": "polyrpc.transports.rdma:RdmaTransport",
 }
 
 

@@ -41,15 +41,38 @@ _STREAM_ITEM, _STREAM_END, _CREDIT, _CANCEL = (
 _context: contextvars.ContextVar[CallContext] = contextvars.ContextVar("polyrpc_call")
 
 
-@dataclass
 class CallContext:
-    """What a handler knows about the call it is serving (see :func:`current_context`)."""
+    """What a handler knows about the call it is serving (see :func:`current_context`).
 
-    method: str
-    connection: RpcConnection
-    metadata: dict[str, str]
-    deadline: float | None
-    """Seconds since the epoch after which the caller stops waiting, if it set a timeout."""
+    Built per call on the hot path, so it only keeps references; the rest is derived
+    when asked for.
+    """
+
+    __slots__ = ("_received", "connection", "frame")
+
+    def __init__(self, connection: RpcConnection, frame: Frame) -> None:
+        self.connection = connection
+        self.frame = frame
+        self._received = time.time()
+
+    @property
+    def method(self) -> str:
+        return self.frame.method
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.frame.metadata
+
+    @property
+    def deadline(self) -> float | None:
+        """Seconds since the epoch after which the caller stops waiting, if it set a timeout."""
+        timeout = self.frame.metadata.get("timeout")
+        if timeout is None:
+            return None
+        try:
+            return self._received + float(timeout)
+        except ValueError:
+            return None
 
     @property
     def peer(self) -> Any:
@@ -62,6 +85,9 @@ class CallContext:
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call a service the caller registered, over the same connection (a callback)."""
         return await self.connection.call(method, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<CallContext {self.method} from {self.peer!r} over {self.transport}>"
 
 
 def current_context() -> CallContext:
@@ -435,34 +461,19 @@ class RpcConnection(Session):
         self.respond_error(seq, error, error.code)
 
     def _decode_arguments(self, frame: Frame) -> tuple[list, dict]:
-        try:
-            body = self.decode(frame)
-        except ProtocolError:
-            raise
-        if (
-            not isinstance(body, list)
-            or len(body) != 2
-            or not isinstance(body[0], list)
-            or not isinstance(body[1], dict)
-        ):
+        body = self.decode(frame)
+        if type(body) is not list or len(body) != 2:
             raise ProtocolError("a call's payload must be [args, kwargs]")
-        return body[0], body[1]
-
-    def _context_for(self, frame: Frame) -> CallContext:
-        deadline = None
-        timeout = frame.metadata.get("timeout")
-        if timeout is not None:
-            try:
-                deadline = time.time() + float(timeout)
-            except ValueError:
-                deadline = None
-        return CallContext(frame.method, self, frame.metadata, deadline)
+        args, kwargs = body
+        if type(args) is not list or type(kwargs) is not dict:
+            raise ProtocolError("a call's payload must be [args, kwargs]")
+        return args, kwargs
 
     def _call_inline(
         self, seq: int, method: Method, args: list, kwargs: dict, frame: Frame
     ) -> None:
         started = time.perf_counter()
-        token = _context.set(self._context_for(frame))
+        token = _context.set(CallContext(self, frame))
         try:
             result = method.func(*args, **kwargs)
         except Exception as exc:
@@ -481,7 +492,7 @@ class RpcConnection(Session):
         most of the per-call cost (Python 3.12's eager tasks, done by hand for 3.11).
         """
         started = time.perf_counter()
-        token = _context.set(self._context_for(frame))
+        token = _context.set(CallContext(self, frame))
         try:
             try:
                 coro = method.func(*args, **kwargs)
@@ -566,7 +577,7 @@ class RpcConnection(Session):
         kwargs: dict,
         frame: Frame,
     ) -> None:
-        context = self._context_for(frame)
+        context = CallContext(self, frame)
         _context.set(context)
         started = time.perf_counter()
         timeout = None if context.deadline is None else max(0.0, context.deadline - time.time())
@@ -672,7 +683,7 @@ class RpcConnection(Session):
     async def _run_notification(
         self, method: Method, args: list, kwargs: dict, frame: Frame
     ) -> None:
-        _context.set(self._context_for(frame))
+        _context.set(CallContext(self, frame))
         started = time.perf_counter()
         try:
             result = method.func(*args, **kwargs)

@@ -126,6 +126,10 @@ class Session:
         self._accepting = True
         """False once closing, closed or the peer is closing: no new requests."""
         self._handshake: asyncio.Future[None] = self.loop.create_future()
+        self._handshaken = False
+        """True once HELLO was exchanged (a flag: checked for every received frame)."""
+        self._gone = False
+        """True once the connection is lost (a flag: checked on every write)."""
         self._closed: asyncio.Future[Exception | None] = self.loop.create_future()
         self._closing = False
         self._peer_closing = False
@@ -199,6 +203,7 @@ class Session:
                 raise ProtocolError("expected a HELLO reply from the server")
             self.peer_features = set(meta.get("features", "").split(","))
             self.peer_info = dict(meta)
+            self._handshaken = True
             self._handshake.set_result(None)
             return
         problem = self._check_hello(meta)
@@ -218,6 +223,7 @@ class Session:
         self.peer_info = {k: v for k, v in meta.items() if k != "token"}
         reply = {"version": str(VERSION), "codec": self.codec.name, "features": FEATURES}
         self._write(encode_frame(_HELLO, 0, metadata=reply, flags=FLAG_REPLY), ordered=True)
+        self._handshaken = True
         self._handshake.set_result(None)
 
     def refuse(self, reason: str, message: str) -> None:
@@ -279,7 +285,7 @@ class Session:
             for frame in frames:
                 kind = frame.kind
                 if kind in (_RESPONSE, _ERROR):
-                    if frame.seq == 0 and kind == _ERROR and not self._handshake.done():
+                    if frame.seq == 0 and kind == _ERROR and not self._handshaken:
                         self._on_handshake_error(frame)
                         return
                     future = self._pending.pop(frame.seq, None)
@@ -288,7 +294,7 @@ class Session:
                             future.set_result(frame)
                         if self._slot_waiters:
                             self._wake_slot()
-                elif not self._handshake.done():
+                elif not self._handshaken:
                     if kind != _HELLO:
                         raise ProtocolError(f"expected HELLO first, got {Kind(kind).name}")
                     self._on_hello(frame)
@@ -339,6 +345,7 @@ class Session:
         self.on_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._gone = True
         if self.close_reason is None:
             self.close_reason = exc
         reason = self.close_reason
@@ -431,7 +438,7 @@ class Session:
             elif self._flush_handle is None and not self._in_receive:
                 self._flush_handle = self.loop.call_soon(self._flush)
             return
-        if self._closed.done():
+        if self._gone:
             raise self.lost_error()
         self.bytes_out += len(buffers[0]) if len(buffers) == 1 else sum(map(len, buffers))
         self.byte_stream.write(buffers, ordered=ordered)
@@ -445,7 +452,7 @@ class Session:
             self._flush_handle = None
         out, self._out = self._out, []
         ordered, self._out_ordered = self._out_ordered, False
-        if out and not self._closed.done():
+        if out and not self._gone:
             self.bytes_out += len(out[0]) if len(out) == 1 else sum(map(len, out))
             try:  # noqa: SIM105 - contextlib.suppress costs three calls on the hot path
                 self.byte_stream.write(out, ordered=ordered)
@@ -597,7 +604,7 @@ class Session:
 
     def respond(self, seq: int, obj: Any, *, flags: int = 0) -> None:
         """Answer request ``seq`` with ``obj`` (an error frame if it cannot be encoded)."""
-        if self._closed.done():
+        if self._gone:
             return
         if isinstance(obj, _BYTES):
             self._write(encode_plain(_RESPONSE, seq, obj, 0, flags), ordered=False)
