@@ -21,6 +21,8 @@ from ...core.errors import ConnectFailed, InvalidAddress, TransportUnavailable
 from ...core.stream import Listener, StreamHandler
 from ...core.transport import Option, Transport, integer, number, text
 
+ATTEMPT_SECONDS = 4.0
+"""How long one rdma_cm connection attempt may stay silent before a fresh one is made."""
 SYSFS = Path("/sys/class/infiniband")
 BACKLOG = 128
 
@@ -221,7 +223,6 @@ class RdmaTransport(Transport):
     async def dial(self, address: Address):
         from . import cm
         from .stream import RdmaStream
-        from .verbs import PeerInfo, Resources
 
         self.check_available()
         opts = self.parse_options(address)
@@ -232,14 +233,42 @@ class RdmaTransport(Transport):
         host = await self._numeric_host(address)
         _refuse_loopback(host)
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
         channel = cm.Channel(loop)
-        try:
-            cm_id = channel.create_id(events.put_nowait)
-        finally:
-            channel.release()
-        res = None
         where = f"{host}:{address.port}"
+        deadline = loop.time() + opts["timeout"]
+        try:
+            while True:
+                # rdma_cm's own messages can be lost (soft-RoCE under load shows it): an
+                # attempt that hears nothing for ATTEMPT_SECONDS is abandoned (the peer sees
+                # it rejected and frees its side) and a fresh one starts, until the timeout.
+                attempt = min(ATTEMPT_SECONDS, deadline - loop.time())
+                try:
+                    cm_id, res, peer = await self._dial_once(
+                        channel, host, address, opts, where, attempt
+                    )
+                    break
+                except TimeoutError:
+                    if loop.time() + 0.05 >= deadline:
+                        raise ConnectFailed(
+                            f"could not connect to {where}: no answer within {opts['timeout']} s"
+                        ) from None
+        finally:
+            channel.release()  # the ids made here keep the channel alive as long as they live
+        extra = _extra(cm_id, res, peer)
+        stream = RdmaStream(cm_id, res, peer, extra)
+        channel.route(cm_id.ptr, stream.on_cm_event)
+        return stream
+
+    async def _dial_once(
+        self, channel, host: str, address: Address, opts: dict[str, Any], where: str, seconds: float
+    ):
+        """One rdma_cm connection attempt; TimeoutError if it hears nothing in ``seconds``."""
+        from . import cm
+        from .verbs import PeerInfo, Resources
+
+        events: asyncio.Queue = asyncio.Queue()
+        cm_id = channel.create_id(events.put_nowait)
+        res = None
 
         async def expect(kind: int):
             event = await events.get()
@@ -248,7 +277,7 @@ class RdmaTransport(Transport):
             return event
 
         try:
-            async with asyncio.timeout(opts["timeout"]):
+            async with asyncio.timeout(seconds):
                 try:
                     cm_id.resolve_addr(opts["src"], host, address.port, 2000)
                 except cm.CmError as exc:
@@ -281,17 +310,10 @@ class RdmaTransport(Transport):
             if res is not None:
                 res.close()
             cm_id.destroy()
-            if isinstance(exc, TimeoutError):
-                raise ConnectFailed(
-                    f"could not connect to {where}: no answer within {opts['timeout']} s"
-                ) from None
             if isinstance(exc, cm.CmError):
                 raise ConnectFailed(f"could not connect to {where}: {exc.strerror}") from exc
             raise
-        extra = _extra(cm_id, res, peer)
-        stream = RdmaStream(cm_id, res, peer, extra)
-        channel.route(cm_id.ptr, stream.on_cm_event)
-        return stream
+        return cm_id, res, peer
 
     def _accept(self, channel, event, opts: dict[str, Any], on_stream: StreamHandler) -> None:
         """Answer one connection request: build the QP towards the peer, accept, wait for RTU."""
