@@ -23,6 +23,10 @@ mkdir -p docs/bench docs/img
 "$PY" -m polyrpc.cli bench --loss 1% --delay 20ms --jitter 5ms --rate 100mbit \
     --seconds "$SECONDS_PER_POINT" --repeat "$REPEAT" \
     --json docs/bench/lossy.json --plot docs/img/bench-lossy.png || true
+"$PY" -m polyrpc.cli bench \
+    --transports tcp,tcp/rpc,quic,quic/rpc,kcp,kcp/rpc,raw-asyncio,raw-aioquic,raw-aiokcp \
+    --seconds "${TARGET_SECONDS:-2}" --repeat "${TARGET_REPEAT:-3}" \
+    --json docs/bench/targets.json || true
 "$PY" -m polyrpc.bench.report docs/bench/loopback.json docs/bench/lossy.json \
-    --images img >docs/benchmarks.md
+    --targets docs/bench/targets.json --images img >docs/benchmarks.md
 echo "wrote docs/benchmarks.md"
