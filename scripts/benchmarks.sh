@@ -27,6 +27,11 @@ mkdir -p docs/bench docs/img
     --transports tcp,tcp/rpc,quic,quic/rpc,kcp,kcp/rpc,raw-asyncio,raw-aioquic,raw-aiokcp \
     --seconds "${TARGET_SECONDS:-2}" --repeat "${TARGET_REPEAT:-3}" \
     --json docs/bench/targets.json || true
+# kcp against tcp with heavier loss (small calls; the relay makes only the UDP rows lossy)
+"$PY" -m polyrpc.cli bench --transports kcp,tcp,quic --workloads latency,rate \
+    --loss 5% --delay 20ms --seconds "$SECONDS_PER_POINT" --repeat "$REPEAT" \
+    --json docs/bench/lossy5.json || true
 "$PY" -m polyrpc.bench.report docs/bench/loopback.json docs/bench/lossy.json \
-    --targets docs/bench/targets.json --images img >docs/benchmarks.md
+    --targets docs/bench/targets.json --more-lossy docs/bench/lossy5.json \
+    --images img >docs/benchmarks.md
 echo "wrote docs/benchmarks.md"

@@ -471,10 +471,29 @@ def targets_section(run: Run) -> list[str]:
     ]
 
 
-def render(loopback: Run, lossy: Run | None, images: str, targets: Run | None = None) -> str:
+def extra_impaired_section(run: Run) -> list[str]:
+    """Another impaired-path run (e.g. heavier loss), without its own plot."""
+    return [
+        f"## Impaired path: {_describe(run.settings['impairment'])}",
+        "",
+        *[f"- {line}" for line in lossy_findings(run)],
+        "",
+        named_table(run),
+        "",
+    ]
+
+
+def render(
+    loopback: Run,
+    lossy: Run | None,
+    images: str,
+    targets: Run | None = None,
+    more_lossy: list[Run] | None = None,
+) -> str:
     """The whole page."""
     runs = [("loopback", loopback)] + ([("impaired-path", lossy)] if lossy else [])
     runs += [("named-workload", targets)] if targets else []
+    runs += [("impaired-path", run) for run in more_lossy or []]
     parts = [
         "# Benchmarks",
         "",
@@ -525,6 +544,8 @@ def render(loopback: Run, lossy: Run | None, images: str, targets: Run | None = 
             named_table(lossy),
             "",
         ]
+    for run in more_lossy or []:
+        parts += extra_impaired_section(run)
     parts += [GUIDANCE, HOW_TO_RUN, "## Every point", ""]
     for label, run in runs:
         parts += [
@@ -555,10 +576,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("lossy", type=Path, nargs="?")
     parser.add_argument("--images", default="img", help="image folder, relative to the page")
     parser.add_argument("--targets", type=Path, help="a longer run of the named workloads")
+    parser.add_argument(
+        "--more-lossy", type=Path, action="append", default=[], help="further impaired runs"
+    )
     args = parser.parse_args(argv)
     lossy = Run.load(args.lossy) if args.lossy else None
     targets = Run.load(args.targets) if args.targets else None
-    sys.stdout.write(render(Run.load(args.loopback), lossy, args.images, targets))
+    more = [Run.load(path) for path in args.more_lossy]
+    sys.stdout.write(render(Run.load(args.loopback), lossy, args.images, targets, more))
     return 0
 
 
