@@ -22,7 +22,8 @@ from ...core.stream import Listener, StreamHandler
 from ...core.transport import Option, Transport, integer, number, text
 
 ATTEMPT_SECONDS = 4.0
-"""How long one rdma_cm connection attempt may stay silent before a fresh one is made."""
+"""How long the first rdma_cm connection attempt may stay silent before a fresh one is made
+(each further attempt waits twice as long); the caller's connect timeout bounds them all."""
 SYSFS = Path("/sys/class/infiniband")
 BACKLOG = 128
 
@@ -192,7 +193,7 @@ class RdmaTransport(Transport):
         ),
         "depth": Option(integer(4, 4096), "receive buffers posted = send credits of the peer", 32),
         "src": Option(_ip, "dial: local IP to connect from (selects the local device)"),
-        "timeout": Option(number(0.1, 600), "dial: seconds to wait for the connection", 10.0),
+        "timeout": Option(number(0.1, 600), "dial: seconds to wait for the connection", 60.0),
     }
 
     def unavailable_reason(self) -> str | None:
@@ -236,12 +237,14 @@ class RdmaTransport(Transport):
         channel = cm.Channel(loop)
         where = f"{host}:{address.port}"
         deadline = loop.time() + opts["timeout"]
+        attempt_seconds = ATTEMPT_SECONDS
         try:
             while True:
                 # rdma_cm's own messages can be lost (soft-RoCE under load shows it): an
                 # attempt that hears nothing for ATTEMPT_SECONDS is abandoned (the peer sees
                 # it rejected and frees its side) and a fresh one starts, until the timeout.
-                attempt = min(ATTEMPT_SECONDS, deadline - loop.time())
+                attempt = min(attempt_seconds, deadline - loop.time())
+                attempt_seconds *= 2  # a slow peer (not a lost message) gets more time
                 try:
                     cm_id, res, peer = await self._dial_once(
                         channel, host, address, opts, where, attempt
