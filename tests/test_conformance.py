@@ -226,7 +226,9 @@ async def test_peer_death_gives_connection_lost_promptly(endpoint):
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
         # a peer process that just started may be slow to accept its first connection
         # (rdma in an emulated VM): connecting is not what this test times
-        conn = await polyrpc.dial(endpoint.client_url(line.strip()), timeout=60, **options)
+        conn = await polyrpc.dial(
+            endpoint.client_url(line.strip()), timeout=60, handshake_timeout=60, **options
+        )
         assert await conn.request({"hello": 1}) == {"hello": 1}
         calls = [asyncio.create_task(conn.request({"sleep": 3600})) for _ in range(5)]
         await asyncio.sleep(0.1)
