@@ -250,15 +250,7 @@ def summarise(
     row: str, workload: Workload, samples: list[dict], errors: list[str], path: str
 ) -> dict:
     """Median of the repeats for each metric, with the spread (min, max)."""
-    result: dict[str, Any] = {
-        "transport": row,
-        "kind": resolve_target(row).kind,
-        "workload": workload.name,
-        "payload_bytes": workload.payload_bytes,
-        "in_flight": workload.in_flight,
-        "path": path,
-        "repeats": len(samples),
-    }
+    result = _point(row, workload, path, len(samples))
     if not samples:
         result["error"] = errors[-1] if errors else "no result"
         return result
@@ -271,7 +263,8 @@ def summarise(
     return result
 
 
-def _skip(row: str, workload: Workload, path: str, reason: str) -> dict:
+def _point(row: str, workload: Workload, path: str, repeats: int) -> dict[str, Any]:
+    """The fields every result carries, measured or not."""
     return {
         "transport": row,
         "kind": resolve_target(row).kind,
@@ -279,7 +272,13 @@ def _skip(row: str, workload: Workload, path: str, reason: str) -> dict:
         "payload_bytes": workload.payload_bytes,
         "in_flight": workload.in_flight,
         "path": path,
-        "repeats": 0,
+        "repeats": repeats,
+    }
+
+
+def _skip(row: str, workload: Workload, path: str, reason: str) -> dict:
+    return {
+        **_point(row, workload, path, 0),
         "skipped": reason,
     }
 
