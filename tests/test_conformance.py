@@ -198,16 +198,8 @@ async def test_abort_fails_pending_with_connection_lost(endpoint):
                 await asyncio.wait_for(call, 5)
 
 
-async def test_peer_death_gives_connection_lost_promptly(endpoint, request):
+async def test_peer_death_gives_connection_lost_promptly(endpoint):
     """Kill the server process mid-call: every pending call fails within a second or two."""
-    if endpoint.scheme == "rdma":
-        # Known bug, intermittent (about 1 run in 3 across two soft-RoCE devices): a freshly
-        # started listener process sometimes never sees the HELLO of its first connection, so
-        # connecting fails before the peer is killed. Death detection itself passes whenever
-        # the connection comes up. Tracked in the session notes; remove once fixed.
-        request.applymarker(
-            pytest.mark.xfail(reason="rdma: first connection to a fresh process may lose HELLO")
-        )
     options = {"heartbeat_interval": 0.2, "idle_timeout": 1.0}
     if endpoint.in_process:
         # the in-process transport has no process to kill: drop the server side instead

@@ -274,6 +274,108 @@ async def test_peer_killed_mid_transfer_gives_connection_lost_promptly():
         proc.wait()
 
 
+FIRST_CONTACT_PEER = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    from polyrpc import registry
+    from polyrpc.transports.rdma import stream as rdma_stream
+
+    url, stall, greet = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "greet"
+    original = rdma_stream.RdmaStream.__init__
+
+    def late_init(self, *args, **kwargs):
+        time.sleep(stall)  # descheduled between accepting and arming the CQ
+        original(self, *args, **kwargs)
+
+    rdma_stream.RdmaStream.__init__ = late_init
+
+    async def main():
+        t = registry.get("rdma")
+        def on_stream(stream):
+            class Echo:
+                def data_received(self, data):
+                    stream.write([bytes(data)])
+                def eof_received(self):
+                    pass
+                def connection_lost(self, exc):
+                    pass
+            stream.set_receiver(Echo())
+            if greet:
+                stream.write([b"greeting"])
+        listener = await t.listen(t.parse(url), on_stream)
+        print(listener.url, flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+    """
+)
+
+
+def start_first_contact_peer(stall: float, greet: bool) -> tuple[subprocess.Popen, str]:
+    """A fresh listener process (echo, optionally greeting first); returns it and its URL."""
+    listen, _ = urls()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [sys.executable, "-c", FIRST_CONTACT_PEER, listen, str(stall)]
+    proc = subprocess.Popen(
+        [*args, "greet" if greet else "echo"], stdout=subprocess.PIPE, env=env, text=True
+    )
+    return proc, proc.stdout.readline().strip()
+
+
+async def wait_for_data(rec: Recorder, want: bytes, seconds: float = 10.0) -> None:
+    """Wait until ``rec`` holds exactly ``want``; fail with what it got otherwise."""
+    for _ in range(int(seconds / 0.02)):
+        if bytes(rec.data) == want:
+            return
+        await asyncio.sleep(0.02)
+    assert bytes(rec.data) == want
+
+
+@pytest.mark.parametrize("stall", [0.0, 0.3], ids=["prompt", "descheduled"])
+async def test_first_message_to_a_fresh_listener_process_is_never_lost(stall):
+    """The first message of a fresh process's first connection arrives (it used to sit
+    unsignalled in the CQ when it beat the listener's arming of the CQ)."""
+    transport = registry.get("rdma")
+    for i in range(4):
+        proc, url = await asyncio.to_thread(start_first_contact_peer, stall, False)
+        try:
+            client = await transport.dial(transport.parse(client_url(url)))
+            rec = Recorder()
+            client.set_receiver(rec)
+            await client.send([b"hello %d" % i])
+            await wait_for_data(rec, b"hello %d" % i)
+            await client.close()
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+async def test_message_that_beats_the_dialers_stream_is_delivered(monkeypatch):
+    """A listener that speaks first can fill the dialer's CQ before the dialer's stream exists."""
+    from polyrpc.transports.rdma import stream as rdma_stream
+
+    original = rdma_stream.RdmaStream.__init__
+
+    def late_init(self, *args, **kwargs) -> None:
+        time.sleep(0.3)  # descheduled between connecting and arming the CQ
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(rdma_stream.RdmaStream, "__init__", late_init)
+    proc, url = await asyncio.to_thread(start_first_contact_peer, 0.0, True)
+    try:
+        transport = registry.get("rdma")
+        client = await transport.dial(transport.parse(client_url(url)))
+        rec = Recorder()
+        client.set_receiver(rec)
+        await wait_for_data(rec, b"greeting")
+        await client.send([b"and back"])
+        await wait_for_data(rec, b"greetingand back")
+        await client.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 async def test_idle_connection_does_not_spin():
     listener, client, _mine, server, theirs = await open_pair()
     try:

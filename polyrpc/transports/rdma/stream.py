@@ -8,7 +8,9 @@ receiver never sees receiver-not-ready. The last credit is reserved for pure
 credit updates, so both sides can always hand credits back (no deadlock).
 Completions wake the loop through the completion channel's fd: read the event,
 acknowledge it, re-arm, then drain the CQ (so a completion that races the
-re-arm still produces an event: no lost wake-ups, no busy loop when idle).
+re-arm still produces an event: no lost wake-ups, no busy loop when idle). The
+first arming is followed by a poll too: completions already queued then (the
+peer's first message can beat the stream's creation) would never be signalled.
 """
 
 from __future__ import annotations
@@ -91,6 +93,11 @@ class RdmaStream(Stream):
         """Set by the listener until the connection is known to be established."""
         res.cq.req_notify()
         self._loop.add_reader(res.channel_fd, self._on_completion_event)
+        # The QP took messages before the CQ was armed (the peer may send as soon as it is
+        # connected, and this process may be descheduled in between): arming signals only
+        # completions that come later, so look at the CQ once, after the owner (listener
+        # or dialer) attached its hooks.
+        self._loop.call_soon(self._poll)
 
     # -- rdma_cm events ------------------------------------------------------
     def on_cm_event(self, event: cm.Event) -> None:
