@@ -31,7 +31,8 @@ mkdir -p docs/bench docs/img
 "$PY" -m polyrpc.cli bench --transports kcp,tcp,quic --workloads latency,rate \
     --loss 5% --delay 20ms --seconds "$SECONDS_PER_POINT" --repeat "$REPEAT" \
     --json docs/bench/lossy5.json || true
+# the rdma section is measured in the soft-RoCE VM (vm/rdma-vm.sh bench), not here
 "$PY" -m polyrpc.bench.report docs/bench/loopback.json docs/bench/lossy.json \
     --targets docs/bench/targets.json --more-lossy docs/bench/lossy5.json \
-    --images img >docs/benchmarks.md
+    --section docs/bench/rdma-vm.md --images img >docs/benchmarks.md
 echo "wrote docs/benchmarks.md"

@@ -376,6 +376,25 @@ async def test_message_that_beats_the_dialers_stream_is_delivered(monkeypatch):
         proc.wait()
 
 
+@pytest.mark.parametrize("spin", [0, 2000])
+async def test_answers_slower_than_the_spin_still_wake_the_reader(spin):
+    """After a spin that found nothing the CQ is armed again, so a late answer is delivered."""
+    listener, client, mine, server, theirs = await open_pair(f"spin={spin}", f"spin={spin}")
+    try:
+        expected = b""
+        for i in range(6):
+            client.write([b"ping %d;" % i])
+            await wait_for_data(theirs, b"".join(b"ping %d;" % n for n in range(i + 1)))
+            await asyncio.sleep(0.05 * (i % 3))  # answer within, around and after the spin
+            server.write([b"pong %d;" % i])
+            expected += b"pong %d;" % i
+            await wait_for_data(mine, expected)
+    finally:
+        await client.close()
+        await server.close()
+        await listener.close()
+
+
 async def test_idle_connection_does_not_spin():
     listener, client, _mine, server, theirs = await open_pair()
     try:

@@ -489,6 +489,7 @@ def render(
     images: str,
     targets: Run | None = None,
     more_lossy: list[Run] | None = None,
+    sections: list[str] | None = None,
 ) -> str:
     """The whole page."""
     runs = [("loopback", loopback)] + ([("impaired-path", lossy)] if lossy else [])
@@ -546,6 +547,8 @@ def render(
         ]
     for run in more_lossy or []:
         parts += extra_impaired_section(run)
+    for text in sections or []:
+        parts += [text.rstrip(), ""]
     parts += [GUIDANCE, HOW_TO_RUN, "## Every point", ""]
     for label, run in runs:
         parts += [
@@ -579,11 +582,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--more-lossy", type=Path, action="append", default=[], help="further impaired runs"
     )
+    parser.add_argument(
+        "--section",
+        type=Path,
+        action="append",
+        default=[],
+        help="a Markdown section measured elsewhere (e.g. docs/bench/rdma-vm.md), included as is",
+    )
     args = parser.parse_args(argv)
     lossy = Run.load(args.lossy) if args.lossy else None
     targets = Run.load(args.targets) if args.targets else None
     more = [Run.load(path) for path in args.more_lossy]
-    sys.stdout.write(render(Run.load(args.loopback), lossy, args.images, targets, more))
+    sections = [path.read_text() for path in args.section]
+    page = render(Run.load(args.loopback), lossy, args.images, targets, more, sections)
+    sys.stdout.write(page)
     return 0
 
 

@@ -192,6 +192,11 @@ class RdmaTransport(Transport):
             _power_of_two, "bytes per receive buffer = largest RDMA message (power of two)", 65536
         ),
         "depth": Option(integer(4, 4096), "receive buffers posted = send credits of the peer", 32),
+        "spin": Option(
+            integer(0, 1_000_000),
+            "microseconds to poll for the answer after a send before sleeping (0: never)",
+            1000,
+        ),
         "src": Option(_ip, "dial: local IP to connect from (selects the local device)"),
         "timeout": Option(number(0.1, 600), "dial: seconds to wait for the connection", 60.0),
     }
@@ -258,7 +263,7 @@ class RdmaTransport(Transport):
         finally:
             channel.release()  # the ids made here keep the channel alive as long as they live
         extra = _extra(cm_id, res, peer)
-        stream = RdmaStream(cm_id, res, peer, extra)
+        stream = RdmaStream(cm_id, res, peer, extra, opts["spin"] / 1e6)
         channel.route(cm_id.ptr, stream.on_cm_event)
         return stream
 
@@ -342,7 +347,7 @@ class RdmaTransport(Transport):
                 res.close()
             cm_id.destroy()
             return
-        stream = RdmaStream(cm_id, res, peer, _extra(cm_id, res, peer))
+        stream = RdmaStream(cm_id, res, peer, _extra(cm_id, res, peer), opts["spin"] / 1e6)
 
         def established() -> None:
             """Hand the stream over once: on ESTABLISHED, or on the first message, which

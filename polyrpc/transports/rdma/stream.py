@@ -6,11 +6,16 @@ the 32-bit immediate carries the message kind and the credits being returned.
 A sender spends one credit per message and never sends without one, so the
 receiver never sees receiver-not-ready. The last credit is reserved for pure
 credit updates, so both sides can always hand credits back (no deadlock).
-Completions wake the loop through the completion channel's fd: read the event,
-acknowledge it, re-arm, then drain the CQ (so a completion that races the
-re-arm still produces an event: no lost wake-ups, no busy loop when idle). The
-first arming is followed by a poll too: completions already queued then (the
-peer's first message can beat the stream's creation) would never be signalled.
+Sends queued while handling one event go out as one chain of work requests
+(one ibv_post_send). After a send the stream polls the CQ for up to ``spin``
+microseconds, since the answer often comes sooner than a completion-channel
+wake-up would (spins that find nothing make the next ones rarer, and an idle
+stream never spins). Otherwise completions wake the loop through the completion
+channel's fd: read and acknowledge the event, drain the CQ, and before the loop
+may sleep, re-arm the CQ and poll it once more (arming only signals later
+completions, so one that came before the arming is taken by that poll: no lost
+wake-ups, no busy loop when idle). A new stream arms and then polls too: the
+peer's first message can beat the stream's creation.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import socket
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,6 +45,8 @@ NO_SLOT = -1
 CLOSE_TIMEOUT = 10.0
 DISCONNECT_TIMEOUT = 3.0
 POLL_BATCH = 32
+SPIN_BACKOFF_MAX = 64
+"""After spins that found nothing, at most this many posts in a row go without one."""
 
 _WC_NAMES = {
     value: name[len("IBV_WC_") :].lower()
@@ -52,7 +60,14 @@ class RdmaStream(Stream):
 
     transport_name = "rdma"
 
-    def __init__(self, cm_id: cm.CmId, res: Resources, peer: PeerInfo, extra: dict[str, Any]):
+    def __init__(
+        self,
+        cm_id: cm.CmId,
+        res: Resources,
+        peer: PeerInfo,
+        extra: dict[str, Any],
+        spin_seconds: float = 0.0,
+    ):
         super().__init__(extra)
         self._loop = asyncio.get_running_loop()
         self._id = cm_id
@@ -76,8 +91,26 @@ class RdmaStream(Stream):
         self._since_signal = 0
         self._signal_every = max(1, min(res.depth, res.max_send) // 4)
         self._close_seq = -1
-        self._sge = SGE(res.send_mr.buf, 0, res.send_mr.lkey)
-        self._wr = SendWR(opcode=e.IBV_WR_SEND_WITH_IMM, num_sge=1, sg=[self._sge])
+        # A fixed linked list of send WRs (each with its own SGE) ending in NULL: a batch of
+        # n sends fills the last n and posts them with one ibv_post_send (one doorbell).
+        self._sges: list[SGE] = []
+        self._chain: list[SendWR] = []
+        following = None
+        for _ in range(res.max_send):
+            sge = SGE(res.send_mr.buf, 0, res.send_mr.lkey)
+            wr = SendWR(opcode=e.IBV_WR_SEND_WITH_IMM, num_sge=1, sg=[sge], next_wr=following)
+            wr.sg_list = sge  # the WR reads this SGE object, refilled for every post
+            self._sges.append(sge)
+            self._chain.append(wr)
+            following = wr
+        self._sges.reverse()
+        self._chain.reverse()
+        self._batch: list[tuple[int, int, int, int, int]] = []
+        self._spin_seconds = spin_seconds
+        self._spin_due = False
+        self._spin_skip = 0  # posts left to go without a spin after spins that found nothing
+        self._spin_backoff = 1
+        self._armed = True
         self._eof_queued = False
         self._close_sent: asyncio.Future[None] | None = None
         self._flushed: asyncio.Future[None] | None = None
@@ -132,7 +165,18 @@ class RdmaStream(Stream):
             pass  # spurious wake-up: nothing to acknowledge
         else:
             res.cq.ack_events(1)
-        res.cq.req_notify()
+            self._armed = False
+        self._poll()
+        if not self._spin_due:  # else the spin re-arms if it finds nothing
+            self._arm()
+
+    def _arm(self) -> None:
+        """Ask for an event on the next completion, then take what came before the arming."""
+        if self._released:
+            return
+        if not self._armed:
+            self._armed = True
+            self._res.cq.req_notify()
         self._poll()
 
     def _poll(self) -> None:
@@ -141,19 +185,57 @@ class RdmaStream(Stream):
         cq = self._res.cq
         while True:
             count, wcs = cq.poll(POLL_BATCH)
-            for wc in wcs:
-                if wc.status != e.IBV_WC_SUCCESS:
-                    self._wc_error(wc)
-                    return
-                if wc.opcode & e.IBV_WC_RECV:
-                    self._on_recv(wc.wr_id, wc.byte_len, socket.ntohl(wc.imm_data))
-                else:
-                    self._on_send_done(wc.wr_id)
-                if self._released:
-                    return
+            if not self._handle(wcs):
+                return
             if count < POLL_BATCH:
                 break
         self._pump()
+
+    def _handle(self, wcs: list) -> bool:
+        """Process work completions; False once the stream failed or was released."""
+        for wc in wcs:
+            if wc.status != e.IBV_WC_SUCCESS:
+                self._wc_error(wc)
+                return False
+            if wc.opcode & e.IBV_WC_RECV:
+                self._on_recv(wc.wr_id, wc.byte_len, socket.ntohl(wc.imm_data))
+            else:
+                self._on_send_done(wc.wr_id)
+            if self._released:
+                return False
+        return True
+
+    def _spin(self) -> None:
+        """After sending, poll the CQ for a short bounded time before the loop sleeps.
+
+        A reply that arrives within the spin is taken without the completion-channel
+        wake-up, which costs far more than a poll (an idle stream never spins: only a
+        post schedules this).
+        """
+        self._spin_due = False
+        if self._released:
+            return
+        cq = self._res.cq
+        clock = time.perf_counter
+        deadline = clock() + self._spin_seconds
+        received = self._received
+        while True:
+            count, wcs = cq.poll(POLL_BATCH)
+            if count:
+                if not self._handle(wcs):
+                    return
+                if self._received != received:
+                    self._spin_backoff = 1
+                    self._poll()  # the rest, then send what the completions allow
+                    if not self._spin_due:
+                        self._arm()
+                    return
+            elif clock() >= deadline:
+                # the peer answers slowly: skip the next 1, 2, 4 ... spins (bounded CPU)
+                self._spin_skip = self._spin_backoff
+                self._spin_backoff = min(SPIN_BACKOFF_MAX, 2 * self._spin_backoff)
+                self._arm()
+                return
 
     def _wc_error(self, wc) -> None:
         if self._closed:
@@ -215,7 +297,7 @@ class RdmaStream(Stream):
 
     # -- sending ---------------------------------------------------------------
     def _post(self, kind: int, slot: int = NO_SLOT, length: int = 0, signal: bool = False) -> int:
-        """Post one SEND-with-immediate; returns its sequence number (the wr_id)."""
+        """Queue one SEND-with-immediate for :meth:`_flush`; returns its sequence number (wr_id)."""
         self._seq += 1
         wr_id = self._seq
         self._since_signal += 1
@@ -228,20 +310,33 @@ class RdmaStream(Stream):
         imm = (kind << KIND_SHIFT) | self._owed
         self._granted += self._owed
         self._owed = 0
-        # One SGE and one WR object, refilled for every post: ibv_post_send copies them,
-        # and creating pyverbs objects per message costs more than the post itself.
-        sge = self._sge
-        sge.addr = addr
-        sge.length = length
-        wr = self._wr
-        wr.wr_id = wr_id
-        wr.sg_list = sge
-        wr.send_flags = flags
-        wr.imm_data = socket.htonl(imm)
-        self._res.qp.post_send(wr)
+        self._batch.append((wr_id, addr, length, flags, socket.htonl(imm)))
         self._credits -= 1
         self._sq.append((wr_id, slot))
         return wr_id
+
+    def _flush(self) -> None:
+        """Post the queued sends as one chain of work requests."""
+        batch = self._batch
+        if not batch:
+            return
+        chain, sges = self._chain, self._sges
+        first = len(chain) - len(batch)
+        for i, (wr_id, addr, length, flags, imm) in enumerate(batch, first):
+            sge = sges[i]
+            sge.addr = addr
+            sge.length = length
+            wr = chain[i]
+            wr.wr_id = wr_id
+            wr.send_flags = flags
+            wr.imm_data = imm
+        batch.clear()
+        self._res.qp.post_send(chain[first])
+        if self._spin_skip:
+            self._spin_skip -= 1
+        elif self._spin_seconds > 0 and not self._spin_due:
+            self._spin_due = True
+            self._loop.call_soon(self._spin)
 
     def _pump(self) -> None:
         """Send queued bytes while credits and send slots allow; hand back owed credits."""
@@ -277,6 +372,7 @@ class RdmaStream(Stream):
         if not queue and self._flushed is not None and not self._flushed.done():
             self._flushed.set_result(None)
         self._maybe_return_credits()
+        self._flush()
 
     def _maybe_return_credits(self) -> None:
         if self._owed == 0 or self._credits < 1 or len(self._sq) >= self._res.max_send:
@@ -361,6 +457,7 @@ class RdmaStream(Stream):
             return
         self._close_sent = self._loop.create_future()
         self._close_seq = self._post(CLOSE, signal=True)
+        self._flush()
         await self._close_sent
 
     def _wake_closer(self) -> None:
