@@ -518,7 +518,9 @@ one MTU, not a 64 KiB burst). The qdisc counters below are netem's own: how many
 sent and dropped while each row ran. The VM's CPUs are emulated (qemu TCG), so CPU-bound
 numbers (call rate, bulk) are far below the host's: compare these rows with each other, not
 with the tables above; the path delay dominates the latencies here as it would on a real
-link."""
+link. A run without loss on the same path is the baseline: its medians above the path
+delay are what the emulated CPUs add (each row's client, server and the two plain relays
+that carry its traffic across the pair are separate processes)."""
 
 
 def netem_table(run: Run) -> str:
@@ -571,12 +573,36 @@ def _best_by_metric(runs: list[Run]) -> list[str]:
         for workload, metric, what in COMPARED:
             measured = [r for r in run.measured(workload, ("message",)) if metric in r]
             if measured:
-                lower_better = metric in LOWER_IS_BETTER
-                best = _ranked(measured, metric, lower_better)[0]
-                show = _us if lower_better else _rate if metric == "requests_per_s" else _mb
-                wins.append(f"{what} `{best['transport']}` ({show(best[metric])})")
+                best = _ranked(measured, metric, metric in LOWER_IS_BETTER)[0]
+                wins.append(f"{what} `{best['transport']}` ({_show(best, metric)})")
         if wins:
             out.append(f"At {spec['loss'] * 100:g}% loss the best was: {'; '.join(wins)}.")
+    return out
+
+
+def _show(result: dict | None, metric: str) -> str:
+    """One metric of one point in its unit, or why there is none."""
+    if result is None or metric not in result:
+        return "failed" if result and "error" in result else "–"
+    if metric in LOWER_IS_BETTER:
+        return _us(result[metric])
+    return _rate(result[metric]) if metric == "requests_per_s" else _mb(result[metric])
+
+
+def _across_loss(runs: list[Run]) -> list[str]:
+    """Each message row's compared metrics from the least to the most lossy run."""
+    if len(runs) < 2:
+        return []
+    ordered = sorted(runs, key=lambda run: run.settings["impairment"]["loss"])
+    levels = " → ".join(f"{run.settings['impairment']['loss'] * 100:g}%" for run in ordered)
+    out = []
+    for workload, metric, what in COMPARED:
+        rows = [row for row in ordered[0].rows if ordered[0].kind(row) == "message"]
+        listed = "; ".join(
+            f"`{row}` " + " → ".join(_show(run.named(row, workload), metric) for run in ordered)
+            for row in rows
+        )
+        out.append(f"As the loss goes {levels}, {what}: {listed}.")
     return out
 
 
@@ -594,6 +620,7 @@ def netem_section(runs: list[Run]) -> list[str]:
         "- Run on the host as `vm/rdma-vm.sh bench-impaired ARGS` (scripts/benchmarks.sh), "
         "where ARGS are the `polyrpc bench` arguments after `--impair-with netem` below.",
         *[f"- {line}" for line in _best_by_metric(runs)],
+        *[f"- {line}" for line in _across_loss(runs)],
         "",
     ]
     for run in runs:
@@ -700,7 +727,7 @@ def render(
 
 _MODE_TITLE = {
     "relay": "user-space relays on this host (UDP rows lossy, TCP rows not)",
-    "netem": "netem on a veth pair (every row lossy)",
+    "netem": "netem on a veth pair (TCP rows impaired too)",
 }
 
 
@@ -709,7 +736,7 @@ def _describe(spec: dict[str, Any]) -> str:
 
     impairment = Impairment(spec["loss"], spec["delay"], spec["jitter"], spec["rate"])
     how = {
-        "netem": "netem on a veth pair (real packet loss for every row)",
+        "netem": "netem on a veth pair (every row's packets, TCP's included)",
         "relay": "user-space relays (UDP rows lossy; TCP rows delayed and rate-limited only)",
     }.get(spec["mode"], spec["mode"])
     return f"a path with {impairment.describe()}, made by {how}"
