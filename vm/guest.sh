@@ -42,8 +42,8 @@ build_extensions() {
         -o lowerdir=/project,upperdir=/tmp/overlay/upper,workdir=/tmp/overlay/work /project ||
         return 1
     cd /project || return 1
-    python3 setup.py -q build_ext --inplace --force --build-temp /tmp/build-ext >/tmp/build-ext.log 2>&1 ||
-        { tail -n 20 /tmp/build-ext.log; return 1; }
+    python3 setup.py -q build_ext --inplace --force --build-temp /tmp/build-ext \
+        >/tmp/build-ext.log 2>&1 || { tail -n 20 /tmp/build-ext.log; return 1; }
     python3 -c 'import polyrpc.core._frames, polyrpc.transports.kcp._kcp' || return 1
 }
 
