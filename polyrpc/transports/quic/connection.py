@@ -203,6 +203,7 @@ class QuicStream(Stream):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._transmit_handle: asyncio.Handle | None = None
+        self._settle_handle: asyncio.Handle | None = None
         self._turn: asyncio.Handle | None = None
         self._in_process = False
         self._new_data = False
@@ -250,8 +251,25 @@ class QuicStream(Stream):
                 self._terminated(close_event)
             else:
                 self._deliver()
+                if self._transmit_handle is None:
+                    # nothing was written while delivering: the bookkeeping waits one loop
+                    # turn, until whoever the data woke has run (a caller's next request
+                    # leaves sooner, and carries the pending ACK with it)
+                    self._in_process = False
+                    if self._settle_handle is None:
+                        self._settle_handle = self.loop.call_soon(self._settle)
+                    return
                 self._acks_processed()
         self._in_process = False
+        self._send_or_arm()
+
+    def _settle(self) -> None:
+        self._settle_handle = None
+        if not self._finished:
+            self._acks_processed()
+            self._send_or_arm()
+
+    def _send_or_arm(self) -> None:
         if self._transmit_handle is not None or self._may_send():
             self.transmit()
         else:
@@ -403,10 +421,11 @@ class QuicStream(Stream):
         if self._finished:
             return
         self._finished = True
-        for handle in (self._timer, self._keepalive_handle, self._transmit_handle):
+        handles = (self._timer, self._keepalive_handle, self._transmit_handle, self._settle_handle)
+        for handle in handles:
             if handle is not None:
                 handle.cancel()
-        self._timer = self._keepalive_handle = self._transmit_handle = None
+        self._timer = self._keepalive_handle = self._transmit_handle = self._settle_handle = None
         if self._flushed is not None and not self._flushed.done():
             self._flushed.set_result(None)
         if not self.handshake.done():
