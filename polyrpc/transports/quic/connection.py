@@ -251,15 +251,15 @@ class QuicStream(Stream):
                 self._terminated(close_event)
             else:
                 self._deliver()
-                if self._transmit_handle is None:
-                    # nothing was written while delivering: the bookkeeping waits one loop
-                    # turn, until whoever the data woke has run (a caller's next request
-                    # leaves sooner, and carries the pending ACK with it)
-                    self._in_process = False
-                    if self._settle_handle is None:
-                        self._settle_handle = self.loop.call_soon(self._settle)
-                    return
-                self._acks_processed()
+                self._in_process = False
+                # the bookkeeping (ACKed bytes, timers, ACK-only packets) waits one loop turn:
+                # a reply written while delivering leaves first, and so does the next request
+                # of a caller the data woke up (carrying the pending ACK with it)
+                if self._settle_handle is None:
+                    self._settle_handle = self.loop.call_soon(self._settle)
+                if self._transmit_handle is not None:
+                    self.transmit()
+                return
         self._in_process = False
         self._send_or_arm()
 
