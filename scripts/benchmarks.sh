@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Regenerate docs/benchmarks.md from a fresh run: a loopback sweep over every usable transport
 # and the reference rows, then the same rows through an impaired path (loss, delay, jitter,
-# rate), the JSON kept in docs/bench/, the plots in docs/img/, the page written by
-# polyrpc/bench/report.py. BENCH_SECONDS / BENCH_REPEAT shorten or lengthen the run;
+# rate) by user-space relays here and by kernel netem in the soft-RoCE VM, the JSON kept in
+# docs/bench/, the plots in docs/img/, the page written by polyrpc/bench/report.py.
+# BENCH_SECONDS / BENCH_REPEAT (VM_SECONDS / VM_REPEAT in the VM) shorten or lengthen the run;
 # BENCH_SKIP_SETUP=1 PYTHON=python uses the current environment instead of .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,8 +32,24 @@ mkdir -p docs/bench docs/img
 "$PY" -m polyrpc.cli bench --transports kcp,tcp,quic --workloads latency,rate \
     --loss 5% --delay 20ms --seconds "$SECONDS_PER_POINT" --repeat "$REPEAT" \
     --json docs/bench/lossy5.json || true
-# the rdma section is measured in the soft-RoCE VM (vm/rdma-vm.sh bench), not here
+# real loss for TCP too: kernel netem on a veth pair, in the soft-RoCE VM (root, qemu); where
+# the VM cannot run, the page keeps the netem runs already in docs/bench/
+if reason=$(vm/rdma-vm.sh check); then
+    for loss in 0 1 5; do
+        POLYRPC_VM_OUT=docs/bench vm/rdma-vm.sh bench-impaired --transports tcp,quic,kcp \
+            --workloads latency,rate,bulk --loss "$loss%" --delay 20ms --jitter 5ms \
+            --rate 100mbit --seconds "${VM_SECONDS:-2}" --repeat "${VM_REPEAT:-2}" \
+            --json "/results/netem-vm-loss$loss.json" || true
+    done
+else
+    echo "netem runs in the VM not redone ($reason)" >&2
+fi
+netem=()
+for run in docs/bench/netem-vm-loss*.json; do
+    [ -f "$run" ] && netem+=(--netem "$run")
+done
+# the rdma section is measured in the soft-RoCE VM by vm/rdma-vm.sh bench (see the file)
 "$PY" -m polyrpc.bench.report docs/bench/loopback.json docs/bench/lossy.json \
-    --targets docs/bench/targets.json --more-lossy docs/bench/lossy5.json \
+    --targets docs/bench/targets.json --more-lossy docs/bench/lossy5.json "${netem[@]}" \
     --section docs/bench/rdma-vm.md --images img >docs/benchmarks.md
 echo "wrote docs/benchmarks.md"

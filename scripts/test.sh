@@ -11,10 +11,13 @@ scripts/setup.sh || exit 1
 # dropping out of the parametrised suites
 export POLYRPC_REQUIRE_TRANSPORTS=${POLYRPC_REQUIRE_TRANSPORTS:-tcp,tls,unix,mem,quic,kcp}
 
-.venv/bin/python -m ruff check polyrpc tests || exit 1
+.venv/bin/python -m ruff check polyrpc tests bench || exit 1
+.venv/bin/python -m ruff format --check polyrpc tests bench || exit 1
 
-# the RDMA tests need an RDMA device: they run in the VM below, not on the host
-.venv/bin/python -m pytest --ignore=tests/test_rdma_transport.py "$@"
+# the RDMA tests need an RDMA device and the netem bench test kernel netem: they run in the VM
+# below, not on the host
+.venv/bin/python -m pytest --ignore=tests/test_rdma_transport.py \
+    --ignore=tests/test_bench_netem.py "$@"
 status=$?
 if [ "$status" -eq 5 ]; then
     echo "pytest collected no tests: that is a failure" >&2

@@ -305,3 +305,22 @@ def test_netem_path_plumbing_namespace_veth_and_relays():
     assert rows["unix"]["skipped"].startswith("not impaired"), rows["unix"]
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
     assert netem.namespace not in namespaces.stdout
+
+
+def test_report_shows_netem_runs_with_what_netem_dropped():
+    """docs/benchmarks.md's netem section: the saved VM runs, each row with netem's drop count."""
+    from polyrpc.bench.report import Run, netem_section
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "bench"
+    runs = [Run.load(path) for path in sorted(docs.glob("netem-vm-loss*.json"))]
+    assert runs, "no saved netem runs in docs/bench"
+    for run in runs:
+        VALIDATOR.validate(run.document)
+        assert run.settings["impairment"]["mode"] == "netem"
+    text = "\n".join(netem_section(runs))
+    assert "TCP segments included" in text
+    for run in runs:
+        assert run.settings["command"] in text
+        for row in run.rows:  # every row's line ends with netem's own count of drops
+            line = next(x for x in text.splitlines() if x.startswith(f"| `{row}` |"))
+            assert line.rstrip(" |").endswith("%)"), line

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Runs inside the VM (from the shared checkout): brings up rxe0 and rxe1 on a veth pair with the
-# policy routing soft-RoCE needs, runs the host's command file, and records its exit status.
+# policy routing soft-RoCE needs, builds the C extensions in a RAM overlay of the checkout, runs
+# the host's command file, and records its exit status.
 set -u
 log() { echo "polyrpc-vm: $*"; }
 
@@ -31,6 +32,21 @@ setup_rdma() {
     return 1
 }
 
+build_extensions() {
+    # The checkout is shared read-only: lay a RAM overlay on it and build the C extensions
+    # (the KCP core and the frame codec) in place with the guest's own compiler and Python,
+    # so they never depend on whether the host's build happens to load here.
+    modprobe overlay || return 1
+    mkdir -p /tmp/overlay/upper /tmp/overlay/work || return 1
+    mount -t overlay overlay \
+        -o lowerdir=/project,upperdir=/tmp/overlay/upper,workdir=/tmp/overlay/work /project ||
+        return 1
+    cd /project || return 1
+    python3 setup.py -q build_ext --inplace --force --build-temp /tmp/build-ext \
+        >/tmp/build-ext.log 2>&1 || { tail -n 20 /tmp/build-ext.log; return 1; }
+    python3 -c 'import polyrpc.core._frames, polyrpc.transports.kcp._kcp' || return 1
+}
+
 log "kernel $(uname -r), $(nproc) cpu(s)"
 if ! setup_rdma; then
     log "soft-RoCE setup failed"
@@ -39,6 +55,13 @@ if ! setup_rdma; then
     exit 0
 fi
 rdma link show
+start=$(date +%s)
+if ! build_extensions; then
+    log "building the C extensions failed"
+    echo 97 > /results/status
+    exit 0
+fi
+log "C extensions built in $(($(date +%s) - start)) s"
 
 export POLYRPC_IN_RDMA_VM=1
 export POLYRPC_RDMA_IP0=10.77.0.1

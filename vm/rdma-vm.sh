@@ -3,13 +3,19 @@
 # so the rdma transport is tested with real verbs on hosts that have no RDMA device.
 #
 #   vm/rdma-vm.sh build              build the image (cached; rebuilt when its inputs change)
-#   vm/rdma-vm.sh test [PYTEST ARGS] run the RDMA suite in the VM; exit status is pytest's
+#   vm/rdma-vm.sh test [PYTEST ARGS] run the RDMA suite (and the netem bench test) in the VM;
+#                                    exit status is pytest's
 #   vm/rdma-vm.sh run CMD...         run any shell command in the VM (from the checkout root)
 #   vm/rdma-vm.sh bench [ARGS]       run `polyrpc bench` plus perftest ceilings in the VM
+#   vm/rdma-vm.sh bench-impaired [ARGS]
+#                                    `polyrpc bench` over tcp, quic and kcp through netem on a
+#                                    veth pair in the VM (real loss for TCP too); see
+#                                    vm/guest-impaired.sh for the defaults ARGS replace
 #   vm/rdma-vm.sh check              exit 0 if this host can build and run the VM, else say why
 #
 # Environment: POLYRPC_VM_CACHE (default /var/cache/polyrpc-vm), POLYRPC_VM_MIRROR,
-# POLYRPC_VM_TIMEOUT (seconds per VM run, default 2400), POLYRPC_VM_SMP, POLYRPC_VM_MEM.
+# POLYRPC_VM_TIMEOUT (seconds per VM run, default 2400), POLYRPC_VM_SMP, POLYRPC_VM_MEM,
+# POLYRPC_VM_OUT (a directory: the JSON files the guest wrote to /results are copied there).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -46,6 +52,7 @@ ensure_host_tools() {
     command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
     command -v zstd >/dev/null || missing+=(zstd)
     [ -x "$HOST_PY" ] || missing+=(python3)
+    "$HOST_PY" -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
     if [ ${#missing[@]} -gt 0 ]; then
         say "installing host packages: ${missing[*]}"
         apt-get update -q >/dev/null
@@ -78,6 +85,28 @@ sys.exit("no ELF kernel found inside " + sys.argv[1])
 PY
 }
 
+install_wheels() {
+    # Installs vm/wheels.txt into the image at ROOT: downloaded by the host's pip (hash-checked,
+    # the wheels built for the image's Python), installed offline by the image's pip.
+    local root=$1 log pyver
+    log=$(dirname "$root")/pip.log
+    pyver=$(chroot "$root" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    say "pip install (in the image, python $pyver): $(grep -v '^#' "$HERE/wheels.txt" | cut -d' ' -f1 | xargs)"
+    mkdir -p "$root/tmp/wheels"
+    cp "$HERE/wheels.txt" "$root/tmp/wheels/"
+    "$HOST_PY" -m pip download -q --require-hashes --no-deps --only-binary=:all: \
+        --python-version "$pyver" --implementation cp --platform manylinux_2_34_x86_64 \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform any \
+        -d "$root/tmp/wheels" -r "$HERE/wheels.txt" >>"$log" 2>&1 ||
+        die "pip download failed, see $log"
+    chroot "$root" python3 -m pip install -q --no-index --find-links /tmp/wheels \
+        --require-hashes --ignore-installed --break-system-packages --no-warn-script-location \
+        -r /tmp/wheels/wheels.txt >>"$log" 2>&1 ||
+        die "pip install in the image failed, see $log"
+    rm -rf "$root/tmp/wheels"
+}
+
 do_build() {
     # Builds DIR/{vmlinux,initrd.img,root.ext4} from Debian packages.
     local out=$1 root=$1/rootfs pkgs
@@ -94,6 +123,7 @@ do_build() {
     chroot "$root" /usr/bin/env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y -q --no-install-recommends -o Dpkg::Options::=--force-confold \
         $pkgs >"$out/apt.log" 2>&1 || die "apt-get in the image failed, see $out/apt.log"
+    install_wheels "$root"
     printf 'virtio_pci\nvirtio_blk\next4\n' >>"$root/etc/initramfs-tools/modules"
     chroot "$root" update-initramfs -u -k all >>"$out/apt.log" 2>&1 || die "update-initramfs failed"
     install -m 0755 "$HERE/guest-boot.sh" "$root/sbin/polyrpc-boot"
@@ -111,8 +141,9 @@ do_build() {
 }
 
 image_key() {
-    # Hash of every build input: the build code, package list, baked init, suite and mirror.
-    { declare -f do_build extract_vmlinux; cat "$HERE/packages.txt" "$HERE/guest-boot.sh"
+    # Hash of every build input: the build code, package and wheel lists, baked init and suite.
+    { declare -f do_build install_wheels extract_vmlinux
+        cat "$HERE/packages.txt" "$HERE/wheels.txt" "$HERE/guest-boot.sh"
         echo "$SUITE"; } | sha256sum | cut -c1-16
 }
 
@@ -182,8 +213,17 @@ run_in_vm() {
     local results rc=0
     cmd_build
     results=$(mktemp -d /tmp/polyrpc-vm.XXXXXX)
-    printf '%s\n' "$1" >"$results/cmd"
+    # CI=true reaches the guest too: there a skipped test is a failure as well
+    if [ "${CI:-}" = true ]; then
+        printf 'export CI=true\n%s\n' "$1" >"$results/cmd"
+    else
+        printf '%s\n' "$1" >"$results/cmd"
+    fi
     run_vm "$results" || rc=$?
+    if [ -n "${POLYRPC_VM_OUT:-}" ]; then
+        mkdir -p "$POLYRPC_VM_OUT"
+        find "$results" -maxdepth 1 -name '*.json' -exec cp -t "$POLYRPC_VM_OUT" {} +
+    fi
     [ -n "${POLYRPC_VM_KEEP:-}" ] || rm -rf "$results"
     return "$rc"
 }
@@ -195,13 +235,16 @@ quote_args() {
 }
 
 cmd_test() {
-    local args
+    local cmd
     if [ $# -eq 0 ]; then
-        args=" tests/test_rdma_transport.py tests/test_conformance.py tests/test_rpc_conformance.py"
+        # the RDMA suite on both device setups, then the netem bench test once (no RDMA in it)
+        cmd="rc=0; sh vm/guest-test.sh tests/test_rdma_transport.py tests/test_conformance.py"
+        cmd+=" tests/test_rpc_conformance.py || rc=1; PY_COLORS=0 python3 -m pytest"
+        cmd+=" -p no:cacheprovider -q tests/test_bench_netem.py || rc=1; exit \$rc"
     else
-        args=$(quote_args "$@")
+        cmd="sh vm/guest-test.sh$(quote_args "$@")"
     fi
-    run_in_vm "sh vm/guest-test.sh$args"
+    run_in_vm "$cmd"
 }
 
 cmd_run() {
@@ -213,11 +256,16 @@ cmd_bench() {
     run_in_vm "sh vm/guest-bench.sh$(quote_args "$@")"
 }
 
+cmd_bench_impaired() {
+    run_in_vm "sh vm/guest-impaired.sh$(quote_args "$@")"
+}
+
 case "${1:-}" in
 build) shift; cmd_build "$@" ;;
 test) shift; cmd_test "$@" ;;
 run) shift; cmd_run "$@" ;;
 bench) shift; cmd_bench "$@" ;;
+bench-impaired) shift; cmd_bench_impaired "$@" ;;
 check)
     reason=$(check_host)
     if [ -n "$reason" ]; then
@@ -228,7 +276,7 @@ check)
     ;;
 key) image_dir ;;
 *)
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import re
@@ -259,7 +260,12 @@ class NetemPath:
     def __enter__(self) -> NetemPath:
         self._ip("ip", "netns", "add", self.namespace)
         try:
-            self._ip("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+            # one segment per packet: netem drops and delays whole packets, and a 64 KiB TSO
+            # or GSO burst would otherwise be lost (or kept) as one, ~45 segments at a time
+            self._ip(
+                *("ip", "link", "add", self.host_if, "gso_max_segs", "1", "type", "veth"),
+                *("peer", "name", self.ns_if, "gso_max_segs", "1"),
+            )
             self._ip("ip", "link", "set", self.ns_if, "netns", self.namespace)
             self._ip("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
             self._ip("ip", "link", "set", self.host_if, "up")
@@ -280,6 +286,23 @@ class NetemPath:
     def __exit__(self, *exc_info: object) -> None:
         subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.namespace], capture_output=True)
+
+    def counters(self) -> dict[str, int]:
+        """netem's counters summed over both ends: packets and bytes sent, packets dropped."""
+        total = {"packets": 0, "bytes": 0, "drops": 0}
+        for iface, netns in ((self.host_if, False), (self.ns_if, True)):
+            prefix = self.prefix if netns else []
+            done = subprocess.run(
+                [*prefix, "tc", "-s", "-j", "qdisc", "show", "dev", iface],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            for qdisc in json.loads(done.stdout):
+                if qdisc.get("kind") == "netem":
+                    for key in total:
+                        total[key] += qdisc[key]
+        return total
 
     @property
     def prefix(self) -> list[str]:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .runner import headline, size_label, spread_percent
+from .runner import LOWER_IS_BETTER, headline, size_label, spread_percent
 
 NOISY_PERCENT = 25.0
 
@@ -306,26 +306,41 @@ def lossy_findings(run: Run) -> list[str]:
             for r in sorted(bulk, key=lambda r: r["mb_per_s"], reverse=True)
         )
         out.append(f"**Bulk** (1 MiB × 4){ceiling if spec['rate'] else ''}: {listed}.")
+        link = spec["rate"] / 8e6
+        if link and max(r["mb_per_s"] for r in bulk) < link / 2:
+            out.append(
+                f"No row reached half the link's {link:g} MB/s: the link rate was not what "
+                "limited bulk on this path (the CPU or the loss recovery was)."
+            )
     out += _kcp_against_quic(run)
     out += _quality(run)
     return out
 
 
-def _kcp_against_quic(run: Run) -> list[str]:
-    """The two UDP transports side by side: the numbers behind "when kcp, when quic"."""
+COMPARED = (
+    ("latency", "p50_us", "median latency"),
+    ("latency", "p99_us", "p99 latency"),
+    ("rate", "requests_per_s", "call rate"),
+    ("bulk", "mb_per_s", "bulk throughput"),
+)
+"""The named points and metrics two rows are compared on."""
+
+
+def _relative(run: Run, row: str, base: str) -> list[str]:
+    """One sentence: ``row`` over ``base`` on each compared metric (none if nothing to compare)."""
     parts = []
-    for workload, metric, what in (
-        ("latency", "p50_us", "median latency"),
-        ("latency", "p99_us", "p99 latency"),
-        ("rate", "requests_per_s", "call rate"),
-        ("bulk", "mb_per_s", "bulk throughput"),
-    ):
-        kcp, quic = run.named("kcp", workload), run.named("quic", workload)
-        if kcp and quic and metric in kcp and metric in quic and quic[metric]:
-            parts.append(f"{what} {_x(kcp[metric] / quic[metric])}")
+    for workload, metric, what in COMPARED:
+        mine, theirs = run.named(row, workload), run.named(base, workload)
+        if mine and theirs and metric in mine and metric in theirs and theirs[metric]:
+            parts.append(f"{what} {_x(mine[metric] / theirs[metric])}")
     if not parts:
         return []
-    return [f"`kcp` relative to `quic` on this path (kcp ÷ quic): {', '.join(parts)}."]
+    return [f"`{row}` relative to `{base}` on this path ({row} ÷ {base}): {', '.join(parts)}."]
+
+
+def _kcp_against_quic(run: Run) -> list[str]:
+    """The two UDP transports side by side: the numbers behind "when kcp, when quic"."""
+    return _relative(run, "kcp", "quic")
 
 
 def named_table(run: Run) -> str:
@@ -418,6 +433,9 @@ HOW_TO_RUN = """\
   impaired path: netem on a veth pair where the kernel has it (`--impair-with netem`),
   user-space relays otherwise (`--impair-with relay`, where TCP rows see the delay and
   the rate but not the loss). The output says which rows got which path.
+  `sudo vm/rdma-vm.sh bench-impaired [ARGS]` runs it with netem in the soft-RoCE VM
+  (tcp, quic and kcp with their /rpc rows unless ARGS say otherwise; `POLYRPC_VM_OUT=DIR`
+  keeps the JSON).
 - `--seconds` and `--repeat` set the length of each point and how many times it is
   repeated (medians are reported with the min–max spread); `--json FILE` writes the
   results (schema: `polyrpc/bench/schema.json`), `--plot FILE.png` draws them and
@@ -444,6 +462,13 @@ This section is written by hand and makes no numeric claims; the numbers above
   retransmission is acceptable. It has no encryption and no congestion control in
   its fast modes, so it is a poor neighbour on a shared, congested link and a poor
   choice for bulk transfers.
+- On a path that really loses packets (the netem runs above), the small-call tail is
+  where the transports differ most: a TCP segment lost with nothing sent after it waits
+  for a retransmission timeout, while kcp retransmits early and aggressively, and quic
+  keeps independent calls on separate streams so that a loss delays only the calls
+  whose data it carried. For small calls over a lossy link compare the p99 columns
+  there; for bulk, TCP's and QUIC's congestion control slow down on loss by design
+  (what a shared link needs), where kcp's fast modes keep sending.
 - **rdma** when both ends have RDMA-capable NICs (InfiniBand or RoCE) in a data
   centre and the goal is the lowest latency and CPU cost for large or frequent
   transfers; it needs the hardware (or soft-RoCE for testing) and a lossless or
@@ -483,18 +508,151 @@ def extra_impaired_section(run: Run) -> list[str]:
     ]
 
 
+NETEM_INTRO = """\
+This host's kernel has no netem, so these runs were made in the soft-RoCE VM
+(`vm/rdma-vm.sh`: Debian's kernel under qemu), where `polyrpc bench --impair-with netem`
+puts each row's client in a network namespace joined to the server's side by a veth pair
+with netem on both ends. netem delays, rate-limits and drops every packet that crosses the
+pair, **TCP segments included** (GSO is off on the pair, so a drop is one packet of at most
+one MTU, not a 64 KiB burst). The qdisc counters below are netem's own: how many packets it
+sent and dropped while each row ran. The VM's CPUs are emulated (qemu TCG), so CPU-bound
+numbers (call rate, bulk) are far below the host's: compare these rows with each other, not
+with the tables above; the path delay dominates the latencies here as it would on a real
+link. A run without loss on the same path is the baseline: its medians above the path
+delay are what the emulated CPUs add (each row's client, server and the two plain relays
+that carry its traffic across the pair are separate processes)."""
+
+
+def netem_table(run: Run) -> str:
+    """The named points of a netem run, with what netem dropped of each row's packets."""
+    header = [
+        "row",
+        "latency p50 µs",
+        "latency p99 µs",
+        "rate calls/s",
+        "bulk MB/s",
+        "packets through netem",
+        "dropped by netem",
+    ]
+    body = []
+    for row in run.rows:
+        points = [r for r in run.results if r["transport"] == row]
+        lat, rate, bulk = (run.named(row, w) for w in ("latency", "rate", "bulk"))
+        sent = sum(r["netem"]["packets"] for r in points if "netem" in r)
+        dropped = sum(r["netem"]["drops"] for r in points if "netem" in r)
+        share = f" ({dropped / (sent + dropped) * 100:.1f}%)" if sent + dropped else ""
+        body.append(
+            [
+                f"`{row}`",
+                _cell(lat, "p50_us"),
+                _cell(lat, "p99_us"),
+                _cell(rate, "requests_per_s"),
+                _cell(bulk, "mb_per_s"),
+                f"{sent:,}",
+                f"{dropped:,}{share}",
+            ]
+        )
+    return _table(header, body)
+
+
+def _against_tcp(run: Run) -> list[str]:
+    """Each other message row relative to tcp on the same lossy path."""
+    out = []
+    for row in run.rows:
+        if row != "tcp" and run.kind(row) == "message":
+            out += _relative(run, row, "tcp")
+    return out
+
+
+def _best_by_metric(runs: list[Run]) -> list[str]:
+    """Which message row won each named point at each loss level (the basis for choosing)."""
+    out = []
+    for run in runs:
+        spec = run.settings["impairment"]
+        wins = []
+        for workload, metric, what in COMPARED:
+            measured = [r for r in run.measured(workload, ("message",)) if metric in r]
+            if measured:
+                best = _ranked(measured, metric, metric in LOWER_IS_BETTER)[0]
+                wins.append(f"{what} `{best['transport']}` ({_show(best, metric)})")
+        if wins:
+            out.append(f"At {spec['loss'] * 100:g}% loss the best was: {'; '.join(wins)}.")
+    return out
+
+
+def _show(result: dict | None, metric: str) -> str:
+    """One metric of one point in its unit, or why there is none."""
+    if result is None or metric not in result:
+        return "failed" if result and "error" in result else "–"
+    if metric in LOWER_IS_BETTER:
+        return _us(result[metric])
+    return _rate(result[metric]) if metric == "requests_per_s" else _mb(result[metric])
+
+
+def _across_loss(runs: list[Run]) -> list[str]:
+    """Each message row's compared metrics from the least to the most lossy run."""
+    if len(runs) < 2:
+        return []
+    ordered = sorted(runs, key=lambda run: run.settings["impairment"]["loss"])
+    levels = " → ".join(f"{run.settings['impairment']['loss'] * 100:g}%" for run in ordered)
+    out = []
+    for workload, metric, what in COMPARED:
+        rows = [row for row in ordered[0].rows if ordered[0].kind(row) == "message"]
+        listed = "; ".join(
+            f"`{row}` " + " → ".join(_show(run.named(row, workload), metric) for run in ordered)
+            for row in rows
+        )
+        out.append(f"As the loss goes {levels}, {what}: {listed}.")
+    return out
+
+
+def netem_section(runs: list[Run]) -> list[str]:
+    """Runs through kernel netem in the VM: the one impaired path where TCP sees the loss."""
+    first = runs[0].machine
+    parts = [
+        "## Impaired path with real packet loss: netem in the soft-RoCE VM",
+        "",
+        NETEM_INTRO,
+        "",
+        f"- VM: {first['cpus']} emulated CPUs ({first.get('cpu_model', 'unknown')}), "
+        f"{first.get('memory_gib', '?')} GiB; {first['platform']}, Python {first['python']}, "
+        f"event loop {first['event_loop']}",
+        "- Run on the host as `vm/rdma-vm.sh bench-impaired ARGS` (scripts/benchmarks.sh), "
+        "where ARGS are the `polyrpc bench` arguments after `--impair-with netem` below.",
+        *[f"- {line}" for line in _best_by_metric(runs)],
+        *[f"- {line}" for line in _across_loss(runs)],
+        "",
+    ]
+    for run in runs:
+        m, s = run.machine, run.settings
+        parts += [
+            f"### {_describe(s['impairment'])}",
+            "",
+            f"- Command (in the VM): `{s.get('command', '?')}`; started {m['time']}, "
+            f"{s['seconds']:g} s per point, {s['repeat']} repeat(s).",
+            *[f"- {line}" for line in lossy_findings(run)],
+            *[f"- {line}" for line in _against_tcp(run)],
+            "",
+            netem_table(run),
+            "",
+        ]
+    return parts
+
+
 def render(
     loopback: Run,
     lossy: Run | None,
     images: str,
     targets: Run | None = None,
     more_lossy: list[Run] | None = None,
+    netem: list[Run] | None = None,
     sections: list[str] | None = None,
 ) -> str:
     """The whole page."""
     runs = [("loopback", loopback)] + ([("impaired-path", lossy)] if lossy else [])
     runs += [("named-workload", targets)] if targets else []
     runs += [("impaired-path", run) for run in more_lossy or []]
+    vm_runs = [(f"netem in the VM, {_describe(r.settings['impairment'])}", r) for r in netem or []]
     parts = [
         "# Benchmarks",
         "",
@@ -532,9 +690,15 @@ def render(
     if lossy is not None:
         spec = lossy.settings["impairment"]
         parts += [
-            "## Impaired path",
+            f"## Impaired path: {_MODE_TITLE.get(spec['mode'], spec['mode'])}",
             "",
-            f"The same rows through {_describe(spec)}.",
+            f"The same rows through {_describe(spec)}."
+            + (
+                " For real loss on every row, TCP included, see the netem runs in the VM "
+                "below (“Impaired path with real packet loss”)."
+                if netem and spec["mode"] == "relay"
+                else ""
+            ),
             "",
             f"![latency, rate and throughput on the impaired path]({images}/bench-lossy.png)",
             "",
@@ -547,10 +711,12 @@ def render(
         ]
     for run in more_lossy or []:
         parts += extra_impaired_section(run)
+    if netem:
+        parts += netem_section(netem)
     for text in sections or []:
         parts += [text.rstrip(), ""]
     parts += [GUIDANCE, HOW_TO_RUN, "## Every point", ""]
-    for label, run in runs:
+    for label, run in runs + vm_runs:
         parts += [
             f"<details><summary>{label}: all {len(run.results)} points</summary>",
             "",
@@ -562,12 +728,18 @@ def render(
     return "\n".join(parts).rstrip() + "\n"
 
 
+_MODE_TITLE = {
+    "relay": "user-space relays on this host (UDP rows lossy, TCP rows not)",
+    "netem": "netem on a veth pair (TCP rows impaired too)",
+}
+
+
 def _describe(spec: dict[str, Any]) -> str:
     from .impair import Impairment
 
     impairment = Impairment(spec["loss"], spec["delay"], spec["jitter"], spec["rate"])
     how = {
-        "netem": "netem on a veth pair (real packet loss for every row)",
+        "netem": "netem on a veth pair (every row's packets, TCP's included)",
         "relay": "user-space relays (UDP rows lossy; TCP rows delayed and rate-limited only)",
     }.get(spec["mode"], spec["mode"])
     return f"a path with {impairment.describe()}, made by {how}"
@@ -583,6 +755,9 @@ def main(argv: list[str] | None = None) -> int:
         "--more-lossy", type=Path, action="append", default=[], help="further impaired runs"
     )
     parser.add_argument(
+        "--netem", type=Path, action="append", default=[], help="netem runs made in the VM"
+    )
+    parser.add_argument(
         "--section",
         type=Path,
         action="append",
@@ -593,8 +768,9 @@ def main(argv: list[str] | None = None) -> int:
     lossy = Run.load(args.lossy) if args.lossy else None
     targets = Run.load(args.targets) if args.targets else None
     more = [Run.load(path) for path in args.more_lossy]
+    netem = [Run.load(path) for path in args.netem]
     sections = [path.read_text() for path in args.section]
-    page = render(Run.load(args.loopback), lossy, args.images, targets, more, sections)
+    page = render(Run.load(args.loopback), lossy, args.images, targets, more, netem, sections)
     sys.stdout.write(page)
     return 0
 

@@ -149,6 +149,21 @@ class NetworkPath:
     impairment: Impairment = field(default_factory=Impairment)
     mode: str = "loopback"
     netem: NetemPath | None = None
+    traffic: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
+    """What netem counted for each (row, point): packets and bytes sent, packets dropped."""
+
+    def counters(self) -> dict[str, int] | None:
+        """netem's counters now (None off the netem path)."""
+        return self.netem.counters() if self.netem is not None else None
+
+    def account(self, key: tuple[str, str], before: dict[str, int] | None) -> None:
+        """Add what crossed netem since ``before`` to the traffic of ``key``."""
+        if before is None:
+            return
+        after = self.counters() or before
+        total = self.traffic.setdefault(key, dict.fromkeys(before, 0))
+        for name in total:
+            total[name] += after[name] - before[name]
 
     def describe(self, network: str) -> str:
         """What a row on ``network`` actually goes through (stored with each result)."""
@@ -350,6 +365,7 @@ def run_bench(
                         progress.update(
                             task, description=f"{row} {w.name} (round {round_no}/{repeat})"
                         )
+                        before = path.counters()
                         try:
                             sample = run_client(row, info, w, seconds, prefix)
                             samples[(row, w.name)].append(sample)
@@ -360,6 +376,7 @@ def run_bench(
                             errors[(row, w.name)].append(str(exc))
                             failed.append((row, w.name))
                             outcome = f"failed: {exc}"
+                        path.account((row, w.name), before)
                         progress.advance(task)
                         if not console.is_terminal:  # logs get a line per point instead of a bar
                             done = int(progress.tasks[0].completed)
@@ -382,6 +399,8 @@ def run_bench(
                 results.append(_skip(r, w, note, skipped[key]))
             else:
                 results.append(summarise(r, w, samples[key], errors[key], note))
+                if key in path.traffic:
+                    results[-1]["netem"] = path.traffic[key]
     return results
 
 
@@ -433,6 +452,17 @@ def render(results: list[dict], console: Console) -> None:
     paths = sorted({r["path"] for r in results if r.get("path") != "loopback"})
     for note in paths:
         console.print(f"path: {note}", markup=False)
+    for r in results:
+        if "netem" in r:
+            console.print(f"netem, {r['transport']} {r['workload']}: {netem_summary(r)}")
+
+
+def netem_summary(result: dict) -> str:
+    """What netem did to one point's packets, e.g. ``20,104 packets sent, 203 dropped (1.0%)``."""
+    counted = result["netem"]
+    offered = counted["packets"] + counted["drops"]
+    share = counted["drops"] / offered * 100 if offered else 0.0
+    return f"{counted['packets']:,} packets sent, {counted['drops']:,} dropped ({share:.1f}%)"
 
 
 def write_json(

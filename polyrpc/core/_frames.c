@@ -4,6 +4,8 @@
  * FrameDecoder, encode_plain and encode_frame with the same results and the same
  * ProtocolError messages. Rare paths (malformed metadata, error hints, unusual
  * argument types) call back into the Python helpers so the two cannot drift apart.
+ * It also carries coroutine_step (reference: polyrpc/core/eager.py), which the RPC
+ * layer uses to run a handler's first step without a task.
  *
  * Wire layout (little-endian, 24-byte header):
  *   0 magic "PR" | 2 version | 3 kind | 4 codec | 5 flags | 6 u16 method length
@@ -1376,6 +1378,26 @@ delegate:
     return delegate("_py_encode_frame", args, nargs, kwnames);
 }
 
+/* ============================================================ coroutine_step */
+
+PyDoc_STRVAR(coroutine_step_doc,
+             "coroutine_step(coro)\n--\n\n"
+             "Send None into ``coro``: (True, its result) if it finished, (False, what it\n"
+             "yielded) if it suspended; its exceptions propagate. coro.send(None) without\n"
+             "the cost of a StopIteration per finished call.");
+
+static PyObject *
+coroutine_step(PyObject *module, PyObject *coro)
+{
+    PyObject *value;
+    PySendResult status = PyIter_Send(coro, Py_None, &value);
+    if (status == PYGEN_ERROR)
+        return NULL;
+    PyObject *pair = PyTuple_Pack(2, status == PYGEN_RETURN ? Py_True : Py_False, value);
+    Py_DECREF(value);
+    return pair;
+}
+
 /* ==================================================================== module */
 
 static PyMethodDef module_methods[] = {
@@ -1383,6 +1405,7 @@ static PyMethodDef module_methods[] = {
      encode_plain_doc},
     {"encode_frame", (PyCFunction)(void (*)(void))encode_frame, METH_FASTCALL | METH_KEYWORDS,
      encode_frame_doc},
+    {"coroutine_step", (PyCFunction)coroutine_step, METH_O, coroutine_step_doc},
     {NULL},
 };
 

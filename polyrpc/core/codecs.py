@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -32,6 +33,12 @@ class Codec(ABC):
     def decode(self, data: Bytes) -> Any:
         """The object in ``data``; ProtocolError if the bytes are not valid."""
 
+    @property
+    def unchecked(self) -> tuple[Callable[[Any], Bytes], Callable[[Bytes], Any]]:
+        """(encode, decode) for hot paths that translate errors themselves: they may
+        raise any Exception instead of TypeError and ProtocolError."""
+        return self.encode, self.decode
+
 
 class RawCodec(Codec):
     """Bytes as they are; decoding yields ``bytes``."""
@@ -49,6 +56,11 @@ class RawCodec(Codec):
         return data if type(data) is bytes else bytes(data)
 
 
+def _msgpack_unpackb(data: Bytes) -> Any:
+    # str as str (raw=False) is msgpack 1.0's default; maps may have any hashable keys
+    return msgpack.unpackb(data, strict_map_key=False)
+
+
 class MsgpackCodec(Codec):
     """msgpack with bin/str distinction; tuples arrive as lists."""
 
@@ -56,6 +68,11 @@ class MsgpackCodec(Codec):
 
     def __init__(self) -> None:
         self._packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+        self._unpackb = _msgpack_unpackb
+
+    @property
+    def unchecked(self) -> tuple[Callable[[Any], Bytes], Callable[[Bytes], Any]]:
+        return self._packb, self._unpackb
 
     def encode(self, obj: Any) -> Bytes:
         try:
@@ -65,7 +82,7 @@ class MsgpackCodec(Codec):
 
     def decode(self, data: Bytes) -> Any:
         try:
-            return msgpack.unpackb(data, raw=False, strict_map_key=False)
+            return self._unpackb(data)
         except Exception as exc:
             raise ProtocolError(f"undecodable msgpack payload: {exc}") from None
 

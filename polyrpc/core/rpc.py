@@ -22,8 +22,9 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .eager import coroutine_step
 from .errors import CallTimeout, ConnectionLost, ProtocolError, RemoteError
-from .frames import FLAG_ARG_STREAM, FLAG_STREAM, Frame, Kind
+from .frames import FLAG_ARG_STREAM, FLAG_STREAM, Frame, Kind, encode_frame, encode_plain
 from .services import Method, ServiceRegistry
 from .session import Session, SessionConfig
 from .stream import Stream
@@ -32,28 +33,34 @@ log = logging.getLogger("polyrpc")
 
 STREAM_CREDIT = 32
 """Items a stream's producer may send ahead of its consumer."""
-_STREAM_ITEM, _STREAM_END, _CREDIT, _CANCEL = (
+_STREAM_ITEM, _STREAM_END, _CREDIT, _CANCEL, _REQUEST, _RESPONSE, _ERROR = (
     int(Kind.STREAM_ITEM),
     int(Kind.STREAM_END),
     int(Kind.CREDIT),
     int(Kind.CANCEL),
+    int(Kind.REQUEST),
+    int(Kind.RESPONSE),
+    int(Kind.ERROR),
 )
-_context: contextvars.ContextVar[CallContext] = contextvars.ContextVar("polyrpc_call")
+_context: contextvars.ContextVar[tuple[RpcConnection, Frame, float]] = contextvars.ContextVar(
+    "polyrpc_call"
+)
+"""(connection, request frame, perf_counter when handling began) of the call being handled:
+a tuple because it is set for every call and a handler rarely asks for its context."""
 
 
 class CallContext:
     """What a handler knows about the call it is serving (see :func:`current_context`).
 
-    Built per call on the hot path, so it only keeps references; the rest is derived
-    when asked for.
+    It only keeps references; the rest is derived when asked for.
     """
 
-    __slots__ = ("_received", "connection", "frame")
+    __slots__ = ("_started", "connection", "frame")
 
-    def __init__(self, connection: RpcConnection, frame: Frame) -> None:
+    def __init__(self, connection: RpcConnection, frame: Frame, started: float) -> None:
         self.connection = connection
         self.frame = frame
-        self._received = time.time()
+        self._started = started
 
     @property
     def method(self) -> str:
@@ -70,7 +77,7 @@ class CallContext:
         if timeout is None:
             return None
         try:
-            return self._received + float(timeout)
+            return time.time() - (time.perf_counter() - self._started) + float(timeout)
         except ValueError:
             return None
 
@@ -93,7 +100,7 @@ class CallContext:
 def current_context() -> CallContext:
     """The context of the call being handled; RuntimeError outside a handler."""
     try:
-        return _context.get()
+        return CallContext(*_context.get())
     except LookupError:
         raise RuntimeError("polyrpc.current_context() is only available inside a handler") from None
 
@@ -298,13 +305,17 @@ class RpcConnection(Session):
         self._result_streams: dict[int, _ItemQueue] = {}
         self._arg_senders: dict[int, _IncomingCall] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.calls_handled = 0
+        # bound once: used for every call
+        self._methods = self.services.methods
+        self._max_calls = options.max_concurrent_calls
+        self._codec_id = self.codec.id
+        self._encode_unchecked, self._decode_unchecked = self.codec.unchecked
 
     # ----------------------------------------------------------- calling
     def _encode_call(self, args: tuple, kwargs: dict) -> bytes:
         try:
-            return self.codec.encode([list(args), kwargs])
-        except TypeError as exc:
+            return self._encode_unchecked((args, kwargs))  # every codec sends tuples as lists
+        except Exception as exc:
             raise TypeError(f"cannot send these arguments: {exc}") from None
 
     async def _send_call(
@@ -375,9 +386,17 @@ class RpcConnection(Session):
             streamed = False
         if streamed or len(self._pending) >= self._max_in_flight:
             seq, future, _ = await self._send_call(method, args, kwargs, timeout, metadata)
-        else:  # the common case, without an extra coroutine level
+        elif timeout is not None or metadata or not self._accepting:
             payload = self._encode_call(args, kwargs)
             seq, future = self.begin_request(payload, method, metadata, timeout, 0, encoded=True)
+        else:  # the common case: begin_request's work inlined, no extra call levels
+            payload = self._encode_call(args, kwargs)
+            seq = self._next_seq
+            self._next_seq = seq + 2
+            future = self._pending[seq] = self.loop.create_future()
+            self._write(
+                encode_frame(_REQUEST, seq, payload, method=method, codec=self._codec_id), False
+            )
         try:
             if self.byte_stream.writing_paused:
                 await self.wait_writable()
@@ -385,13 +404,16 @@ class RpcConnection(Session):
         except BaseException:
             self.abandon_request(seq, future)
             raise
-        if frame.kind == Kind.ERROR:
-            error = self.remote_error(frame)
-            if error.code == "deadline_exceeded":
-                # the server noticed the deadline first: same outcome as our own timer
-                raise CallTimeout(f"{method} timed out after {timeout:g}s")
-            raise error
-        return self.decode(frame)
+        if frame.kind == _RESPONSE:
+            if frame.codec == 0:
+                payload = frame.payload
+                return payload if type(payload) is bytes else bytes(payload)
+            return self._decode_payload(frame)
+        error = self.remote_error(frame)
+        if error.code == "deadline_exceeded":
+            # the server noticed the deadline first: same outcome as our own timer
+            raise CallTimeout(f"{method} timed out after {timeout:g}s")
+        raise error
 
     async def notify(self, method: str, *args: Any, **kwargs: Any) -> None:
         """Call ``method`` one-way: no reply, errors are only logged by the peer."""
@@ -420,39 +442,79 @@ class RpcConnection(Session):
 
     # ---------------------------------------------------------- serving
     def on_request(self, frame: Frame) -> None:
+        """Serve a call. An async handler's first step runs right here: most finish
+        without waiting on anything and then need no task at all (Python 3.12's eager
+        tasks, done by hand for 3.11); only one that suspends gets a task."""
         seq = frame.seq
-        if len(self._incoming) >= self.options.max_concurrent_calls:
+        if len(self._incoming) >= self._max_calls:
             self._refuse_busy(seq)
             return
         try:
-            method = self.services.lookup(frame.method)
+            method = self._methods.get(frame.method) or self.services.lookup(frame.method)
             args, kwargs = self._decode_arguments(frame)
-            flags = frame.flags
-            if not flags and "timeout" not in frame.metadata:
-                if method.kind == "async":
-                    self._start_eagerly(seq, method, args, kwargs, frame)
-                    return
-                if method.kind == "sync" and self.options.inline_sync:
-                    self._call_inline(seq, method, args, kwargs, frame)
-                    return
-            call = _IncomingCall()
-            if flags & FLAG_ARG_STREAM:
-                index = int(frame.metadata.get("argstream", "-1"))
-                if not 0 <= index < len(args):
-                    raise ProtocolError("streamed argument index out of range")
-                call.args_stream = _ItemQueue(self, seq, STREAM_CREDIT)
-                args[index] = ArgumentStream(call.args_stream)
         except RemoteError as exc:
             self.respond_error(seq, exc, exc.code)
             return
-        except (ProtocolError, ValueError) as exc:
+        except ProtocolError as exc:
             self.respond_error(seq, exc, "bad_request")
             return
+        if method.kind != "async" or frame.flags or "timeout" in frame.metadata:
+            self._start_call(seq, method, args, kwargs, frame)
+            return
+        started = time.perf_counter()
+        token = _context.set((self, frame, started))
+        try:
+            try:
+                coro = method.func(*args, **kwargs)
+                finished, result = coroutine_step(coro)
+            except Exception as exc:
+                self._report_failure(seq, method, exc, started, args, kwargs)
+                return
+            if not finished:
+                # it suspended: the rest runs in a task whose context carries the call context
+                call = _IncomingCall()
+                self._incoming[seq] = call
+                call.task = self.loop.create_task(
+                    self._finish_eagerly(seq, method, coro, result, started),
+                    context=contextvars.copy_context(),
+                )
+                return
+        finally:
+            _context.reset(token)
+        # _report_success, inlined: this is the path of nearly every call
+        stats = method.stats
+        stats.calls += 1
+        stats.durations.append(time.perf_counter() - started)
+        if type(result) is bytes and not self._gone:
+            self._write(encode_plain(_RESPONSE, seq, result, 0, 0), ordered=False)
+        else:
+            self.respond(seq, result)
+
+    def _start_call(self, seq: int, method: Method, args: list, kwargs: dict, frame: Frame) -> None:
+        """Serve every call but an eager async one: inline sync, streams, deadlines, threads."""
+        flags = frame.flags
+        inline = method.kind == "sync" and self.options.inline_sync
+        if inline and not flags and "timeout" not in frame.metadata:
+            self._call_inline(seq, method, args, kwargs, frame)
+            return
+        call = _IncomingCall()
+        if flags & FLAG_ARG_STREAM:
+            try:
+                index = int(frame.metadata.get("argstream", "-1"))
+            except ValueError:
+                index = -1
+            if not 0 <= index < len(args):
+                self.respond_error(
+                    seq, ProtocolError("streamed argument index out of range"), "bad_request"
+                )
+                return
+            call.args_stream = _ItemQueue(self, seq, STREAM_CREDIT)
+            args[index] = ArgumentStream(call.args_stream)
         self._incoming[seq] = call
         call.task = self.loop.create_task(self._run_call(seq, call, method, args, kwargs, frame))
 
     def _refuse_busy(self, seq: int) -> None:
-        limit = self.options.max_concurrent_calls
+        limit = self._max_calls
         error = RemoteError(
             "RuntimeError",
             f"too many concurrent calls on this connection (limit {limit})",
@@ -460,20 +522,28 @@ class RpcConnection(Session):
         )
         self.respond_error(seq, error, error.code)
 
+    def _decode_payload(self, frame: Frame) -> Any:
+        """:meth:`decode` for the calls' hot paths (one call level for the usual codec)."""
+        if frame.codec != self._codec_id:
+            return self.decode(frame)
+        try:
+            return self._decode_unchecked(frame.payload)
+        except Exception as exc:
+            raise ProtocolError(f"undecodable {self.codec.name} payload: {exc}") from None
+
     def _decode_arguments(self, frame: Frame) -> tuple[list, dict]:
-        body = self.decode(frame)
-        if type(body) is not list or len(body) != 2:
-            raise ProtocolError("a call's payload must be [args, kwargs]")
-        args, kwargs = body
-        if type(args) is not list or type(kwargs) is not dict:
-            raise ProtocolError("a call's payload must be [args, kwargs]")
-        return args, kwargs
+        body = self._decode_payload(frame)
+        if type(body) is list and len(body) == 2:
+            args, kwargs = body
+            if type(args) is list and type(kwargs) is dict:
+                return args, kwargs
+        raise ProtocolError("a call's payload must be [args, kwargs]")
 
     def _call_inline(
         self, seq: int, method: Method, args: list, kwargs: dict, frame: Frame
     ) -> None:
         started = time.perf_counter()
-        token = _context.set(CallContext(self, frame))
+        token = _context.set((self, frame, started))
         try:
             result = method.func(*args, **kwargs)
         except Exception as exc:
@@ -482,40 +552,6 @@ class RpcConnection(Session):
         finally:
             _context.reset(token)
         self._report_success(seq, method, result, started)
-
-    def _start_eagerly(
-        self, seq: int, method: Method, args: list, kwargs: dict, frame: Frame
-    ) -> None:
-        """Run an async handler's first step now; only if it suspends does it get a task.
-
-        Most handlers finish without waiting on anything, and skipping the task saves
-        most of the per-call cost (Python 3.12's eager tasks, done by hand for 3.11).
-        """
-        started = time.perf_counter()
-        token = _context.set(CallContext(self, frame))
-        try:
-            try:
-                coro = method.func(*args, **kwargs)
-            except TypeError as exc:
-                self._report_failure(seq, method, exc, started, args, kwargs)
-                return
-            try:
-                waiting_on = coro.send(None)
-            except StopIteration as done:
-                self._report_success(seq, method, done.value, started)
-                return
-            except Exception as exc:
-                self._report_failure(seq, method, exc, started, args, kwargs)
-                return
-            # it suspended: the rest runs in a task whose context carries the call context
-            context = contextvars.copy_context()
-        finally:
-            _context.reset(token)
-        call = _IncomingCall()
-        self._incoming[seq] = call
-        call.task = self.loop.create_task(
-            self._finish_eagerly(seq, method, coro, waiting_on, started), context=context
-        )
 
     async def _finish_eagerly(
         self, seq: int, method: Method, coro: Any, waiting_on: Any, started: float
@@ -537,7 +573,7 @@ class RpcConnection(Session):
         except StopIteration as done:
             result = done.value
         except asyncio.CancelledError:
-            self.services.record(method.name, time.perf_counter() - started, True)
+            method.stats.record(time.perf_counter() - started, True)
             return
         except Exception as exc:
             self._report_failure(seq, method, exc, started)
@@ -547,8 +583,7 @@ class RpcConnection(Session):
         self._report_success(seq, method, result, started)
 
     def _report_success(self, seq: int, method: Method, result: Any, started: float) -> None:
-        self.services.record(method.name, time.perf_counter() - started, False)
-        self.calls_handled += 1
+        method.stats.record(time.perf_counter() - started, False)
         self.respond(seq, result)
 
     def _report_failure(
@@ -562,8 +597,7 @@ class RpcConnection(Session):
     ) -> None:
         if isinstance(exc, TypeError) and args is not None:
             exc = method.binding_error(args, kwargs or {}) or exc
-        self.services.record(method.name, time.perf_counter() - started, True)
-        self.calls_handled += 1
+        method.stats.record(time.perf_counter() - started, True)
         text = traceback.format_exc() if self.options.send_tracebacks else None
         code = exc.code if isinstance(exc, RemoteError) else "handler_error"
         self.respond_error(seq, exc, code, text)
@@ -577,17 +611,16 @@ class RpcConnection(Session):
         kwargs: dict,
         frame: Frame,
     ) -> None:
-        context = CallContext(self, frame)
-        _context.set(context)
         started = time.perf_counter()
+        _context.set((self, frame, started))
+        context = CallContext(self, frame, started)
         timeout = None if context.deadline is None else max(0.0, context.deadline - time.time())
         wants_stream = bool(frame.flags & FLAG_STREAM)
         try:
             async with asyncio.timeout(timeout):
                 if method.kind == "stream" or wants_stream:
                     await self._stream_results(seq, call, method, args, kwargs, frame)
-                    self.services.record(method.name, time.perf_counter() - started, False)
-                    self.calls_handled += 1
+                    method.stats.record(time.perf_counter() - started, False)
                     return
                 if method.kind == "async":
                     result = await method.func(*args, **kwargs)
@@ -597,7 +630,7 @@ class RpcConnection(Session):
                     result = await self.loop.run_in_executor(None, ctx.run, runner)
         except asyncio.CancelledError:
             # the caller cancelled, or the connection went away: nobody waits for an answer
-            self.services.record(method.name, time.perf_counter() - started, True)
+            method.stats.record(time.perf_counter() - started, True)
             return
         except TimeoutError:
             if context.deadline is not None and time.time() >= context.deadline - 0.001:
@@ -683,17 +716,17 @@ class RpcConnection(Session):
     async def _run_notification(
         self, method: Method, args: list, kwargs: dict, frame: Frame
     ) -> None:
-        _context.set(CallContext(self, frame))
         started = time.perf_counter()
+        _context.set((self, frame, started))
         try:
             result = method.func(*args, **kwargs)
             if hasattr(result, "__await__"):
                 await result
         except Exception:
-            self.services.record(method.name, time.perf_counter() - started, True)
+            method.stats.record(time.perf_counter() - started, True)
             log.exception("notification %s failed", method.name)
             return
-        self.services.record(method.name, time.perf_counter() - started, False)
+        method.stats.record(time.perf_counter() - started, False)
 
     def on_frame(self, frame: Frame) -> None:
         kind, seq = frame.kind, frame.seq

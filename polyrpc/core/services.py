@@ -16,6 +16,30 @@ LATENCY_SAMPLES = 2048
 
 
 @dataclass
+class MethodStats:
+    """Per-method counters for ``_sys.stats``."""
+
+    calls: int = 0
+    errors: int = 0
+    durations: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+
+    def snapshot(self) -> dict[str, Any]:
+        ordered = sorted(self.durations)
+        count = len(ordered)
+
+        def pct(p: float) -> float | None:
+            return round(ordered[min(count - 1, int(p * count))] * 1e6, 1) if count else None
+
+        return {"calls": self.calls, "errors": self.errors, "p50_us": pct(0.5), "p99_us": pct(0.99)}
+
+    def record(self, duration: float, failed: bool) -> None:
+        """Count one finished call that took ``duration`` seconds."""
+        self.calls += 1
+        self.errors += failed
+        self.durations.append(duration)
+
+
+@dataclass
 class Method:
     """One callable exposed to peers."""
 
@@ -25,6 +49,7 @@ class Method:
     kind: str
     """``async`` (coroutine function), ``stream`` (async generator) or ``sync``."""
     doc: str
+    stats: MethodStats = field(default_factory=MethodStats)
 
     @classmethod
     def wrap(cls, name: str, func: Callable[..., Any]) -> Method:
@@ -66,24 +91,6 @@ class Method:
         }
 
 
-@dataclass
-class MethodStats:
-    """Per-method counters for ``_sys.stats``."""
-
-    calls: int = 0
-    errors: int = 0
-    durations: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
-
-    def snapshot(self) -> dict[str, Any]:
-        ordered = sorted(self.durations)
-        count = len(ordered)
-
-        def pct(p: float) -> float | None:
-            return round(ordered[min(count - 1, int(p * count))] * 1e6, 1) if count else None
-
-        return {"calls": self.calls, "errors": self.errors, "p50_us": pct(0.5), "p99_us": pct(0.99)}
-
-
 class ServiceRegistry:
     """The methods one side exposes, by full name (``Arith.mul``)."""
 
@@ -117,8 +124,8 @@ class ServiceRegistry:
     def _add(self, full: str, func: Callable[..., Any]) -> str:
         if full in self.methods:
             raise ValueError(f"{full} is already registered")
-        self.methods[full] = Method.wrap(full, func)
-        self.stats[full] = MethodStats()
+        method = self.methods[full] = Method.wrap(full, func)
+        self.stats[full] = method.stats
         return full
 
     def lookup(self, name: str) -> Method:
@@ -140,14 +147,6 @@ class ServiceRegistry:
             f"unknown method {name!r}; available services: {', '.join(services) or 'none'}",
             "unknown_method",
         )
-
-    def record(self, name: str, duration: float, failed: bool) -> None:
-        stats = self.stats.get(name)
-        if stats is None:
-            return
-        stats.calls += 1
-        stats.errors += failed
-        stats.durations.append(duration)
 
     def describe(self) -> list[dict[str, str]]:
         return [self.methods[name].describe() for name in sorted(self.methods)]

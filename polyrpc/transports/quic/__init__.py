@@ -190,7 +190,7 @@ class _ClientDriver(Driver):
         stream = self.stream
         if stream is None:
             return
-        now = asyncio.get_running_loop().time()
+        now = stream.loop.time()
         for data, address in batch:
             stream.datagram_received(data, address, now)
         stream.process()
@@ -227,10 +227,11 @@ class QuicListener(Listener, Driver):
         self.streams: set[QuicStream] = set()
         self.dropped = 0
         self._accepting = True
+        self._loop = asyncio.get_running_loop()
 
     # -- datagrams -----------------------------------------------------------
     def datagrams(self, batch: list[tuple[bytes, Any]]) -> None:
-        now = asyncio.get_running_loop().time()
+        now = self._loop.time()  # (asyncio.get_running_loop() costs a getpid() syscall)
         touched: dict[QuicStream, None] = {}
         for data, address in batch:
             try:

@@ -174,7 +174,7 @@ class QuicStream(Stream):
             high_water=high_water,
             low_water=high_water // 4,
         )
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self.connection = connection
         self._driver = driver
         self._keepalive = keepalive
@@ -203,13 +203,14 @@ class QuicStream(Stream):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._transmit_handle: asyncio.Handle | None = None
+        self._settle_handle: asyncio.Handle | None = None
         self._turn: asyncio.Handle | None = None
         self._in_process = False
         self._new_data = False
         self._app_space: Any = None
         self._keepalive_handle: asyncio.TimerHandle | None = None
-        self._last_receive = self._loop.time()
-        self.handshake: asyncio.Future[None] = self._loop.create_future()
+        self._last_receive = self.loop.time()
+        self.handshake: asyncio.Future[None] = self.loop.create_future()
         self.fingerprint_check: Callable[[QuicStream], HandshakeError | None] | None = None
         self._finished = False
         self._closing = False
@@ -250,8 +251,25 @@ class QuicStream(Stream):
                 self._terminated(close_event)
             else:
                 self._deliver()
-                self._acks_processed()
+                self._in_process = False
+                # the bookkeeping (ACKed bytes, timers, ACK-only packets) waits one loop turn:
+                # a reply written while delivering leaves first, and so does the next request
+                # of a caller the data woke up (carrying the pending ACK with it)
+                if self._settle_handle is None:
+                    self._settle_handle = self.loop.call_soon(self._settle)
+                if self._transmit_handle is not None:
+                    self.transmit()
+                return
         self._in_process = False
+        self._send_or_arm()
+
+    def _settle(self) -> None:
+        self._settle_handle = None
+        if not self._finished:
+            self._acks_processed()
+            self._send_or_arm()
+
+    def _send_or_arm(self) -> None:
         if self._transmit_handle is not None or self._may_send():
             self.transmit()
         else:
@@ -279,7 +297,7 @@ class QuicStream(Stream):
             or connection._datagrams_pending
         ):
             return True
-        if space.ack_at is not None and space.ack_at <= self._loop.time():
+        if space.ack_at is not None and space.ack_at <= self.loop.time():
             return True
         path = connection._network_paths[0]
         if path.remote_challenges or not path.is_validated:
@@ -298,7 +316,7 @@ class QuicStream(Stream):
             self._transmit_handle = None
         if self._batch:
             self._flush_batch()
-        now = self._loop.time()
+        now = self.loop.time()
         if self._new_data:
             # aioquic only sends an ACK once its 1 ms delay is due; when data is leaving
             # anyway, let the pending ACK ride along instead of costing its own packet later
@@ -321,12 +339,12 @@ class QuicStream(Stream):
             if self._timer is not None:
                 self._timer.cancel()
             self._timer_at = timer_at
-            self._timer = None if timer_at is None else self._loop.call_at(timer_at, self._fire)
+            self._timer = None if timer_at is None else self.loop.call_at(timer_at, self._fire)
 
     def _fire(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.connection.handle_timer(self._loop.time())
+        self.connection.handle_timer(self.loop.time())
         self.process()
 
     def _end_turn(self) -> None:
@@ -334,7 +352,7 @@ class QuicStream(Stream):
 
     def _schedule_transmit(self) -> None:
         if self._transmit_handle is None:
-            self._transmit_handle = self._loop.call_soon(self.transmit)
+            self._transmit_handle = self.loop.call_soon(self.transmit)
 
     # -- connection events ---------------------------------------------------
     def _handshake_completed(self, event: HandshakeCompleted) -> None:
@@ -356,7 +374,7 @@ class QuicStream(Stream):
                 self._finish(error)
                 return
         if self._keepalive:
-            self._keepalive_handle = self._loop.call_later(self._keepalive, self._keepalive_tick)
+            self._keepalive_handle = self.loop.call_later(self._keepalive, self._keepalive_tick)
         if not self.handshake.done():
             self.handshake.set_result(None)
         self._driver.established(self)
@@ -364,10 +382,10 @@ class QuicStream(Stream):
     def _keepalive_tick(self) -> None:
         if self._finished:
             return
-        if self._loop.time() - self._last_receive >= self._keepalive * 0.9:
+        if self.loop.time() - self._last_receive >= self._keepalive * 0.9:
             self.connection.send_ping(next(_ping_ids))
             self.transmit()
-        self._keepalive_handle = self._loop.call_later(self._keepalive, self._keepalive_tick)
+        self._keepalive_handle = self.loop.call_later(self._keepalive, self._keepalive_tick)
 
     def _terminated(self, event: ConnectionTerminated) -> None:
         if self._finished:
@@ -403,10 +421,11 @@ class QuicStream(Stream):
         if self._finished:
             return
         self._finished = True
-        for handle in (self._timer, self._keepalive_handle, self._transmit_handle):
+        handles = (self._timer, self._keepalive_handle, self._transmit_handle, self._settle_handle)
+        for handle in handles:
             if handle is not None:
                 handle.cancel()
-        self._timer = self._keepalive_handle = self._transmit_handle = None
+        self._timer = self._keepalive_handle = self._transmit_handle = self._settle_handle = None
         if self._flushed is not None and not self._flushed.done():
             self._flushed.set_result(None)
         if not self.handshake.done():
@@ -558,12 +577,12 @@ class QuicStream(Stream):
         self._new_data = True
         if self._transmit_handle is None:
             if self._in_process or self._turn is not None:
-                self._transmit_handle = self._loop.call_soon(self.transmit)
+                self._transmit_handle = self.loop.call_soon(self.transmit)
             else:
                 # the first write of a loop turn goes out at once (latency); later ones in
                 # the same turn are sent together by the scheduled transmit (rate)
                 self.transmit()
-                self._turn = self._loop.call_soon(self._end_turn)
+                self._turn = self.loop.call_soon(self._end_turn)
         if not self._write_paused and self._unacked + self._batch_size > self.high_water:
             self._update_write_pressure()
 
@@ -646,7 +665,7 @@ class QuicStream(Stream):
             return
         self._closed = True
         if self.write_buffer_size:
-            self._flushed = self._loop.create_future()
+            self._flushed = self.loop.create_future()
             self.transmit()
             try:
                 await asyncio.wait_for(asyncio.shield(self._flushed), CLOSE_TIMEOUT)
