@@ -324,3 +324,16 @@ def test_report_shows_netem_runs_with_what_netem_dropped():
         for row in run.rows:  # every row's line ends with netem's own count of drops
             line = next(x for x in text.splitlines() if x.startswith(f"| `{row}` |"))
             assert line.rstrip(" |").endswith("%)"), line
+
+
+def test_report_includes_the_sections_measured_elsewhere(tmp_path, capsys):
+    """--section files (the VM-measured rdma section) appear verbatim, before the guidance."""
+    from polyrpc.bench.report import main as report_main
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "bench"
+    section = tmp_path / "rdma.md"
+    section.write_text("## RDMA somewhere else\n\nmeasured there: 1.23x\n")
+    assert report_main([str(docs / "loopback.json"), "--section", str(section)]) == 0
+    page = capsys.readouterr().out
+    assert "## RDMA somewhere else\n\nmeasured there: 1.23x\n" in page
+    assert page.index("## RDMA somewhere else") < page.index("## Choosing a transport")
