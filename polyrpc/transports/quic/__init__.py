@@ -448,14 +448,13 @@ class QuicTransport(Transport):
             stream.fingerprint_check = lambda s: _check_pin(s, pin, address)
         connection.connect(peer, now=loop.time())
         stream.transmit()
-        sent_at = stream.last_receive
         try:
             await asyncio.wait_for(
                 asyncio.shield(stream.handshake), max(0.0, deadline - loop.time())
             )
         except TimeoutError:
             stream.abort()
-            if stream.last_receive == sent_at:
+            if stream.last_receive == stream.created_at:
                 raise  # not a single datagram came back
             raise ConnectFailed(
                 f"could not connect to {address}: the server answered, but the QUIC handshake "

@@ -209,8 +209,8 @@ class QuicStream(Stream):
         self._new_data = False
         self._app_space: Any = None
         self._keepalive_handle: asyncio.TimerHandle | None = None
-        self.last_receive = self.loop.time()
-        """When the last datagram arrived (loop time)."""
+        self.created_at = self.last_receive = self.loop.time()
+        """When the last datagram arrived (loop time); created_at until one does."""
         self.handshake: asyncio.Future[None] = self.loop.create_future()
         self.fingerprint_check: Callable[[QuicStream], HandshakeError | None] | None = None
         self._finished = False
@@ -725,7 +725,12 @@ def handshake_error(event: ConnectionTerminated, stream: QuicStream) -> Handshak
             f"quic handshake with {peer} failed: TLS alert {alert} ({reason})", "tls"
         )
     if reason == IDLE_REASON:
-        return ConnectFailed(f"quic: no answer from {peer} (is a QUIC server listening there?)")
+        if stream.last_receive == stream.created_at:
+            return ConnectFailed(f"quic: no answer from {peer} (is a QUIC server listening there?)")
+        return ConnectFailed(
+            f"quic: the handshake with {peer} stalled: it answered, then nothing more arrived "
+            "until the idle timeout (heavy packet loss?)"
+        )
     return ConnectFailed(
         f"quic: connection to {peer} closed during the handshake (code 0x{code:x}: "
         f"{reason or 'no reason'})"
