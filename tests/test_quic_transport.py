@@ -176,6 +176,49 @@ async def test_silent_server_times_out(tmp_path) -> None:
         silent.close()
 
 
+class _SpoiledAnswers(asyncio.DatagramProtocol):
+    """A UDP forwarder that passes everything to the server, and its answers back spoiled
+    (a byte of the first packet flipped, so it fails authentication): the client hears from
+    the server but can never finish the handshake."""
+
+    def __init__(self, server: tuple[str, int]) -> None:
+        self.server = server
+        self.client: tuple[str, int] | None = None
+        self.answers = 0
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        if addr == self.server:
+            self.answers += 1
+            if self.client is not None:
+                spoiled = bytearray(data)
+                spoiled[min(64, len(spoiled) - 1)] ^= 0xFF  # in the first packet's payload
+                self.transport.sendto(bytes(spoiled), self.client)
+        else:
+            self.client = addr
+            self.transport.sendto(data, self.server)
+
+
+async def test_a_handshake_cut_short_says_the_server_answered(tmp_path) -> None:
+    async with serving(tmp_path) as (server, cert):
+        loop = asyncio.get_running_loop()
+        forwarder, cut = await loop.create_datagram_endpoint(
+            lambda: _SpoiledAnswers(("127.0.0.1", server.listener.address.port)),
+            local_addr=("127.0.0.1", 0),
+        )
+        try:
+            port = forwarder.get_extra_info("sockname")[1]
+            with pytest.raises(ConnectFailed, match=r"the server answered, but the QUIC hands"):
+                await dial(port, f"ca={cert}&sni=localhost&timeout=1")
+            assert cut.answers >= 1
+        finally:
+            forwarder.close()
+
+
 async def test_session_ticket_resumes(tmp_path) -> None:
     async with serving(tmp_path) as (server, cert):
         first = await dial(server.listener.address.port, f"ca={cert}")

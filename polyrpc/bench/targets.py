@@ -15,6 +15,14 @@ from ..core.endpoints import Client, Server, connect
 from ..core.messages import Connection, dial, listen
 from ..core.registry import registry
 
+CONNECT_TIMEOUT = 60.0
+"""Seconds a benchmark client may take to connect: the bench measures steady state, and on
+an impaired path (say 10% loss) a handshake can need several retransmissions."""
+
+_PATIENT = {"timeout": CONNECT_TIMEOUT, "handshake_timeout": CONNECT_TIMEOUT}
+CONNECT_OPTIONS = {"quic": "timeout", "rdma": "timeout"}
+"""URL options that bound a transport's own handshake (raised to CONNECT_TIMEOUT)."""
+
 NETWORKS = {"quic": "udp", "kcp": "udp", "unix": "unix", "rdma": "rdma", "mem": "memory"}
 """The carrier of each scheme that does not run over TCP."""
 
@@ -80,11 +88,19 @@ class MessageTarget(Target):
         transport = registry.get(self.scheme)
         listen_url, client_options = transport.loopback_urls(workdir)
         listener = await listen(listen_url, on_request=lambda message: message)
-        client_url = str(transport.parse(listener.url).with_options(**client_options))
-        return client_url, listener.close
+        return self._client_url(listener.url, client_options), listener.close
+
+    def _client_url(self, bound: str, client_options: dict[str, str]) -> str:
+        """The URL clients dial: the bound address, the transport's client options, and the
+        benchmark's connect patience where the transport has its own handshake timeout."""
+        transport = registry.get(self.scheme)
+        option = CONNECT_OPTIONS.get(self.scheme)
+        if option is not None:
+            client_options = {**client_options, option: f"{CONNECT_TIMEOUT:g}"}
+        return str(transport.parse(bound).with_options(**client_options))
 
     async def connect(self, info: str) -> EchoClient:
-        return _ConnectionClient(await dial(info, max_in_flight=1024))
+        return _ConnectionClient(await dial(info, max_in_flight=1024, **_PATIENT))
 
 
 class EchoService:
@@ -120,7 +136,7 @@ class RpcTarget(MessageTarget):
         server = Server()
         server.register(EchoService(), "Echo")
         bound = await server.start(listen_url)
-        return str(transport.parse(bound).with_options(**client_options)), server.close
+        return self._client_url(bound, client_options), server.close
 
     async def connect(self, info: str) -> EchoClient:
-        return _RpcClient(await connect(info, max_in_flight=1024))
+        return _RpcClient(await connect(info, max_in_flight=1024, **_PATIENT))

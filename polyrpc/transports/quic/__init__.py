@@ -452,6 +452,15 @@ class QuicTransport(Transport):
             await asyncio.wait_for(
                 asyncio.shield(stream.handshake), max(0.0, deadline - loop.time())
             )
+        except TimeoutError:
+            stream.abort()
+            if stream.last_receive == stream.created_at:
+                raise  # not a single datagram came back
+            raise ConnectFailed(
+                f"could not connect to {address}: the server answered, but the QUIC handshake "
+                f"did not complete within {opts['timeout']:g}s (packets lost on a lossy or "
+                "slow path? a longer ?timeout= gives it more time)"
+            ) from None
         except BaseException:
             stream.abort()
             raise

@@ -209,7 +209,8 @@ class QuicStream(Stream):
         self._new_data = False
         self._app_space: Any = None
         self._keepalive_handle: asyncio.TimerHandle | None = None
-        self._last_receive = self.loop.time()
+        self.created_at = self.last_receive = self.loop.time()
+        """When the last datagram arrived (loop time); created_at until one does."""
         self.handshake: asyncio.Future[None] = self.loop.create_future()
         self.fingerprint_check: Callable[[QuicStream], HandshakeError | None] | None = None
         self._finished = False
@@ -221,7 +222,7 @@ class QuicStream(Stream):
     def datagram_received(self, data: bytes, address: Any, now: float) -> None:
         """Feed one datagram; call :meth:`process` after a batch."""
         self.connection.receive_datagram(data, address, now)
-        self._last_receive = now
+        self.last_receive = now
 
     def process(self) -> None:
         """Handle what the connection produced, deliver data, send what is due."""
@@ -382,7 +383,7 @@ class QuicStream(Stream):
     def _keepalive_tick(self) -> None:
         if self._finished:
             return
-        if self.loop.time() - self._last_receive >= self._keepalive * 0.9:
+        if self.loop.time() - self.last_receive >= self._keepalive * 0.9:
             self.connection.send_ping(next(_ping_ids))
             self.transmit()
         self._keepalive_handle = self.loop.call_later(self._keepalive, self._keepalive_tick)
@@ -724,7 +725,12 @@ def handshake_error(event: ConnectionTerminated, stream: QuicStream) -> Handshak
             f"quic handshake with {peer} failed: TLS alert {alert} ({reason})", "tls"
         )
     if reason == IDLE_REASON:
-        return ConnectFailed(f"quic: no answer from {peer} (is a QUIC server listening there?)")
+        if stream.last_receive == stream.created_at:
+            return ConnectFailed(f"quic: no answer from {peer} (is a QUIC server listening there?)")
+        return ConnectFailed(
+            f"quic: the handshake with {peer} stalled: it answered, then nothing more arrived "
+            "until the idle timeout (heavy packet loss?)"
+        )
     return ConnectFailed(
         f"quic: connection to {peer} closed during the handshake (code 0x{code:x}: "
         f"{reason or 'no reason'})"
