@@ -14,6 +14,7 @@ from pathlib import Path
 from ..core.endpoints import Client, Server, connect
 from ..core.messages import Connection, dial, listen
 from ..core.registry import registry
+from ..core.transport import Transport
 
 CONNECT_TIMEOUT = 60.0
 """Seconds a benchmark client may take to connect: the bench measures steady state, and on
@@ -88,12 +89,11 @@ class MessageTarget(Target):
         transport = registry.get(self.scheme)
         listen_url, client_options = transport.loopback_urls(workdir)
         listener = await listen(listen_url, on_request=lambda message: message)
-        return self._client_url(listener.url, client_options), listener.close
+        return self._client_url(transport, listener.url, client_options), listener.close
 
-    def _client_url(self, bound: str, client_options: dict[str, str]) -> str:
+    def _client_url(self, transport: Transport, bound: str, client_options: dict[str, str]) -> str:
         """The URL clients dial: the bound address, the transport's client options, and the
         benchmark's connect patience where the transport has its own handshake timeout."""
-        transport = registry.get(self.scheme)
         option = CONNECT_OPTIONS.get(self.scheme)
         if option is not None:
             client_options = {**client_options, option: f"{CONNECT_TIMEOUT:g}"}
@@ -136,7 +136,7 @@ class RpcTarget(MessageTarget):
         server = Server()
         server.register(EchoService(), "Echo")
         bound = await server.start(listen_url)
-        return self._client_url(bound, client_options), server.close
+        return self._client_url(transport, bound, client_options), server.close
 
     async def connect(self, info: str) -> EchoClient:
         return _RpcClient(await connect(info, max_in_flight=1024, **_PATIENT))

@@ -68,11 +68,10 @@ class MsgpackCodec(Codec):
 
     def __init__(self) -> None:
         self._packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
-        self._unpackb = _msgpack_unpackb
 
     @property
     def unchecked(self) -> tuple[Callable[[Any], Bytes], Callable[[Bytes], Any]]:
-        return self._packb, self._unpackb
+        return self._packb, _msgpack_unpackb
 
     def encode(self, obj: Any) -> Bytes:
         try:
@@ -82,7 +81,7 @@ class MsgpackCodec(Codec):
 
     def decode(self, data: Bytes) -> Any:
         try:
-            return self._unpackb(data)
+            return _msgpack_unpackb(data)
         except Exception as exc:
             raise ProtocolError(f"undecodable msgpack payload: {exc}") from None
 

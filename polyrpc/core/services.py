@@ -96,7 +96,6 @@ class ServiceRegistry:
 
     def __init__(self) -> None:
         self.methods: dict[str, Method] = {}
-        self.stats: dict[str, MethodStats] = {}
         self.started = time.time()
 
     def register(self, obj: Any, name: str | None = None) -> list[str]:
@@ -124,8 +123,7 @@ class ServiceRegistry:
     def _add(self, full: str, func: Callable[..., Any]) -> str:
         if full in self.methods:
             raise ValueError(f"{full} is already registered")
-        method = self.methods[full] = Method.wrap(full, func)
-        self.stats[full] = method.stats
+        self.methods[full] = Method.wrap(full, func)
         return full
 
     def lookup(self, name: str) -> Method:
@@ -147,6 +145,11 @@ class ServiceRegistry:
             f"unknown method {name!r}; available services: {', '.join(services) or 'none'}",
             "unknown_method",
         )
+
+    @property
+    def stats(self) -> dict[str, MethodStats]:
+        """Each method's counters, by full name."""
+        return {name: method.stats for name, method in self.methods.items()}
 
     def describe(self) -> list[dict[str, str]]:
         return [self.methods[name].describe() for name in sorted(self.methods)]
