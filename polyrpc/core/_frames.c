@@ -21,6 +21,8 @@
 #define FRAME_VERSION 1
 #define KIND_MIN 1
 #define KIND_MAX 11
+#define KIND_RESPONSE 3
+#define KIND_ERROR 4
 #define LARGE_PAYLOAD (128 << 10)
 #define INITIAL_BUFFER (256 << 10)
 #define MIN_READ 4096
@@ -34,6 +36,8 @@ static PyObject *empty_bytes;        /* b"" */
 static PyObject *empty_metadata;     /* the shared {} of frames without metadata */
 static PyObject *method_bytes_cache; /* encoder: method str -> UTF-8 bytes */
 static PyObject *frames_module;      /* polyrpc.core.frames, imported on first use */
+static PyObject *str_done;           /* "done" */
+static PyObject *str_set_result;     /* "set_result" */
 
 /* ------------------------------------------------------------------ helpers */
 
@@ -295,6 +299,11 @@ typedef struct {
     PyObject *last_method;
     PyObject *broken;       /* the ProtocolError that broke the decoder, or NULL */
     WindowObject *window;   /* exports the writable tail for get_buffer */
+    unsigned long long bytes_received;
+    /* routing for received(): see route() */
+    PyObject *on_frames, *on_error; /* callables, NULL until route() */
+    PyObject *replies;              /* dict seq -> future, or NULL */
+    PyObject *hold;                 /* a sized object: while non-empty, replies go to on_frames */
 } DecoderObject;
 
 /* get_buffer returns memoryview(window): the window's buffer export forwards to the
@@ -454,6 +463,10 @@ Decoder_traverse(DecoderObject *d, visitproc visit, void *arg)
     Py_VISIT(d->last_raw);
     Py_VISIT(d->last_method);
     Py_VISIT(d->broken);
+    Py_VISIT(d->on_frames);
+    Py_VISIT(d->on_error);
+    Py_VISIT(d->replies);
+    Py_VISIT(d->hold);
     return 0;
 }
 
@@ -468,6 +481,10 @@ Decoder_clear(DecoderObject *d)
     Py_CLEAR(d->last_raw);
     Py_CLEAR(d->last_method);
     Py_CLEAR(d->broken);
+    Py_CLEAR(d->on_frames);
+    Py_CLEAR(d->on_error);
+    Py_CLEAR(d->replies);
+    Py_CLEAR(d->hold);
     return 0;
 }
 
@@ -839,6 +856,7 @@ decoder_parse(DecoderObject *d, PyObject *out)
 static int
 decoder_updated(DecoderObject *d, Py_ssize_t nbytes, PyObject *out)
 {
+    d->bytes_received += (unsigned long long)nbytes;
     if (d->large != NULL) {
         d->large_filled += nbytes;
         if (d->large_filled < PyByteArray_GET_SIZE(d->large))
@@ -899,8 +917,9 @@ PyDoc_STRVAR(buffer_updated_doc,
              "buffer_updated(nbytes)\n--\n\n"
              "``nbytes`` were written into the last get_buffer(); return complete frames.");
 
+/* The frames completed by ``arg`` bytes written into the last get_buffer() (new list). */
 static PyObject *
-Decoder_buffer_updated(DecoderObject *d, PyObject *arg)
+decoder_filled(DecoderObject *d, PyObject *arg, const char *name)
 {
     if (decoder_ready(d) < 0)
         return NULL;
@@ -910,8 +929,8 @@ Decoder_buffer_updated(DecoderObject *d, PyObject *arg)
     Py_ssize_t room = d->large != NULL ? PyByteArray_GET_SIZE(d->large) - d->large_filled
                                        : PyByteArray_GET_SIZE(d->buf) - d->end;
     if (nbytes < 0 || nbytes > room) {
-        PyErr_Format(PyExc_ValueError,
-                     "buffer_updated(%zd): get_buffer() offered %zd bytes", nbytes, room);
+        PyErr_Format(PyExc_ValueError, "%s(%zd): get_buffer() offered %zd bytes", name, nbytes,
+                     room);
         return NULL;
     }
     PyObject *out = PyList_New(0);
@@ -922,6 +941,121 @@ Decoder_buffer_updated(DecoderObject *d, PyObject *arg)
         return NULL;
     }
     return out;
+}
+
+static PyObject *
+Decoder_buffer_updated(DecoderObject *d, PyObject *arg)
+{
+    return decoder_filled(d, arg, "buffer_updated");
+}
+
+PyDoc_STRVAR(route_doc,
+             "route(on_frames, on_error, replies=None, hold=None)\n--\n\n"
+             "Where received() delivers: a batch's leading RESPONSE and ERROR frames that\n"
+             "answer a future in ``replies`` resolve it here (while ``hold`` is empty); the\n"
+             "other frames go to on_frames(list) in order, a ProtocolError to on_error(exc).");
+
+static PyObject *
+Decoder_route(DecoderObject *d, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"on_frames", "on_error", "replies", "hold", NULL};
+    PyObject *on_frames, *on_error, *replies = Py_None, *hold = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OO:route", kwlist, &on_frames, &on_error,
+                                     &replies, &hold))
+        return NULL;
+    if (!PyCallable_Check(on_frames) || !PyCallable_Check(on_error)) {
+        PyErr_SetString(PyExc_TypeError, "route(): on_frames and on_error must be callable");
+        return NULL;
+    }
+    if (replies != Py_None && !PyDict_CheckExact(replies)) {
+        PyErr_SetString(PyExc_TypeError, "route(): replies must be a dict or None");
+        return NULL;
+    }
+    Py_XSETREF(d->on_frames, Py_NewRef(on_frames));
+    Py_XSETREF(d->on_error, Py_NewRef(on_error));
+    Py_XSETREF(d->replies, replies == Py_None ? NULL : Py_NewRef(replies));
+    Py_XSETREF(d->hold, hold == Py_None ? NULL : Py_NewRef(hold));
+    Py_RETURN_NONE;
+}
+
+/* Resolve the reply future ``frame`` answers, if routing may: 1 if done, 0 if not, -1 error. */
+static int
+decoder_resolve(DecoderObject *d, PyObject *frame)
+{
+    FrameObject *f = (FrameObject *)frame;
+    long kind = PyLong_AsLong(f->kind);
+    if (kind != KIND_RESPONSE && kind != KIND_ERROR)
+        return 0;
+    if (d->hold != NULL) {
+        Py_ssize_t held = PyObject_Size(d->hold);
+        if (held != 0)
+            return held < 0 ? -1 : 0;
+    }
+    PyObject *future = PyDict_GetItemWithError(d->replies, f->seq);
+    if (future == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    Py_INCREF(future);
+    int rc = PyDict_DelItem(d->replies, f->seq);
+    PyObject *done = rc < 0 ? NULL : PyObject_CallMethodNoArgs(future, str_done);
+    int is_done = done == NULL ? -1 : PyObject_IsTrue(done);
+    Py_XDECREF(done);
+    if (is_done == 0) {
+        PyObject *r = PyObject_CallMethodOneArg(future, str_set_result, frame);
+        is_done = r == NULL ? -1 : 1;
+        Py_XDECREF(r);
+    }
+    Py_DECREF(future);
+    return is_done < 0 ? -1 : 1;
+}
+
+PyDoc_STRVAR(received_doc,
+             "received(nbytes)\n--\n\n"
+             "buffer_updated() for a socket: the completed frames are delivered as route() says.");
+
+static PyObject *
+Decoder_received(DecoderObject *d, PyObject *arg)
+{
+    if (d->on_frames == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "FrameDecoder.received() needs route() first");
+        return NULL;
+    }
+    PyObject *frames = decoder_filled(d, arg, "received");
+    if (frames == NULL) {
+        if (!PyErr_ExceptionMatches(ProtocolError))
+            return NULL;
+        PyObject *type, *exc, *tb;
+        PyErr_Fetch(&type, &exc, &tb);
+        PyErr_NormalizeException(&type, &exc, &tb);
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        PyObject *r = PyObject_CallOneArg(d->on_error, exc);
+        Py_XDECREF(exc);
+        return r;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(frames), i = 0;
+    if (d->replies != NULL) {
+        for (; i < n; i++) {
+            int resolved = decoder_resolve(d, PyList_GET_ITEM(frames, i));
+            if (resolved < 0) {
+                Py_DECREF(frames);
+                return NULL;
+            }
+            if (!resolved)
+                break;
+        }
+    }
+    if (i == n) {
+        Py_DECREF(frames);
+        Py_RETURN_NONE;
+    }
+    if (i) {
+        Py_SETREF(frames, PyList_GetSlice(frames, i, n));
+        if (frames == NULL)
+            return NULL;
+    }
+    PyObject *r = PyObject_CallOneArg(d->on_frames, frames);
+    Py_DECREF(frames);
+    return r;
 }
 
 PyDoc_STRVAR(feed_doc, "feed(data)\n--\n\nAdd received bytes; return the frames they complete.");
@@ -971,6 +1105,12 @@ Decoder_get_pending_bytes(DecoderObject *d, void *closure)
 }
 
 static PyObject *
+Decoder_get_bytes_received(DecoderObject *d, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(d->bytes_received);
+}
+
+static PyObject *
 Decoder_get_limits(DecoderObject *d, void *closure)
 {
     if (decoder_ready(d) < 0)
@@ -1016,6 +1156,8 @@ Decoder_get_buf(DecoderObject *d, void *closure)
 static PyGetSetDef Decoder_getset[] = {
     {"pending_bytes", (getter)Decoder_get_pending_bytes, NULL,
      "Bytes of an incomplete frame held (non-zero at EOF means a truncated frame).", NULL},
+    {"bytes_received", (getter)Decoder_get_bytes_received, NULL,
+     "Bytes given to this decoder so far (read into get_buffer() or fed).", NULL},
     {"limits", (getter)Decoder_get_limits, (setter)Decoder_set_limits,
      "The Limits checked against every header.", NULL},
     {"broken", (getter)Decoder_get_broken, (setter)Decoder_set_broken,
@@ -1029,6 +1171,8 @@ static PyMethodDef Decoder_methods[] = {
      METH_FASTCALL | METH_KEYWORDS, get_buffer_doc},
     {"buffer_updated", (PyCFunction)Decoder_buffer_updated, METH_O, buffer_updated_doc},
     {"feed", (PyCFunction)Decoder_feed, METH_O, feed_doc},
+    {"route", (PyCFunction)(void (*)(void))Decoder_route, METH_VARARGS | METH_KEYWORDS, route_doc},
+    {"received", (PyCFunction)Decoder_received, METH_O, received_doc},
     {NULL},
 };
 
@@ -1435,7 +1579,10 @@ PyInit__frames(void)
         empty_bytes = PyBytes_FromStringAndSize("", 0);
         empty_metadata = PyDict_New();
         method_bytes_cache = PyDict_New();
-        if (!empty_str || !empty_bytes || !empty_metadata || !method_bytes_cache)
+        str_done = PyUnicode_InternFromString("done");
+        str_set_result = PyUnicode_InternFromString("set_result");
+        if (!empty_str || !empty_bytes || !empty_metadata || !method_bytes_cache || !str_done ||
+            !str_set_result)
             return NULL;
     }
     PyObject *m = PyModule_Create(&frames_moduledef);

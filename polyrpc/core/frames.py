@@ -20,9 +20,10 @@ buffer is allocated for it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, NamedTuple
@@ -61,6 +62,7 @@ class Kind(IntEnum):
 
 
 _KINDS = frozenset(int(k) for k in Kind)
+_REPLY_KINDS = (int(Kind.RESPONSE), int(Kind.ERROR))
 
 FLAG_REPLY = 0x01
 """HELLO/HEARTBEAT: this frame answers the peer's."""
@@ -233,6 +235,12 @@ class FrameDecoder:
         self._large_frame: Frame | None = None
         self._methods: dict[bytes, str] = {}
         self.broken: ProtocolError | None = None
+        self.bytes_received = 0
+        """Bytes given to this decoder so far (read into get_buffer() or fed)."""
+        self._on_frames: Callable[[list[Frame]], object] | None = None
+        self._on_error: Callable[[ProtocolError], object] | None = None
+        self._replies: dict[int, asyncio.Future[Frame]] | None = None
+        self._hold: Sized | None = None
 
     @property
     def pending_bytes(self) -> int:
@@ -253,6 +261,7 @@ class FrameDecoder:
 
     def buffer_updated(self, nbytes: int) -> list[Frame]:
         """``nbytes`` were written into the last :meth:`get_buffer`; return complete frames."""
+        self.bytes_received += nbytes
         if self._large is not None:
             self._large_filled += nbytes
             if self._large_filled < len(self._large):
@@ -264,6 +273,49 @@ class FrameDecoder:
             return [frame]
         self._end += nbytes
         return self._parse()
+
+    # -- routing: the session's receive path -------------------------------
+    def route(
+        self,
+        on_frames: Callable[[list[Frame]], object],
+        on_error: Callable[[ProtocolError], object],
+        replies: dict[int, asyncio.Future[Frame]] | None = None,
+        hold: Sized | None = None,
+    ) -> None:
+        """Where :meth:`received` delivers: a batch's leading RESPONSE and ERROR frames that
+        answer a future in ``replies`` resolve it here (while ``hold`` is empty); the other
+        frames go to ``on_frames(list)`` in order, a ProtocolError to ``on_error(exc)``."""
+        if not callable(on_frames) or not callable(on_error):
+            raise TypeError("route(): on_frames and on_error must be callable")
+        if replies is not None and type(replies) is not dict:
+            raise TypeError("route(): replies must be a dict or None")
+        self._on_frames, self._on_error = on_frames, on_error
+        self._replies, self._hold = replies, hold
+
+    def received(self, nbytes: int) -> object:
+        """:meth:`buffer_updated` for a socket: the frames are delivered as :meth:`route` says
+        (most replies never reach Python code in the C implementation)."""
+        if self._on_frames is None or self._on_error is None:
+            raise RuntimeError("FrameDecoder.received() needs route() first")
+        try:
+            frames = self.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            return self._on_error(exc)
+        done = 0
+        replies = self._replies
+        if replies is not None:
+            for frame in frames:
+                if frame.kind not in _REPLY_KINDS or (self._hold is not None and len(self._hold)):
+                    break
+                future = replies.pop(frame.seq, None)
+                if future is None:
+                    break
+                if not future.done():
+                    future.set_result(frame)
+                done += 1
+        if done == len(frames):
+            return None
+        return self._on_frames(frames[done:] if done else frames)
 
     # -- plain path --------------------------------------------------------
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -106,8 +106,11 @@ class Session:
         self.peer_info: dict[str, str] = {}
         self.loop = asyncio.get_running_loop()
         self._decoder = FrameDecoder(config.limits)
-        self._decoder_updated = self._decoder.buffer_updated
-        self.get_buffer = self._decoder.get_buffer  # type: ignore[method-assign]  # hot path
+        # the receiving side of asyncio's BufferedProtocol: a socket reads straight into the
+        # decoder, which hands the frames to _dispatch itself (and resolves plain replies)
+        self._decoder.route(self._dispatch, self._protocol_failure)
+        self.get_buffer: Callable[[int], memoryview] = self._decoder.get_buffer
+        self.buffer_updated: Callable[[int], object] = self._decoder.received
         self._next_seq = 1 if is_client else 2
         """Clients number their requests odd, servers even: a seq names one exchange."""
         self._pending: dict[int, asyncio.Future[Frame]] = {}
@@ -135,12 +138,16 @@ class Session:
         self._peer_closing = False
         self.close_reason: Exception | None = None
         self._refusal: tuple[str, str] | None = None
-        self.bytes_in = 0
         self.bytes_out = 0
         self.opened_at = time.time()
         stream.set_receiver(self)
 
     # ------------------------------------------------------------------ info
+    @property
+    def bytes_in(self) -> int:
+        """Bytes received on this connection."""
+        return self._decoder.bytes_received
+
     @property
     def transport(self) -> str:
         """The transport's scheme (``tcp``, ``quic``...)."""
@@ -203,8 +210,7 @@ class Session:
                 raise ProtocolError("expected a HELLO reply from the server")
             self.peer_features = set(meta.get("features", "").split(","))
             self.peer_info = dict(meta)
-            self._handshaken = True
-            self._handshake.set_result(None)
+            self._handshake_done()
             return
         problem = self._check_hello(meta)
         if problem is not None:
@@ -223,7 +229,14 @@ class Session:
         self.peer_info = {k: v for k, v in meta.items() if k != "token"}
         reply = {"version": str(VERSION), "codec": self.codec.name, "features": FEATURES}
         self._write(encode_frame(_HELLO, 0, metadata=reply, flags=FLAG_REPLY), ordered=True)
+        self._handshake_done()
+
+    def _handshake_done(self) -> None:
         self._handshaken = True
+        # from now on the decoder resolves replies itself while nobody waits for a slot
+        self._decoder.route(
+            self._dispatch, self._protocol_failure, self._pending, self._slot_waiters
+        )
         self._handshake.set_result(None)
 
     def refuse(self, reason: str, message: str) -> None:
@@ -257,20 +270,7 @@ class Session:
         self.abort(exc)
 
     # ---------------------------------------------------------- receive side
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._decoder.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.bytes_in += nbytes
-        try:
-            frames = self._decoder_updated(nbytes)
-        except ProtocolError as exc:
-            self._protocol_failure(exc)
-            return
-        self._dispatch(frames)
-
     def data_received(self, data: Buffer) -> None:
-        self.bytes_in += len(data)
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:

@@ -79,10 +79,10 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
         return self._half_close and not self._eof_sent
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.writing_paused = True
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self.writing_paused = False
         self._wake_drain(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
