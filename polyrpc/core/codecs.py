@@ -7,7 +7,6 @@ connection's negotiated codec.
 
 from __future__ import annotations
 
-import functools
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -57,9 +56,9 @@ class RawCodec(Codec):
         return data if type(data) is bytes else bytes(data)
 
 
-_msgpack_unpackb = functools.partial(msgpack.unpackb, strict_map_key=False)
-"""msgpack's unpackb as polyrpc uses it (a C partial: no Python frame per payload).
-str stays str (raw=False is msgpack 1.0's default); maps may have any hashable keys."""
+def _msgpack_unpackb(data: Bytes) -> Any:
+    # str as str (raw=False) is msgpack 1.0's default; maps may have any hashable keys
+    return msgpack.unpackb(data, strict_map_key=False)
 
 
 class MsgpackCodec(Codec):

@@ -26,8 +26,8 @@ from .eager import coroutine_step
 from .errors import CallTimeout, ConnectionLost, ProtocolError, RemoteError
 from .frames import FLAG_ARG_STREAM, FLAG_STREAM, Frame, Kind, encode_frame, encode_plain
 from .services import Method, ServiceRegistry
-from .session import Session, SessionConfig
-from .stream import Stream
+from .session import BYTES_LIKE, Session, SessionConfig
+from .stream import Buffer, Stream
 
 log = logging.getLogger("polyrpc")
 
@@ -312,11 +312,20 @@ class RpcConnection(Session):
         self._encode_unchecked, self._decode_unchecked = self.codec.unchecked
 
     # ----------------------------------------------------------- calling
-    def _encode_call(self, args: tuple, kwargs: dict) -> bytes:
+    def _encode_call(self, args: tuple, kwargs: dict) -> tuple[Buffer, int]:
+        """(payload, codec id) of a call's arguments: a lone bytes-like argument travels raw
+        (no encoding, no copy) when the peer understands that, the rest as ``[args, kwargs]``."""
+        if (
+            len(args) == 1
+            and not kwargs
+            and isinstance(args[0], BYTES_LIKE)
+            and "rawarg" in self.peer_features
+        ):
+            return args[0], 0
         try:
-            return self._encode_unchecked((args, kwargs))  # every codec sends tuples as lists
+            return self._encode_unchecked((args, kwargs)), self._codec_id  # tuples go as lists
         except Exception as exc:
-            raise TypeError(f"cannot send these arguments: {exc}") from None
+            raise _unsendable(exc) from None
 
     async def _send_call(
         self,
@@ -339,10 +348,10 @@ class RpcConnection(Session):
             args = (*args[:streamed], None, *args[streamed + 1 :])
             metadata = {**(metadata or {}), "argstream": str(streamed)}
             flags |= FLAG_ARG_STREAM
-        payload = self._encode_call(args, kwargs)
+        payload, codec = self._encode_call(args, kwargs)
         if len(self._pending) >= self._max_in_flight:
             await self.wait_for_slot()
-        seq, future = self.begin_request(payload, method, metadata, timeout, flags, encoded=True)
+        seq, future = self.begin_request(payload, method, metadata, timeout, flags, codec)
         sender = None
         if streamed is not None:
             state = _IncomingCall()
@@ -386,17 +395,15 @@ class RpcConnection(Session):
             streamed = False
         if streamed or len(self._pending) >= self._max_in_flight:
             seq, future, _ = await self._send_call(method, args, kwargs, timeout, metadata)
-        elif timeout is not None or metadata or not self._accepting:
-            payload = self._encode_call(args, kwargs)
-            seq, future = self.begin_request(payload, method, metadata, timeout, 0, encoded=True)
-        else:  # the common case: begin_request's work inlined, no extra call levels
-            payload = self._encode_call(args, kwargs)
-            seq = self._next_seq
-            self._next_seq = seq + 2
-            future = self._pending[seq] = self.loop.create_future()
-            self._write(
-                encode_frame(_REQUEST, seq, payload, method=method, codec=self._codec_id), False
-            )
+        else:
+            payload, codec = self._encode_call(args, kwargs)
+            if timeout is not None or metadata or not self._accepting:
+                seq, future = self.begin_request(payload, method, metadata, timeout, 0, codec)
+            else:  # the common case: begin_request's work inlined, no extra call levels
+                seq = self._next_seq
+                self._next_seq = seq + 2
+                future = self._pending[seq] = self.loop.create_future()
+                self._write(encode_frame(_REQUEST, seq, payload, method=method, codec=codec), False)
         try:
             if self.byte_stream.writing_paused:
                 await self.wait_writable()
@@ -417,7 +424,8 @@ class RpcConnection(Session):
 
     async def notify(self, method: str, *args: Any, **kwargs: Any) -> None:
         """Call ``method`` one-way: no reply, errors are only logged by the peer."""
-        self.send_oneway(self._encode_call(args, kwargs), method=method, encoded=True)
+        payload, codec = self._encode_call(args, kwargs)
+        self.send_oneway(payload, method=method, codec=codec)
         if self.byte_stream.writing_paused:
             await self.wait_writable()
 
@@ -529,10 +537,23 @@ class RpcConnection(Session):
         try:
             return self._decode_unchecked(frame.payload)
         except Exception as exc:
-            raise ProtocolError(f"undecodable {self.codec.name} payload: {exc}") from None
+            raise self._undecodable(exc) from None
+
+    def _undecodable(self, exc: Exception) -> ProtocolError:
+        return ProtocolError(f"undecodable {self.codec.name} payload: {exc}")
 
     def _decode_arguments(self, frame: Frame) -> tuple[list, dict]:
-        body = self._decode_payload(frame)
+        codec = frame.codec
+        if codec == self._codec_id:  # _decode_payload, inlined: one call level less
+            try:
+                body = self._decode_unchecked(frame.payload)
+            except Exception as exc:
+                raise self._undecodable(exc) from None
+        elif codec == 0:  # a lone bytes argument, sent raw
+            payload = frame.payload
+            return [payload if type(payload) is bytes else bytes(payload)], {}
+        else:
+            body = self.decode(frame)
         if type(body) is list and len(body) == 2:
             args, kwargs = body
             if type(args) is list and type(kwargs) is dict:
@@ -781,6 +802,10 @@ class RpcConnection(Session):
         for state in self._arg_senders.values():
             if state.credit_event is not None:
                 state.credit_event.set()
+
+
+def _unsendable(exc: Exception) -> TypeError:
+    return TypeError(f"cannot send these arguments: {exc}")
 
 
 async def _aiter_sync(items: Iterable[Any]) -> AsyncIterator[Any]:

@@ -40,7 +40,7 @@ from .timeouts import DeadlineWheel
 
 log = logging.getLogger("polyrpc")
 
-FEATURES = "cancel,stream,credit,goaway"
+FEATURES = "cancel,stream,credit,goaway,rawarg"
 """What this implementation supports, announced in HELLO."""
 
 # plain ints: compared on every frame
@@ -50,7 +50,8 @@ _REQUEST, _RESPONSE, _ERROR, _ONEWAY = (
 _HEARTBEAT, _HELLO, _GOAWAY, _CANCEL = (
     int(k) for k in (Kind.HEARTBEAT, Kind.HELLO, Kind.GOAWAY, Kind.CANCEL)
 )
-_BYTES = (bytes, bytearray, memoryview)
+BYTES_LIKE = (bytes, bytearray, memoryview)
+"""Payload types sent raw (codec 0): no encoding, no copy."""
 FLUSH_BUFFERS = 256
 """Queued buffers that trigger a write before the end of the loop turn."""
 FLUSH_BYTES = 64 << 10
@@ -121,6 +122,8 @@ class Session:
         self._out_ordered = False
         self._flush_handle: asyncio.Handle | None = None
         self._in_receive = False
+        self._in_lone_request = False
+        """Serving a request that came alone: its reply is written at once, nothing batched."""
         self._deadlines = DeadlineWheel()
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._heartbeat_timer: asyncio.TimerHandle | None = None
@@ -280,6 +283,17 @@ class Session:
 
     def _dispatch(self, frames: list[Frame]) -> None:
         """Handle frames in order; replies written meanwhile go out in one write afterwards."""
+        if len(frames) == 1 and self._handshaken and frames[0].kind == _REQUEST:
+            # a lone request (one call in flight): there is nothing to batch its reply with,
+            # so the reply leaves as soon as it is written, before the handler's bookkeeping
+            self._in_lone_request = True
+            try:
+                self.on_request(frames[0])
+            except ProtocolError as exc:
+                self._protocol_failure(exc)
+            finally:
+                self._in_lone_request = False
+            return
         self._in_receive = True
         try:
             for frame in frames:
@@ -406,7 +420,7 @@ class Session:
     # ------------------------------------------------------------ send side
     def encode(self, obj: Any) -> tuple[Buffer, int]:
         """(payload, codec id): bytes-like objects go raw, the rest with the session codec."""
-        if isinstance(obj, _BYTES):
+        if isinstance(obj, BYTES_LIKE):
             return obj, 0
         return self.codec.encode(obj), self.codec.id
 
@@ -440,9 +454,14 @@ class Session:
             return
         if self._gone:
             raise self.lost_error()
-        self.bytes_out += len(buffers[0]) if len(buffers) == 1 else sum(map(len, buffers))
-        self.byte_stream.write(buffers, ordered=ordered)
-        if not self._pending:
+        write_now = self.byte_stream.write_now
+        if write_now is not None and len(buffers) == 1:
+            self.bytes_out += len(buffers[0])
+            write_now(buffers[0])
+        else:
+            self.bytes_out += sum(map(len, buffers))
+            self.byte_stream.write(buffers, ordered=ordered)
+        if not self._pending and not self._in_lone_request:
             # not a lone request: batch whatever else is written in this loop turn
             self._flush_handle = self.loop.call_soon(self._flush)
 
@@ -453,7 +472,12 @@ class Session:
         out, self._out = self._out, []
         ordered, self._out_ordered = self._out_ordered, False
         if out and not self._gone:
-            self.bytes_out += len(out[0]) if len(out) == 1 else sum(map(len, out))
+            write_now = self.byte_stream.write_now
+            if write_now is not None and len(out) == 1:
+                self.bytes_out += len(out[0])
+                write_now(out[0])
+                return
+            self.bytes_out += sum(map(len, out))
             try:  # noqa: SIM105 - contextlib.suppress costs three calls on the hot path
                 self.byte_stream.write(out, ordered=ordered)
             except ConnectionLost:
@@ -492,16 +516,16 @@ class Session:
         metadata: dict[str, str] | None = None,
         timeout: float | None = None,
         flags: int = 0,
-        encoded: bool = False,
+        codec: int | None = None,
     ) -> tuple[int, asyncio.Future[Frame]]:
         """Write a REQUEST now (the caller checked the window); returns (seq, reply future).
 
-        ``encoded``: ``obj`` is already a payload in the session codec.
+        ``codec``: ``obj`` is already a payload encoded with the codec of this id.
         """
         self._check_open()
-        if encoded:
-            payload, codec = obj, self.codec.id
-        elif isinstance(obj, _BYTES):
+        if codec is not None:
+            payload = obj
+        elif isinstance(obj, BYTES_LIKE):
             payload, codec = obj, 0
         else:
             payload, codec = self.codec.encode(obj), self.codec.id
@@ -606,7 +630,7 @@ class Session:
         """Answer request ``seq`` with ``obj`` (an error frame if it cannot be encoded)."""
         if self._gone:
             return
-        if isinstance(obj, _BYTES):
+        if isinstance(obj, BYTES_LIKE):
             self._write(encode_plain(_RESPONSE, seq, obj, 0, flags), ordered=False)
             return
         try:
@@ -632,11 +656,12 @@ class Session:
         *,
         method: str = "",
         metadata: dict[str, str] | None = None,
-        encoded: bool = False,
+        codec: int | None = None,
     ) -> None:
-        """Queue a one-way message (no reply). Callers await :meth:`wait_writable` after."""
+        """Queue a one-way message (no reply); ``codec``: ``obj`` is a payload encoded with
+        the codec of this id. Callers await :meth:`wait_writable` after."""
         self._check_open()
-        payload, codec = (obj, self.codec.id) if encoded else self.encode(obj)
+        payload, codec = (obj, codec) if codec is not None else self.encode(obj)
         self._write(
             encode_frame(_ONEWAY, 0, payload, method=method, metadata=metadata, codec=codec)
         )

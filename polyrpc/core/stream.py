@@ -95,6 +95,11 @@ class Stream(ABC):
         not a property: the session checks it on every call."""
         self._lost: Exception | None = None
         self._closed = False
+        self.write_now: Callable[[Buffer], object] | None = None
+        """A single-stream transport may offer a callable that sends one whole buffer at once
+        (the socket transports: asyncio's own ``transport.write``), so the session's lone
+        frames run no Python code of the stream. It must be None whenever :meth:`write`
+        would refuse (closing, closed, lost, after ``write_eof``)."""
 
     # -- receiving ---------------------------------------------------------
     def set_receiver(self, receiver: StreamReceiver) -> None:
