@@ -591,3 +591,33 @@ def test_received_reports_protocol_errors_and_counts_bytes(impl):
     assert decoder.bytes_received == 5 + 32
     assert len(errors) == 1 and isinstance(errors[0], ProtocolError)
     assert decoder.broken is errors[0]
+
+
+@both
+def test_a_lone_request_goes_to_on_request_while_serving_one_is_set(impl):
+    decoder = impl.FrameDecoder()
+    served, batches, errors = [], [], []
+
+    def on_request(frame):
+        served.append((normalise([frame]), decoder.serving_one))
+        if frame.seq == 6:
+            raise ProtocolError("bad request")
+
+    decoder.route(batches.append, errors.append, {}, None, on_request)
+    request = PYTHON.Frame(Kind.REQUEST, 2, payload=b"q")
+    receive(decoder, wire([request]))
+    decoder.received_data(wire([PYTHON.Frame(Kind.REQUEST, 4)]))
+    assert served == [
+        (normalise([request]), True),
+        (normalise([PYTHON.Frame(Kind.REQUEST, 4)]), True),
+    ]
+    assert decoder.serving_one is False and batches == []
+    # two requests together, or a lone frame of another kind, are a batch for on_frames
+    decoder.received_data(wire([request, request]))
+    receive(decoder, wire([PYTHON.Frame(Kind.ONEWAY, 0)]))
+    assert [len(batch) for batch in batches] == [2, 1] and len(served) == 2
+    # a ProtocolError while serving goes where the decoder's own would
+    receive(decoder, wire([PYTHON.Frame(Kind.REQUEST, 6)]))
+    assert [str(e) for e in errors] == ["bad request"] and decoder.serving_one is False
+    with pytest.raises(TypeError, match="callable"):
+        decoder.route(print, print, None, None, 42)

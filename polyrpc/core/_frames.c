@@ -21,6 +21,7 @@
 #define FRAME_VERSION 1
 #define KIND_MIN 1
 #define KIND_MAX 11
+#define KIND_REQUEST 2
 #define KIND_RESPONSE 3
 #define KIND_ERROR 4
 #define LARGE_PAYLOAD (128 << 10)
@@ -304,6 +305,8 @@ typedef struct {
     PyObject *on_frames, *on_error; /* callables, NULL until route() */
     PyObject *replies;              /* dict seq -> future, or NULL */
     PyObject *hold;                 /* a sized object: while non-empty, replies go to on_frames */
+    PyObject *on_request;           /* callable for a REQUEST that arrives alone, or NULL */
+    char serving_one;               /* true while on_request serves such a lone request */
 } DecoderObject;
 
 /* get_buffer returns memoryview(window): the window's buffer export forwards to the
@@ -467,6 +470,7 @@ Decoder_traverse(DecoderObject *d, visitproc visit, void *arg)
     Py_VISIT(d->on_error);
     Py_VISIT(d->replies);
     Py_VISIT(d->hold);
+    Py_VISIT(d->on_request);
     return 0;
 }
 
@@ -485,6 +489,7 @@ Decoder_clear(DecoderObject *d)
     Py_CLEAR(d->on_error);
     Py_CLEAR(d->replies);
     Py_CLEAR(d->hold);
+    Py_CLEAR(d->on_request);
     return 0;
 }
 
@@ -950,21 +955,24 @@ Decoder_buffer_updated(DecoderObject *d, PyObject *arg)
 }
 
 PyDoc_STRVAR(route_doc,
-             "route(on_frames, on_error, replies=None, hold=None)\n--\n\n"
-             "Where received() delivers: a batch's leading RESPONSE and ERROR frames that\n"
-             "answer a future in ``replies`` resolve it here (while ``hold`` is empty); the\n"
+             "route(on_frames, on_error, replies=None, hold=None, on_request=None)\n--\n\n"
+             "Where received() and received_data() deliver: a batch's leading RESPONSE and\n"
+             "ERROR frames that answer a future in ``replies`` resolve it here (while ``hold``\n"
+             "is empty); a REQUEST left alone goes to on_request(frame) with serving_one set;\n"
              "other frames go to on_frames(list) in order, a ProtocolError to on_error(exc).");
 
 static PyObject *
 Decoder_route(DecoderObject *d, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"on_frames", "on_error", "replies", "hold", NULL};
-    PyObject *on_frames, *on_error, *replies = Py_None, *hold = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OO:route", kwlist, &on_frames, &on_error,
-                                     &replies, &hold))
+    static char *kwlist[] = {"on_frames", "on_error", "replies", "hold", "on_request", NULL};
+    PyObject *on_frames, *on_error, *replies = Py_None, *hold = Py_None, *on_request = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOO:route", kwlist, &on_frames, &on_error,
+                                     &replies, &hold, &on_request))
         return NULL;
-    if (!PyCallable_Check(on_frames) || !PyCallable_Check(on_error)) {
-        PyErr_SetString(PyExc_TypeError, "route(): on_frames and on_error must be callable");
+    if (!PyCallable_Check(on_frames) || !PyCallable_Check(on_error) ||
+        (on_request != Py_None && !PyCallable_Check(on_request))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "route(): on_frames, on_error and on_request must be callable");
         return NULL;
     }
     if (replies != Py_None && !PyDict_CheckExact(replies)) {
@@ -975,6 +983,7 @@ Decoder_route(DecoderObject *d, PyObject *args, PyObject *kwds)
     Py_XSETREF(d->on_error, Py_NewRef(on_error));
     Py_XSETREF(d->replies, replies == Py_None ? NULL : Py_NewRef(replies));
     Py_XSETREF(d->hold, hold == Py_None ? NULL : Py_NewRef(hold));
+    Py_XSETREF(d->on_request, on_request == Py_None ? NULL : Py_NewRef(on_request));
     Py_RETURN_NONE;
 }
 
@@ -1008,18 +1017,11 @@ decoder_resolve(DecoderObject *d, PyObject *frame)
     return is_done < 0 ? -1 : 1;
 }
 
-PyDoc_STRVAR(received_doc,
-             "received(nbytes)\n--\n\n"
-             "buffer_updated() for a socket: the completed frames are delivered as route() says.");
-
+/* Deliver completed frames (consumed) as route() says; a NULL list means the decoder
+ * failed: a ProtocolError goes to on_error, anything else propagates. */
 static PyObject *
-Decoder_received(DecoderObject *d, PyObject *arg)
+decoder_deliver(DecoderObject *d, PyObject *frames)
 {
-    if (d->on_frames == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "FrameDecoder.received() needs route() first");
-        return NULL;
-    }
-    PyObject *frames = decoder_filled(d, arg, "received");
     if (frames == NULL) {
         if (!PyErr_ExceptionMatches(ProtocolError))
             return NULL;
@@ -1048,6 +1050,17 @@ Decoder_received(DecoderObject *d, PyObject *arg)
         Py_DECREF(frames);
         Py_RETURN_NONE;
     }
+    PyObject *last = PyList_GET_ITEM(frames, n - 1);
+    if (i == n - 1 && d->on_request != NULL &&
+        PyLong_AsLong(((FrameObject *)last)->kind) == KIND_REQUEST) {
+        Py_INCREF(last);
+        Py_DECREF(frames);
+        d->serving_one = 1;
+        PyObject *r = PyObject_CallOneArg(d->on_request, last);
+        d->serving_one = 0;
+        Py_DECREF(last);
+        return r == NULL ? decoder_deliver(d, NULL) : r;
+    }
     if (i) {
         Py_SETREF(frames, PyList_GetSlice(frames, i, n));
         if (frames == NULL)
@@ -1056,6 +1069,42 @@ Decoder_received(DecoderObject *d, PyObject *arg)
     PyObject *r = PyObject_CallOneArg(d->on_frames, frames);
     Py_DECREF(frames);
     return r;
+}
+
+static int
+decoder_routed(DecoderObject *d, const char *name)
+{
+    if (d->on_frames != NULL)
+        return 0;
+    PyErr_Format(PyExc_RuntimeError, "FrameDecoder.%s() needs route() first", name);
+    return -1;
+}
+
+PyDoc_STRVAR(received_doc,
+             "received(nbytes)\n--\n\n"
+             "buffer_updated() for a socket: the completed frames are delivered as route() says.");
+
+static PyObject *
+Decoder_received(DecoderObject *d, PyObject *arg)
+{
+    if (decoder_routed(d, "received") < 0)
+        return NULL;
+    return decoder_deliver(d, decoder_filled(d, arg, "received"));
+}
+
+PyDoc_STRVAR(received_data_doc,
+             "received_data(data)\n--\n\n"
+             "feed() for a stream that hands over bytes: the frames are delivered as route() says.");
+
+static PyObject *
+Decoder_feed(DecoderObject *d, PyObject *data);
+
+static PyObject *
+Decoder_received_data(DecoderObject *d, PyObject *data)
+{
+    if (decoder_routed(d, "received_data") < 0)
+        return NULL;
+    return decoder_deliver(d, Decoder_feed(d, data));
 }
 
 PyDoc_STRVAR(feed_doc, "feed(data)\n--\n\nAdd received bytes; return the frames they complete.");
@@ -1173,6 +1222,14 @@ static PyMethodDef Decoder_methods[] = {
     {"feed", (PyCFunction)Decoder_feed, METH_O, feed_doc},
     {"route", (PyCFunction)(void (*)(void))Decoder_route, METH_VARARGS | METH_KEYWORDS, route_doc},
     {"received", (PyCFunction)Decoder_received, METH_O, received_doc},
+    {"received_data", (PyCFunction)Decoder_received_data, METH_O, received_data_doc},
+    {NULL},
+};
+
+static PyMemberDef Decoder_members[] = {
+    {"serving_one", T_BOOL, offsetof(DecoderObject, serving_one), 0,
+     "True while route()'s on_request serves a request that arrived alone (its reply can\n"
+     "go out at once: there is nothing to batch it with)."},
     {NULL},
 };
 
@@ -1190,6 +1247,7 @@ static PyTypeObject DecoderType = {
     .tp_traverse = (traverseproc)Decoder_traverse,
     .tp_clear = (inquiry)Decoder_clear,
     .tp_methods = Decoder_methods,
+    .tp_members = Decoder_members,
     .tp_getset = Decoder_getset,
 };
 
@@ -1542,6 +1600,352 @@ coroutine_step(PyObject *module, PyObject *coro)
     return pair;
 }
 
+/* ============================================================== EagerServer */
+
+/* The usual RPC call served without Python code of polyrpc's own: an async handler whose
+ * first step finishes, called with plain arguments. Reference: RpcConnection.on_request
+ * (polyrpc/core/rpc.py), which every other call is handed to, unchanged. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *connection;        /* the RpcConnection: the call context's first item */
+    PyObject *reference;         /* the Python on_request: serves what this does not */
+    PyObject *methods;           /* dict: name -> Method */
+    PyObject *incoming;          /* dict: calls still running; its size is checked */
+    Py_ssize_t max_calls;
+    long codec_id;
+    PyObject *decode;            /* the session codec's unchecked decode */
+    PyObject *context;           /* the ContextVar holding (connection, frame, started) */
+    PyObject *perf_counter;      /* time.perf_counter */
+    PyObject *write;             /* connection._write */
+    PyObject *respond;           /* connection.respond: results that are not bytes */
+    PyObject *report_failure;    /* connection._report_failure */
+    PyObject *continue_call;     /* connection._continue_eagerly: a handler that suspended */
+} EagerServerObject;
+
+static PyObject *long_one; /* 1 */
+static PyObject *str_kind, *str_async, *str_func, *str_stats, *str_calls, *str_durations,
+    *str_append, *str_gone, *str_timeout;
+
+static PyObject *
+eager_fallback(EagerServerObject *self, PyObject *frame)
+{
+    return PyObject_CallOneArg(self->reference, frame);
+}
+
+/* (args tuple, kwargs dict or NULL) of a call frame; 0 to fall back (no exception), -1 error. */
+static int
+eager_arguments(EagerServerObject *self, FrameObject *f, PyObject **args, PyObject **kwargs)
+{
+    long codec = PyLong_AsLong(f->codec);
+    *kwargs = NULL;
+    if (codec == 0) { /* a lone bytes argument, sent raw */
+        PyObject *payload = PyBytes_CheckExact(f->payload) ? Py_NewRef(f->payload)
+                                                           : PyBytes_FromObject(f->payload);
+        if (payload == NULL)
+            return -1;
+        *args = PyTuple_Pack(1, payload);
+        Py_DECREF(payload);
+        return *args == NULL ? -1 : 1;
+    }
+    if (codec != self->codec_id)
+        return 0;
+    PyObject *body = PyObject_CallOneArg(self->decode, f->payload);
+    if (body == NULL) {
+        PyErr_Clear(); /* the reference decodes again and reports the error */
+        return 0;
+    }
+    int shaped = PyList_CheckExact(body) && PyList_GET_SIZE(body) == 2 &&
+                 PyList_CheckExact(PyList_GET_ITEM(body, 0)) &&
+                 PyDict_CheckExact(PyList_GET_ITEM(body, 1));
+    if (!shaped) {
+        Py_DECREF(body);
+        return 0;
+    }
+    *args = PyList_AsTuple(PyList_GET_ITEM(body, 0));
+    if (*args != NULL && PyDict_GET_SIZE(PyList_GET_ITEM(body, 1)))
+        *kwargs = Py_NewRef(PyList_GET_ITEM(body, 1));
+    Py_DECREF(body);
+    return *args == NULL ? -1 : 1;
+}
+
+/* method.stats: calls += 1, durations.append(perf_counter() - started). */
+static int
+eager_record(EagerServerObject *self, PyObject *method, PyObject *started)
+{
+    PyObject *stats = PyObject_GetAttr(method, str_stats);
+    if (stats == NULL)
+        return -1;
+    int rc = -1;
+    PyObject *calls = PyObject_GetAttr(stats, str_calls);
+    PyObject *more = calls ? PyNumber_Add(calls, long_one) : NULL;
+    if (more == NULL || PyObject_SetAttr(stats, str_calls, more) < 0)
+        goto done;
+    PyObject *now = PyObject_CallNoArgs(self->perf_counter);
+    PyObject *elapsed = now ? PyNumber_Subtract(now, started) : NULL;
+    PyObject *durations = elapsed ? PyObject_GetAttr(stats, str_durations) : NULL;
+    PyObject *r = durations ? PyObject_CallMethodOneArg(durations, str_append, elapsed) : NULL;
+    rc = r == NULL ? -1 : 0;
+    Py_XDECREF(r);
+    Py_XDECREF(durations);
+    Py_XDECREF(elapsed);
+    Py_XDECREF(now);
+done:
+    Py_XDECREF(more);
+    Py_XDECREF(calls);
+    Py_DECREF(stats);
+    return rc;
+}
+
+/* Send the result: bytes as a raw RESPONSE through connection._write, the rest by respond(). */
+static PyObject *
+eager_reply(EagerServerObject *self, PyObject *seq, PyObject *result)
+{
+    if (PyBytes_CheckExact(result)) {
+        PyObject *gone = PyObject_GetAttr(self->connection, str_gone);
+        if (gone == NULL)
+            return NULL;
+        int is_gone = PyObject_IsTrue(gone);
+        Py_DECREF(gone);
+        if (is_gone < 0)
+            return NULL;
+        if (!is_gone) {
+            int ok;
+            PyObject *kind = PyLong_FromLong(KIND_RESPONSE);
+            PyObject *buffers = plain(kind, seq, result, NULL, NULL, &ok);
+            Py_DECREF(kind);
+            if (buffers != NULL) {
+                PyObject *args[2] = {buffers, Py_False};
+                PyObject *r = PyObject_Vectorcall(self->write, args, 2, NULL);
+                Py_DECREF(buffers);
+                return r;
+            }
+            if (ok)
+                return NULL;
+        }
+    }
+    PyObject *args[2] = {seq, result};
+    return PyObject_Vectorcall(self->respond, args, 2, NULL);
+}
+
+/* Call the handler and take its first step, with the call context set. */
+static PyObject *
+eager_run(EagerServerObject *self, PyObject *frame, PyObject *method, PyObject *args,
+          PyObject *kwargs)
+{
+    PyObject *seq = ((FrameObject *)frame)->seq;
+    PyObject *started = PyObject_CallNoArgs(self->perf_counter);
+    if (started == NULL)
+        return NULL;
+    PyObject *value = PyTuple_Pack(3, self->connection, frame, started);
+    PyObject *token = value ? PyContextVar_Set(self->context, value) : NULL;
+    Py_XDECREF(value);
+    if (token == NULL) {
+        Py_DECREF(started);
+        return NULL;
+    }
+    PyObject *outcome = NULL, *yielded = NULL;
+    int finished = 0;
+    PyObject *func = PyObject_GetAttr(method, str_func);
+    PyObject *coro = func ? PyObject_Call(func, args, kwargs) : NULL;
+    Py_XDECREF(func);
+    if (coro != NULL) {
+        PySendResult status = PyIter_Send(coro, Py_None, &yielded);
+        if (status != PYGEN_ERROR)
+            finished = status == PYGEN_RETURN;
+        else
+            yielded = NULL;
+    }
+    if (yielded == NULL) { /* the handler raised: report it (BaseExceptions propagate) */
+        if (PyErr_ExceptionMatches(PyExc_Exception)) {
+            PyObject *type, *exc, *tb;
+            PyErr_Fetch(&type, &exc, &tb);
+            PyErr_NormalizeException(&type, &exc, &tb);
+            if (tb != NULL)
+                PyException_SetTraceback(exc, tb);
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+            PyObject *arg_list = PySequence_List(args);
+            PyObject *kw = kwargs ? Py_NewRef(kwargs) : PyDict_New();
+            if (arg_list != NULL && kw != NULL) {
+                PyObject *call[6] = {seq, method, exc, started, arg_list, kw};
+                outcome = PyObject_Vectorcall(self->report_failure, call, 6, NULL);
+            }
+            Py_XDECREF(arg_list);
+            Py_XDECREF(kw);
+            Py_XDECREF(exc);
+        }
+    }
+    else if (!finished) { /* it waits on something: the rest runs in a task */
+        PyObject *call[5] = {seq, method, coro, yielded, started};
+        outcome = PyObject_Vectorcall(self->continue_call, call, 5, NULL);
+    }
+    PyObject *error_type, *error, *error_tb; /* keep an error across the cleanup */
+    PyErr_Fetch(&error_type, &error, &error_tb);
+    int reset = PyContextVar_Reset(self->context, token);
+    Py_DECREF(token);
+    Py_XDECREF(coro);
+    if (error_type != NULL)
+        PyErr_Restore(error_type, error, error_tb);
+    else if (reset < 0)
+        Py_CLEAR(outcome);
+    if (finished) { /* the usual case: count it, then answer */
+        if (eager_record(self, method, started) == 0)
+            outcome = eager_reply(self, seq, yielded);
+    }
+    Py_XDECREF(yielded);
+    Py_DECREF(started);
+    return outcome;
+}
+
+static PyObject *
+EagerServer_vectorcall(EagerServerObject *self, PyObject *const *argv, size_t nargsf,
+                       PyObject *kwnames)
+{
+    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_SetString(PyExc_TypeError, "EagerServer takes one frame");
+        return NULL;
+    }
+    PyObject *frame = argv[0];
+    if (Py_TYPE(frame) != &FrameType)
+        return eager_fallback(self, frame);
+    FrameObject *f = (FrameObject *)frame;
+    if (PyDict_GET_SIZE(self->incoming) >= self->max_calls || PyLong_AsLong(f->flags) != 0)
+        return eager_fallback(self, frame);
+    if (PyDict_GET_SIZE(f->metadata)) {
+        int timed = PyDict_Contains(f->metadata, str_timeout);
+        if (timed != 0)
+            return timed < 0 ? NULL : eager_fallback(self, frame);
+    }
+    PyObject *method = PyDict_GetItemWithError(self->methods, f->method);
+    if (method == NULL)
+        return PyErr_Occurred() ? NULL : eager_fallback(self, frame);
+    Py_INCREF(method);
+    PyObject *kind = PyObject_GetAttr(method, str_kind);
+    if (kind == NULL) {
+        Py_DECREF(method);
+        return NULL;
+    }
+    int is_async = kind == str_async || PyUnicode_Compare(kind, str_async) == 0;
+    Py_DECREF(kind);
+    PyObject *args = NULL, *kwargs = NULL, *outcome;
+    int usable = is_async ? eager_arguments(self, f, &args, &kwargs) : 0;
+    if (usable > 0)
+        outcome = eager_run(self, frame, method, args, kwargs);
+    else
+        outcome = usable < 0 ? NULL : eager_fallback(self, frame);
+    Py_XDECREF(args);
+    Py_XDECREF(kwargs);
+    Py_DECREF(method);
+    return outcome;
+}
+
+static PyObject *
+EagerServer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"connection", "reference", "context", NULL};
+    PyObject *connection, *reference, *context;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO:EagerServer", kwlist, &connection,
+                                     &reference, &context))
+        return NULL;
+    if (!PyContextVar_CheckExact(context)) {
+        PyErr_SetString(PyExc_TypeError, "EagerServer: context must be a ContextVar");
+        return NULL;
+    }
+    EagerServerObject *self = (EagerServerObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->vectorcall = (vectorcallfunc)EagerServer_vectorcall;
+    self->connection = Py_NewRef(connection);
+    self->reference = Py_NewRef(reference);
+    self->context = Py_NewRef(context);
+    PyObject *max_calls = PyObject_GetAttrString(connection, "_max_calls");
+    PyObject *codec_id = PyObject_GetAttrString(connection, "_codec_id");
+    PyObject *time_module = PyImport_ImportModule("time");
+    self->methods = PyObject_GetAttrString(connection, "_methods");
+    self->incoming = PyObject_GetAttrString(connection, "_incoming");
+    self->decode = PyObject_GetAttrString(connection, "_decode_unchecked");
+    self->write = PyObject_GetAttrString(connection, "_write");
+    self->respond = PyObject_GetAttrString(connection, "respond");
+    self->report_failure = PyObject_GetAttrString(connection, "_report_failure");
+    self->continue_call = PyObject_GetAttrString(connection, "_continue_eagerly");
+    self->perf_counter = time_module ? PyObject_GetAttrString(time_module, "perf_counter") : NULL;
+    Py_XDECREF(time_module);
+    if (max_calls != NULL)
+        self->max_calls = PyNumber_AsSsize_t(max_calls, PyExc_OverflowError);
+    if (codec_id != NULL)
+        self->codec_id = PyLong_AsLong(codec_id);
+    Py_XDECREF(max_calls);
+    Py_XDECREF(codec_id);
+    if (PyErr_Occurred()) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    if (!PyDict_CheckExact(self->methods) || !PyDict_CheckExact(self->incoming)) {
+        PyErr_SetString(PyExc_TypeError, "EagerServer: _methods and _incoming must be dicts");
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int
+EagerServer_traverse(EagerServerObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->connection);
+    Py_VISIT(self->reference);
+    Py_VISIT(self->methods);
+    Py_VISIT(self->incoming);
+    Py_VISIT(self->decode);
+    Py_VISIT(self->context);
+    Py_VISIT(self->perf_counter);
+    Py_VISIT(self->write);
+    Py_VISIT(self->respond);
+    Py_VISIT(self->report_failure);
+    Py_VISIT(self->continue_call);
+    return 0;
+}
+
+static int
+EagerServer_clear(EagerServerObject *self)
+{
+    Py_CLEAR(self->connection);
+    Py_CLEAR(self->reference);
+    Py_CLEAR(self->methods);
+    Py_CLEAR(self->incoming);
+    Py_CLEAR(self->decode);
+    Py_CLEAR(self->context);
+    Py_CLEAR(self->perf_counter);
+    Py_CLEAR(self->write);
+    Py_CLEAR(self->respond);
+    Py_CLEAR(self->report_failure);
+    Py_CLEAR(self->continue_call);
+    return 0;
+}
+
+static void
+EagerServer_dealloc(EagerServerObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    EagerServer_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject EagerServerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "polyrpc.core._frames.EagerServer",
+    .tp_doc = "EagerServer(connection, reference, context)\n--\n\n"
+              "Serves a connection's usual calls (an async handler that finishes in its first\n"
+              "step) in C; hands every other frame to ``reference`` (RpcConnection.on_request).",
+    .tp_basicsize = sizeof(EagerServerObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = EagerServer_new,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(EagerServerObject, vectorcall),
+    .tp_dealloc = (destructor)EagerServer_dealloc,
+    .tp_traverse = (traverseproc)EagerServer_traverse,
+    .tp_clear = (inquiry)EagerServer_clear,
+};
+
 /* ==================================================================== module */
 
 static PyMethodDef module_methods[] = {
@@ -1565,7 +1969,7 @@ PyMODINIT_FUNC
 PyInit__frames(void)
 {
     if (PyType_Ready(&FrameType) < 0 || PyType_Ready(&WindowType) < 0 ||
-        PyType_Ready(&DecoderType) < 0)
+        PyType_Ready(&DecoderType) < 0 || PyType_Ready(&EagerServerType) < 0)
         return NULL;
     if (ProtocolError == NULL) {
         PyObject *errors = PyImport_ImportModule("polyrpc.core.errors");
@@ -1581,8 +1985,19 @@ PyInit__frames(void)
         method_bytes_cache = PyDict_New();
         str_done = PyUnicode_InternFromString("done");
         str_set_result = PyUnicode_InternFromString("set_result");
+        long_one = PyLong_FromLong(1);
+        str_kind = PyUnicode_InternFromString("kind");
+        str_async = PyUnicode_InternFromString("async");
+        str_func = PyUnicode_InternFromString("func");
+        str_stats = PyUnicode_InternFromString("stats");
+        str_calls = PyUnicode_InternFromString("calls");
+        str_durations = PyUnicode_InternFromString("durations");
+        str_append = PyUnicode_InternFromString("append");
+        str_gone = PyUnicode_InternFromString("_gone");
+        str_timeout = PyUnicode_InternFromString("timeout");
         if (!empty_str || !empty_bytes || !empty_metadata || !method_bytes_cache || !str_done ||
-            !str_set_result)
+            !str_set_result || !str_kind || !str_async || !str_func || !str_stats || !str_calls ||
+            !str_durations || !str_append || !str_gone || !str_timeout || !long_one)
             return NULL;
     }
     PyObject *m = PyModule_Create(&frames_moduledef);
@@ -1590,6 +2005,7 @@ PyInit__frames(void)
         return NULL;
     if (PyModule_AddObjectRef(m, "Frame", (PyObject *)&FrameType) < 0 ||
         PyModule_AddObjectRef(m, "FrameDecoder", (PyObject *)&DecoderType) < 0 ||
+        PyModule_AddObjectRef(m, "EagerServer", (PyObject *)&EagerServerType) < 0 ||
         PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "VERSION", FRAME_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "LARGE_PAYLOAD", LARGE_PAYLOAD) < 0 ||

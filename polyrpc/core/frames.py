@@ -241,6 +241,10 @@ class FrameDecoder:
         self._on_error: Callable[[ProtocolError], object] | None = None
         self._replies: dict[int, asyncio.Future[Frame]] | None = None
         self._hold: Sized | None = None
+        self._on_request: Callable[[Frame], object] | None = None
+        self.serving_one = False
+        """True while route()'s on_request serves a request that arrived alone (its reply
+        can go out at once: there is nothing to batch it with)."""
 
     @property
     def pending_bytes(self) -> int:
@@ -281,24 +285,36 @@ class FrameDecoder:
         on_error: Callable[[ProtocolError], object],
         replies: dict[int, asyncio.Future[Frame]] | None = None,
         hold: Sized | None = None,
+        on_request: Callable[[Frame], object] | None = None,
     ) -> None:
-        """Where :meth:`received` delivers: a batch's leading RESPONSE and ERROR frames that
-        answer a future in ``replies`` resolve it here (while ``hold`` is empty); the other
-        frames go to ``on_frames(list)`` in order, a ProtocolError to ``on_error(exc)``."""
-        if not callable(on_frames) or not callable(on_error):
-            raise TypeError("route(): on_frames and on_error must be callable")
+        """Where :meth:`received` and :meth:`received_data` deliver: a batch's leading
+        RESPONSE and ERROR frames that answer a future in ``replies`` resolve it here (while
+        ``hold`` is empty); a REQUEST left alone goes to ``on_request(frame)`` with
+        :attr:`serving_one` set; other frames go to ``on_frames(list)`` in order, a
+        ProtocolError to ``on_error(exc)``."""
+        if not (callable(on_frames) and callable(on_error)) or (
+            on_request is not None and not callable(on_request)
+        ):
+            raise TypeError("route(): on_frames, on_error and on_request must be callable")
         if replies is not None and type(replies) is not dict:
             raise TypeError("route(): replies must be a dict or None")
         self._on_frames, self._on_error = on_frames, on_error
-        self._replies, self._hold = replies, hold
+        self._replies, self._hold, self._on_request = replies, hold, on_request
 
     def received(self, nbytes: int) -> object:
         """:meth:`buffer_updated` for a socket: the frames are delivered as :meth:`route` says
-        (most replies never reach Python code in the C implementation)."""
+        (in the C implementation most replies and lone requests run no Python code here)."""
+        return self._deliver(self.buffer_updated, nbytes, "received")
+
+    def received_data(self, data: bytes | bytearray | memoryview) -> object:
+        """:meth:`feed` for a stream that hands over bytes: delivered as :meth:`route` says."""
+        return self._deliver(self.feed, data, "received_data")
+
+    def _deliver(self, decode: Callable[[Any], list[Frame]], arg: Any, name: str) -> object:
         if self._on_frames is None or self._on_error is None:
-            raise RuntimeError("FrameDecoder.received() needs route() first")
+            raise RuntimeError(f"FrameDecoder.{name}() needs route() first")
         try:
-            frames = self.buffer_updated(nbytes)
+            frames = decode(arg)
         except ProtocolError as exc:
             return self._on_error(exc)
         done = 0
@@ -315,6 +331,17 @@ class FrameDecoder:
                 done += 1
         if done == len(frames):
             return None
+        if done == len(frames) - 1 and self._on_request is not None:
+            last = frames[-1]
+            if last.kind == Kind.REQUEST:
+                self.serving_one = True
+                try:
+                    return self._on_request(last)
+                except ProtocolError as exc:
+                    error = exc
+                finally:
+                    self.serving_one = False
+                return self._on_error(error)
         return self._on_frames(frames[done:] if done else frames)
 
     # -- plain path --------------------------------------------------------

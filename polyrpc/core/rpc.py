@@ -22,7 +22,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .eager import coroutine_step
+from .eager import EagerServer, coroutine_step
 from .errors import CallTimeout, ConnectionLost, ProtocolError, RemoteError
 from .frames import FLAG_ARG_STREAM, FLAG_STREAM, Frame, Kind, encode_frame, encode_plain
 from .services import Method, ServiceRegistry
@@ -295,6 +295,20 @@ class ServiceProxy:
 class RpcConnection(Session):
     """A session that makes and serves remote calls (both sides may do both)."""
 
+    __slots__ = (
+        "_arg_senders",
+        "_codec_id",
+        "_decode_unchecked",
+        "_encode_unchecked",
+        "_incoming",
+        "_max_calls",
+        "_methods",
+        "_result_streams",
+        "_tasks",
+        "options",
+        "services",
+    )
+
     def __init__(
         self, stream: Stream, config: SessionConfig, *, is_client: bool, options: RpcOptions
     ) -> None:
@@ -310,6 +324,8 @@ class RpcConnection(Session):
         self._max_calls = options.max_concurrent_calls
         self._codec_id = self.codec.id
         self._encode_unchecked, self._decode_unchecked = self.codec.unchecked
+        if EagerServer is not None:  # the C accelerator serves the usual calls
+            self._request_handler = EagerServer(self, self.on_request, _context)
 
     # ----------------------------------------------------------- calling
     def _encode_call(self, args: tuple, kwargs: dict) -> tuple[Buffer, int]:
@@ -396,7 +412,19 @@ class RpcConnection(Session):
         if streamed or len(self._pending) >= self._max_in_flight:
             seq, future, _ = await self._send_call(method, args, kwargs, timeout, metadata)
         else:
-            payload, codec = self._encode_call(args, kwargs)
+            # _encode_call, inlined: one call level less per call
+            if (
+                len(args) == 1
+                and not kwargs
+                and isinstance(args[0], BYTES_LIKE)
+                and "rawarg" in self.peer_features
+            ):
+                payload, codec = args[0], 0
+            else:
+                try:
+                    payload, codec = self._encode_unchecked((args, kwargs)), self._codec_id
+                except Exception as exc:
+                    raise _unsendable(exc) from None
             if timeout is not None or metadata or not self._accepting:
                 seq, future = self.begin_request(payload, method, metadata, timeout, 0, codec)
             else:  # the common case: begin_request's work inlined, no extra call levels
@@ -452,7 +480,9 @@ class RpcConnection(Session):
     def on_request(self, frame: Frame) -> None:
         """Serve a call. An async handler's first step runs right here: most finish
         without waiting on anything and then need no task at all (Python 3.12's eager
-        tasks, done by hand for 3.11); only one that suspends gets a task."""
+        tasks, done by hand for 3.11); only one that suspends gets a task. The C
+        accelerator's EagerServer does the same for the usual calls and hands the rest
+        here; this is also its reference."""
         seq = frame.seq
         if len(self._incoming) >= self._max_calls:
             self._refuse_busy(seq)
@@ -479,13 +509,7 @@ class RpcConnection(Session):
                 self._report_failure(seq, method, exc, started, args, kwargs)
                 return
             if not finished:
-                # it suspended: the rest runs in a task whose context carries the call context
-                call = _IncomingCall()
-                self._incoming[seq] = call
-                call.task = self.loop.create_task(
-                    self._finish_eagerly(seq, method, coro, result, started),
-                    context=contextvars.copy_context(),
-                )
+                self._continue_eagerly(seq, method, coro, result, started)
                 return
         finally:
             _context.reset(token)
@@ -497,6 +521,18 @@ class RpcConnection(Session):
             self._write(encode_plain(_RESPONSE, seq, result, 0, 0), ordered=False)
         else:
             self.respond(seq, result)
+
+    def _continue_eagerly(
+        self, seq: int, method: Method, coro: Any, waiting_on: Any, started: float
+    ) -> None:
+        """A handler suspended in its eager first step: the rest runs in a task whose context
+        carries the call context (call this while it is set)."""
+        call = _IncomingCall()
+        self._incoming[seq] = call
+        call.task = self.loop.create_task(
+            self._finish_eagerly(seq, method, coro, waiting_on, started),
+            context=contextvars.copy_context(),
+        )
 
     def _start_call(self, seq: int, method: Method, args: list, kwargs: dict, frame: Frame) -> None:
         """Serve every call but an eager async one: inline sync, streams, deadlines, threads."""
@@ -616,10 +652,11 @@ class RpcConnection(Session):
         args: list | None = None,
         kwargs: dict | None = None,
     ) -> None:
+        method.stats.record(time.perf_counter() - started, True)
+        # from the exception itself: the C call server reports it outside an except block
+        text = "".join(traceback.format_exception(exc)) if self.options.send_tracebacks else None
         if isinstance(exc, TypeError) and args is not None:
             exc = method.binding_error(args, kwargs or {}) or exc
-        method.stats.record(time.perf_counter() - started, True)
-        text = traceback.format_exc() if self.options.send_tracebacks else None
         code = exc.code if isinstance(exc, RemoteError) else "handler_error"
         self.respond_error(seq, exc, code, text)
 

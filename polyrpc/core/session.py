@@ -98,6 +98,51 @@ def error_payload(exc: BaseException, code: str, traceback_text: str | None = No
 class Session:
     """One polyrpc connection. Create with :meth:`client` / :meth:`server` helpers of subclasses."""
 
+    # slots: a session has more attributes than CPython's shared-key dicts hold (30),
+    # so with a __dict__ every attribute access on the hot path would be a dict lookup
+    __slots__ = (
+        "__weakref__",
+        "_accepting",
+        "_closed",
+        "_closing",
+        "_deadline_timer",
+        "_deadlines",
+        "_decoder",
+        "_flush_handle",
+        "_gone",
+        "_handshake",
+        "_handshaken",
+        "_heartbeat_timer",
+        "_in_receive",
+        "_last_recv",
+        "_last_send",
+        "_max_in_flight",
+        "_next_seq",
+        "_out",
+        "_out_ordered",
+        "_peer_closing",
+        "_pending",
+        "_pending_info",
+        "_refusal",
+        "_request_handler",
+        "_seen_in",
+        "_seen_out",
+        "_slot_waiters",
+        "buffer_updated",
+        "byte_stream",
+        "bytes_out",
+        "close_reason",
+        "codec",
+        "config",
+        "data_received",
+        "get_buffer",
+        "is_client",
+        "loop",
+        "opened_at",
+        "peer_features",
+        "peer_info",
+    )
+
     def __init__(self, stream: Stream, config: SessionConfig, *, is_client: bool) -> None:
         self.byte_stream = stream
         self.config = config
@@ -107,14 +152,18 @@ class Session:
         self.peer_info: dict[str, str] = {}
         self.loop = asyncio.get_running_loop()
         self._decoder = FrameDecoder(config.limits)
-        # the receiving side of asyncio's BufferedProtocol: a socket reads straight into the
-        # decoder, which hands the frames to _dispatch itself (and resolves plain replies)
+        # the receiving side (StreamReceiver, and asyncio's BufferedProtocol for sockets,
+        # which read straight into the decoder): the decoder hands the frames to _dispatch
+        # itself, after the handshake resolving plain replies and serving lone requests
         self._decoder.route(self._dispatch, self._protocol_failure)
         self.get_buffer: Callable[[int], memoryview] = self._decoder.get_buffer
         self.buffer_updated: Callable[[int], object] = self._decoder.received
+        self.data_received: Callable[[Buffer], object] = self._decoder.received_data
         self._next_seq = 1 if is_client else 2
         """Clients number their requests odd, servers even: a seq names one exchange."""
         self._pending: dict[int, asyncio.Future[Frame]] = {}
+        self._request_handler: Callable[[Frame], object] = self.on_request
+        """Serves each REQUEST frame: on_request, or an accelerated equivalent."""
         self._pending_info: dict[int, tuple[str, float]] = {}
         self._max_in_flight = config.max_in_flight
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
@@ -122,8 +171,6 @@ class Session:
         self._out_ordered = False
         self._flush_handle: asyncio.Handle | None = None
         self._in_receive = False
-        self._in_lone_request = False
-        """Serving a request that came alone: its reply is written at once, nothing batched."""
         self._deadlines = DeadlineWheel()
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._heartbeat_timer: asyncio.TimerHandle | None = None
@@ -236,9 +283,14 @@ class Session:
 
     def _handshake_done(self) -> None:
         self._handshaken = True
-        # from now on the decoder resolves replies itself while nobody waits for a slot
+        # from now on the decoder resolves replies itself while nobody waits for a slot, and
+        # a request that arrives alone is served at once: its reply leaves unbatched
         self._decoder.route(
-            self._dispatch, self._protocol_failure, self._pending, self._slot_waiters
+            self._dispatch,
+            self._protocol_failure,
+            self._pending,
+            self._slot_waiters,
+            self._request_handler,
         )
         self._handshake.set_result(None)
 
@@ -273,27 +325,8 @@ class Session:
         self.abort(exc)
 
     # ---------------------------------------------------------- receive side
-    def data_received(self, data: Buffer) -> None:
-        try:
-            frames = self._decoder.feed(data)
-        except ProtocolError as exc:
-            self._protocol_failure(exc)
-            return
-        self._dispatch(frames)
-
     def _dispatch(self, frames: list[Frame]) -> None:
         """Handle frames in order; replies written meanwhile go out in one write afterwards."""
-        if len(frames) == 1 and self._handshaken and frames[0].kind == _REQUEST:
-            # a lone request (one call in flight): there is nothing to batch its reply with,
-            # so the reply leaves as soon as it is written, before the handler's bookkeeping
-            self._in_lone_request = True
-            try:
-                self.on_request(frames[0])
-            except ProtocolError as exc:
-                self._protocol_failure(exc)
-            finally:
-                self._in_lone_request = False
-            return
         self._in_receive = True
         try:
             for frame in frames:
@@ -313,7 +346,7 @@ class Session:
                         raise ProtocolError(f"expected HELLO first, got {Kind(kind).name}")
                     self._on_hello(frame)
                 elif kind == _REQUEST:
-                    self.on_request(frame)
+                    self._request_handler(frame)
                 elif kind == _ONEWAY:
                     self.on_oneway(frame)
                 elif kind == _HEARTBEAT:
@@ -461,8 +494,9 @@ class Session:
         else:
             self.bytes_out += sum(map(len, buffers))
             self.byte_stream.write(buffers, ordered=ordered)
-        if not self._pending and not self._in_lone_request:
-            # not a lone request: batch whatever else is written in this loop turn
+        if not self._pending and not self._decoder.serving_one:
+            # a write outside any receive (a lone request's reply is not): batch whatever
+            # else is written in this loop turn
             self._flush_handle = self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
