@@ -37,7 +37,7 @@ static PyObject *empty_bytes;        /* b"" */
 static PyObject *empty_metadata;     /* the shared {} of frames without metadata */
 static PyObject *method_bytes_cache; /* encoder: method str -> UTF-8 bytes */
 static PyObject *frames_module;      /* polyrpc.core.frames, imported on first use */
-static PyObject *str_done;           /* "done" */
+static PyObject *invalid_state_error; /* asyncio.InvalidStateError */
 static PyObject *str_set_result;     /* "set_result" */
 
 /* ------------------------------------------------------------------ helpers */
@@ -1005,16 +1005,16 @@ decoder_resolve(DecoderObject *d, PyObject *frame)
         return PyErr_Occurred() ? -1 : 0;
     Py_INCREF(future);
     int rc = PyDict_DelItem(d->replies, f->seq);
-    PyObject *done = rc < 0 ? NULL : PyObject_CallMethodNoArgs(future, str_done);
-    int is_done = done == NULL ? -1 : PyObject_IsTrue(done);
-    Py_XDECREF(done);
-    if (is_done == 0) {
-        PyObject *r = PyObject_CallMethodOneArg(future, str_set_result, frame);
-        is_done = r == NULL ? -1 : 1;
-        Py_XDECREF(r);
-    }
+    PyObject *r = rc < 0 ? NULL : PyObject_CallMethodOneArg(future, str_set_result, frame);
     Py_DECREF(future);
-    return is_done < 0 ? -1 : 1;
+    if (r != NULL) {
+        Py_DECREF(r);
+        return 1;
+    }
+    if (rc < 0 || !PyErr_ExceptionMatches(invalid_state_error))
+        return -1;
+    PyErr_Clear(); /* the future was done already (cancelled): nobody waits for the reply */
+    return 1;
 }
 
 /* Deliver completed frames (consumed) as route() says; a NULL list means the decoder
@@ -1611,6 +1611,8 @@ typedef struct {
     PyObject *connection;        /* the RpcConnection: the call context's first item */
     PyObject *reference;         /* the Python on_request: serves what this does not */
     PyObject *methods;           /* dict: name -> Method */
+    PyObject *known;             /* dict: name -> (Method, func, stats, stats.durations.append)
+                                  * for async methods, checked against ``methods`` */
     PyObject *incoming;          /* dict: calls still running; its size is checked */
     Py_ssize_t max_calls;
     long codec_id;
@@ -1669,32 +1671,51 @@ eager_arguments(EagerServerObject *self, FrameObject *f, PyObject **args, PyObje
     return *args == NULL ? -1 : 1;
 }
 
-/* method.stats: calls += 1, durations.append(perf_counter() - started). */
-static int
-eager_record(EagerServerObject *self, PyObject *method, PyObject *started)
+/* The known-method entry for an async method (new reference); NULL without an exception
+ * for any other kind (those calls go to the reference). */
+static PyObject *
+eager_learn(EagerServerObject *self, PyObject *name, PyObject *method)
 {
-    PyObject *stats = PyObject_GetAttr(method, str_stats);
-    if (stats == NULL)
-        return -1;
-    int rc = -1;
+    PyObject *kind = PyObject_GetAttr(method, str_kind);
+    if (kind == NULL)
+        return NULL;
+    int is_async = PyUnicode_Check(kind) && PyUnicode_Compare(kind, str_async) == 0;
+    Py_DECREF(kind);
+    if (!is_async)
+        return NULL;
+    PyObject *func = PyObject_GetAttr(method, str_func);
+    PyObject *stats = func ? PyObject_GetAttr(method, str_stats) : NULL;
+    PyObject *durations = stats ? PyObject_GetAttr(stats, str_durations) : NULL;
+    PyObject *append = durations ? PyObject_GetAttr(durations, str_append) : NULL;
+    PyObject *entry = append ? PyTuple_Pack(4, method, func, stats, append) : NULL;
+    Py_XDECREF(func);
+    Py_XDECREF(stats);
+    Py_XDECREF(durations);
+    Py_XDECREF(append);
+    if (entry != NULL && PyDict_SetItem(self->known, name, entry) < 0)
+        Py_CLEAR(entry);
+    return entry;
+}
+
+/* Count the call in the method's stats: calls += 1, durations.append(elapsed). */
+static int
+eager_record(EagerServerObject *self, PyObject *entry, PyObject *started)
+{
+    PyObject *stats = PyTuple_GET_ITEM(entry, 2);
     PyObject *calls = PyObject_GetAttr(stats, str_calls);
     PyObject *more = calls ? PyNumber_Add(calls, long_one) : NULL;
-    if (more == NULL || PyObject_SetAttr(stats, str_calls, more) < 0)
-        goto done;
+    Py_XDECREF(calls);
+    int rc = more == NULL ? -1 : PyObject_SetAttr(stats, str_calls, more);
+    Py_XDECREF(more);
+    if (rc < 0)
+        return -1;
     PyObject *now = PyObject_CallNoArgs(self->perf_counter);
     PyObject *elapsed = now ? PyNumber_Subtract(now, started) : NULL;
-    PyObject *durations = elapsed ? PyObject_GetAttr(stats, str_durations) : NULL;
-    PyObject *r = durations ? PyObject_CallMethodOneArg(durations, str_append, elapsed) : NULL;
-    rc = r == NULL ? -1 : 0;
-    Py_XDECREF(r);
-    Py_XDECREF(durations);
-    Py_XDECREF(elapsed);
+    PyObject *r = elapsed ? PyObject_CallOneArg(PyTuple_GET_ITEM(entry, 3), elapsed) : NULL;
     Py_XDECREF(now);
-done:
-    Py_XDECREF(more);
-    Py_XDECREF(calls);
-    Py_DECREF(stats);
-    return rc;
+    Py_XDECREF(elapsed);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
 }
 
 /* Send the result: bytes as a raw RESPONSE through connection._write, the rest by respond(). */
@@ -1730,9 +1751,10 @@ eager_reply(EagerServerObject *self, PyObject *seq, PyObject *result)
 
 /* Call the handler and take its first step, with the call context set. */
 static PyObject *
-eager_run(EagerServerObject *self, PyObject *frame, PyObject *method, PyObject *args,
+eager_run(EagerServerObject *self, PyObject *frame, PyObject *entry, PyObject *args,
           PyObject *kwargs)
 {
+    PyObject *method = PyTuple_GET_ITEM(entry, 0);
     PyObject *seq = ((FrameObject *)frame)->seq;
     PyObject *started = PyObject_CallNoArgs(self->perf_counter);
     if (started == NULL)
@@ -1746,9 +1768,7 @@ eager_run(EagerServerObject *self, PyObject *frame, PyObject *method, PyObject *
     }
     PyObject *outcome = NULL, *yielded = NULL;
     int finished = 0;
-    PyObject *func = PyObject_GetAttr(method, str_func);
-    PyObject *coro = func ? PyObject_Call(func, args, kwargs) : NULL;
-    Py_XDECREF(func);
+    PyObject *coro = PyObject_Call(PyTuple_GET_ITEM(entry, 1), args, kwargs);
     if (coro != NULL) {
         PySendResult status = PyIter_Send(coro, Py_None, &yielded);
         if (status != PYGEN_ERROR)
@@ -1790,7 +1810,7 @@ eager_run(EagerServerObject *self, PyObject *frame, PyObject *method, PyObject *
     else if (reset < 0)
         Py_CLEAR(outcome);
     if (finished) { /* the usual case: count it, then answer */
-        if (eager_record(self, method, started) == 0)
+        if (eager_record(self, entry, started) == 0)
             outcome = eager_reply(self, seq, yielded);
     }
     Py_XDECREF(yielded);
@@ -1820,23 +1840,28 @@ EagerServer_vectorcall(EagerServerObject *self, PyObject *const *argv, size_t na
     PyObject *method = PyDict_GetItemWithError(self->methods, f->method);
     if (method == NULL)
         return PyErr_Occurred() ? NULL : eager_fallback(self, frame);
-    Py_INCREF(method);
-    PyObject *kind = PyObject_GetAttr(method, str_kind);
-    if (kind == NULL) {
-        Py_DECREF(method);
-        return NULL;
+    PyObject *entry = PyDict_GetItemWithError(self->known, f->method);
+    if (entry != NULL && PyTuple_GET_ITEM(entry, 0) == method) {
+        Py_INCREF(entry);
     }
-    int is_async = kind == str_async || PyUnicode_Compare(kind, str_async) == 0;
-    Py_DECREF(kind);
+    else {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_INCREF(method); /* learning runs Python code that may drop it from ``methods`` */
+        entry = eager_learn(self, f->method, method);
+        Py_DECREF(method);
+        if (entry == NULL)
+            return PyErr_Occurred() ? NULL : eager_fallback(self, frame);
+    }
     PyObject *args = NULL, *kwargs = NULL, *outcome;
-    int usable = is_async ? eager_arguments(self, f, &args, &kwargs) : 0;
+    int usable = eager_arguments(self, f, &args, &kwargs);
     if (usable > 0)
-        outcome = eager_run(self, frame, method, args, kwargs);
+        outcome = eager_run(self, frame, entry, args, kwargs);
     else
         outcome = usable < 0 ? NULL : eager_fallback(self, frame);
     Py_XDECREF(args);
     Py_XDECREF(kwargs);
-    Py_DECREF(method);
+    Py_DECREF(entry);
     return outcome;
 }
 
@@ -1863,6 +1888,7 @@ EagerServer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     PyObject *codec_id = PyObject_GetAttrString(connection, "_codec_id");
     PyObject *time_module = PyImport_ImportModule("time");
     self->methods = PyObject_GetAttrString(connection, "_methods");
+    self->known = PyDict_New();
     self->incoming = PyObject_GetAttrString(connection, "_incoming");
     self->decode = PyObject_GetAttrString(connection, "_decode_unchecked");
     self->write = PyObject_GetAttrString(connection, "_write");
@@ -1895,6 +1921,7 @@ EagerServer_traverse(EagerServerObject *self, visitproc visit, void *arg)
     Py_VISIT(self->connection);
     Py_VISIT(self->reference);
     Py_VISIT(self->methods);
+    Py_VISIT(self->known);
     Py_VISIT(self->incoming);
     Py_VISIT(self->decode);
     Py_VISIT(self->context);
@@ -1912,6 +1939,7 @@ EagerServer_clear(EagerServerObject *self)
     Py_CLEAR(self->connection);
     Py_CLEAR(self->reference);
     Py_CLEAR(self->methods);
+    Py_CLEAR(self->known);
     Py_CLEAR(self->incoming);
     Py_CLEAR(self->decode);
     Py_CLEAR(self->context);
@@ -1972,6 +2000,13 @@ PyInit__frames(void)
         PyType_Ready(&DecoderType) < 0 || PyType_Ready(&EagerServerType) < 0)
         return NULL;
     if (ProtocolError == NULL) {
+        PyObject *asyncio = PyImport_ImportModule("asyncio");
+        if (asyncio == NULL)
+            return NULL;
+        invalid_state_error = PyObject_GetAttrString(asyncio, "InvalidStateError");
+        Py_DECREF(asyncio);
+        if (invalid_state_error == NULL)
+            return NULL;
         PyObject *errors = PyImport_ImportModule("polyrpc.core.errors");
         if (errors == NULL)
             return NULL;
@@ -1983,7 +2018,6 @@ PyInit__frames(void)
         empty_bytes = PyBytes_FromStringAndSize("", 0);
         empty_metadata = PyDict_New();
         method_bytes_cache = PyDict_New();
-        str_done = PyUnicode_InternFromString("done");
         str_set_result = PyUnicode_InternFromString("set_result");
         long_one = PyLong_FromLong(1);
         str_kind = PyUnicode_InternFromString("kind");
@@ -1995,7 +2029,7 @@ PyInit__frames(void)
         str_append = PyUnicode_InternFromString("append");
         str_gone = PyUnicode_InternFromString("_gone");
         str_timeout = PyUnicode_InternFromString("timeout");
-        if (!empty_str || !empty_bytes || !empty_metadata || !method_bytes_cache || !str_done ||
+        if (!empty_str || !empty_bytes || !empty_metadata || !method_bytes_cache ||
             !str_set_result || !str_kind || !str_async || !str_func || !str_stats || !str_calls ||
             !str_durations || !str_append || !str_gone || !str_timeout || !long_one)
             return NULL;
