@@ -1623,11 +1623,35 @@ typedef struct {
     PyObject *respond;           /* connection.respond: results that are not bytes */
     PyObject *report_failure;    /* connection._report_failure */
     PyObject *continue_call;     /* connection._continue_eagerly: a handler that suspended */
+    PyObject *pending;           /* connection._pending */
+    PyObject *decoder;           /* connection._decoder, when it is this module's */
+    /* offsets of the connection's __slots__ read on every reply (see session_slot) */
+    Py_ssize_t gone_at, in_receive_at, flush_handle_at, bytes_out_at, byte_stream_at;
 } EagerServerObject;
+
+/* Where the __slots__ member ``name`` of ``type`` lives in its instances (-1, exception set,
+ * if it is not one): reading the slot there costs a load, not an attribute lookup. */
+static Py_ssize_t
+session_slot(PyTypeObject *type, const char *name)
+{
+    PyObject *descr = PyObject_GetAttrString((PyObject *)type, name);
+    if (descr == NULL)
+        return -1;
+    Py_ssize_t offset = -1;
+    if (Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
+        ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX)
+        offset = ((PyMemberDescrObject *)descr)->d_member->offset;
+    else
+        PyErr_Format(PyExc_TypeError, "EagerServer: %s is not a __slots__ member", name);
+    Py_DECREF(descr);
+    return offset;
+}
+
+#define SLOT(obj, offset) (*(PyObject **)((char *)(obj) + (offset)))
 
 static PyObject *long_one; /* 1 */
 static PyObject *str_kind, *str_async, *str_func, *str_stats, *str_calls, *str_durations,
-    *str_append, *str_gone, *str_timeout;
+    *str_append, *str_timeout, *str_write_now;
 
 static PyObject *
 eager_fallback(EagerServerObject *self, PyObject *frame)
@@ -1718,32 +1742,65 @@ eager_record(EagerServerObject *self, PyObject *entry, PyObject *started)
     return r == NULL ? -1 : 0;
 }
 
-/* Send the result: bytes as a raw RESPONSE through connection._write, the rest by respond(). */
+/* Session._write's direct path for the reply to a request that arrived alone: written at
+ * once through the stream's write_now. 1 if sent, 0 if _write must decide, -1 on error. */
+static int
+eager_send_now(EagerServerObject *self, PyObject *buffers)
+{
+    PyObject *conn = self->connection;
+    PyObject *in_receive = SLOT(conn, self->in_receive_at);
+    PyObject *bytes_out = SLOT(conn, self->bytes_out_at);
+    PyObject *stream = SLOT(conn, self->byte_stream_at);
+    if (self->decoder == NULL || !((DecoderObject *)self->decoder)->serving_one ||
+        in_receive != Py_False || SLOT(conn, self->flush_handle_at) != Py_None ||
+        PyDict_GET_SIZE(self->pending) > 1 || PyList_GET_SIZE(buffers) != 1 ||
+        bytes_out == NULL || !PyLong_CheckExact(bytes_out) || stream == NULL)
+        return 0;
+    PyObject *write_now = PyObject_GetAttr(stream, str_write_now);
+    if (write_now == NULL)
+        return -1;
+    if (write_now == Py_None) {
+        Py_DECREF(write_now);
+        return 0;
+    }
+    PyObject *frame = PyList_GET_ITEM(buffers, 0);
+    PyObject *size = PyLong_FromSsize_t(PyObject_Length(frame));
+    PyObject *total = size ? PyNumber_Add(bytes_out, size) : NULL;
+    Py_XDECREF(size);
+    if (total == NULL) {
+        Py_DECREF(write_now);
+        return -1;
+    }
+    Py_SETREF(SLOT(conn, self->bytes_out_at), total);
+    PyObject *r = PyObject_CallOneArg(write_now, frame);
+    Py_DECREF(write_now);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 1;
+}
+
+/* Send the result: bytes as a raw RESPONSE (as Session._write would), the rest by respond(). */
 static PyObject *
 eager_reply(EagerServerObject *self, PyObject *seq, PyObject *result)
 {
-    if (PyBytes_CheckExact(result)) {
-        PyObject *gone = PyObject_GetAttr(self->connection, str_gone);
-        if (gone == NULL)
-            return NULL;
-        int is_gone = PyObject_IsTrue(gone);
-        Py_DECREF(gone);
-        if (is_gone < 0)
-            return NULL;
-        if (!is_gone) {
-            int ok;
-            PyObject *kind = PyLong_FromLong(KIND_RESPONSE);
-            PyObject *buffers = plain(kind, seq, result, NULL, NULL, &ok);
-            Py_DECREF(kind);
-            if (buffers != NULL) {
+    if (PyBytes_CheckExact(result) && SLOT(self->connection, self->gone_at) == Py_False) {
+        int ok;
+        PyObject *kind = PyLong_FromLong(KIND_RESPONSE);
+        PyObject *buffers = plain(kind, seq, result, NULL, NULL, &ok);
+        Py_DECREF(kind);
+        if (buffers != NULL) {
+            int sent = eager_send_now(self, buffers);
+            PyObject *r = NULL;
+            if (sent == 0) {
                 PyObject *args[2] = {buffers, Py_False};
-                PyObject *r = PyObject_Vectorcall(self->write, args, 2, NULL);
-                Py_DECREF(buffers);
-                return r;
+                r = PyObject_Vectorcall(self->write, args, 2, NULL);
             }
-            if (ok)
-                return NULL;
+            else if (sent == 1)
+                r = Py_NewRef(Py_None);
+            Py_DECREF(buffers);
+            return r;
         }
+        if (ok)
+            return NULL;
     }
     PyObject *args[2] = {seq, result};
     return PyObject_Vectorcall(self->respond, args, 2, NULL);
@@ -1895,6 +1952,21 @@ EagerServer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->respond = PyObject_GetAttrString(connection, "respond");
     self->report_failure = PyObject_GetAttrString(connection, "_report_failure");
     self->continue_call = PyObject_GetAttrString(connection, "_continue_eagerly");
+    self->pending = PyObject_GetAttrString(connection, "_pending");
+    PyObject *decoder = PyObject_GetAttrString(connection, "_decoder");
+    if (decoder != NULL && Py_IS_TYPE(decoder, &DecoderType))
+        self->decoder = decoder;
+    else
+        Py_XDECREF(decoder); /* a pure-Python decoder: replies always go through _write */
+    PyTypeObject *kind = Py_TYPE(connection);
+    if (!PyErr_Occurred() && ((self->gone_at = session_slot(kind, "_gone")) < 0 ||
+                              (self->in_receive_at = session_slot(kind, "_in_receive")) < 0 ||
+                              (self->flush_handle_at = session_slot(kind, "_flush_handle")) < 0 ||
+                              (self->bytes_out_at = session_slot(kind, "bytes_out")) < 0 ||
+                              (self->byte_stream_at = session_slot(kind, "byte_stream")) < 0)) {
+        Py_DECREF(self);
+        return NULL;
+    }
     self->perf_counter = time_module ? PyObject_GetAttrString(time_module, "perf_counter") : NULL;
     Py_XDECREF(time_module);
     if (max_calls != NULL)
@@ -1907,8 +1979,10 @@ EagerServer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         Py_DECREF(self);
         return NULL;
     }
-    if (!PyDict_CheckExact(self->methods) || !PyDict_CheckExact(self->incoming)) {
-        PyErr_SetString(PyExc_TypeError, "EagerServer: _methods and _incoming must be dicts");
+    if (!PyDict_CheckExact(self->methods) || !PyDict_CheckExact(self->incoming) ||
+        !PyDict_CheckExact(self->pending)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "EagerServer: _methods, _incoming and _pending must be dicts");
         Py_DECREF(self);
         return NULL;
     }
@@ -1930,6 +2004,8 @@ EagerServer_traverse(EagerServerObject *self, visitproc visit, void *arg)
     Py_VISIT(self->respond);
     Py_VISIT(self->report_failure);
     Py_VISIT(self->continue_call);
+    Py_VISIT(self->pending);
+    Py_VISIT(self->decoder);
     return 0;
 }
 
@@ -1948,6 +2024,8 @@ EagerServer_clear(EagerServerObject *self)
     Py_CLEAR(self->respond);
     Py_CLEAR(self->report_failure);
     Py_CLEAR(self->continue_call);
+    Py_CLEAR(self->pending);
+    Py_CLEAR(self->decoder);
     return 0;
 }
 
@@ -2027,11 +2105,11 @@ PyInit__frames(void)
         str_calls = PyUnicode_InternFromString("calls");
         str_durations = PyUnicode_InternFromString("durations");
         str_append = PyUnicode_InternFromString("append");
-        str_gone = PyUnicode_InternFromString("_gone");
+        str_write_now = PyUnicode_InternFromString("write_now");
         str_timeout = PyUnicode_InternFromString("timeout");
         if (!empty_str || !empty_bytes || !empty_metadata || !method_bytes_cache ||
             !str_set_result || !str_kind || !str_async || !str_func || !str_stats || !str_calls ||
-            !str_durations || !str_append || !str_gone || !str_timeout || !long_one)
+            !str_durations || !str_append || !str_write_now || !str_timeout || !long_one)
             return NULL;
     }
     PyObject *m = PyModule_Create(&frames_moduledef);

@@ -403,35 +403,47 @@ class RpcConnection(Session):
         Raises RemoteError for errors in the handler, CallTimeout after ``timeout``
         seconds (the handler is cancelled remotely too) and ConnectionLost.
         """
-        for arg in args:
-            if hasattr(arg, "__aiter__"):
-                streamed = True
-                break
+        # _encode_call, inlined (one call level less per call); a bytes argument is no stream
+        if (
+            len(args) == 1
+            and not kwargs
+            and isinstance(args[0], BYTES_LIKE)
+            and "rawarg" in self.peer_features
+        ):
+            payload, codec, plain = args[0], 0, True
         else:
-            streamed = False
-        if streamed or len(self._pending) >= self._max_in_flight:
-            seq, future, _ = await self._send_call(method, args, kwargs, timeout, metadata)
-        else:
-            # _encode_call, inlined: one call level less per call
-            if (
-                len(args) == 1
-                and not kwargs
-                and isinstance(args[0], BYTES_LIKE)
-                and "rawarg" in self.peer_features
-            ):
-                payload, codec = args[0], 0
-            else:
+            plain = True
+            for arg in args:
+                if hasattr(arg, "__aiter__"):  # a streamed argument: _send_call handles it
+                    plain = False
+                    break
+            if plain:
                 try:
                     payload, codec = self._encode_unchecked((args, kwargs)), self._codec_id
                 except Exception as exc:
                     raise _unsendable(exc) from None
+        if not plain or len(self._pending) >= self._max_in_flight:
+            seq, future, _ = await self._send_call(method, args, kwargs, timeout, metadata)
+        else:
             if timeout is not None or metadata or not self._accepting:
                 seq, future = self.begin_request(payload, method, metadata, timeout, 0, codec)
             else:  # the common case: begin_request's work inlined, no extra call levels
                 seq = self._next_seq
                 self._next_seq = seq + 2
                 future = self._pending[seq] = self.loop.create_future()
-                self._write(encode_frame(_REQUEST, seq, payload, method=method, codec=codec), False)
+                frame = encode_frame(_REQUEST, seq, payload, method=method, codec=codec)
+                write_now = self.byte_stream.write_now
+                if (
+                    write_now is not None
+                    and len(self._pending) == 1
+                    and self._flush_handle is None
+                    and not self._in_receive
+                    and len(frame) == 1
+                ):  # a lone call: Session._write's direct path, inlined (one call level less)
+                    self.bytes_out += len(frame[0])
+                    write_now(frame[0])
+                else:
+                    self._write(frame, False)
         try:
             if self.byte_stream.writing_paused:
                 await self.wait_writable()
