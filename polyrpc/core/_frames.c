@@ -1649,7 +1649,8 @@ session_slot(PyTypeObject *type, const char *name)
 
 #define SLOT(obj, offset) (*(PyObject **)((char *)(obj) + (offset)))
 
-static PyObject *long_one; /* 1 */
+static PyObject *long_one;   /* 1 */
+static PyObject *small_zero; /* 0: the decoder's frames share CPython's small int */
 static PyObject *str_kind, *str_async, *str_func, *str_stats, *str_calls, *str_durations,
     *str_append, *str_timeout, *str_write_now;
 
@@ -1665,6 +1666,8 @@ eager_arguments(EagerServerObject *self, FrameObject *f, PyObject **args, PyObje
 {
     long codec = PyLong_AsLong(f->codec);
     *kwargs = NULL;
+    if (codec == -1 && PyErr_Occurred())
+        return -1;
     if (codec == 0) { /* a lone bytes argument, sent raw */
         PyObject *payload = PyBytes_CheckExact(f->payload) ? Py_NewRef(f->payload)
                                                            : PyBytes_FromObject(f->payload);
@@ -1887,7 +1890,10 @@ EagerServer_vectorcall(EagerServerObject *self, PyObject *const *argv, size_t na
     if (Py_TYPE(frame) != &FrameType)
         return eager_fallback(self, frame);
     FrameObject *f = (FrameObject *)frame;
-    if (PyDict_GET_SIZE(self->incoming) >= self->max_calls || PyLong_AsLong(f->flags) != 0)
+    /* only what the decoder builds takes the fast path (frames' fields are writable) */
+    if (PyDict_GET_SIZE(self->incoming) >= self->max_calls || f->flags != small_zero ||
+        !PyLong_CheckExact(f->codec) || !PyDict_CheckExact(f->metadata) ||
+        !PyUnicode_CheckExact(f->method))
         return eager_fallback(self, frame);
     if (PyDict_GET_SIZE(f->metadata)) {
         int timed = PyDict_Contains(f->metadata, str_timeout);
@@ -2098,6 +2104,7 @@ PyInit__frames(void)
         method_bytes_cache = PyDict_New();
         str_set_result = PyUnicode_InternFromString("set_result");
         long_one = PyLong_FromLong(1);
+        small_zero = PyLong_FromLong(0);
         str_kind = PyUnicode_InternFromString("kind");
         str_async = PyUnicode_InternFromString("async");
         str_func = PyUnicode_InternFromString("func");
@@ -2109,7 +2116,7 @@ PyInit__frames(void)
         str_timeout = PyUnicode_InternFromString("timeout");
         if (!empty_str || !empty_bytes || !empty_metadata || !method_bytes_cache ||
             !str_set_result || !str_kind || !str_async || !str_func || !str_stats || !str_calls ||
-            !str_durations || !str_append || !str_write_now || !str_timeout || !long_one)
+            !str_durations || !str_append || !str_write_now || !str_timeout || !long_one || !small_zero)
             return NULL;
     }
     PyObject *m = PyModule_Create(&frames_moduledef);

@@ -416,8 +416,9 @@ class Session:
         self.on_closed(exc)
 
     def _fail_pending(self, exc: ConnectionLost) -> None:
-        pending, self._pending = self._pending, {}
-        for future in pending.values():
+        pending = list(self._pending.values())
+        self._pending.clear()  # in place: the decoder and the C call server hold this dict
+        for future in pending:
             if not future.done():
                 future.set_exception(exc)
         while self._slot_waiters:
