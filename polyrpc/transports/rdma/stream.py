@@ -48,6 +48,11 @@ POLL_BATCH = 32
 SPIN_BACKOFF_MAX = 64
 """After spins that found nothing, at most this many posts in a row go without one."""
 
+WC_SUCCESS = e.IBV_WC_SUCCESS
+WC_RECV = e.IBV_WC_RECV
+_ntohl = socket.ntohl
+_htonl = socket.htonl
+
 _WC_NAMES = {
     value: name[len("IBV_WC_") :].lower()
     for name, value in vars(e).items()
@@ -194,11 +199,11 @@ class RdmaStream(Stream):
     def _handle(self, wcs: list) -> bool:
         """Process work completions; False once the stream failed or was released."""
         for wc in wcs:
-            if wc.status != e.IBV_WC_SUCCESS:
+            if wc.status != WC_SUCCESS:
                 self._wc_error(wc)
                 return False
-            if wc.opcode & e.IBV_WC_RECV:
-                self._on_recv(wc.wr_id, wc.byte_len, socket.ntohl(wc.imm_data))
+            if wc.opcode & WC_RECV:
+                self._on_recv(wc.wr_id, wc.byte_len, _ntohl(wc.imm_data))
             else:
                 self._on_send_done(wc.wr_id)
             if self._released:
@@ -226,9 +231,14 @@ class RdmaStream(Stream):
                     return
                 if self._received != received:
                     self._spin_backoff = 1
-                    self._poll()  # the rest, then send what the completions allow
+                    if count == POLL_BATCH:
+                        self._poll()  # the rest, then send what the completions allow
+                    else:
+                        self._pump()
                     if not self._spin_due:
-                        self._arm()
+                        # Arm only if the next loop turn posts nothing (a post spins instead):
+                        # a ping-pong then never arms, so no completion event per message.
+                        self._loop.call_soon(self._arm_unless_spinning)
                     return
             elif clock() >= deadline:
                 # the peer answers slowly: skip the next 1, 2, 4 ... spins (bounded CPU)
@@ -236,6 +246,10 @@ class RdmaStream(Stream):
                 self._spin_backoff = min(SPIN_BACKOFF_MAX, 2 * self._spin_backoff)
                 self._arm()
                 return
+
+    def _arm_unless_spinning(self) -> None:
+        if not self._spin_due:
+            self._arm()
 
     def _wc_error(self, wc) -> None:
         if self._closed:
@@ -310,7 +324,7 @@ class RdmaStream(Stream):
         imm = (kind << KIND_SHIFT) | self._owed
         self._granted += self._owed
         self._owed = 0
-        self._batch.append((wr_id, addr, length, flags, socket.htonl(imm)))
+        self._batch.append((wr_id, addr, length, flags, _htonl(imm)))
         self._credits -= 1
         self._sq.append((wr_id, slot))
         return wr_id
@@ -342,6 +356,18 @@ class RdmaStream(Stream):
         """Send queued bytes while credits and send slots allow; hand back owed credits."""
         if self._released or self._peer_gone:
             return
+        queue = self._queue
+        if queue:
+            self._send_queued()
+        elif self._flushed is not None and not self._flushed.done():
+            self._flushed.set_result(None)
+        if self._owed:
+            self._maybe_return_credits()
+        if self._batch:
+            self._flush()
+
+    def _send_queued(self) -> None:
+        """Copy queued bytes into free send slots, one message per slot, while credits allow."""
         res = self._res
         queue = self._queue
         bufsize = min(res.bufsize, self._peer_bufsize)
@@ -371,8 +397,6 @@ class RdmaStream(Stream):
         self._update_write_pressure()
         if not queue and self._flushed is not None and not self._flushed.done():
             self._flushed.set_result(None)
-        self._maybe_return_credits()
-        self._flush()
 
     def _maybe_return_credits(self) -> None:
         if self._owed == 0 or self._credits < 1 or len(self._sq) >= self._res.max_send:
