@@ -87,7 +87,9 @@ class RdmaStream(Stream):
         # sending
         self._queue: collections.deque[memoryview | int] = collections.deque()
         self._queued = 0
-        self._free_slots = list(range(res.depth - 1, -1, -1))
+        # Send slots are taken and freed in order (an RC completion retires every earlier
+        # send), so the free ones always run on consecutively, wrapping at the end.
+        self._free_slots = collections.deque(range(res.depth))
         # Posted sends in order: (sequence number = wr_id, slot). Only every
         # ``_signal_every``-th send asks for a completion; on RC a completion also
         # retires every earlier send, which frees their slots (fewer wake-ups).
@@ -122,6 +124,11 @@ class RdmaStream(Stream):
         # receiving
         self._paused = False
         self._pending: collections.deque[tuple[int, int, int]] = collections.deque()
+        # Full DATA messages in consecutive receive slots are contiguous bytes: they are
+        # delivered as one run (slot, bytes, messages), so the reader copies once.
+        self._run_slot = 0
+        self._run_len = 0
+        self._run_count = 0
         self._peer_closed = False
         self._eof_delivered = False
         self._peer_gone = False
@@ -200,7 +207,10 @@ class RdmaStream(Stream):
         """Process work completions; False once the stream failed or was released."""
         for wc in wcs:
             if wc.status != WC_SUCCESS:
-                self._wc_error(wc)
+                if self._run_count:
+                    self._deliver_run()
+                if not self._released:
+                    self._wc_error(wc)
                 return False
             if wc.opcode & WC_RECV:
                 self._on_recv(wc.wr_id, wc.byte_len, _ntohl(wc.imm_data))
@@ -208,6 +218,9 @@ class RdmaStream(Stream):
                 self._on_send_done(wc.wr_id)
             if self._released:
                 return False
+        if self._run_count:
+            self._deliver_run()
+            return not self._released
         return True
 
     def _spin(self) -> None:
@@ -283,10 +296,34 @@ class RdmaStream(Stream):
         if kind == CREDIT:
             self._repost(slot)
             return
+        count = self._run_count
+        if count:
+            if (
+                kind == DATA
+                and slot == self._run_slot + count
+                and self._run_len == count * self._res.bufsize
+            ):
+                self._run_len += length
+                self._run_count = count + 1
+                return
+            self._deliver_run()
         if self._paused or self._pending:
             self._pending.append((kind, slot, length))
-            return
-        self._deliver(kind, slot, length)
+        elif kind == DATA:
+            self._run_slot = slot
+            self._run_len = length
+            self._run_count = 1
+        else:
+            self._deliver(kind, slot, length)
+
+    def _deliver_run(self) -> None:
+        """Hand the collected DATA messages to the reader as one buffer, then repost them."""
+        slot, count = self._run_slot, self._run_count
+        self._run_count = 0
+        start = slot * self._res.bufsize
+        self.receiver.data_received(self._res.recv_view[start : start + self._run_len])
+        for i in range(slot, slot + count):
+            self._repost(i)
 
     def _deliver(self, kind: int, slot: int, length: int) -> None:
         if kind == DATA:
@@ -370,22 +407,30 @@ class RdmaStream(Stream):
         """Copy queued bytes into free send slots, one message per slot, while credits allow."""
         res = self._res
         queue = self._queue
-        bufsize = min(res.bufsize, self._peer_bufsize)
+        free = self._free_slots
+        size = res.bufsize
+        bufsize = min(size, self._peer_bufsize)
+        view = res.send_view
         while queue and self._credits >= 2 and len(self._sq) < res.max_send:
             head = queue[0]
             if isinstance(head, int):  # EOF marker
                 queue.popleft()
                 self._post(EOF)
                 continue
-            if not self._free_slots:
+            if not free:
                 break
-            slot = self._free_slots.pop()
-            base = slot * res.bufsize
-            view = res.send_view
+            slot = free[0]
+            # Fill as many consecutive free slots as credits allow with one copy per chunk
+            # (far fewer, larger copies for bulk data), then post one message per slot.
+            room = bufsize
+            if self._queued > bufsize and bufsize == size:
+                run = min(len(free), res.depth - slot, self._credits - 1)
+                room = min(run, res.max_send - len(self._sq)) * bufsize
+            base = slot * size
             filled = 0
-            while queue and filled < bufsize and not isinstance(queue[0], int):
+            while queue and filled < room and not isinstance(queue[0], int):
                 chunk = queue[0]
-                take = min(len(chunk), bufsize - filled)
+                take = min(len(chunk), room - filled)
                 view[base + filled : base + filled + take] = chunk[:take]
                 filled += take
                 if take == len(chunk):
@@ -393,7 +438,10 @@ class RdmaStream(Stream):
                 else:
                     queue[0] = chunk[take:]
             self._queued -= filled
-            self._post(DATA, slot, filled)
+            for offset in range(0, filled, bufsize):
+                free.popleft()
+                self._post(DATA, slot, min(bufsize, filled - offset))
+                slot += 1
         self._update_write_pressure()
         if not queue and self._flushed is not None and not self._flushed.done():
             self._flushed.set_result(None)
@@ -510,6 +558,7 @@ class RdmaStream(Stream):
         self._queue.clear()
         self._queued = 0
         self._pending.clear()
+        self._run_count = 0
         for fut in (self._flushed, self._close_sent):
             if fut is not None and not fut.done():
                 fut.set_exception(ConnectionLost("rdma stream closed"))
