@@ -10,6 +10,7 @@ import time
 import pytest
 
 import polyrpc
+from polyrpc.core.frames import HEADER_SIZE
 from polyrpc.core.rpc import STREAM_CREDIT
 
 
@@ -42,6 +43,11 @@ class Arith:
             "user": ctx.metadata.get("user"),
             "has_deadline": ctx.deadline is not None,
         }
+
+
+class Blobs:
+    async def describe(self, data) -> list:
+        return [type(data).__name__, data]
 
 
 class Slow:
@@ -112,6 +118,19 @@ async def test_calls_proxies_and_notify(endpoint):
         await client.notify("Arith.add", 1, 2)
         assert await client.call("Arith.add", [1], [2]) == [1, 2]
         assert await client.call("Arith.add", b"ab", b"cd") == b"abcd"
+
+
+async def test_a_lone_bytes_argument_travels_raw(endpoint):
+    async with rpc(endpoint, Blobs()) as (_, client, _):
+        request_overhead = HEADER_SIZE + len("Blobs.describe")
+        for arg in (b"abc", bytearray(b"abc"), memoryview(b"abc"), b"x" * (200 << 10), b""):
+            before = client.bytes_out
+            assert await client.call("Blobs.describe", arg) == ["bytes", bytes(arg)]
+            assert client.bytes_out - before == request_overhead + len(arg)  # no encoding
+        client.peer_features.discard("rawarg")  # a peer that does not know raw arguments
+        before = client.bytes_out
+        assert await client.call("Blobs.describe", b"abc") == ["bytes", b"abc"]
+        assert client.bytes_out - before > request_overhead + 3  # sent as [args, kwargs]
 
 
 async def test_sync_handlers_run_in_threads_without_blocking_the_loop(endpoint):

@@ -21,6 +21,9 @@
 #define FRAME_VERSION 1
 #define KIND_MIN 1
 #define KIND_MAX 11
+#define KIND_REQUEST 2
+#define KIND_RESPONSE 3
+#define KIND_ERROR 4
 #define LARGE_PAYLOAD (128 << 10)
 #define INITIAL_BUFFER (256 << 10)
 #define MIN_READ 4096
@@ -34,6 +37,8 @@ static PyObject *empty_bytes;        /* b"" */
 static PyObject *empty_metadata;     /* the shared {} of frames without metadata */
 static PyObject *method_bytes_cache; /* encoder: method str -> UTF-8 bytes */
 static PyObject *frames_module;      /* polyrpc.core.frames, imported on first use */
+static PyObject *invalid_state_error; /* asyncio.InvalidStateError */
+static PyObject *str_set_result;     /* "set_result" */
 
 /* ------------------------------------------------------------------ helpers */
 
@@ -295,6 +300,13 @@ typedef struct {
     PyObject *last_method;
     PyObject *broken;       /* the ProtocolError that broke the decoder, or NULL */
     WindowObject *window;   /* exports the writable tail for get_buffer */
+    unsigned long long bytes_received;
+    /* routing for received(): see route() */
+    PyObject *on_frames, *on_error; /* callables, NULL until route() */
+    PyObject *replies;              /* dict seq -> future, or NULL */
+    PyObject *hold;                 /* a sized object: while non-empty, replies go to on_frames */
+    PyObject *on_request;           /* callable for a REQUEST that arrives alone, or NULL */
+    char serving_one;               /* true while on_request serves such a lone request */
 } DecoderObject;
 
 /* get_buffer returns memoryview(window): the window's buffer export forwards to the
@@ -454,6 +466,11 @@ Decoder_traverse(DecoderObject *d, visitproc visit, void *arg)
     Py_VISIT(d->last_raw);
     Py_VISIT(d->last_method);
     Py_VISIT(d->broken);
+    Py_VISIT(d->on_frames);
+    Py_VISIT(d->on_error);
+    Py_VISIT(d->replies);
+    Py_VISIT(d->hold);
+    Py_VISIT(d->on_request);
     return 0;
 }
 
@@ -468,6 +485,11 @@ Decoder_clear(DecoderObject *d)
     Py_CLEAR(d->last_raw);
     Py_CLEAR(d->last_method);
     Py_CLEAR(d->broken);
+    Py_CLEAR(d->on_frames);
+    Py_CLEAR(d->on_error);
+    Py_CLEAR(d->replies);
+    Py_CLEAR(d->hold);
+    Py_CLEAR(d->on_request);
     return 0;
 }
 
@@ -839,6 +861,7 @@ decoder_parse(DecoderObject *d, PyObject *out)
 static int
 decoder_updated(DecoderObject *d, Py_ssize_t nbytes, PyObject *out)
 {
+    d->bytes_received += (unsigned long long)nbytes;
     if (d->large != NULL) {
         d->large_filled += nbytes;
         if (d->large_filled < PyByteArray_GET_SIZE(d->large))
@@ -899,8 +922,9 @@ PyDoc_STRVAR(buffer_updated_doc,
              "buffer_updated(nbytes)\n--\n\n"
              "``nbytes`` were written into the last get_buffer(); return complete frames.");
 
+/* The frames completed by ``arg`` bytes written into the last get_buffer() (new list). */
 static PyObject *
-Decoder_buffer_updated(DecoderObject *d, PyObject *arg)
+decoder_filled(DecoderObject *d, PyObject *arg, const char *name)
 {
     if (decoder_ready(d) < 0)
         return NULL;
@@ -910,8 +934,8 @@ Decoder_buffer_updated(DecoderObject *d, PyObject *arg)
     Py_ssize_t room = d->large != NULL ? PyByteArray_GET_SIZE(d->large) - d->large_filled
                                        : PyByteArray_GET_SIZE(d->buf) - d->end;
     if (nbytes < 0 || nbytes > room) {
-        PyErr_Format(PyExc_ValueError,
-                     "buffer_updated(%zd): get_buffer() offered %zd bytes", nbytes, room);
+        PyErr_Format(PyExc_ValueError, "%s(%zd): get_buffer() offered %zd bytes", name, nbytes,
+                     room);
         return NULL;
     }
     PyObject *out = PyList_New(0);
@@ -922,6 +946,165 @@ Decoder_buffer_updated(DecoderObject *d, PyObject *arg)
         return NULL;
     }
     return out;
+}
+
+static PyObject *
+Decoder_buffer_updated(DecoderObject *d, PyObject *arg)
+{
+    return decoder_filled(d, arg, "buffer_updated");
+}
+
+PyDoc_STRVAR(route_doc,
+             "route(on_frames, on_error, replies=None, hold=None, on_request=None)\n--\n\n"
+             "Where received() and received_data() deliver: a batch's leading RESPONSE and\n"
+             "ERROR frames that answer a future in ``replies`` resolve it here (while ``hold``\n"
+             "is empty); a REQUEST left alone goes to on_request(frame) with serving_one set;\n"
+             "other frames go to on_frames(list) in order, a ProtocolError to on_error(exc).");
+
+static PyObject *
+Decoder_route(DecoderObject *d, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"on_frames", "on_error", "replies", "hold", "on_request", NULL};
+    PyObject *on_frames, *on_error, *replies = Py_None, *hold = Py_None, *on_request = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOO:route", kwlist, &on_frames, &on_error,
+                                     &replies, &hold, &on_request))
+        return NULL;
+    if (!PyCallable_Check(on_frames) || !PyCallable_Check(on_error) ||
+        (on_request != Py_None && !PyCallable_Check(on_request))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "route(): on_frames, on_error and on_request must be callable");
+        return NULL;
+    }
+    if (replies != Py_None && !PyDict_CheckExact(replies)) {
+        PyErr_SetString(PyExc_TypeError, "route(): replies must be a dict or None");
+        return NULL;
+    }
+    Py_XSETREF(d->on_frames, Py_NewRef(on_frames));
+    Py_XSETREF(d->on_error, Py_NewRef(on_error));
+    Py_XSETREF(d->replies, replies == Py_None ? NULL : Py_NewRef(replies));
+    Py_XSETREF(d->hold, hold == Py_None ? NULL : Py_NewRef(hold));
+    Py_XSETREF(d->on_request, on_request == Py_None ? NULL : Py_NewRef(on_request));
+    Py_RETURN_NONE;
+}
+
+/* Resolve the reply future ``frame`` answers, if routing may: 1 if done, 0 if not, -1 error. */
+static int
+decoder_resolve(DecoderObject *d, PyObject *frame)
+{
+    FrameObject *f = (FrameObject *)frame;
+    long kind = PyLong_AsLong(f->kind);
+    if (kind != KIND_RESPONSE && kind != KIND_ERROR)
+        return 0;
+    if (d->hold != NULL) {
+        Py_ssize_t held = PyObject_Size(d->hold);
+        if (held != 0)
+            return held < 0 ? -1 : 0;
+    }
+    PyObject *future = PyDict_GetItemWithError(d->replies, f->seq);
+    if (future == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    Py_INCREF(future);
+    int rc = PyDict_DelItem(d->replies, f->seq);
+    PyObject *r = rc < 0 ? NULL : PyObject_CallMethodOneArg(future, str_set_result, frame);
+    Py_DECREF(future);
+    if (r != NULL) {
+        Py_DECREF(r);
+        return 1;
+    }
+    if (rc < 0 || !PyErr_ExceptionMatches(invalid_state_error))
+        return -1;
+    PyErr_Clear(); /* the future was done already (cancelled): nobody waits for the reply */
+    return 1;
+}
+
+/* Deliver completed frames (consumed) as route() says; a NULL list means the decoder
+ * failed: a ProtocolError goes to on_error, anything else propagates. */
+static PyObject *
+decoder_deliver(DecoderObject *d, PyObject *frames)
+{
+    if (frames == NULL) {
+        if (!PyErr_ExceptionMatches(ProtocolError))
+            return NULL;
+        PyObject *type, *exc, *tb;
+        PyErr_Fetch(&type, &exc, &tb);
+        PyErr_NormalizeException(&type, &exc, &tb);
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        PyObject *r = PyObject_CallOneArg(d->on_error, exc);
+        Py_XDECREF(exc);
+        return r;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(frames), i = 0;
+    if (d->replies != NULL) {
+        for (; i < n; i++) {
+            int resolved = decoder_resolve(d, PyList_GET_ITEM(frames, i));
+            if (resolved < 0) {
+                Py_DECREF(frames);
+                return NULL;
+            }
+            if (!resolved)
+                break;
+        }
+    }
+    if (i == n) {
+        Py_DECREF(frames);
+        Py_RETURN_NONE;
+    }
+    PyObject *last = PyList_GET_ITEM(frames, n - 1);
+    if (i == n - 1 && d->on_request != NULL &&
+        PyLong_AsLong(((FrameObject *)last)->kind) == KIND_REQUEST) {
+        Py_INCREF(last);
+        Py_DECREF(frames);
+        d->serving_one = 1;
+        PyObject *r = PyObject_CallOneArg(d->on_request, last);
+        d->serving_one = 0;
+        Py_DECREF(last);
+        return r == NULL ? decoder_deliver(d, NULL) : r;
+    }
+    if (i) {
+        Py_SETREF(frames, PyList_GetSlice(frames, i, n));
+        if (frames == NULL)
+            return NULL;
+    }
+    PyObject *r = PyObject_CallOneArg(d->on_frames, frames);
+    Py_DECREF(frames);
+    return r;
+}
+
+static int
+decoder_routed(DecoderObject *d, const char *name)
+{
+    if (d->on_frames != NULL)
+        return 0;
+    PyErr_Format(PyExc_RuntimeError, "FrameDecoder.%s() needs route() first", name);
+    return -1;
+}
+
+PyDoc_STRVAR(received_doc,
+             "received(nbytes)\n--\n\n"
+             "buffer_updated() for a socket: the completed frames are delivered as route() says.");
+
+static PyObject *
+Decoder_received(DecoderObject *d, PyObject *arg)
+{
+    if (decoder_routed(d, "received") < 0)
+        return NULL;
+    return decoder_deliver(d, decoder_filled(d, arg, "received"));
+}
+
+PyDoc_STRVAR(received_data_doc,
+             "received_data(data)\n--\n\n"
+             "feed() for a stream that hands over bytes: the frames are delivered as route() says.");
+
+static PyObject *
+Decoder_feed(DecoderObject *d, PyObject *data);
+
+static PyObject *
+Decoder_received_data(DecoderObject *d, PyObject *data)
+{
+    if (decoder_routed(d, "received_data") < 0)
+        return NULL;
+    return decoder_deliver(d, Decoder_feed(d, data));
 }
 
 PyDoc_STRVAR(feed_doc, "feed(data)\n--\n\nAdd received bytes; return the frames they complete.");
@@ -971,6 +1154,12 @@ Decoder_get_pending_bytes(DecoderObject *d, void *closure)
 }
 
 static PyObject *
+Decoder_get_bytes_received(DecoderObject *d, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(d->bytes_received);
+}
+
+static PyObject *
 Decoder_get_limits(DecoderObject *d, void *closure)
 {
     if (decoder_ready(d) < 0)
@@ -1016,6 +1205,8 @@ Decoder_get_buf(DecoderObject *d, void *closure)
 static PyGetSetDef Decoder_getset[] = {
     {"pending_bytes", (getter)Decoder_get_pending_bytes, NULL,
      "Bytes of an incomplete frame held (non-zero at EOF means a truncated frame).", NULL},
+    {"bytes_received", (getter)Decoder_get_bytes_received, NULL,
+     "Bytes given to this decoder so far (read into get_buffer() or fed).", NULL},
     {"limits", (getter)Decoder_get_limits, (setter)Decoder_set_limits,
      "The Limits checked against every header.", NULL},
     {"broken", (getter)Decoder_get_broken, (setter)Decoder_set_broken,
@@ -1029,6 +1220,16 @@ static PyMethodDef Decoder_methods[] = {
      METH_FASTCALL | METH_KEYWORDS, get_buffer_doc},
     {"buffer_updated", (PyCFunction)Decoder_buffer_updated, METH_O, buffer_updated_doc},
     {"feed", (PyCFunction)Decoder_feed, METH_O, feed_doc},
+    {"route", (PyCFunction)(void (*)(void))Decoder_route, METH_VARARGS | METH_KEYWORDS, route_doc},
+    {"received", (PyCFunction)Decoder_received, METH_O, received_doc},
+    {"received_data", (PyCFunction)Decoder_received_data, METH_O, received_data_doc},
+    {NULL},
+};
+
+static PyMemberDef Decoder_members[] = {
+    {"serving_one", T_BOOL, offsetof(DecoderObject, serving_one), 0,
+     "True while route()'s on_request serves a request that arrived alone (its reply can\n"
+     "go out at once: there is nothing to batch it with)."},
     {NULL},
 };
 
@@ -1046,6 +1247,7 @@ static PyTypeObject DecoderType = {
     .tp_traverse = (traverseproc)Decoder_traverse,
     .tp_clear = (inquiry)Decoder_clear,
     .tp_methods = Decoder_methods,
+    .tp_members = Decoder_members,
     .tp_getset = Decoder_getset,
 };
 
@@ -1398,6 +1600,380 @@ coroutine_step(PyObject *module, PyObject *coro)
     return pair;
 }
 
+/* ============================================================== EagerServer */
+
+/* The usual RPC call served without Python code of polyrpc's own: an async handler whose
+ * first step finishes, called with plain arguments. Reference: RpcConnection.on_request
+ * (polyrpc/core/rpc.py), which every other call is handed to, unchanged. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *connection;        /* the RpcConnection: the call context's first item */
+    PyObject *reference;         /* the Python on_request: serves what this does not */
+    PyObject *methods;           /* dict: name -> Method */
+    PyObject *known;             /* dict: name -> (Method, func, stats, stats.durations.append)
+                                  * for async methods, checked against ``methods`` */
+    PyObject *incoming;          /* dict: calls still running; its size is checked */
+    Py_ssize_t max_calls;
+    long codec_id;
+    PyObject *decode;            /* the session codec's unchecked decode */
+    PyObject *context;           /* the ContextVar holding (connection, frame, started) */
+    PyObject *perf_counter;      /* time.perf_counter */
+    PyObject *write;             /* connection._write */
+    PyObject *respond;           /* connection.respond: results that are not bytes */
+    PyObject *report_failure;    /* connection._report_failure */
+    PyObject *continue_call;     /* connection._continue_eagerly: a handler that suspended */
+} EagerServerObject;
+
+static PyObject *long_one; /* 1 */
+static PyObject *str_kind, *str_async, *str_func, *str_stats, *str_calls, *str_durations,
+    *str_append, *str_gone, *str_timeout;
+
+static PyObject *
+eager_fallback(EagerServerObject *self, PyObject *frame)
+{
+    return PyObject_CallOneArg(self->reference, frame);
+}
+
+/* (args tuple, kwargs dict or NULL) of a call frame; 0 to fall back (no exception), -1 error. */
+static int
+eager_arguments(EagerServerObject *self, FrameObject *f, PyObject **args, PyObject **kwargs)
+{
+    long codec = PyLong_AsLong(f->codec);
+    *kwargs = NULL;
+    if (codec == 0) { /* a lone bytes argument, sent raw */
+        PyObject *payload = PyBytes_CheckExact(f->payload) ? Py_NewRef(f->payload)
+                                                           : PyBytes_FromObject(f->payload);
+        if (payload == NULL)
+            return -1;
+        *args = PyTuple_Pack(1, payload);
+        Py_DECREF(payload);
+        return *args == NULL ? -1 : 1;
+    }
+    if (codec != self->codec_id)
+        return 0;
+    PyObject *body = PyObject_CallOneArg(self->decode, f->payload);
+    if (body == NULL) {
+        PyErr_Clear(); /* the reference decodes again and reports the error */
+        return 0;
+    }
+    int shaped = PyList_CheckExact(body) && PyList_GET_SIZE(body) == 2 &&
+                 PyList_CheckExact(PyList_GET_ITEM(body, 0)) &&
+                 PyDict_CheckExact(PyList_GET_ITEM(body, 1));
+    if (!shaped) {
+        Py_DECREF(body);
+        return 0;
+    }
+    *args = PyList_AsTuple(PyList_GET_ITEM(body, 0));
+    if (*args != NULL && PyDict_GET_SIZE(PyList_GET_ITEM(body, 1)))
+        *kwargs = Py_NewRef(PyList_GET_ITEM(body, 1));
+    Py_DECREF(body);
+    return *args == NULL ? -1 : 1;
+}
+
+/* The known-method entry for an async method (new reference); NULL without an exception
+ * for any other kind (those calls go to the reference). */
+static PyObject *
+eager_learn(EagerServerObject *self, PyObject *name, PyObject *method)
+{
+    PyObject *kind = PyObject_GetAttr(method, str_kind);
+    if (kind == NULL)
+        return NULL;
+    int is_async = PyUnicode_Check(kind) && PyUnicode_Compare(kind, str_async) == 0;
+    Py_DECREF(kind);
+    if (!is_async)
+        return NULL;
+    PyObject *func = PyObject_GetAttr(method, str_func);
+    PyObject *stats = func ? PyObject_GetAttr(method, str_stats) : NULL;
+    PyObject *durations = stats ? PyObject_GetAttr(stats, str_durations) : NULL;
+    PyObject *append = durations ? PyObject_GetAttr(durations, str_append) : NULL;
+    PyObject *entry = append ? PyTuple_Pack(4, method, func, stats, append) : NULL;
+    Py_XDECREF(func);
+    Py_XDECREF(stats);
+    Py_XDECREF(durations);
+    Py_XDECREF(append);
+    if (entry != NULL && PyDict_SetItem(self->known, name, entry) < 0)
+        Py_CLEAR(entry);
+    return entry;
+}
+
+/* Count the call in the method's stats: calls += 1, durations.append(elapsed). */
+static int
+eager_record(EagerServerObject *self, PyObject *entry, PyObject *started)
+{
+    PyObject *stats = PyTuple_GET_ITEM(entry, 2);
+    PyObject *calls = PyObject_GetAttr(stats, str_calls);
+    PyObject *more = calls ? PyNumber_Add(calls, long_one) : NULL;
+    Py_XDECREF(calls);
+    int rc = more == NULL ? -1 : PyObject_SetAttr(stats, str_calls, more);
+    Py_XDECREF(more);
+    if (rc < 0)
+        return -1;
+    PyObject *now = PyObject_CallNoArgs(self->perf_counter);
+    PyObject *elapsed = now ? PyNumber_Subtract(now, started) : NULL;
+    PyObject *r = elapsed ? PyObject_CallOneArg(PyTuple_GET_ITEM(entry, 3), elapsed) : NULL;
+    Py_XDECREF(now);
+    Py_XDECREF(elapsed);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* Send the result: bytes as a raw RESPONSE through connection._write, the rest by respond(). */
+static PyObject *
+eager_reply(EagerServerObject *self, PyObject *seq, PyObject *result)
+{
+    if (PyBytes_CheckExact(result)) {
+        PyObject *gone = PyObject_GetAttr(self->connection, str_gone);
+        if (gone == NULL)
+            return NULL;
+        int is_gone = PyObject_IsTrue(gone);
+        Py_DECREF(gone);
+        if (is_gone < 0)
+            return NULL;
+        if (!is_gone) {
+            int ok;
+            PyObject *kind = PyLong_FromLong(KIND_RESPONSE);
+            PyObject *buffers = plain(kind, seq, result, NULL, NULL, &ok);
+            Py_DECREF(kind);
+            if (buffers != NULL) {
+                PyObject *args[2] = {buffers, Py_False};
+                PyObject *r = PyObject_Vectorcall(self->write, args, 2, NULL);
+                Py_DECREF(buffers);
+                return r;
+            }
+            if (ok)
+                return NULL;
+        }
+    }
+    PyObject *args[2] = {seq, result};
+    return PyObject_Vectorcall(self->respond, args, 2, NULL);
+}
+
+/* Call the handler and take its first step, with the call context set. */
+static PyObject *
+eager_run(EagerServerObject *self, PyObject *frame, PyObject *entry, PyObject *args,
+          PyObject *kwargs)
+{
+    PyObject *method = PyTuple_GET_ITEM(entry, 0);
+    PyObject *seq = ((FrameObject *)frame)->seq;
+    PyObject *started = PyObject_CallNoArgs(self->perf_counter);
+    if (started == NULL)
+        return NULL;
+    PyObject *value = PyTuple_Pack(3, self->connection, frame, started);
+    PyObject *token = value ? PyContextVar_Set(self->context, value) : NULL;
+    Py_XDECREF(value);
+    if (token == NULL) {
+        Py_DECREF(started);
+        return NULL;
+    }
+    PyObject *outcome = NULL, *yielded = NULL;
+    int finished = 0;
+    PyObject *coro = PyObject_Call(PyTuple_GET_ITEM(entry, 1), args, kwargs);
+    if (coro != NULL) {
+        PySendResult status = PyIter_Send(coro, Py_None, &yielded);
+        if (status != PYGEN_ERROR)
+            finished = status == PYGEN_RETURN;
+        else
+            yielded = NULL;
+    }
+    if (yielded == NULL) { /* the handler raised: report it (BaseExceptions propagate) */
+        if (PyErr_ExceptionMatches(PyExc_Exception)) {
+            PyObject *type, *exc, *tb;
+            PyErr_Fetch(&type, &exc, &tb);
+            PyErr_NormalizeException(&type, &exc, &tb);
+            if (tb != NULL)
+                PyException_SetTraceback(exc, tb);
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+            PyObject *arg_list = PySequence_List(args);
+            PyObject *kw = kwargs ? Py_NewRef(kwargs) : PyDict_New();
+            if (arg_list != NULL && kw != NULL) {
+                PyObject *call[6] = {seq, method, exc, started, arg_list, kw};
+                outcome = PyObject_Vectorcall(self->report_failure, call, 6, NULL);
+            }
+            Py_XDECREF(arg_list);
+            Py_XDECREF(kw);
+            Py_XDECREF(exc);
+        }
+    }
+    else if (!finished) { /* it waits on something: the rest runs in a task */
+        PyObject *call[5] = {seq, method, coro, yielded, started};
+        outcome = PyObject_Vectorcall(self->continue_call, call, 5, NULL);
+    }
+    PyObject *error_type, *error, *error_tb; /* keep an error across the cleanup */
+    PyErr_Fetch(&error_type, &error, &error_tb);
+    int reset = PyContextVar_Reset(self->context, token);
+    Py_DECREF(token);
+    Py_XDECREF(coro);
+    if (error_type != NULL)
+        PyErr_Restore(error_type, error, error_tb);
+    else if (reset < 0)
+        Py_CLEAR(outcome);
+    if (finished) { /* the usual case: count it, then answer */
+        if (eager_record(self, entry, started) == 0)
+            outcome = eager_reply(self, seq, yielded);
+    }
+    Py_XDECREF(yielded);
+    Py_DECREF(started);
+    return outcome;
+}
+
+static PyObject *
+EagerServer_vectorcall(EagerServerObject *self, PyObject *const *argv, size_t nargsf,
+                       PyObject *kwnames)
+{
+    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_SetString(PyExc_TypeError, "EagerServer takes one frame");
+        return NULL;
+    }
+    PyObject *frame = argv[0];
+    if (Py_TYPE(frame) != &FrameType)
+        return eager_fallback(self, frame);
+    FrameObject *f = (FrameObject *)frame;
+    if (PyDict_GET_SIZE(self->incoming) >= self->max_calls || PyLong_AsLong(f->flags) != 0)
+        return eager_fallback(self, frame);
+    if (PyDict_GET_SIZE(f->metadata)) {
+        int timed = PyDict_Contains(f->metadata, str_timeout);
+        if (timed != 0)
+            return timed < 0 ? NULL : eager_fallback(self, frame);
+    }
+    PyObject *method = PyDict_GetItemWithError(self->methods, f->method);
+    if (method == NULL)
+        return PyErr_Occurred() ? NULL : eager_fallback(self, frame);
+    PyObject *entry = PyDict_GetItemWithError(self->known, f->method);
+    if (entry != NULL && PyTuple_GET_ITEM(entry, 0) == method) {
+        Py_INCREF(entry);
+    }
+    else {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_INCREF(method); /* learning runs Python code that may drop it from ``methods`` */
+        entry = eager_learn(self, f->method, method);
+        Py_DECREF(method);
+        if (entry == NULL)
+            return PyErr_Occurred() ? NULL : eager_fallback(self, frame);
+    }
+    PyObject *args = NULL, *kwargs = NULL, *outcome;
+    int usable = eager_arguments(self, f, &args, &kwargs);
+    if (usable > 0)
+        outcome = eager_run(self, frame, entry, args, kwargs);
+    else
+        outcome = usable < 0 ? NULL : eager_fallback(self, frame);
+    Py_XDECREF(args);
+    Py_XDECREF(kwargs);
+    Py_DECREF(entry);
+    return outcome;
+}
+
+static PyObject *
+EagerServer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"connection", "reference", "context", NULL};
+    PyObject *connection, *reference, *context;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO:EagerServer", kwlist, &connection,
+                                     &reference, &context))
+        return NULL;
+    if (!PyContextVar_CheckExact(context)) {
+        PyErr_SetString(PyExc_TypeError, "EagerServer: context must be a ContextVar");
+        return NULL;
+    }
+    EagerServerObject *self = (EagerServerObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->vectorcall = (vectorcallfunc)EagerServer_vectorcall;
+    self->connection = Py_NewRef(connection);
+    self->reference = Py_NewRef(reference);
+    self->context = Py_NewRef(context);
+    PyObject *max_calls = PyObject_GetAttrString(connection, "_max_calls");
+    PyObject *codec_id = PyObject_GetAttrString(connection, "_codec_id");
+    PyObject *time_module = PyImport_ImportModule("time");
+    self->methods = PyObject_GetAttrString(connection, "_methods");
+    self->known = PyDict_New();
+    self->incoming = PyObject_GetAttrString(connection, "_incoming");
+    self->decode = PyObject_GetAttrString(connection, "_decode_unchecked");
+    self->write = PyObject_GetAttrString(connection, "_write");
+    self->respond = PyObject_GetAttrString(connection, "respond");
+    self->report_failure = PyObject_GetAttrString(connection, "_report_failure");
+    self->continue_call = PyObject_GetAttrString(connection, "_continue_eagerly");
+    self->perf_counter = time_module ? PyObject_GetAttrString(time_module, "perf_counter") : NULL;
+    Py_XDECREF(time_module);
+    if (max_calls != NULL)
+        self->max_calls = PyNumber_AsSsize_t(max_calls, PyExc_OverflowError);
+    if (codec_id != NULL)
+        self->codec_id = PyLong_AsLong(codec_id);
+    Py_XDECREF(max_calls);
+    Py_XDECREF(codec_id);
+    if (PyErr_Occurred()) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    if (!PyDict_CheckExact(self->methods) || !PyDict_CheckExact(self->incoming)) {
+        PyErr_SetString(PyExc_TypeError, "EagerServer: _methods and _incoming must be dicts");
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int
+EagerServer_traverse(EagerServerObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->connection);
+    Py_VISIT(self->reference);
+    Py_VISIT(self->methods);
+    Py_VISIT(self->known);
+    Py_VISIT(self->incoming);
+    Py_VISIT(self->decode);
+    Py_VISIT(self->context);
+    Py_VISIT(self->perf_counter);
+    Py_VISIT(self->write);
+    Py_VISIT(self->respond);
+    Py_VISIT(self->report_failure);
+    Py_VISIT(self->continue_call);
+    return 0;
+}
+
+static int
+EagerServer_clear(EagerServerObject *self)
+{
+    Py_CLEAR(self->connection);
+    Py_CLEAR(self->reference);
+    Py_CLEAR(self->methods);
+    Py_CLEAR(self->known);
+    Py_CLEAR(self->incoming);
+    Py_CLEAR(self->decode);
+    Py_CLEAR(self->context);
+    Py_CLEAR(self->perf_counter);
+    Py_CLEAR(self->write);
+    Py_CLEAR(self->respond);
+    Py_CLEAR(self->report_failure);
+    Py_CLEAR(self->continue_call);
+    return 0;
+}
+
+static void
+EagerServer_dealloc(EagerServerObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    EagerServer_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject EagerServerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "polyrpc.core._frames.EagerServer",
+    .tp_doc = "EagerServer(connection, reference, context)\n--\n\n"
+              "Serves a connection's usual calls (an async handler that finishes in its first\n"
+              "step) in C; hands every other frame to ``reference`` (RpcConnection.on_request).",
+    .tp_basicsize = sizeof(EagerServerObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = EagerServer_new,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(EagerServerObject, vectorcall),
+    .tp_dealloc = (destructor)EagerServer_dealloc,
+    .tp_traverse = (traverseproc)EagerServer_traverse,
+    .tp_clear = (inquiry)EagerServer_clear,
+};
+
 /* ==================================================================== module */
 
 static PyMethodDef module_methods[] = {
@@ -1421,9 +1997,16 @@ PyMODINIT_FUNC
 PyInit__frames(void)
 {
     if (PyType_Ready(&FrameType) < 0 || PyType_Ready(&WindowType) < 0 ||
-        PyType_Ready(&DecoderType) < 0)
+        PyType_Ready(&DecoderType) < 0 || PyType_Ready(&EagerServerType) < 0)
         return NULL;
     if (ProtocolError == NULL) {
+        PyObject *asyncio = PyImport_ImportModule("asyncio");
+        if (asyncio == NULL)
+            return NULL;
+        invalid_state_error = PyObject_GetAttrString(asyncio, "InvalidStateError");
+        Py_DECREF(asyncio);
+        if (invalid_state_error == NULL)
+            return NULL;
         PyObject *errors = PyImport_ImportModule("polyrpc.core.errors");
         if (errors == NULL)
             return NULL;
@@ -1435,7 +2018,20 @@ PyInit__frames(void)
         empty_bytes = PyBytes_FromStringAndSize("", 0);
         empty_metadata = PyDict_New();
         method_bytes_cache = PyDict_New();
-        if (!empty_str || !empty_bytes || !empty_metadata || !method_bytes_cache)
+        str_set_result = PyUnicode_InternFromString("set_result");
+        long_one = PyLong_FromLong(1);
+        str_kind = PyUnicode_InternFromString("kind");
+        str_async = PyUnicode_InternFromString("async");
+        str_func = PyUnicode_InternFromString("func");
+        str_stats = PyUnicode_InternFromString("stats");
+        str_calls = PyUnicode_InternFromString("calls");
+        str_durations = PyUnicode_InternFromString("durations");
+        str_append = PyUnicode_InternFromString("append");
+        str_gone = PyUnicode_InternFromString("_gone");
+        str_timeout = PyUnicode_InternFromString("timeout");
+        if (!empty_str || !empty_bytes || !empty_metadata || !method_bytes_cache ||
+            !str_set_result || !str_kind || !str_async || !str_func || !str_stats || !str_calls ||
+            !str_durations || !str_append || !str_gone || !str_timeout || !long_one)
             return NULL;
     }
     PyObject *m = PyModule_Create(&frames_moduledef);
@@ -1443,6 +2039,7 @@ PyInit__frames(void)
         return NULL;
     if (PyModule_AddObjectRef(m, "Frame", (PyObject *)&FrameType) < 0 ||
         PyModule_AddObjectRef(m, "FrameDecoder", (PyObject *)&DecoderType) < 0 ||
+        PyModule_AddObjectRef(m, "EagerServer", (PyObject *)&EagerServerType) < 0 ||
         PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "VERSION", FRAME_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "LARGE_PAYLOAD", LARGE_PAYLOAD) < 0 ||

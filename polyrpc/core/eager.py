@@ -2,7 +2,9 @@
 
 ``coroutine_step`` is the pure-Python reference; the C accelerator
 (polyrpc.core._frames) provides the same function without raising StopIteration
-for every finished call. ``POLYRPC_PURE_PYTHON=1`` forces the reference.
+for every finished call, and ``EagerServer``, which serves a connection's usual calls
+(reference: ``RpcConnection.on_request``). ``POLYRPC_PURE_PYTHON=1`` forces the
+references.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ def _py_coroutine_step(coro: Coroutine[Any, Any, Any]) -> tuple[bool, Any]:
         return True, done.value
 
 
-def _select() -> Callable[[Coroutine[Any, Any, Any]], tuple[bool, Any]]:
+def _select() -> tuple[Callable[[Coroutine[Any, Any, Any]], tuple[bool, Any]], Any]:
     if os.environ.get("POLYRPC_PURE_PYTHON", "") not in ("", "0"):
-        return _py_coroutine_step
+        return _py_coroutine_step, None
     try:
-        from ._frames import coroutine_step
+        from ._frames import EagerServer, coroutine_step
     except ImportError:
-        return _py_coroutine_step
-    return coroutine_step
+        return _py_coroutine_step, None
+    return coroutine_step, EagerServer
 
 
-coroutine_step = _select()
+coroutine_step, EagerServer = _select()
+"""coroutine_step: the C accelerator and the pure-Python reference step coroutines alike.
+EagerServer: the C call server, or None when only the reference is available."""

@@ -20,9 +20,10 @@ buffer is allocated for it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, NamedTuple
@@ -61,6 +62,7 @@ class Kind(IntEnum):
 
 
 _KINDS = frozenset(int(k) for k in Kind)
+_REPLY_KINDS = (int(Kind.RESPONSE), int(Kind.ERROR))
 
 FLAG_REPLY = 0x01
 """HELLO/HEARTBEAT: this frame answers the peer's."""
@@ -233,6 +235,16 @@ class FrameDecoder:
         self._large_frame: Frame | None = None
         self._methods: dict[bytes, str] = {}
         self.broken: ProtocolError | None = None
+        self.bytes_received = 0
+        """Bytes given to this decoder so far (read into get_buffer() or fed)."""
+        self._on_frames: Callable[[list[Frame]], object] | None = None
+        self._on_error: Callable[[ProtocolError], object] | None = None
+        self._replies: dict[int, asyncio.Future[Frame]] | None = None
+        self._hold: Sized | None = None
+        self._on_request: Callable[[Frame], object] | None = None
+        self.serving_one = False
+        """True while route()'s on_request serves a request that arrived alone (its reply
+        can go out at once: there is nothing to batch it with)."""
 
     @property
     def pending_bytes(self) -> int:
@@ -253,6 +265,7 @@ class FrameDecoder:
 
     def buffer_updated(self, nbytes: int) -> list[Frame]:
         """``nbytes`` were written into the last :meth:`get_buffer`; return complete frames."""
+        self.bytes_received += nbytes
         if self._large is not None:
             self._large_filled += nbytes
             if self._large_filled < len(self._large):
@@ -264,6 +277,72 @@ class FrameDecoder:
             return [frame]
         self._end += nbytes
         return self._parse()
+
+    # -- routing: the session's receive path -------------------------------
+    def route(
+        self,
+        on_frames: Callable[[list[Frame]], object],
+        on_error: Callable[[ProtocolError], object],
+        replies: dict[int, asyncio.Future[Frame]] | None = None,
+        hold: Sized | None = None,
+        on_request: Callable[[Frame], object] | None = None,
+    ) -> None:
+        """Where :meth:`received` and :meth:`received_data` deliver: a batch's leading
+        RESPONSE and ERROR frames that answer a future in ``replies`` resolve it here (while
+        ``hold`` is empty); a REQUEST left alone goes to ``on_request(frame)`` with
+        :attr:`serving_one` set; other frames go to ``on_frames(list)`` in order, a
+        ProtocolError to ``on_error(exc)``."""
+        if not (callable(on_frames) and callable(on_error)) or (
+            on_request is not None and not callable(on_request)
+        ):
+            raise TypeError("route(): on_frames, on_error and on_request must be callable")
+        if replies is not None and type(replies) is not dict:
+            raise TypeError("route(): replies must be a dict or None")
+        self._on_frames, self._on_error = on_frames, on_error
+        self._replies, self._hold, self._on_request = replies, hold, on_request
+
+    def received(self, nbytes: int) -> object:
+        """:meth:`buffer_updated` for a socket: the frames are delivered as :meth:`route` says
+        (in the C implementation most replies and lone requests run no Python code here)."""
+        return self._deliver(self.buffer_updated, nbytes, "received")
+
+    def received_data(self, data: bytes | bytearray | memoryview) -> object:
+        """:meth:`feed` for a stream that hands over bytes: delivered as :meth:`route` says."""
+        return self._deliver(self.feed, data, "received_data")
+
+    def _deliver(self, decode: Callable[[Any], list[Frame]], arg: Any, name: str) -> object:
+        if self._on_frames is None or self._on_error is None:
+            raise RuntimeError(f"FrameDecoder.{name}() needs route() first")
+        try:
+            frames = decode(arg)
+        except ProtocolError as exc:
+            return self._on_error(exc)
+        done = 0
+        replies = self._replies
+        if replies is not None:
+            for frame in frames:
+                if frame.kind not in _REPLY_KINDS or (self._hold is not None and len(self._hold)):
+                    break
+                future = replies.pop(frame.seq, None)
+                if future is None:
+                    break
+                if not future.done():
+                    future.set_result(frame)
+                done += 1
+        if done == len(frames):
+            return None
+        if done == len(frames) - 1 and self._on_request is not None:
+            last = frames[-1]
+            if last.kind == Kind.REQUEST:
+                self.serving_one = True
+                try:
+                    return self._on_request(last)
+                except ProtocolError as exc:
+                    error = exc
+                finally:
+                    self.serving_one = False
+                return self._on_error(error)
+        return self._on_frames(frames[done:] if done else frames)
 
     # -- plain path --------------------------------------------------------
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:

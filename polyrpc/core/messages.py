@@ -45,6 +45,15 @@ class Message:
 class Connection(Session):
     """A polyrpc connection used for plain messages and request/reply."""
 
+    __slots__ = (
+        "_handlers_running",
+        "_inbox",
+        "_inbox_bytes",
+        "_inbox_waiter",
+        "_reading_paused",
+        "on_request_handler",
+    )
+
     def __init__(
         self,
         stream: Stream,

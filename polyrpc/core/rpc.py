@@ -22,12 +22,12 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .eager import coroutine_step
+from .eager import EagerServer, coroutine_step
 from .errors import CallTimeout, ConnectionLost, ProtocolError, RemoteError
 from .frames import FLAG_ARG_STREAM, FLAG_STREAM, Frame, Kind, encode_frame, encode_plain
 from .services import Method, ServiceRegistry
-from .session import Session, SessionConfig
-from .stream import Stream
+from .session import BYTES_LIKE, Session, SessionConfig
+from .stream import Buffer, Stream
 
 log = logging.getLogger("polyrpc")
 
@@ -295,6 +295,20 @@ class ServiceProxy:
 class RpcConnection(Session):
     """A session that makes and serves remote calls (both sides may do both)."""
 
+    __slots__ = (
+        "_arg_senders",
+        "_codec_id",
+        "_decode_unchecked",
+        "_encode_unchecked",
+        "_incoming",
+        "_max_calls",
+        "_methods",
+        "_result_streams",
+        "_tasks",
+        "options",
+        "services",
+    )
+
     def __init__(
         self, stream: Stream, config: SessionConfig, *, is_client: bool, options: RpcOptions
     ) -> None:
@@ -310,13 +324,24 @@ class RpcConnection(Session):
         self._max_calls = options.max_concurrent_calls
         self._codec_id = self.codec.id
         self._encode_unchecked, self._decode_unchecked = self.codec.unchecked
+        if EagerServer is not None:  # the C accelerator serves the usual calls
+            self._request_handler = EagerServer(self, self.on_request, _context)
 
     # ----------------------------------------------------------- calling
-    def _encode_call(self, args: tuple, kwargs: dict) -> bytes:
+    def _encode_call(self, args: tuple, kwargs: dict) -> tuple[Buffer, int]:
+        """(payload, codec id) of a call's arguments: a lone bytes-like argument travels raw
+        (no encoding, no copy) when the peer understands that, the rest as ``[args, kwargs]``."""
+        if (
+            len(args) == 1
+            and not kwargs
+            and isinstance(args[0], BYTES_LIKE)
+            and "rawarg" in self.peer_features
+        ):
+            return args[0], 0
         try:
-            return self._encode_unchecked((args, kwargs))  # every codec sends tuples as lists
+            return self._encode_unchecked((args, kwargs)), self._codec_id  # tuples go as lists
         except Exception as exc:
-            raise TypeError(f"cannot send these arguments: {exc}") from None
+            raise _unsendable(exc) from None
 
     async def _send_call(
         self,
@@ -339,10 +364,10 @@ class RpcConnection(Session):
             args = (*args[:streamed], None, *args[streamed + 1 :])
             metadata = {**(metadata or {}), "argstream": str(streamed)}
             flags |= FLAG_ARG_STREAM
-        payload = self._encode_call(args, kwargs)
+        payload, codec = self._encode_call(args, kwargs)
         if len(self._pending) >= self._max_in_flight:
             await self.wait_for_slot()
-        seq, future = self.begin_request(payload, method, metadata, timeout, flags, encoded=True)
+        seq, future = self.begin_request(payload, method, metadata, timeout, flags, codec)
         sender = None
         if streamed is not None:
             state = _IncomingCall()
@@ -386,17 +411,27 @@ class RpcConnection(Session):
             streamed = False
         if streamed or len(self._pending) >= self._max_in_flight:
             seq, future, _ = await self._send_call(method, args, kwargs, timeout, metadata)
-        elif timeout is not None or metadata or not self._accepting:
-            payload = self._encode_call(args, kwargs)
-            seq, future = self.begin_request(payload, method, metadata, timeout, 0, encoded=True)
-        else:  # the common case: begin_request's work inlined, no extra call levels
-            payload = self._encode_call(args, kwargs)
-            seq = self._next_seq
-            self._next_seq = seq + 2
-            future = self._pending[seq] = self.loop.create_future()
-            self._write(
-                encode_frame(_REQUEST, seq, payload, method=method, codec=self._codec_id), False
-            )
+        else:
+            # _encode_call, inlined: one call level less per call
+            if (
+                len(args) == 1
+                and not kwargs
+                and isinstance(args[0], BYTES_LIKE)
+                and "rawarg" in self.peer_features
+            ):
+                payload, codec = args[0], 0
+            else:
+                try:
+                    payload, codec = self._encode_unchecked((args, kwargs)), self._codec_id
+                except Exception as exc:
+                    raise _unsendable(exc) from None
+            if timeout is not None or metadata or not self._accepting:
+                seq, future = self.begin_request(payload, method, metadata, timeout, 0, codec)
+            else:  # the common case: begin_request's work inlined, no extra call levels
+                seq = self._next_seq
+                self._next_seq = seq + 2
+                future = self._pending[seq] = self.loop.create_future()
+                self._write(encode_frame(_REQUEST, seq, payload, method=method, codec=codec), False)
         try:
             if self.byte_stream.writing_paused:
                 await self.wait_writable()
@@ -417,7 +452,8 @@ class RpcConnection(Session):
 
     async def notify(self, method: str, *args: Any, **kwargs: Any) -> None:
         """Call ``method`` one-way: no reply, errors are only logged by the peer."""
-        self.send_oneway(self._encode_call(args, kwargs), method=method, encoded=True)
+        payload, codec = self._encode_call(args, kwargs)
+        self.send_oneway(payload, method=method, codec=codec)
         if self.byte_stream.writing_paused:
             await self.wait_writable()
 
@@ -444,7 +480,9 @@ class RpcConnection(Session):
     def on_request(self, frame: Frame) -> None:
         """Serve a call. An async handler's first step runs right here: most finish
         without waiting on anything and then need no task at all (Python 3.12's eager
-        tasks, done by hand for 3.11); only one that suspends gets a task."""
+        tasks, done by hand for 3.11); only one that suspends gets a task. The C
+        accelerator's EagerServer does the same for the usual calls and hands the rest
+        here; this is also its reference."""
         seq = frame.seq
         if len(self._incoming) >= self._max_calls:
             self._refuse_busy(seq)
@@ -471,13 +509,7 @@ class RpcConnection(Session):
                 self._report_failure(seq, method, exc, started, args, kwargs)
                 return
             if not finished:
-                # it suspended: the rest runs in a task whose context carries the call context
-                call = _IncomingCall()
-                self._incoming[seq] = call
-                call.task = self.loop.create_task(
-                    self._finish_eagerly(seq, method, coro, result, started),
-                    context=contextvars.copy_context(),
-                )
+                self._continue_eagerly(seq, method, coro, result, started)
                 return
         finally:
             _context.reset(token)
@@ -489,6 +521,18 @@ class RpcConnection(Session):
             self._write(encode_plain(_RESPONSE, seq, result, 0, 0), ordered=False)
         else:
             self.respond(seq, result)
+
+    def _continue_eagerly(
+        self, seq: int, method: Method, coro: Any, waiting_on: Any, started: float
+    ) -> None:
+        """A handler suspended in its eager first step: the rest runs in a task whose context
+        carries the call context (call this while it is set)."""
+        call = _IncomingCall()
+        self._incoming[seq] = call
+        call.task = self.loop.create_task(
+            self._finish_eagerly(seq, method, coro, waiting_on, started),
+            context=contextvars.copy_context(),
+        )
 
     def _start_call(self, seq: int, method: Method, args: list, kwargs: dict, frame: Frame) -> None:
         """Serve every call but an eager async one: inline sync, streams, deadlines, threads."""
@@ -529,10 +573,23 @@ class RpcConnection(Session):
         try:
             return self._decode_unchecked(frame.payload)
         except Exception as exc:
-            raise ProtocolError(f"undecodable {self.codec.name} payload: {exc}") from None
+            raise self._undecodable(exc) from None
+
+    def _undecodable(self, exc: Exception) -> ProtocolError:
+        return ProtocolError(f"undecodable {self.codec.name} payload: {exc}")
 
     def _decode_arguments(self, frame: Frame) -> tuple[list, dict]:
-        body = self._decode_payload(frame)
+        codec = frame.codec
+        if codec == self._codec_id:  # _decode_payload, inlined: one call level less
+            try:
+                body = self._decode_unchecked(frame.payload)
+            except Exception as exc:
+                raise self._undecodable(exc) from None
+        elif codec == 0:  # a lone bytes argument, sent raw
+            payload = frame.payload
+            return [payload if type(payload) is bytes else bytes(payload)], {}
+        else:
+            body = self.decode(frame)
         if type(body) is list and len(body) == 2:
             args, kwargs = body
             if type(args) is list and type(kwargs) is dict:
@@ -595,10 +652,11 @@ class RpcConnection(Session):
         args: list | None = None,
         kwargs: dict | None = None,
     ) -> None:
+        method.stats.record(time.perf_counter() - started, True)
+        # from the exception itself: the C call server reports it outside an except block
+        text = "".join(traceback.format_exception(exc)) if self.options.send_tracebacks else None
         if isinstance(exc, TypeError) and args is not None:
             exc = method.binding_error(args, kwargs or {}) or exc
-        method.stats.record(time.perf_counter() - started, True)
-        text = traceback.format_exc() if self.options.send_tracebacks else None
         code = exc.code if isinstance(exc, RemoteError) else "handler_error"
         self.respond_error(seq, exc, code, text)
 
@@ -781,6 +839,10 @@ class RpcConnection(Session):
         for state in self._arg_senders.values():
             if state.credit_event is not None:
                 state.credit_event.set()
+
+
+def _unsendable(exc: Exception) -> TypeError:
+    return TypeError(f"cannot send these arguments: {exc}")
 
 
 async def _aiter_sync(items: Iterable[Any]) -> AsyncIterator[Any]:

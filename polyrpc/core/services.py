@@ -15,7 +15,7 @@ LATENCY_SAMPLES = 2048
 """Recent call durations kept per method for the p50/p99 in ``_sys.stats``."""
 
 
-@dataclass
+@dataclass(slots=True)
 class MethodStats:
     """Per-method counters for ``_sys.stats``."""
 
@@ -39,7 +39,7 @@ class MethodStats:
         self.durations.append(duration)
 
 
-@dataclass
+@dataclass(slots=True)
 class Method:
     """One callable exposed to peers."""
 

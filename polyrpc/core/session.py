@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -40,7 +40,7 @@ from .timeouts import DeadlineWheel
 
 log = logging.getLogger("polyrpc")
 
-FEATURES = "cancel,stream,credit,goaway"
+FEATURES = "cancel,stream,credit,goaway,rawarg"
 """What this implementation supports, announced in HELLO."""
 
 # plain ints: compared on every frame
@@ -50,7 +50,8 @@ _REQUEST, _RESPONSE, _ERROR, _ONEWAY = (
 _HEARTBEAT, _HELLO, _GOAWAY, _CANCEL = (
     int(k) for k in (Kind.HEARTBEAT, Kind.HELLO, Kind.GOAWAY, Kind.CANCEL)
 )
-_BYTES = (bytes, bytearray, memoryview)
+BYTES_LIKE = (bytes, bytearray, memoryview)
+"""Payload types sent raw (codec 0): no encoding, no copy."""
 FLUSH_BUFFERS = 256
 """Queued buffers that trigger a write before the end of the loop turn."""
 FLUSH_BYTES = 64 << 10
@@ -97,6 +98,51 @@ def error_payload(exc: BaseException, code: str, traceback_text: str | None = No
 class Session:
     """One polyrpc connection. Create with :meth:`client` / :meth:`server` helpers of subclasses."""
 
+    # slots: a session has more attributes than CPython's shared-key dicts hold (30),
+    # so with a __dict__ every attribute access on the hot path would be a dict lookup
+    __slots__ = (
+        "__weakref__",
+        "_accepting",
+        "_closed",
+        "_closing",
+        "_deadline_timer",
+        "_deadlines",
+        "_decoder",
+        "_flush_handle",
+        "_gone",
+        "_handshake",
+        "_handshaken",
+        "_heartbeat_timer",
+        "_in_receive",
+        "_last_recv",
+        "_last_send",
+        "_max_in_flight",
+        "_next_seq",
+        "_out",
+        "_out_ordered",
+        "_peer_closing",
+        "_pending",
+        "_pending_info",
+        "_refusal",
+        "_request_handler",
+        "_seen_in",
+        "_seen_out",
+        "_slot_waiters",
+        "buffer_updated",
+        "byte_stream",
+        "bytes_out",
+        "close_reason",
+        "codec",
+        "config",
+        "data_received",
+        "get_buffer",
+        "is_client",
+        "loop",
+        "opened_at",
+        "peer_features",
+        "peer_info",
+    )
+
     def __init__(self, stream: Stream, config: SessionConfig, *, is_client: bool) -> None:
         self.byte_stream = stream
         self.config = config
@@ -106,11 +152,18 @@ class Session:
         self.peer_info: dict[str, str] = {}
         self.loop = asyncio.get_running_loop()
         self._decoder = FrameDecoder(config.limits)
-        self._decoder_updated = self._decoder.buffer_updated
-        self.get_buffer = self._decoder.get_buffer  # type: ignore[method-assign]  # hot path
+        # the receiving side (StreamReceiver, and asyncio's BufferedProtocol for sockets,
+        # which read straight into the decoder): the decoder hands the frames to _dispatch
+        # itself, after the handshake resolving plain replies and serving lone requests
+        self._decoder.route(self._dispatch, self._protocol_failure)
+        self.get_buffer: Callable[[int], memoryview] = self._decoder.get_buffer
+        self.buffer_updated: Callable[[int], object] = self._decoder.received
+        self.data_received: Callable[[Buffer], object] = self._decoder.received_data
         self._next_seq = 1 if is_client else 2
         """Clients number their requests odd, servers even: a seq names one exchange."""
         self._pending: dict[int, asyncio.Future[Frame]] = {}
+        self._request_handler: Callable[[Frame], object] = self.on_request
+        """Serves each REQUEST frame: on_request, or an accelerated equivalent."""
         self._pending_info: dict[int, tuple[str, float]] = {}
         self._max_in_flight = config.max_in_flight
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
@@ -135,12 +188,16 @@ class Session:
         self._peer_closing = False
         self.close_reason: Exception | None = None
         self._refusal: tuple[str, str] | None = None
-        self.bytes_in = 0
         self.bytes_out = 0
         self.opened_at = time.time()
         stream.set_receiver(self)
 
     # ------------------------------------------------------------------ info
+    @property
+    def bytes_in(self) -> int:
+        """Bytes received on this connection."""
+        return self._decoder.bytes_received
+
     @property
     def transport(self) -> str:
         """The transport's scheme (``tcp``, ``quic``...)."""
@@ -203,8 +260,7 @@ class Session:
                 raise ProtocolError("expected a HELLO reply from the server")
             self.peer_features = set(meta.get("features", "").split(","))
             self.peer_info = dict(meta)
-            self._handshaken = True
-            self._handshake.set_result(None)
+            self._handshake_done()
             return
         problem = self._check_hello(meta)
         if problem is not None:
@@ -223,7 +279,19 @@ class Session:
         self.peer_info = {k: v for k, v in meta.items() if k != "token"}
         reply = {"version": str(VERSION), "codec": self.codec.name, "features": FEATURES}
         self._write(encode_frame(_HELLO, 0, metadata=reply, flags=FLAG_REPLY), ordered=True)
+        self._handshake_done()
+
+    def _handshake_done(self) -> None:
         self._handshaken = True
+        # from now on the decoder resolves replies itself while nobody waits for a slot, and
+        # a request that arrives alone is served at once: its reply leaves unbatched
+        self._decoder.route(
+            self._dispatch,
+            self._protocol_failure,
+            self._pending,
+            self._slot_waiters,
+            self._request_handler,
+        )
         self._handshake.set_result(None)
 
     def refuse(self, reason: str, message: str) -> None:
@@ -257,27 +325,6 @@ class Session:
         self.abort(exc)
 
     # ---------------------------------------------------------- receive side
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._decoder.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.bytes_in += nbytes
-        try:
-            frames = self._decoder_updated(nbytes)
-        except ProtocolError as exc:
-            self._protocol_failure(exc)
-            return
-        self._dispatch(frames)
-
-    def data_received(self, data: Buffer) -> None:
-        self.bytes_in += len(data)
-        try:
-            frames = self._decoder.feed(data)
-        except ProtocolError as exc:
-            self._protocol_failure(exc)
-            return
-        self._dispatch(frames)
-
     def _dispatch(self, frames: list[Frame]) -> None:
         """Handle frames in order; replies written meanwhile go out in one write afterwards."""
         self._in_receive = True
@@ -299,7 +346,7 @@ class Session:
                         raise ProtocolError(f"expected HELLO first, got {Kind(kind).name}")
                     self._on_hello(frame)
                 elif kind == _REQUEST:
-                    self.on_request(frame)
+                    self._request_handler(frame)
                 elif kind == _ONEWAY:
                     self.on_oneway(frame)
                 elif kind == _HEARTBEAT:
@@ -406,7 +453,7 @@ class Session:
     # ------------------------------------------------------------ send side
     def encode(self, obj: Any) -> tuple[Buffer, int]:
         """(payload, codec id): bytes-like objects go raw, the rest with the session codec."""
-        if isinstance(obj, _BYTES):
+        if isinstance(obj, BYTES_LIKE):
             return obj, 0
         return self.codec.encode(obj), self.codec.id
 
@@ -440,10 +487,16 @@ class Session:
             return
         if self._gone:
             raise self.lost_error()
-        self.bytes_out += len(buffers[0]) if len(buffers) == 1 else sum(map(len, buffers))
-        self.byte_stream.write(buffers, ordered=ordered)
-        if not self._pending:
-            # not a lone request: batch whatever else is written in this loop turn
+        write_now = self.byte_stream.write_now
+        if write_now is not None and len(buffers) == 1:
+            self.bytes_out += len(buffers[0])
+            write_now(buffers[0])
+        else:
+            self.bytes_out += sum(map(len, buffers))
+            self.byte_stream.write(buffers, ordered=ordered)
+        if not self._pending and not self._decoder.serving_one:
+            # a write outside any receive (a lone request's reply is not): batch whatever
+            # else is written in this loop turn
             self._flush_handle = self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
@@ -453,7 +506,12 @@ class Session:
         out, self._out = self._out, []
         ordered, self._out_ordered = self._out_ordered, False
         if out and not self._gone:
-            self.bytes_out += len(out[0]) if len(out) == 1 else sum(map(len, out))
+            write_now = self.byte_stream.write_now
+            if write_now is not None and len(out) == 1:
+                self.bytes_out += len(out[0])
+                write_now(out[0])
+                return
+            self.bytes_out += sum(map(len, out))
             try:  # noqa: SIM105 - contextlib.suppress costs three calls on the hot path
                 self.byte_stream.write(out, ordered=ordered)
             except ConnectionLost:
@@ -492,16 +550,16 @@ class Session:
         metadata: dict[str, str] | None = None,
         timeout: float | None = None,
         flags: int = 0,
-        encoded: bool = False,
+        codec: int | None = None,
     ) -> tuple[int, asyncio.Future[Frame]]:
         """Write a REQUEST now (the caller checked the window); returns (seq, reply future).
 
-        ``encoded``: ``obj`` is already a payload in the session codec.
+        ``codec``: ``obj`` is already a payload encoded with the codec of this id.
         """
         self._check_open()
-        if encoded:
-            payload, codec = obj, self.codec.id
-        elif isinstance(obj, _BYTES):
+        if codec is not None:
+            payload = obj
+        elif isinstance(obj, BYTES_LIKE):
             payload, codec = obj, 0
         else:
             payload, codec = self.codec.encode(obj), self.codec.id
@@ -606,7 +664,7 @@ class Session:
         """Answer request ``seq`` with ``obj`` (an error frame if it cannot be encoded)."""
         if self._gone:
             return
-        if isinstance(obj, _BYTES):
+        if isinstance(obj, BYTES_LIKE):
             self._write(encode_plain(_RESPONSE, seq, obj, 0, flags), ordered=False)
             return
         try:
@@ -632,11 +690,12 @@ class Session:
         *,
         method: str = "",
         metadata: dict[str, str] | None = None,
-        encoded: bool = False,
+        codec: int | None = None,
     ) -> None:
-        """Queue a one-way message (no reply). Callers await :meth:`wait_writable` after."""
+        """Queue a one-way message (no reply); ``codec``: ``obj`` is a payload encoded with
+        the codec of this id. Callers await :meth:`wait_writable` after."""
         self._check_open()
-        payload, codec = (obj, self.codec.id) if encoded else self.encode(obj)
+        payload, codec = (obj, codec) if codec is not None else self.encode(obj)
         self._write(
             encode_frame(_ONEWAY, 0, payload, method=method, metadata=metadata, codec=codec)
         )

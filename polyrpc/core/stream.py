@@ -90,9 +90,16 @@ class Stream(ABC):
         self.high_water = high_water
         self.low_water = low_water
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._write_paused = False
+        self.writing_paused = False
+        """True while writers should wait (more than high-water bytes queued); an attribute,
+        not a property: the session checks it on every call."""
         self._lost: Exception | None = None
         self._closed = False
+        self.write_now: Callable[[Buffer], object] | None = None
+        """A single-stream transport may offer a callable that sends one whole buffer at once
+        (the socket transports: asyncio's own ``transport.write``), so the session's lone
+        frames run no Python code of the stream. It must be None whenever :meth:`write`
+        would refuse (closing, closed, lost, after ``write_eof``)."""
 
     # -- receiving ---------------------------------------------------------
     def set_receiver(self, receiver: StreamReceiver) -> None:
@@ -133,7 +140,7 @@ class Stream(ABC):
         """Wait until the queued bytes fall below the low-water mark."""
         if self._lost is not None:
             raise self._lost
-        if not self._write_paused:
+        if not self.writing_paused:
             return
         if self._drain_waiter is None:
             self._drain_waiter = asyncio.get_running_loop().create_future()
@@ -142,21 +149,16 @@ class Stream(ABC):
     async def send(self, buffers: Sequence[Buffer], *, ordered: bool = True) -> None:
         """:meth:`write` then wait only if the stream is over its high-water mark."""
         self.write(buffers, ordered=ordered)
-        if self._write_paused:
+        if self.writing_paused:
             await self.drain()
-
-    @property
-    def writing_paused(self) -> bool:
-        """True while writers should wait (more than high-water bytes queued)."""
-        return self._write_paused
 
     def _update_write_pressure(self) -> None:
         """Recompute the paused state from :attr:`write_buffer_size`; wake drain waiters."""
         size = self.write_buffer_size
-        if not self._write_paused and size > self.high_water:
-            self._write_paused = True
-        elif self._write_paused and size <= self.low_water:
-            self._write_paused = False
+        if not self.writing_paused and size > self.high_water:
+            self.writing_paused = True
+        elif self.writing_paused and size <= self.low_water:
+            self.writing_paused = False
             self._wake_drain(None)
 
     def _wake_drain(self, exc: Exception | None) -> None:

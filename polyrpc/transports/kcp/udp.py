@@ -516,7 +516,7 @@ class KcpStream(Stream):
             mux.want_flush()
         elif nev:
             mux.handle_events(nev)
-        if queued > self.high_water and not self._write_paused and not self._gone:
+        if queued > self.high_water and not self.writing_paused and not self._gone:
             self._update_write_pressure()
             lib.kmux_notify_below(c, sid, self.low_water)
 

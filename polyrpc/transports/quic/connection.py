@@ -584,7 +584,7 @@ class QuicStream(Stream):
                 # the same turn are sent together by the scheduled transmit (rate)
                 self.transmit()
                 self._turn = self.loop.call_soon(self._end_turn)
-        if not self._write_paused and self._unacked + self._batch_size > self.high_water:
+        if not self.writing_paused and self._unacked + self._batch_size > self.high_water:
             self._update_write_pressure()
 
     def _express_idle(self) -> bool:

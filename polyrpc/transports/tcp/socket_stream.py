@@ -44,6 +44,7 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
     # -- asyncio protocol side --------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        self.write_now = transport.write  # type: ignore[attr-defined]
         self._lost_future = asyncio.get_running_loop().create_future()
         transport.set_write_buffer_limits(high=self.high_water, low=self.low_water)
         self.extra["peer"] = _format_peer(transport.get_extra_info("peername"))
@@ -79,13 +80,14 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
         return self._half_close and not self._eof_sent
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.writing_paused = True
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self.writing_paused = False
         self._wake_drain(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.write_now = None
         if self._lost_future is not None and not self._lost_future.done():
             self._lost_future.set_result(None)
         self._connection_lost(exc)
@@ -135,6 +137,7 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
                 f"{self.transport_name} cannot half-close (TLS has no half-close in asyncio); "
                 "use close() instead"
             )
+        self.write_now = None
         self._transport.write_eof()
         self._eof_sent = True
 
@@ -142,6 +145,7 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
         if self._transport is None:
             return
         self._closed = True
+        self.write_now = None
         if not self._transport.is_closing():
             self._transport.close()
         assert self._lost_future is not None
@@ -152,6 +156,7 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
 
     def abort(self) -> None:
         self._closed = True
+        self.write_now = None
         if self._transport is not None:
             self._transport.abort()
 
