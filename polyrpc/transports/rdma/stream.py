@@ -135,6 +135,7 @@ class RdmaStream(Stream):
         self._disconnected: asyncio.Future[None] = self._loop.create_future()
         self._released = False
         self.on_first_message: Callable[[], None] | None = None
+        self.write_now = self._write_now
         """Set by the listener until the connection is known to be established."""
         res.cq.req_notify()
         self._loop.add_reader(res.channel_fd, self._on_completion_event)
@@ -453,6 +454,29 @@ class RdmaStream(Stream):
         if self._owed >= self._credit_threshold or peer_can_send <= 1:
             self._post(CREDIT)
 
+    def _write_now(self, frame: Buffer) -> None:
+        """Send one whole frame (the session's lone frames): straight into a free slot and
+        posted when it fits one message and nothing is queued, else through :meth:`write`."""
+        res = self._res
+        size = len(frame)
+        if (
+            self._queue
+            or self._peer_gone
+            or size > self._peer_bufsize
+            or size > res.bufsize
+            or self._credits < 2
+            or not self._free_slots
+            or len(self._sq) >= res.max_send
+            or type(frame) not in (bytes, bytearray)
+        ):
+            self.write([frame])
+            return
+        slot = self._free_slots.popleft()
+        base = slot * res.bufsize
+        res.send_view[base : base + size] = frame
+        self._post(DATA, slot, size)
+        self._flush()
+
     def write(self, buffers: Sequence[Buffer], *, ordered: bool = True) -> None:
         self._check_writable()
         if self._eof_queued:
@@ -476,6 +500,7 @@ class RdmaStream(Stream):
         self._check_writable()
         if not self._eof_queued:
             self._eof_queued = True
+            self.write_now = None
             self._queue.append(EOF)
             self._pump()
 
@@ -507,6 +532,7 @@ class RdmaStream(Stream):
                 await asyncio.shield(self._disconnected)
             return
         self._closed = True
+        self.write_now = None
         if self._lost is None and not self._peer_gone:
             with contextlib.suppress(TimeoutError, ConnectionLost):
                 await asyncio.wait_for(self._send_close(), CLOSE_TIMEOUT)
@@ -543,6 +569,7 @@ class RdmaStream(Stream):
         if self._released:
             return
         self._closed = True
+        self.write_now = None
         self._release()
         self._connection_lost(None)
 
@@ -555,6 +582,7 @@ class RdmaStream(Stream):
         if self._released:
             return
         self._released = True
+        self.write_now = None
         self._queue.clear()
         self._queued = 0
         self._pending.clear()
