@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import resource
 import signal
@@ -128,6 +129,48 @@ async def test_credits_stop_the_sender_without_rnr():
     finally:
         client.abort()
         server.abort()
+        await listener.close()
+
+
+async def test_writes_spanning_slot_runs_arrive_intact_with_a_pausing_reader():
+    """Writes of any size (filling runs of consecutive send slots with one copy, wrapping at
+    the buffer's end) arrive in order, also when the reader pauses in the middle of a batch
+    of received messages (the rest of the batch waits and follows after resume)."""
+    listener, client, _mine, server, theirs = await open_pair(
+        "depth=8&bufsize=4096", "depth=8&bufsize=4096"
+    )
+    try:
+        rng = random.Random(7)
+        sizes = [rng.choice((1, 100, 4095, 4096, 4097, 9000, 30000, 70000)) for _ in range(150)]
+        data = pattern(sum(sizes))
+        loop = asyncio.get_running_loop()
+        record = theirs.data_received
+        deliveries = 0
+
+        def pausing_reader(chunk) -> None:
+            nonlocal deliveries
+            record(chunk)
+            deliveries += 1
+            if deliveries % 3 == 0:
+                server.pause_reading()
+                loop.call_later(0.002, server.resume_reading)
+
+        theirs.data_received = pausing_reader  # type: ignore[method-assign]
+        pos = 0
+        for size in sizes:
+            client.write([data[pos : pos + size]])
+            pos += size
+            if rng.random() < 0.2:
+                await client.drain()
+        await asyncio.wait_for(client.drain(), 60)
+        for _ in range(600):
+            if len(theirs.data) >= len(data):
+                break
+            await asyncio.sleep(0.05)
+        assert bytes(theirs.data) == data
+    finally:
+        await client.close()
+        await server.close()
         await listener.close()
 
 

@@ -48,6 +48,11 @@ POLL_BATCH = 32
 SPIN_BACKOFF_MAX = 64
 """After spins that found nothing, at most this many posts in a row go without one."""
 
+WC_SUCCESS = e.IBV_WC_SUCCESS
+WC_RECV = e.IBV_WC_RECV
+_ntohl = socket.ntohl
+_htonl = socket.htonl
+
 _WC_NAMES = {
     value: name[len("IBV_WC_") :].lower()
     for name, value in vars(e).items()
@@ -82,7 +87,9 @@ class RdmaStream(Stream):
         # sending
         self._queue: collections.deque[memoryview | int] = collections.deque()
         self._queued = 0
-        self._free_slots = list(range(res.depth - 1, -1, -1))
+        # Send slots are taken and freed in order (an RC completion retires every earlier
+        # send), so the free ones always run on consecutively, wrapping at the end.
+        self._free_slots = collections.deque(range(res.depth))
         # Posted sends in order: (sequence number = wr_id, slot). Only every
         # ``_signal_every``-th send asks for a completion; on RC a completion also
         # retires every earlier send, which frees their slots (fewer wake-ups).
@@ -117,12 +124,18 @@ class RdmaStream(Stream):
         # receiving
         self._paused = False
         self._pending: collections.deque[tuple[int, int, int]] = collections.deque()
+        # Full DATA messages in consecutive receive slots are contiguous bytes: they are
+        # delivered as one run (slot, bytes, messages), so the reader copies once.
+        self._run_slot = 0
+        self._run_len = 0
+        self._run_count = 0
         self._peer_closed = False
         self._eof_delivered = False
         self._peer_gone = False
         self._disconnected: asyncio.Future[None] = self._loop.create_future()
         self._released = False
         self.on_first_message: Callable[[], None] | None = None
+        self.write_now = self._write_now
         """Set by the listener until the connection is known to be established."""
         res.cq.req_notify()
         self._loop.add_reader(res.channel_fd, self._on_completion_event)
@@ -194,15 +207,21 @@ class RdmaStream(Stream):
     def _handle(self, wcs: list) -> bool:
         """Process work completions; False once the stream failed or was released."""
         for wc in wcs:
-            if wc.status != e.IBV_WC_SUCCESS:
-                self._wc_error(wc)
+            if wc.status != WC_SUCCESS:
+                if self._run_count:
+                    self._deliver_run()
+                if not self._released:
+                    self._wc_error(wc)
                 return False
-            if wc.opcode & e.IBV_WC_RECV:
-                self._on_recv(wc.wr_id, wc.byte_len, socket.ntohl(wc.imm_data))
+            if wc.opcode & WC_RECV:
+                self._on_recv(wc.wr_id, wc.byte_len, _ntohl(wc.imm_data))
             else:
                 self._on_send_done(wc.wr_id)
             if self._released:
                 return False
+        if self._run_count:
+            self._deliver_run()
+            return not self._released
         return True
 
     def _spin(self) -> None:
@@ -226,9 +245,14 @@ class RdmaStream(Stream):
                     return
                 if self._received != received:
                     self._spin_backoff = 1
-                    self._poll()  # the rest, then send what the completions allow
+                    if count == POLL_BATCH:
+                        self._poll()  # the rest, then send what the completions allow
+                    else:
+                        self._pump()
                     if not self._spin_due:
-                        self._arm()
+                        # Arm only if the next loop turn posts nothing (a post spins instead):
+                        # a ping-pong then never arms, so no completion event per message.
+                        self._loop.call_soon(self._arm_unless_spinning)
                     return
             elif clock() >= deadline:
                 # the peer answers slowly: skip the next 1, 2, 4 ... spins (bounded CPU)
@@ -236,6 +260,10 @@ class RdmaStream(Stream):
                 self._spin_backoff = min(SPIN_BACKOFF_MAX, 2 * self._spin_backoff)
                 self._arm()
                 return
+
+    def _arm_unless_spinning(self) -> None:
+        if not self._spin_due:
+            self._arm()
 
     def _wc_error(self, wc) -> None:
         if self._closed:
@@ -269,10 +297,34 @@ class RdmaStream(Stream):
         if kind == CREDIT:
             self._repost(slot)
             return
+        count = self._run_count
+        if count:
+            if (
+                kind == DATA
+                and slot == self._run_slot + count
+                and self._run_len == count * self._res.bufsize
+            ):
+                self._run_len += length
+                self._run_count = count + 1
+                return
+            self._deliver_run()
         if self._paused or self._pending:
             self._pending.append((kind, slot, length))
-            return
-        self._deliver(kind, slot, length)
+        elif kind == DATA:
+            self._run_slot = slot
+            self._run_len = length
+            self._run_count = 1
+        else:
+            self._deliver(kind, slot, length)
+
+    def _deliver_run(self) -> None:
+        """Hand the collected DATA messages to the reader as one buffer, then repost them."""
+        slot, count = self._run_slot, self._run_count
+        self._run_count = 0
+        start = slot * self._res.bufsize
+        self.receiver.data_received(self._res.recv_view[start : start + self._run_len])
+        for i in range(slot, slot + count):
+            self._repost(i)
 
     def _deliver(self, kind: int, slot: int, length: int) -> None:
         if kind == DATA:
@@ -310,7 +362,7 @@ class RdmaStream(Stream):
         imm = (kind << KIND_SHIFT) | self._owed
         self._granted += self._owed
         self._owed = 0
-        self._batch.append((wr_id, addr, length, flags, socket.htonl(imm)))
+        self._batch.append((wr_id, addr, length, flags, _htonl(imm)))
         self._credits -= 1
         self._sq.append((wr_id, slot))
         return wr_id
@@ -342,24 +394,44 @@ class RdmaStream(Stream):
         """Send queued bytes while credits and send slots allow; hand back owed credits."""
         if self._released or self._peer_gone:
             return
+        queue = self._queue
+        if queue:
+            self._send_queued()
+        elif self._flushed is not None and not self._flushed.done():
+            self._flushed.set_result(None)
+        if self._owed:
+            self._maybe_return_credits()
+        if self._batch:
+            self._flush()
+
+    def _send_queued(self) -> None:
+        """Copy queued bytes into free send slots, one message per slot, while credits allow."""
         res = self._res
         queue = self._queue
-        bufsize = min(res.bufsize, self._peer_bufsize)
+        free = self._free_slots
+        size = res.bufsize
+        bufsize = min(size, self._peer_bufsize)
+        view = res.send_view
         while queue and self._credits >= 2 and len(self._sq) < res.max_send:
             head = queue[0]
             if isinstance(head, int):  # EOF marker
                 queue.popleft()
                 self._post(EOF)
                 continue
-            if not self._free_slots:
+            if not free:
                 break
-            slot = self._free_slots.pop()
-            base = slot * res.bufsize
-            view = res.send_view
+            slot = free[0]
+            # Fill as many consecutive free slots as credits allow with one copy per chunk
+            # (far fewer, larger copies for bulk data), then post one message per slot.
+            room = bufsize
+            if self._queued > bufsize and bufsize == size:
+                run = min(len(free), res.depth - slot, self._credits - 1)
+                room = min(run, res.max_send - len(self._sq)) * bufsize
+            base = slot * size
             filled = 0
-            while queue and filled < bufsize and not isinstance(queue[0], int):
+            while queue and filled < room and not isinstance(queue[0], int):
                 chunk = queue[0]
-                take = min(len(chunk), bufsize - filled)
+                take = min(len(chunk), room - filled)
                 view[base + filled : base + filled + take] = chunk[:take]
                 filled += take
                 if take == len(chunk):
@@ -367,12 +439,13 @@ class RdmaStream(Stream):
                 else:
                     queue[0] = chunk[take:]
             self._queued -= filled
-            self._post(DATA, slot, filled)
+            for offset in range(0, filled, bufsize):
+                free.popleft()
+                self._post(DATA, slot, min(bufsize, filled - offset))
+                slot += 1
         self._update_write_pressure()
         if not queue and self._flushed is not None and not self._flushed.done():
             self._flushed.set_result(None)
-        self._maybe_return_credits()
-        self._flush()
 
     def _maybe_return_credits(self) -> None:
         if self._owed == 0 or self._credits < 1 or len(self._sq) >= self._res.max_send:
@@ -380,6 +453,29 @@ class RdmaStream(Stream):
         peer_can_send = self._granted - self._received
         if self._owed >= self._credit_threshold or peer_can_send <= 1:
             self._post(CREDIT)
+
+    def _write_now(self, frame: Buffer) -> None:
+        """Send one whole frame (the session's lone frames): straight into a free slot and
+        posted when it fits one message and nothing is queued, else through :meth:`write`."""
+        res = self._res
+        size = len(frame)
+        if (
+            self._queue
+            or self._peer_gone
+            or size > self._peer_bufsize
+            or size > res.bufsize
+            or self._credits < 2
+            or not self._free_slots
+            or len(self._sq) >= res.max_send
+            or type(frame) not in (bytes, bytearray)
+        ):
+            self.write([frame])
+            return
+        slot = self._free_slots.popleft()
+        base = slot * res.bufsize
+        res.send_view[base : base + size] = frame
+        self._post(DATA, slot, size)
+        self._flush()
 
     def write(self, buffers: Sequence[Buffer], *, ordered: bool = True) -> None:
         self._check_writable()
@@ -404,6 +500,7 @@ class RdmaStream(Stream):
         self._check_writable()
         if not self._eof_queued:
             self._eof_queued = True
+            self.write_now = None
             self._queue.append(EOF)
             self._pump()
 
@@ -435,6 +532,7 @@ class RdmaStream(Stream):
                 await asyncio.shield(self._disconnected)
             return
         self._closed = True
+        self.write_now = None
         if self._lost is None and not self._peer_gone:
             with contextlib.suppress(TimeoutError, ConnectionLost):
                 await asyncio.wait_for(self._send_close(), CLOSE_TIMEOUT)
@@ -471,6 +569,7 @@ class RdmaStream(Stream):
         if self._released:
             return
         self._closed = True
+        self.write_now = None
         self._release()
         self._connection_lost(None)
 
@@ -483,9 +582,11 @@ class RdmaStream(Stream):
         if self._released:
             return
         self._released = True
+        self.write_now = None
         self._queue.clear()
         self._queued = 0
         self._pending.clear()
+        self._run_count = 0
         for fut in (self._flushed, self._close_sent):
             if fut is not None and not fut.done():
                 fut.set_exception(ConnectionLost("rdma stream closed"))
