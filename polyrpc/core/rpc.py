@@ -24,7 +24,7 @@ from typing import Any
 
 from .eager import EagerServer, coroutine_step
 from .errors import CallTimeout, ConnectionLost, ProtocolError, RemoteError
-from .frames import FLAG_ARG_STREAM, FLAG_STREAM, Frame, Kind, encode_frame, encode_plain
+from .frames import FLAG_ARG_STREAM, FLAG_STREAM, Frame, Kind, encode_frame
 from .services import Method, ServiceRegistry
 from .session import BYTES_LIKE, Session, SessionConfig
 from .stream import Buffer, Stream
@@ -525,14 +525,7 @@ class RpcConnection(Session):
                 return
         finally:
             _context.reset(token)
-        # _report_success, inlined: this is the path of nearly every call
-        stats = method.stats
-        stats.calls += 1
-        stats.durations.append(time.perf_counter() - started)
-        if type(result) is bytes and not self._gone:
-            self._write(encode_plain(_RESPONSE, seq, result, 0, 0), ordered=False)
-        else:
-            self.respond(seq, result)
+        self._report_success(seq, method, result, started)
 
     def _continue_eagerly(
         self, seq: int, method: Method, coro: Any, waiting_on: Any, started: float
@@ -585,23 +578,12 @@ class RpcConnection(Session):
         try:
             return self._decode_unchecked(frame.payload)
         except Exception as exc:
-            raise self._undecodable(exc) from None
-
-    def _undecodable(self, exc: Exception) -> ProtocolError:
-        return ProtocolError(f"undecodable {self.codec.name} payload: {exc}")
+            raise ProtocolError(f"undecodable {self.codec.name} payload: {exc}") from None
 
     def _decode_arguments(self, frame: Frame) -> tuple[list, dict]:
-        codec = frame.codec
-        if codec == self._codec_id:  # _decode_payload, inlined: one call level less
-            try:
-                body = self._decode_unchecked(frame.payload)
-            except Exception as exc:
-                raise self._undecodable(exc) from None
-        elif codec == 0:  # a lone bytes argument, sent raw
-            payload = frame.payload
-            return [payload if type(payload) is bytes else bytes(payload)], {}
-        else:
-            body = self.decode(frame)
+        body = self._decode_payload(frame)
+        if frame.codec == 0:  # a lone bytes argument, sent raw (decoded as bytes)
+            return [body], {}
         if type(body) is list and len(body) == 2:
             args, kwargs = body
             if type(args) is list and type(kwargs) is dict:
