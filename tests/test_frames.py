@@ -458,6 +458,31 @@ def test_c_module_constants_match_the_protocol():
 
 
 @needs_c
+@pytest.mark.parametrize("read", ["get_buffer", "feed"])
+def test_c_decoder_reads_a_large_payload_into_the_bytes_it_hands_out(read):
+    """No second copy: the big payload arrives as ``bytes``, filled in place, and the
+    writable view of it offered to readers covers only the part not yet filled."""
+    payload = os.urandom(3 * LARGE_PAYLOAD)
+    data = b"".join(bytes(b) for b in ACCELERATED.encode_frame(Kind.REQUEST, 9, payload))
+    decoder = ACCELERATED.FrameDecoder()
+    got, pos = [], 0
+    while pos < len(data):
+        n = min(50_000, len(data) - pos)
+        if read == "feed":
+            got += decoder.feed(data[pos : pos + n])
+        else:
+            view = decoder.get_buffer(-1)
+            assert not view.readonly
+            if pos:  # past the header: the view is the payload's unfilled tail
+                assert len(view) == len(data) - pos
+            view[:n] = data[pos : pos + n]
+            got += decoder.buffer_updated(n)
+        pos += n
+    assert len(got) == 1 and type(got[0].payload) is bytes and got[0].payload == payload
+    assert hash(got[0].payload) == hash(payload)
+
+
+@needs_c
 def test_c_decoder_rejects_an_overrun_of_its_buffer():
     decoder = ACCELERATED.FrameDecoder()
     room = len(decoder.get_buffer(-1))

@@ -292,7 +292,7 @@ typedef struct {
     int64_t max_frame, max_metadata, max_method; /* cached from limits, clamped */
     PyObject *buf;                               /* bytearray of small frames */
     Py_ssize_t start, end;                       /* unparsed bytes are buf[start:end] */
-    PyObject *large;                             /* bytearray of a big payload, or NULL */
+    PyObject *large; /* bytes of a big payload being filled (not yet seen by anyone), or NULL */
     Py_ssize_t large_filled;
     PyObject *large_frame;  /* the frame whose payload ``large`` is */
     PyObject *methods;      /* method-name cache: raw bytes -> str */
@@ -325,9 +325,11 @@ Window_getbuffer(WindowObject *self, Py_buffer *view, int flags)
         PyErr_SetString(PyExc_BufferError, "the frame decoder is gone");
         return -1;
     }
-    PyObject *target = d->large != NULL ? d->large : d->buf;
-    Py_ssize_t offset = d->large != NULL ? d->large_filled : d->end;
-    if (PyObject_GetBuffer(target, view, flags) < 0)
+    if (d->large != NULL) /* writable: nothing else refers to the unfinished payload */
+        return PyBuffer_FillInfo(view, d->large, PyBytes_AS_STRING(d->large) + d->large_filled,
+                                 PyBytes_GET_SIZE(d->large) - d->large_filled, 0, flags);
+    Py_ssize_t offset = d->end;
+    if (PyObject_GetBuffer(d->buf, view, flags) < 0)
         return -1;
     if (offset > view->len)
         offset = view->len;
@@ -750,14 +752,14 @@ decoder_begin_large(DecoderObject *d, Py_ssize_t mlen, Py_ssize_t metalen, Py_ss
         return -1;
     Py_ssize_t begin = d->start + HEADER_SIZE + mlen + metalen;
     Py_ssize_t have = d->end - begin;
-    PyObject *large = PyByteArray_FromStringAndSize(NULL, plen);
+    /* The payload is read straight into the bytes object it will be: it is handed out only
+     * once full, so filling it in place is safe and saves a copy per big payload. */
+    PyObject *large = PyBytes_FromStringAndSize(NULL, plen);
     if (large == NULL) {
         Py_DECREF(frame);
         return -1;
     }
-    char *dst = PyByteArray_AS_STRING(large);
-    memcpy(dst, PyByteArray_AS_STRING(d->buf) + begin, (size_t)have);
-    memset(dst + have, 0, (size_t)(plen - have));
+    memcpy(PyBytes_AS_STRING(large), PyByteArray_AS_STRING(d->buf) + begin, (size_t)have);
     d->start = d->end = 0;
     Py_XSETREF(d->large, large);
     d->large_filled = have;
@@ -864,7 +866,7 @@ decoder_updated(DecoderObject *d, Py_ssize_t nbytes, PyObject *out)
     d->bytes_received += (unsigned long long)nbytes;
     if (d->large != NULL) {
         d->large_filled += nbytes;
-        if (d->large_filled < PyByteArray_GET_SIZE(d->large))
+        if (d->large_filled < PyBytes_GET_SIZE(d->large))
             return 0;
         PyObject *frame = d->large_frame;
         PyObject *large = d->large;
@@ -884,7 +886,7 @@ static Py_ssize_t
 decoder_prepare(DecoderObject *d)
 {
     if (d->large != NULL)
-        return PyByteArray_GET_SIZE(d->large) - d->large_filled;
+        return PyBytes_GET_SIZE(d->large) - d->large_filled;
     if (PyByteArray_GET_SIZE(d->buf) - d->end < MIN_READ && decoder_make_room(d, MIN_READ) < 0)
         return -1;
     return PyByteArray_GET_SIZE(d->buf) - d->end;
@@ -931,7 +933,7 @@ decoder_filled(DecoderObject *d, PyObject *arg, const char *name)
     Py_ssize_t nbytes = PyNumber_AsSsize_t(arg, PyExc_OverflowError);
     if (nbytes == -1 && PyErr_Occurred())
         return NULL;
-    Py_ssize_t room = d->large != NULL ? PyByteArray_GET_SIZE(d->large) - d->large_filled
+    Py_ssize_t room = d->large != NULL ? PyBytes_GET_SIZE(d->large) - d->large_filled
                                        : PyByteArray_GET_SIZE(d->buf) - d->end;
     if (nbytes < 0 || nbytes > room) {
         PyErr_Format(PyExc_ValueError, "%s(%zd): get_buffer() offered %zd bytes", name, nbytes,
@@ -1127,7 +1129,7 @@ Decoder_feed(DecoderObject *d, PyObject *data)
         if (room < 0)
             goto fail;
         Py_ssize_t n = room < left ? room : left;
-        char *dst = d->large != NULL ? PyByteArray_AS_STRING(d->large) + d->large_filled
+        char *dst = d->large != NULL ? PyBytes_AS_STRING(d->large) + d->large_filled
                                      : PyByteArray_AS_STRING(d->buf) + d->end;
         memmove(dst, src, (size_t)n); /* data may be a view of our own buffer */
         src += n;

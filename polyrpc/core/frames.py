@@ -272,7 +272,7 @@ class FrameDecoder:
                 return []
             frame = self._large_frame
             assert frame is not None
-            frame.payload = self._large
+            frame.payload = bytes(self._large)  # payloads are bytes (the C decoder fills one)
             self._large = self._large_frame = None
             return [frame]
         self._end += nbytes

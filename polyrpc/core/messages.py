@@ -96,7 +96,7 @@ class Connection(Session):
             self.abandon_request(seq, future)
             raise
         if frame.kind == _RESPONSE and frame.codec == 0:
-            return frame.payload if type(frame.payload) is bytes else bytes(frame.payload)
+            return frame.payload
         return self.result(frame)
 
     # --- receiving -------------------------------------------------------
@@ -155,7 +155,7 @@ class Connection(Session):
             return
         payload = frame.payload
         try:
-            if frame.codec == 0 and type(payload) is bytes:
+            if frame.codec == 0:  # raw bytes (decoders always hand out bytes)
                 reply = handler(payload)
             else:
                 reply = handler(self.decode(frame))

@@ -453,8 +453,7 @@ class RpcConnection(Session):
             raise
         if frame.kind == _RESPONSE:
             if frame.codec == 0:
-                payload = frame.payload
-                return payload if type(payload) is bytes else bytes(payload)
+                return frame.payload
             return self._decode_payload(frame)
         error = self.remote_error(frame)
         if error.code == "deadline_exceeded":
