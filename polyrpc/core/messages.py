@@ -153,12 +153,8 @@ class Connection(Session):
         if handler is None:
             super().on_request(frame)
             return
-        payload = frame.payload
-        try:
-            if frame.codec == 0:  # raw bytes (decoders always hand out bytes)
-                reply = handler(payload)
-            else:
-                reply = handler(self.decode(frame))
+        try:  # a raw payload is bytes already: both decoders hand out bytes
+            reply = handler(frame.payload if frame.codec == 0 else self.decode(frame))
         except Exception as exc:
             self.respond_error(frame.seq, exc, "handler_error")
             return
