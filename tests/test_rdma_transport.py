@@ -484,3 +484,71 @@ async def test_wrong_device_and_bad_options_are_rejected():
         transport.parse(f"rdma@{host}:1?bufsize=5000")
     with pytest.raises(InvalidAddress, match="valid options"):
         transport.parse(f"rdma@{host}:1?mtu=9000")
+
+
+LOCKED_MEMORY_PEER = textwrap.dedent(
+    """
+    import asyncio, resource, sys
+    from polyrpc import registry
+    from polyrpc.core.errors import TransportUnavailable
+
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (1 << 20, 1 << 20))
+    role, url = sys.argv[1:3]
+
+    async def main():
+        transport = registry.get("rdma")
+        if role == "dial":
+            try:
+                stream = await transport.dial(transport.parse(url))
+            except TransportUnavailable as exc:
+                print("unavailable:", exc, flush=True)
+                return
+            print("connected", flush=True)
+            stream.abort()
+            return
+        listener = await transport.listen(transport.parse(url), lambda stream: stream.abort())
+        print(listener.url, flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        await listener.close()
+
+    asyncio.run(main())
+    """
+)
+
+
+def locked_memory_peer(role: str, url: str) -> subprocess.Popen:
+    """A process that may lock 1 MiB and lacks CAP_IPC_LOCK (as an ordinary user would)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    drop = ["setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock"]
+    return subprocess.Popen(
+        [*drop, sys.executable, "-c", LOCKED_MEMORY_PEER, role, url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+
+
+async def test_the_locked_memory_limit_is_named_on_both_sides():
+    """Registered buffers are locked memory: a process whose RLIMIT_MEMLOCK is below a
+    connection's 2 x depth x bufsize gets TransportUnavailable saying so when it dials,
+    and when it listens, the dialer's ConnectFailed carries the listener's reason."""
+    listen, _ = urls()
+    transport = registry.get("rdma")
+    listener = await transport.listen(transport.parse(listen), lambda stream: stream.abort())
+    try:
+        dialer = locked_memory_peer("dial", client_url(listener.url))
+        out, _ = await asyncio.to_thread(dialer.communicate, None, 60)
+        assert out.startswith("unavailable: rdma: locked-memory limit (1048576 bytes"), out
+        assert "4194304 bytes of buffers" in out and "ulimit -l unlimited" in out, out
+    finally:
+        await listener.close()
+
+    server = locked_memory_peer("listen", listen)
+    try:
+        url = await asyncio.to_thread(server.stdout.readline)
+        with pytest.raises(ConnectFailed, match=r"the listener refused: rdma: locked-memory limit"):
+            await transport.dial(transport.parse(client_url(url.strip())))
+    finally:
+        server.stdin.close()
+        await asyncio.to_thread(server.wait, 30)

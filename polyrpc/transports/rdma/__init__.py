@@ -26,6 +26,8 @@ ATTEMPT_SECONDS = 4.0
 (each further attempt waits twice as long); the caller's connect timeout bounds them all."""
 SYSFS = Path("/sys/class/infiniband")
 BACKLOG = 128
+REJECT_TAG = b"polyrpc:"
+"""Starts the reason a listener puts in a reject (the rest is its error message)."""
 
 
 def _ip(value: str) -> str:
@@ -341,8 +343,10 @@ class RdmaTransport(Transport):
             param, keep = cm.make_conn_param(res.info(gid).pack(), res.qpn)
             cm_id.accept(param)
             del keep
-        except Exception:
-            cm_id.reject()
+        except Exception as exc:
+            # the dialer hears why (a reject carries up to 148 bytes): a refusal for a reason
+            # of this side's, such as the locked-memory limit, is not a mystery over there
+            cm_id.reject(REJECT_TAG + str(exc).encode()[: cm.REJECT_DATA_MAX - len(REJECT_TAG)])
             if res is not None:
                 res.close()
             cm_id.destroy()
@@ -429,6 +433,10 @@ def _dial_error(event, where: str, opts: dict[str, Any]) -> Exception:
             return ConnectFailed(
                 f"could not connect to {where}: connection refused (is a server listening there?)"
             )
+        reason = event.private_data
+        if reason.startswith(REJECT_TAG):
+            why = reason[len(REJECT_TAG) :].rstrip(b"\0").decode(errors="replace")
+            return ConnectFailed(f"could not connect to {where}: the listener refused: {why}")
         return ConnectFailed(f"could not connect to {where}: rejected by the peer")
     if event.kind == cm.ADDR_ERROR:
         if event.status in (-19, -99):

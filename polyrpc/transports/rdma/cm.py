@@ -60,6 +60,8 @@ REJECT_INVALID_SERVICE_ID = 8
 """IB CM reject reason when nothing listens on the port (the "connection refused" of RDMA)."""
 REJECT_CONSUMER = 28
 """IB CM reject reason when the listening application rejected the request."""
+REJECT_DATA_MAX = 148
+"""Private data bytes an IB CM reject can carry (IB_CM_REJ_PRIVATE_DATA_SIZE)."""
 
 # struct rdma_cm_id: verbs, channel, context, qp pointers, then route.addr.{src,dst}_addr
 # (each a union padded to sockaddr_storage).
@@ -296,8 +298,11 @@ class CmId:
     def accept(self, param: ConnParam) -> None:
         _check(lib().accept(self.ptr, ctypes.byref(param)), "rdma_accept")
 
-    def reject(self) -> None:
-        lib().reject(self.ptr, None, 0)
+    def reject(self, private: bytes = b"") -> None:
+        """Refuse a connection request; ``private`` (at most 148 bytes) reaches the dialer."""
+        size = min(len(private), REJECT_DATA_MAX)
+        data = ctypes.create_string_buffer(private[:size], size) if size else None
+        lib().reject(self.ptr, data, size)
 
     def establish(self) -> None:
         _check(lib().establish(self.ptr), "rdma_establish")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import random
+import resource
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +22,11 @@ from pyverbs.cq import CQ, CompChannel
 from pyverbs.device import Context
 from pyverbs.mr import MR
 from pyverbs.pd import PD
+from pyverbs.pyverbs_error import PyverbsRDMAError
 from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
 from pyverbs.wr import SGE, RecvWR
+
+from ...core.errors import TransportUnavailable
 
 SYSFS = Path("/sys/class/infiniband")
 
@@ -118,6 +123,19 @@ def _comp_channel(ctx: Context) -> tuple[CompChannel, int]:
     return channel, new[0]
 
 
+def locked_memory_error(device: str, depth: int, bufsize: int) -> TransportUnavailable:
+    """Registering the buffers failed with ENOMEM: almost always the locked-memory limit."""
+    limit = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+    shown = "unlimited" if limit == resource.RLIM_INFINITY else f"{limit} bytes"
+    return TransportUnavailable(
+        f"rdma: locked-memory limit ({shown}, `ulimit -l`) too low to register "
+        f"{2 * depth * bufsize} bytes of buffers on {device} (2 x depth {depth} x bufsize "
+        f"{bufsize} per connection; registered memory is locked memory). Fix: raise the limit "
+        "(`ulimit -l unlimited`, LimitMEMLOCK=infinity for a systemd service, or a memlock "
+        "line in /etc/security/limits.conf), or use smaller buffers (?bufsize=&depth=)"
+    )
+
+
 class Resources:
     """The pyverbs objects of one connection; ``close`` releases all of them."""
 
@@ -142,8 +160,13 @@ class Resources:
             init = QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self.cq, rcq=self.cq, cap=cap)
             self.qp = QP(self.pd, init)
             access = e.IBV_ACCESS_LOCAL_WRITE
-            self.recv_mr = MR(self.pd, depth * bufsize, access)
-            self.send_mr = MR(self.pd, depth * bufsize, access)
+            try:
+                self.recv_mr = MR(self.pd, depth * bufsize, access)
+                self.send_mr = MR(self.pd, depth * bufsize, access)
+            except PyverbsRDMAError as exc:
+                if exc.error_code != errno.ENOMEM:
+                    raise
+                raise locked_memory_error(device, depth, bufsize) from None
         except BaseException:
             self.close()
             raise
