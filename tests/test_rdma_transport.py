@@ -121,11 +121,7 @@ async def test_credits_stop_the_sender_without_rnr():
         assert not mine.lost.is_set() and not theirs.lost.is_set()
         server.resume_reading()
         await asyncio.wait_for(client.drain(), 60)
-        for _ in range(600):
-            if len(theirs.data) >= len(payload):
-                break
-            await asyncio.sleep(0.05)
-        assert bytes(theirs.data) == payload
+        await wait_for_data(theirs, payload, 30)
     finally:
         client.abort()
         server.abort()
@@ -163,11 +159,7 @@ async def test_writes_spanning_slot_runs_arrive_intact_with_a_pausing_reader():
             if rng.random() < 0.2:
                 await client.drain()
         await asyncio.wait_for(client.drain(), 60)
-        for _ in range(600):
-            if len(theirs.data) >= len(data):
-                break
-            await asyncio.sleep(0.05)
-        assert bytes(theirs.data) == data
+        await wait_for_data(theirs, data, 30)
     finally:
         await client.close()
         await server.close()

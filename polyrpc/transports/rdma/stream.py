@@ -394,10 +394,9 @@ class RdmaStream(Stream):
         """Send queued bytes while credits and send slots allow; hand back owed credits."""
         if self._released or self._peer_gone:
             return
-        queue = self._queue
-        if queue:
+        if self._queue:
             self._send_queued()
-        elif self._flushed is not None and not self._flushed.done():
+        if not self._queue and self._flushed is not None and not self._flushed.done():
             self._flushed.set_result(None)
         if self._owed:
             self._maybe_return_credits()
@@ -444,8 +443,6 @@ class RdmaStream(Stream):
                 self._post(DATA, slot, min(bufsize, filled - offset))
                 slot += 1
         self._update_write_pressure()
-        if not queue and self._flushed is not None and not self._flushed.done():
-            self._flushed.set_result(None)
 
     def _maybe_return_credits(self) -> None:
         if self._owed == 0 or self._credits < 1 or len(self._sq) >= self._res.max_send:
