@@ -312,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--workloads",
         default="latency,rate,bulk",
-        help="named points: latency (64 B, 1 in flight), rate (64 B, 128), bulk (1M, 4); "
-        "'none' for a sweep only",
+        help="named points: latency (64 B, 1 in flight), rate (64 B, 128), bulk (1M, 4), "
+        "stream (1M one-way messages back to back, not in the default); 'none' for a sweep only",
     )
     bench.add_argument("--sizes", help="sweep payload sizes, e.g. 64,1K,64K,1M,16M")
     bench.add_argument("--in-flight", help="sweep calls in flight, e.g. 1,16,128")

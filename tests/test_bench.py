@@ -151,6 +151,26 @@ def test_impaired_run_through_relays_says_what_was_impaired(tmp_path):
         assert row["p50_us"] >= 30_000, row
 
 
+def test_stream_workload_pushes_one_way_and_counts_what_arrived(tmp_path):
+    out, earlier = tmp_path / "stream.json", tmp_path / "earlier.json"
+    rows = "tcp,tcp/rpc,raw-asyncio,raw-aioquic"
+    done = bench("--transports", rows, "--workloads", "stream", "--seconds", "0.3")
+    assert done.returncode == 0, done.stderr
+    args = ("--transports", rows, "--workloads", "stream", "--seconds", "0.3", "--json")
+    assert bench(*args, str(earlier)).returncode == 0
+    done = bench(*args, str(out), "--compare", str(earlier))
+    assert done.returncode == 0, done.stderr
+    by_row = {r["transport"]: r for r in validated(out)["results"]}
+    for row in ("tcp", "tcp/rpc", "raw-asyncio"):
+        measured = by_row[row]
+        # one-way: the server's count is the measure, there is no round trip to time
+        assert "p50_us" not in measured and measured["mb_per_s"] > 0, measured
+        assert measured["requests_per_s"] == pytest.approx(measured["mb_per_s"] * 1e6 / (1 << 20))
+    assert by_row["raw-aioquic"]["skipped"] == "skipped: raw-aioquic has no one-way send"
+    assert "change from the earlier run" in done.stdout and "failed" not in done.stdout
+    assert "skipped now" in done.stdout  # raw-aioquic: said so, not counted as a failure
+
+
 def test_compare_shows_change_per_point(short_run, tmp_path):
     _, document, _ = short_run
     old = document["results"]

@@ -8,6 +8,7 @@ CI=true, where a skip would hide that the VM runner did not run them: they fail.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import re
@@ -544,3 +545,19 @@ async def test_the_locked_memory_limit_is_named_on_both_sides():
     finally:
         server.stdin.close()
         await asyncio.to_thread(server.wait, 30)
+
+
+def test_bench_rows_run_over_rdma_one_way_and_echo(tmp_path):
+    """`polyrpc bench` drives rdma as a user would; the stream worker checks the server's count."""
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "polyrpc.cli", "bench", "--transports", "rdma,rdma/rpc"]
+    command += ["--workloads", "bulk,stream", "--seconds", "0.5", "--repeat", "1"]
+    done = subprocess.run(
+        [*command, "--json", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = {(r["transport"], r["workload"]): r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {(t, w) for t in ("rdma", "rdma/rpc") for w in ("bulk", "stream")}
+    for key, result in results.items():
+        assert result["mb_per_s"] > 0, (key, result)
+    assert "p50_us" not in results[("rdma", "stream")]

@@ -57,14 +57,19 @@ def compare(old_results: list[dict], new_results: list[dict], console: Console) 
         if old is None:
             table.add_row(new["transport"], name, "", "", "", "[dim]new point", "")
             continue
-        if "p50_us" not in old or "p50_us" not in new:
-            state = "failed now" if "p50_us" in old else "failed before"
-            if "p50_us" not in old and "p50_us" not in new:
+        metric = headline(new)
+        if "skipped" in new or "skipped" in old:
+            state = "skipped now" if "skipped" in new else "skipped before"
+            table.add_row(new["transport"], name, "", "", "", f"[dim]{state}", "")
+            continue
+        if metric not in old or metric not in new:
+            state = "failed now" if metric in old else "failed before"
+            if metric not in old and metric not in new:
                 state = "failed in both"
             table.add_row(new["transport"], name, "", "", "", f"[red]{state}", "")
             continue
-        main = change(old, new, headline(new))
-        others = [change(old, new, m) for m in METRICS if m != main["metric"]]
+        main = change(old, new, metric)
+        others = [change(old, new, m) for m in METRICS if m != metric and m in old and m in new]
         rows.append(
             {"transport": new["transport"], "workload": new["workload"], "changes": [main, *others]}
         )

@@ -117,15 +117,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compare(bench: dict | list, ceiling: list[dict]) -> None:
-    """Print rdma bulk as a fraction of ib_send_bw and rdma vs tcp latency (same run, same VM)."""
+    """Print rdma's one-way stream and echo bulk as fractions of ib_send_bw (one way and -b)
+    and rdma vs tcp latency (same run, same VM)."""
     results = bench["results"] if isinstance(bench, dict) else bench
-    got = {(r["transport"], r["workload"]): r for r in results if "error" not in r}
+    got = {(r["transport"], r["workload"]): r for r in results if "mb_per_s" in r}
     bw, both = ceiling[1]["mb_per_s"], ceiling[2]["mb_per_s"]
-    rdma_bulk = got.get(("rdma", "bulk"))
-    if rdma_bulk and not (bw > 0 and both > 0):
+    rdma_bulk, rdma_stream = got.get(("rdma", "bulk")), got.get(("rdma", "stream"))
+    if (rdma_bulk or rdma_stream) and not (bw > 0 and both > 0):
         # seen under a busy host: perftest printed a zero average for the whole run
         print(f"no bulk ratio: perftest measured ib_send_bw {bw} MB/s, -b {both} MB/s")
-    elif rdma_bulk:
+        rdma_bulk = rdma_stream = None
+    if rdma_stream:
+        rate = rdma_stream["mb_per_s"]
+        print(
+            f"rdma stream (one-way messages) {rate:.1f} MB/s = {rate / bw:.2f} x ib_send_bw "
+            f"{bw:.1f} MB/s; {rdma_stream['payload_bytes']} bytes"
+        )
+    if rdma_bulk:
         rate = rdma_bulk["mb_per_s"]
         print(
             f"rdma bulk (echo) {rate:.1f} MB/s each way = {rate / bw:.2f} x ib_send_bw "

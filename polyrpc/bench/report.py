@@ -426,6 +426,9 @@ HOW_TO_RUN = """\
 
 - `polyrpc bench` measures the three named points (latency, rate, bulk) over every
   usable transport and the references; `--transports tcp,quic,raw-aioquic` picks rows.
+  `--workloads latency,rate,bulk,stream` adds `stream`: 1 MiB one-way messages pushed
+  back to back, timed until the server has counted every byte (MB/s only; the rows
+  without a one-way send, raw-aioquic and raw-aiokcp, are listed as skipped).
 - `--sizes 64,1K,64K,1M,16M --in-flight 1,16,128` adds a sweep; points whose bytes in
   flight exceed `--max-in-flight-bytes` are listed as skipped, and a point that fails is
   listed with its error.

@@ -31,20 +31,24 @@ SCHEMA_PATH = Path(__file__).with_name("schema.json")
 
 @dataclass(frozen=True)
 class Workload:
-    """An echo workload: payload size and how many calls are kept in flight."""
+    """A workload: payload size and calls kept in flight (echo), or a one-way stream."""
 
     name: str
     payload_bytes: int
     in_flight: int
+    one_way: bool = False
+    """Messages pushed back to back, no replies: only MB/s and messages/s are measured."""
 
 
 WORKLOADS = {
     "latency": Workload("latency", 64, 1),
     "rate": Workload("rate", 64, 128),
     "bulk": Workload("bulk", 1 << 20, 4),
+    "stream": Workload("stream", 1 << 20, 1, one_way=True),
 }
-"""The named points: the defaults, and what the first version of the benchmark measured."""
-HEADLINE = {"latency": "p50_us", "rate": "requests_per_s", "bulk": "mb_per_s"}
+"""The named points: the first three are the defaults; ``stream`` is one-way 1 MiB messages,
+what perftest's ``ib_send_bw`` measures for the verbs underneath."""
+HEADLINE = {"latency": "p50_us", "rate": "requests_per_s", "bulk": "mb_per_s", "stream": "mb_per_s"}
 LOWER_IS_BETTER = {"p50_us", "p99_us"}
 SERVER_START_TIMEOUT = 60.0
 DEFAULT_MAX_IN_FLIGHT_BYTES = 256 << 20
@@ -214,6 +218,8 @@ def run_client(
 ) -> dict[str, float]:
     """One client process running one workload against a running server."""
     args = [row, info, str(workload.payload_bytes), str(workload.in_flight), str(seconds)]
+    if workload.one_way:
+        args.append("stream")
     done = subprocess.run(
         [*(prefix or []), *_worker("client", *args)],
         capture_output=True,
@@ -269,7 +275,7 @@ def summarise(
     if not samples:
         result["error"] = errors[-1] if errors else "no result"
         return result
-    for metric in METRICS:
+    for metric in (m for m in METRICS if m in samples[0]):
         values = [s[metric] for s in samples]
         result[metric] = statistics.median(values)
         result[f"{metric}_spread"] = [min(values), max(values)]
@@ -313,7 +319,9 @@ def run_bench(
     skipped: dict[tuple[str, str], str] = {}
     for row in rows:
         for w in workloads:
-            if w.payload_bytes * w.in_flight > max_in_flight_bytes:
+            if w.one_way and not resolve_target(row).one_way:
+                skipped[(row, w.name)] = f"skipped: {row} has no one-way send"
+            elif w.payload_bytes * w.in_flight > max_in_flight_bytes:
                 skipped[(row, w.name)] = (
                     f"skipped: {size_label(w.payload_bytes * w.in_flight)}B in flight is more "
                     f"than --max-in-flight-bytes {size_label(max_in_flight_bytes)}"
@@ -369,9 +377,9 @@ def run_bench(
                         try:
                             sample = run_client(row, info, w, seconds, prefix)
                             samples[(row, w.name)].append(sample)
-                            outcome = (
-                                f"p50 {sample['p50_us']:,.1f} µs, {sample['mb_per_s']:,.1f} MB/s"
-                            )
+                            outcome = f"{sample['mb_per_s']:,.1f} MB/s"
+                            if "p50_us" in sample:
+                                outcome = f"p50 {sample['p50_us']:,.1f} µs, {outcome}"
                         except Exception as exc:
                             errors[(row, w.name)].append(str(exc))
                             failed.append((row, w.name))
@@ -439,7 +447,7 @@ def render(results: list[dict], console: Console) -> None:
             ratio = f"{r[metric] / ref[metric]:.2f}× {reference}"
         table.add_row(
             *cells,
-            *(_fmt(r[m], m) for m in METRICS),
+            *(_fmt(r[m], m) if m in r else "–" for m in METRICS),
             f"{spread_percent(r, metric):.0f}",
             ratio,
         )

@@ -1,8 +1,10 @@
 """What the benchmark measures: rows ("targets") that can serve and call an echo.
 
 Every row, polyrpc transport or hand-written reference, implements :class:`Target`:
-the server half runs in one process, the client half in another, and the
+the server half runs in one process, the client half in another, and the echo
 workloads only ever call :meth:`EchoClient.echo`, so all rows are driven alike.
+Rows with a one-way send also run the ``stream`` workload through
+:meth:`EchoClient.push` and :meth:`EchoClient.received`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ class EchoClient(ABC):
     @abstractmethod
     async def echo(self, payload: bytes) -> bytes: ...
 
+    async def push(self, payload: bytes) -> None:
+        """Send ``payload`` one-way (the stream workload); waits only while flow control says so."""
+        raise NotImplementedError
+
+    async def received(self) -> int:
+        """How many payload bytes the server has taken in, counting every push made before."""
+        raise NotImplementedError
+
     @abstractmethod
     async def close(self) -> None: ...
 
@@ -47,6 +57,8 @@ class Target(ABC):
     """``message`` (message core), ``rpc`` (the call API) or ``reference`` (not polyrpc)."""
     network: str = "tcp"
     """What carries the bytes (``tcp``, ``udp``, ``unix``...): decides how a path is impaired."""
+    one_way: bool = False
+    """Whether its clients can :meth:`EchoClient.push` (the ``stream`` workload)."""
 
     def unavailable_reason(self) -> str | None:
         """None if this row can run here, else why not."""
@@ -61,6 +73,21 @@ class Target(ABC):
         """Connect to the server described by ``info`` (what :meth:`serve` returned)."""
 
 
+COUNT_QUERY = b""
+"""The one-way message that asks a message-core server for its byte count (stream payloads
+are never empty); the server answers with a one-way message holding the count."""
+
+
+async def _count_messages(connection: Connection) -> None:
+    """Server side of the stream workload: count payload bytes, answer each count query."""
+    taken = 0
+    async for message in connection:
+        if message == COUNT_QUERY:
+            await connection.send(taken)
+        else:
+            taken += len(message)
+
+
 class _ConnectionClient(EchoClient):
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
@@ -68,6 +95,13 @@ class _ConnectionClient(EchoClient):
 
     async def echo(self, payload: bytes) -> bytes:
         return await self.connection.request(payload)
+
+    async def push(self, payload: bytes) -> None:
+        await self.connection.send(payload)
+
+    async def received(self) -> int:
+        await self.connection.send(COUNT_QUERY)
+        return await self.connection.receive()
 
     async def close(self) -> None:
         await self.connection.close()
@@ -77,6 +111,7 @@ class MessageTarget(Target):
     """A polyrpc transport through the message core (request/reply of raw bytes)."""
 
     kind = "message"
+    one_way = True
 
     def __init__(self, scheme: str) -> None:
         self.scheme = scheme
@@ -89,7 +124,7 @@ class MessageTarget(Target):
     async def serve(self, workdir: Path) -> tuple[str, Callable[[], Awaitable[None]]]:
         transport = registry.get(self.scheme)
         listen_url, client_options = transport.loopback_urls(workdir)
-        listener = await listen(listen_url, on_request=lambda message: message)
+        listener = await listen(listen_url, _count_messages, on_request=lambda message: message)
         return self._client_url(transport, listener.url, client_options), listener.close
 
     def _client_url(self, transport: Transport, bound: str, client_options: dict[str, str]) -> str:
@@ -105,10 +140,21 @@ class MessageTarget(Target):
 
 
 class EchoService:
-    """What the RPC rows call: an async method returning its argument."""
+    """What the RPC rows call: an async echo, and a byte counter for one-way notifications."""
+
+    def __init__(self) -> None:
+        self.taken = 0
 
     async def echo(self, payload: bytes) -> bytes:
         return payload
+
+    def take(self, payload: bytes) -> None:
+        """The stream workload's notification: count it."""
+        self.taken += len(payload)
+
+    def received(self) -> int:
+        """Bytes taken so far; notifications run in arrival order, before a later call."""
+        return self.taken
 
 
 class _RpcClient(EchoClient):
@@ -119,6 +165,12 @@ class _RpcClient(EchoClient):
 
     async def echo(self, payload: bytes) -> bytes:
         return await self.client.call("Echo.echo", payload)
+
+    async def push(self, payload: bytes) -> None:
+        await self.client.notify("Echo.take", payload)
+
+    async def received(self) -> int:
+        return await self.client.call("Echo.received")
 
     async def close(self) -> None:
         await self.client.close()

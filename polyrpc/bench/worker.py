@@ -1,8 +1,8 @@
 """One benchmark process: the server half or the client half of a row.
 
 ``python -m polyrpc.bench.worker serve ROW`` prints the connect info, then serves
-until its stdin closes; ``... client ROW INFO PAYLOAD IN_FLIGHT SECONDS`` runs one
-workload and prints its measurements as JSON; ``... relay NETWORK LISTEN_HOST
+until its stdin closes; ``... client ROW INFO PAYLOAD IN_FLIGHT SECONDS [echo|stream]``
+runs one workload and prints its measurements as JSON; ``... relay NETWORK LISTEN_HOST
 TARGET IMPAIRMENT_JSON`` relays to TARGET through an impaired path, prints its own
 endpoint and runs until its stdin closes.
 """
@@ -86,13 +86,49 @@ async def measure(row: str, info: str, payload_bytes: int, in_flight: int, secon
     }
 
 
+async def measure_stream(row: str, info: str, payload_bytes: int, seconds: float) -> dict:
+    """Push one-way messages back to back for ``seconds``; return what the server confirms.
+
+    The clock stops when the server has counted every byte pushed, so the rate is what
+    arrived, not what was queued; a count that differs from what was pushed is an error.
+    """
+    if payload_bytes < 1:
+        raise ValueError("the stream workload needs a payload of at least one byte")
+    target = resolve_target(row)
+    client = await target.connect(info)
+    payload = os.urandom(payload_bytes)
+
+    async def push_until(deadline: float) -> int:
+        pushed = 0
+        while time.perf_counter() < deadline:
+            await client.push(payload)
+            pushed += 1
+        return pushed
+
+    await push_until(time.perf_counter() + WARMUP_SECONDS)
+    before = await client.received()
+    began = time.perf_counter()
+    pushed = await push_until(began + seconds)
+    after = await client.received()
+    elapsed = time.perf_counter() - began
+    await client.close()
+    if after - before != pushed * payload_bytes:
+        raise RuntimeError(
+            f"the server counted {after - before} bytes, {pushed * payload_bytes} were pushed"
+        )
+    return {"requests_per_s": pushed / elapsed, "mb_per_s": pushed * payload_bytes / elapsed / 1e6}
+
+
 def main(argv: list[str]) -> int:
     if argv[0] == "serve":
         run(serve(argv[1]))
         return 0
     if argv[0] == "client":
         row, info, payload, in_flight, seconds = argv[1:6]
-        result = run(measure(row, info, int(payload), int(in_flight), float(seconds)))
+        if argv[6:7] == ["stream"]:
+            result = run(measure_stream(row, info, int(payload), float(seconds)))
+        else:
+            result = run(measure(row, info, int(payload), int(in_flight), float(seconds)))
         print(json.dumps(result), flush=True)
         return 0
     if argv[0] == "relay":
