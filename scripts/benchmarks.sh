@@ -26,7 +26,7 @@ mkdir -p docs/bench docs/img
     --json docs/bench/lossy.json --plot docs/img/bench-lossy.png || true
 "$PY" -m polyrpc.cli bench \
     --transports tcp,tcp/rpc,quic,quic/rpc,kcp,kcp/rpc,raw-asyncio,raw-aioquic,raw-aiokcp \
-    --seconds "${TARGET_SECONDS:-2}" --repeat "${TARGET_REPEAT:-3}" \
+    --workloads latency,rate,bulk,stream --seconds "${TARGET_SECONDS:-2}" --repeat "${TARGET_REPEAT:-3}" \
     --json docs/bench/targets.json || true
 # kcp against tcp with heavier loss (small calls; the relay makes only the UDP rows lossy)
 "$PY" -m polyrpc.cli bench --transports kcp,tcp,quic --workloads latency,rate \
