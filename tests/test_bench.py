@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -357,3 +358,18 @@ def test_report_includes_the_sections_measured_elsewhere(tmp_path, capsys):
     page = capsys.readouterr().out
     assert "## RDMA somewhere else\n\nmeasured there: 1.23x\n" in page
     assert page.index("## RDMA somewhere else") < page.index("## Choosing a transport")
+
+
+def test_report_shows_the_stream_workload_where_a_run_has_it(capsys):
+    """The saved named-workload run has `stream`: its own column, ratio, and no fake p50."""
+    from polyrpc.bench.report import main as report_main
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "bench"
+    assert report_main([str(docs / "loopback.json"), "--targets", str(docs / "targets.json")]) == 0
+    page = capsys.readouterr().out
+    named = page[page.index("## The named workloads") :]
+    assert "| bulk MB/s | stream MB/s |" in named
+    assert re.search(r"`tcp` against the hand-written `raw-asyncio` .*stream \d", named)
+    assert re.search(r"\| `tcp` \| stream \| – \| – \| [\d,]+ \| [\d,.]+ \|", page)
+    assert "| `raw-aioquic` | stream | skipped: raw-aioquic has no one-way send |" in page
+    assert "| rate calls/s | bulk MB/s |\n" in page  # the sweep run had no stream: no column
