@@ -373,3 +373,23 @@ def test_report_shows_the_stream_workload_where_a_run_has_it(capsys):
     assert re.search(r"\| `tcp` \| stream \| – \| – \| [\d,]+ \| [\d,.]+ \|", page)
     assert "| `raw-aioquic` | stream | skipped: raw-aioquic has no one-way send |" in page
     assert "| rate calls/s | bulk MB/s |\n" in page  # the sweep run had no stream: no column
+
+
+async def test_rpc_stream_count_includes_notifications_that_arrive_with_the_query():
+    """The rpc rows' byte count: notifications written in the same batch as the count call
+    are decoded with it, and an async call's first step runs at once, before their tasks;
+    the count must still include them all (without its yield, ``received`` returned 0)."""
+    from polyrpc.bench.targets import EchoService
+    from polyrpc.core.endpoints import Server, connect
+
+    server = Server()
+    server.register(EchoService(), "Echo")
+    url = await server.start("tcp@127.0.0.1:0")
+    client = await connect(url)
+    try:
+        for _ in range(100):
+            await client.notify("Echo.take", b"0123456789")
+        assert await client.call("Echo.received") == 1000
+    finally:
+        await client.close()
+        await server.close()

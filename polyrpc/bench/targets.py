@@ -9,6 +9,7 @@ Rows with a one-way send also run the ``stream`` workload through
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -152,8 +153,11 @@ class EchoService:
         """The stream workload's notification: count it."""
         self.taken += len(payload)
 
-    def received(self) -> int:
-        """Bytes taken so far; notifications run in arrival order, before a later call."""
+    async def received(self) -> int:
+        """Bytes taken so far. A notification runs in a task, while a call starts the moment
+        it is decoded: yield once, so that the task of every notification that arrived
+        before this call (each finishes in one step) has run."""
+        await asyncio.sleep(0)
         return self.taken
 
 
