@@ -234,6 +234,8 @@ def test_sizes_and_impairments_parse():
     ]
     assert spec.describe(lossless=True).startswith("delay 20 ms ± 5 ms")
     assert [p.name for p in plan(["rate"], [64, 1024], [128])] == ["rate", "1K@128"]
+    # the one-way stream (1M, 1) is no echo: the 1M@1 echo point is still measured
+    assert [p.name for p in plan(["stream"], [1 << 20], [1, 4])] == ["stream", "1M@1", "1M@4"]
 
 
 def test_connect_info_is_redirected_to_a_relay():

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .runner import LOWER_IS_BETTER, headline, size_label, spread_percent
+from .runner import LOWER_IS_BETTER, WORKLOADS, headline, size_label, spread_percent
 
 NOISY_PERCENT = 25.0
 
@@ -80,8 +80,10 @@ class Run:
         self.machine: dict[str, Any] = document["machine"]
         self.settings: dict[str, Any] = document["settings"]
         self.rows = list(dict.fromkeys(r["transport"] for r in self.results))
-        self._by_point = {
-            (r["transport"], r["payload_bytes"], r["in_flight"]): r for r in self.results
+        self._by_point = {  # echo points: a one-way stream shares its size but is no echo
+            (r["transport"], r["payload_bytes"], r["in_flight"]): r
+            for r in self.results
+            if not (r["workload"] in WORKLOADS and WORKLOADS[r["workload"]].one_way)
         }
         self._by_name = {(r["transport"], r["workload"]): r for r in self.results}
 

@@ -86,9 +86,10 @@ def headline(workload: dict | Workload) -> str:
 
 
 def plan(workloads: list[str], sizes: list[int], in_flight: list[int]) -> list[Workload]:
-    """Named workloads, then the sweep's size x in-flight points not already named."""
+    """Named workloads, then the sweep's size x in-flight echo points not already named
+    (a one-way stream is not an echo, so it never stands in for one)."""
     points = [WORKLOADS[name] for name in workloads]
-    seen = {(p.payload_bytes, p.in_flight) for p in points}
+    seen = {(p.payload_bytes, p.in_flight) for p in points if not p.one_way}
     for size in sizes:
         for flight in in_flight:
             if (size, flight) not in seen:
