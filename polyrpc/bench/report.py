@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .runner import LOWER_IS_BETTER, WORKLOADS, headline, size_label, spread_percent
+from .runner import HEADLINE, LOWER_IS_BETTER, WORKLOADS, headline, size_label, spread_percent
 
 NOISY_PERCENT = 25.0
 
@@ -97,6 +97,10 @@ class Run:
 
     def named(self, row: str, workload: str) -> dict | None:
         return self._by_name.get((row, workload))
+
+    def has(self, workload: str) -> bool:
+        """Whether this run measured (or tried) the named ``workload`` at all."""
+        return any(r["workload"] == workload for r in self.results)
 
     def measured(self, workload: str, kinds: tuple[str, ...] = ("message", "rpc")) -> list[dict]:
         """Measured results of one named point for rows of the given kinds."""
@@ -214,12 +218,7 @@ def _references(run: Run, include_rpc: bool = False) -> list[str]:
         if reference is None or reference not in run.rows or ("/" in row and not include_rpc):
             continue
         parts = []
-        for workload, metric in (
-            ("latency", "p50_us"),
-            ("rate", "requests_per_s"),
-            ("bulk", "mb_per_s"),
-            ("stream", "mb_per_s"),
-        ):
+        for workload, metric in HEADLINE.items():
             mine, theirs = run.named(row, workload), run.named(reference, workload)
             if mine and theirs and metric in mine and metric in theirs:
                 parts.append(f"{workload} {_x(mine[metric] / theirs[metric])}")
@@ -359,8 +358,7 @@ NAMED_COLUMNS = (
 
 def named_table(run: Run) -> str:
     """Rows by the named points, headline metrics and p99 (stream only if the run had it)."""
-    has_stream = any(r["workload"] == "stream" for r in run.results)
-    columns = [c for c in NAMED_COLUMNS if c[0] != "stream" or has_stream]
+    columns = [c for c in NAMED_COLUMNS if c[0] != "stream" or run.has("stream")]
     header = ["row", "kind", *(title for _, _, title in columns)]
     body = [
         [f"`{row}`", run.kind(row), *(_cell(run.named(row, w), m) for w, m, _ in columns)]
@@ -494,7 +492,7 @@ def targets_section(run: Run) -> list[str]:
     stream = (
         " and the one-way stream (1 MiB messages pushed back to back, MB/s the server counted; "
         "raw-aioquic and raw-aiokcp have no one-way mode)"
-        if any(r["workload"] == "stream" for r in run.results)
+        if run.has("stream")
         else ""
     )
     return [

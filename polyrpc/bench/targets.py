@@ -39,12 +39,13 @@ class EchoClient(ABC):
     async def echo(self, payload: bytes) -> bytes: ...
 
     async def push(self, payload: bytes) -> None:
-        """Send ``payload`` one-way (the stream workload); waits only while flow control says so."""
-        raise NotImplementedError
+        """Send ``payload`` one-way (the stream workload); waits only while flow control says so.
+        Only rows whose :attr:`Target.one_way` is true provide it."""
+        raise NotImplementedError(f"{type(self).__name__} has no one-way send")
 
     async def received(self) -> int:
         """How many payload bytes the server has taken in, counting every push made before."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} has no one-way send")
 
     @abstractmethod
     async def close(self) -> None: ...
