@@ -370,6 +370,28 @@ def test_the_read_buffer_starts_small_grows_with_full_reads_and_trims_when_idle(
     assert len(shaking._buf) == INITIAL_BUFFER
 
 
+@both
+def test_get_buffer_grows_while_an_earlier_view_is_still_alive(impl):
+    """The kcp transport holds the last view while it asks for the next one."""
+    data = wire(
+        [
+            PYTHON.Frame(Kind.ONEWAY, i, payload=bytes(n))
+            for i, n in enumerate([100, 60_000, 200_000, 100] * 3)
+        ]
+    )
+    decoder = impl.FrameDecoder()
+    got, pos, views = [], 0, []
+    while pos < len(data):
+        view = decoder.get_buffer(-1)
+        views.append(view)  # never released until the end
+        n = min(len(view), 50_000, len(data) - pos)
+        view[:n] = data[pos : pos + n]
+        got += decoder.buffer_updated(n)
+        pos += n
+    assert [len(f.payload) for f in got] == [100, 60_000, 200_000, 100] * 3
+    assert len(decoder._buf) <= MAX_BUFFER
+
+
 @needs_c
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(

@@ -579,7 +579,8 @@ decoder_fail_limit(DecoderObject *d, const char *fmt, unsigned long long n, cons
     return decoder_fail(d, message);
 }
 
-/* Ensure ``needed`` free bytes after end: compact first, grow (zero-filled) if still short. */
+/* Ensure ``needed`` free bytes after end: compact first, grow (zero-filled) if still short
+ * (into a new buffer if a caller still holds a view of this one). */
 static int
 decoder_make_room(DecoderObject *d, Py_ssize_t needed)
 {
@@ -596,8 +597,17 @@ decoder_make_room(DecoderObject *d, Py_ssize_t needed)
             PyErr_NoMemory();
             return -1;
         }
+        if (((PyByteArrayObject *)d->buf)->ob_exports > 0) {
+            /* a view from an earlier get_buffer() is alive: move to a new buffer */
+            PyObject *grown = zeroed_bytearray(used + needed);
+            if (grown == NULL)
+                return -1;
+            memcpy(PyByteArray_AS_STRING(grown), PyByteArray_AS_STRING(d->buf), (size_t)used);
+            Py_SETREF(d->buf, grown);
+            return 0;
+        }
         if (PyByteArray_Resize(d->buf, used + needed) < 0)
-            return -1; /* BufferError while a get_buffer() view is alive, as in Python */
+            return -1;
         memset(PyByteArray_AS_STRING(d->buf) + size, 0, (size_t)(used + needed - size));
     }
     return 0;

@@ -448,13 +448,19 @@ class FrameDecoder:
 
     # -- internals ---------------------------------------------------------
     def _make_room(self, needed: int) -> None:
-        """Ensure ``needed`` free bytes after ``_end``: compact first, grow if still short."""
+        """Ensure ``needed`` free bytes after ``_end``: compact first, grow if still short
+        (into a new buffer if a caller still holds a view of this one)."""
         used = self._end - self._start
         if self._start:
             self._buf[:used] = self._buf[self._start : self._end]
             self._start, self._end = 0, used
         if len(self._buf) - used < needed:
-            self._buf.extend(bytes(needed - (len(self._buf) - used)))
+            try:
+                self._buf.extend(bytes(needed - (len(self._buf) - used)))
+            except BufferError:  # a view from an earlier get_buffer is alive: move
+                grown = bytearray(used + needed)
+                grown[:used] = self._buf[:used]
+                self._buf = grown
 
     def _fail(self, message: str) -> ProtocolError:
         self.broken = ProtocolError(message)
