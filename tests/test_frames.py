@@ -296,8 +296,9 @@ def test_handshake_mode_refuses_big_frames_naming_size_and_limit(impl):
         impl.FrameDecoder(limits, handshake=True).feed(
             wire([PYTHON.Frame(Kind.HELLO, 0, payload=bytes(977))])
         )
-    # without handshake mode the frame limit is max_frame, as before
+    # without handshake mode the frame limit is max_frame, as before; never more in it
     assert impl.FrameDecoder(limits).max_frame == 64 << 20
+    assert impl.FrameDecoder(Limits(max_frame=1000), handshake=True).max_frame == 1000
 
 
 @both

@@ -387,12 +387,20 @@ read_limit(PyObject *limits, const char *name, int64_t *out)
 static int
 decoder_set_limits(DecoderObject *d, PyObject *limits, int initial)
 {
-    int64_t mf, mm, mt;
-    const char *frame_name = d->handshaking ? "max_handshake_frame" : "max_frame";
+    int64_t mf, mm, mt, hf;
+    const char *frame_name = "max_frame";
     int take_frame = initial || !d->handshaking;
     if ((take_frame && read_limit(limits, frame_name, &mf) < 0) ||
         read_limit(limits, "max_metadata", &mm) < 0 || read_limit(limits, "max_method", &mt) < 0)
         return -1;
+    if (take_frame && d->handshaking) { /* the handshake limit, or max_frame if smaller */
+        if (read_limit(limits, "max_handshake_frame", &hf) < 0)
+            return -1;
+        if (hf < mf) {
+            mf = hf;
+            frame_name = "max_handshake_frame";
+        }
+    }
     if (take_frame) {
         PyObject *obj = PyObject_GetAttrString(limits, frame_name);
         if (obj == NULL)

@@ -240,7 +240,7 @@ class FrameDecoder:
     ProtocolError and leaves the decoder broken (the connection must close).
 
     With ``handshake=True`` the decoder starts in handshake mode: no frame larger than
-    ``limits.max_handshake_frame`` is accepted, the small-frame buffer does not grow for
+    ``limits.max_handshake_frame`` (or max_frame if smaller) is accepted, the small-frame buffer does not grow for
     reads, and decoding stops after a HELLO: the bytes after it are kept until
     :meth:`set_max_frame` ends the mode (then ``received(0)`` decodes them).
     """
@@ -250,9 +250,9 @@ class FrameDecoder:
         self._handshaking = bool(handshake)
         self._after_hello = False
         """Handshake mode saw a HELLO: later bytes are kept, not parsed, until set_max_frame."""
-        self._max_frame: int = (
-            self._limits.max_handshake_frame if handshake else self._limits.max_frame
-        )
+        self._max_frame: int = self._limits.max_frame
+        if handshake:
+            self._max_frame = min(self._limits.max_handshake_frame, self._max_frame)
         self._buf = bytearray(INITIAL_BUFFER)
         self._start = 0
         self._end = 0
