@@ -30,8 +30,11 @@ DEFAULT_LOW_WATER = 256 << 10
 class StreamReceiver(Protocol):
     """What a stream delivers to. Calls come from the event loop thread, in order."""
 
-    def data_received(self, data: Buffer) -> None:
-        """Bytes arrived; the receiver must copy what it keeps (``data`` may be reused)."""
+    def data_received(self, data: Buffer) -> object:
+        """Bytes arrived; the receiver must copy what it keeps (``data`` may be reused).
+
+        What it returns is ignored (the session's is its decoder's ``received_data``).
+        """
 
     def eof_received(self) -> None:
         """The peer finished writing (half-close or graceful close)."""

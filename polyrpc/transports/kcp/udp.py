@@ -21,7 +21,7 @@ import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ...core.errors import ConnectFailed, ConnectionLost
 from ...core.stream import Buffer, Stream
@@ -195,7 +195,7 @@ class Mux:
                 got = out[0]
                 if got:
                     if get_buffer:
-                        hint._buffer_updated(got)
+                        hint._buffer_updated(got)  # type: ignore[misc]  # set with _get_buffer
                     else:
                         hint.receiver.data_received(self.view[:got])
                     if hint._peer_fin_sn is not None:
@@ -452,14 +452,15 @@ class KcpStream(Stream):
         mux.hint = self
         c, sid, receiver = mux.c, self.sid, self.receiver
         if self._buffered_receiver:
+            buffered = cast(Any, receiver)  # a BufferedProtocol-shaped receiver
             avail = lib.kcp_readable(self._engine)
             while avail > 0 and not self._paused and not self._gone:
-                target = ffi.from_buffer(receiver.get_buffer(avail), require_writable=True)
+                target = ffi.from_buffer(buffered.get_buffer(avail), require_writable=True)
                 n = lib.kmux_read(c, sid, target, len(target))
                 if n <= 0:
                     break
                 avail -= n
-                receiver.buffer_updated(n)
+                buffered.buffer_updated(n)
         else:
             n = READ_CHUNK
             while n == READ_CHUNK and not self._paused and not self._gone:

@@ -470,7 +470,7 @@ class QuicStream(Stream):
             else:
                 self._protocol_error(f"unknown QUIC stream kind {kind} on stream {stream_id}")
                 return
-            data = memoryview(data)[1:]
+            data = memoryview(data)[1:]  # type: ignore[assignment]  # the unit's bytes
         if type(state) is list:
             if data:
                 state.append(data)
@@ -483,7 +483,7 @@ class QuicStream(Stream):
                 self._ready_bytes += sum(map(len, state))
         else:
             try:
-                units = state.feed(data)
+                units = state.feed(data)  # type: ignore[union-attr]  # not a list: a channel
             except ValueError as exc:
                 self._protocol_error(str(exc))
                 return
@@ -553,7 +553,7 @@ class QuicStream(Stream):
             else:
                 connection.send_stream_data(stream_id, encode_uint_var(size))
                 for buf in buffers:
-                    connection.send_stream_data(stream_id, buf)
+                    connection.send_stream_data(stream_id, buf)  # type: ignore[arg-type]  # any buffer
             self._sent_ordered += 1
             self._unacked += size
         elif size < self._batch_limit and not self._batch and self._express_idle():
@@ -600,7 +600,7 @@ class QuicStream(Stream):
             connection.send_stream_data(stream_id, UNIT_HEADER)
             last = len(buffers) - 1
             for i, buf in enumerate(buffers):
-                connection.send_stream_data(stream_id, buf, i == last)
+                connection.send_stream_data(stream_id, buf, i == last)  # type: ignore[arg-type]
         self._sending[stream_id] = connection._streams[stream_id].sender
         self._sent_unordered += 1
         self._unacked += size
