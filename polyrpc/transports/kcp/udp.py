@@ -188,16 +188,22 @@ class Mux:
             if hint is not None and not hint._paused:
                 get_buffer = hint._get_buffer
                 if get_buffer:
-                    target = ffi.from_buffer(get_buffer(READ_CHUNK), require_writable=True)
+                    # the export ends before any Python code runs (see _deliver)
+                    with ffi.from_buffer(get_buffer(READ_CHUNK), require_writable=True) as target:
+                        n = lib.kmux_poll(
+                            self.c, self.events, EVENTS, hint.sid, target, len(target), out
+                        )
                 else:
                     target = self.buffer_c
-                n = lib.kmux_poll(self.c, self.events, EVENTS, hint.sid, target, len(target), out)
+                    n = lib.kmux_poll(
+                        self.c, self.events, EVENTS, hint.sid, target, len(target), out
+                    )
                 got = out[0]
                 if got:
                     if get_buffer:
                         hint._buffer_updated(got)
                     else:
-                        hint.receiver.data_received(self.view[:got])
+                        self.deliver_copy(hint.receiver, got)
                     if hint._peer_fin_sn is not None:
                         hint._check_eof()
             else:
@@ -208,6 +214,15 @@ class Mux:
             self._busy = self._in_poll = False
         if not self.closed and lib.kmux_has_dirty(self.c):
             self._flush()
+
+    def deliver_copy(self, receiver: Any, n: int) -> None:
+        """Hand the first ``n`` bytes of the shared read buffer to a plain receiver; the view
+        is released when it returns (the buffer is reused: receivers copy what they keep)."""
+        view = self.view[:n]
+        try:
+            receiver.data_received(view)
+        finally:
+            view.release()
 
     def want_flush(self) -> None:
         """Something was written or read: send it now (the session above already batches
@@ -454,8 +469,11 @@ class KcpStream(Stream):
         if self._buffered_receiver:
             avail = lib.kcp_readable(self._engine)
             while avail > 0 and not self._paused and not self._gone:
-                target = ffi.from_buffer(receiver.get_buffer(avail), require_writable=True)
-                n = lib.kmux_read(c, sid, target, len(target))
+                # A cffi export left alive (a traceback keeps this frame) pins the
+                # decoder's buffer, and once the cyclic GC clears the memoryview before the
+                # export, CPython crashes (SIGSEGV in memory_dealloc): it ends right here.
+                with ffi.from_buffer(receiver.get_buffer(avail), require_writable=True) as target:
+                    n = lib.kmux_read(c, sid, target, len(target))
                 if n <= 0:
                     break
                 avail -= n
@@ -466,7 +484,7 @@ class KcpStream(Stream):
                 n = lib.kmux_read(c, sid, mux.buffer_c, READ_CHUNK)
                 if n <= 0:
                     break
-                receiver.data_received(mux.view[:n])
+                mux.deliver_copy(receiver, n)
         if self._peer_fin_sn is not None:
             self._check_eof()
         if not mux._in_poll and not self._gone and lib.kmux_has_dirty(c):
@@ -504,12 +522,16 @@ class KcpStream(Stream):
         queued = nev = 0
         for i, buf in enumerate(buffers):
             data = buf if type(buf) is bytes else ffi.from_buffer(buf)
-            if flush and i == last:
-                out = mux._out
-                queued = lib.kmux_write(c, sid, data, len(buf), 1, mux.events, EVENTS, out)
-                nev = out[0]
-            else:
-                queued = lib.kmux_send(c, sid, data, len(buf))
+            try:
+                if flush and i == last:
+                    out = mux._out
+                    queued = lib.kmux_write(c, sid, data, len(buf), 1, mux.events, EVENTS, out)
+                    nev = out[0]
+                else:
+                    queued = lib.kmux_send(c, sid, data, len(buf))
+            finally:
+                if data is not buf:
+                    ffi.release(data)  # the caller's buffer is exported only for the call
             if queued < 0:
                 raise ConnectionLost("kcp session is dead")
         if not flush:
