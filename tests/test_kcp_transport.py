@@ -47,10 +47,20 @@ def test_url_options_are_checked():
         transport.parse("kcp@127.0.0.1:9?mode=turbo")
     with pytest.raises(InvalidAddress, match="mtu"):
         transport.parse("kcp@127.0.0.1:9?mtu=20")
-    with pytest.raises(InvalidAddress, match="valid options: mode, mtu, rcvwnd, sndwnd"):
+    with pytest.raises(InvalidAddress, match="valid options: backlog, keepalive, mode, mtu"):
         transport.parse("kcp@127.0.0.1:9?window=3")
+    with pytest.raises(InvalidAddress, match="backlog"):
+        transport.parse("kcp@127.0.0.1:9?backlog=0")
     opts = transport.parse_options(transport.parse("kcp@h:1?mode=normal&sndwnd=64&timeout=2.5"))
-    assert opts == {"mode": "normal", "mtu": 1400, "sndwnd": 64, "rcvwnd": 512, "timeout": 2.5}
+    assert opts == {
+        "mode": "normal",
+        "mtu": 1400,
+        "sndwnd": 64,
+        "rcvwnd": 512,
+        "timeout": 2.5,
+        "keepalive": 1.0,
+        "backlog": 512,
+    }
 
 
 @pytest.mark.parametrize("mode", ["normal", "fast", "fast2", "fast3"])
