@@ -12,20 +12,45 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+BARE_SERVER = """
+import asyncio, sys
+from polyrpc.core.registry import registry
+from polyrpc.core.runtime import run
+
+class Sink:
+    def data_received(self, data): pass
+    def eof_received(self): pass
+    def connection_lost(self, exc): pass
+
+async def main():
+    transport, address = registry.resolve(sys.argv[1])
+    listener = await transport.listen(address, lambda stream: stream.set_receiver(Sink()))
+    print("serving on", listener.url, flush=True)
+    print("methods: none", flush=True)
+    await asyncio.Event().wait()
+
+run(main())
+"""
+
 
 class ServerProcess:
     """``polyrpc serve URL --demo`` started with ``python -m polyrpc.cli``; stderr goes to a
     file (a pipe nobody drains could block the server on its own log lines)."""
 
-    def __init__(self, url: str = "kcp@127.0.0.1:0?mode=fast3", *, pure: bool = False) -> None:
+    def __init__(
+        self, url: str = "kcp@127.0.0.1:0?mode=fast3", *, pure: bool = False, bare: bool = False
+    ) -> None:
         env = dict(os.environ)
         env.pop("POLYRPC_PURE_PYTHON", None)
         if pure:
             env["POLYRPC_PURE_PYTHON"] = "1"
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in close())
+        # bare: the transport alone, a listener whose streams discard what they get
+        serve = ["-m", "polyrpc.cli", "serve", url, "--demo"]
+        argv = ["-c", BARE_SERVER, url] if bare else serve
         self.proc = subprocess.Popen(
-            [sys.executable, "-X", "faulthandler", "-m", "polyrpc.cli", "serve", url, "--demo"],
+            [sys.executable, "-X", "faulthandler", *argv],
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,

@@ -287,6 +287,26 @@ async def test_ten_thousand_open_close_cycles_do_not_grow_state():
     assert listener.mux.closed
 
 
+async def test_an_idle_connection_gives_back_its_spare_segments():
+    server = Server(Echo)
+    listener = await server.start("kcp@127.0.0.1:0?mode=fast3&keepalive=0.2")
+    baseline = kcp_engine.live_segments()
+    stream, got = await dial(listener.url + "?mode=fast3&keepalive=0.2")
+    blob = bytes(1 << 20)
+    await stream.send([blob])
+    await got.wait_bytes(len(blob))
+    busy = kcp_engine.live_segments() - baseline
+    assert busy > 100  # both engines pool the segments of the burst
+    deadline = time.monotonic() + 5
+    while kcp_engine.live_segments() - baseline > 8:  # the keepalive tick drops the pools
+        assert time.monotonic() < deadline, kcp_engine.live_segments() - baseline
+        await asyncio.sleep(0.05)
+    stream.write([b"still works"])
+    await got.wait_bytes(len(blob) + 11)
+    await stream.close()
+    await listener.close()
+
+
 class BufferedCollector(Collector):
     """A receiver in asyncio's BufferedProtocol shape that hands out small buffers."""
 
