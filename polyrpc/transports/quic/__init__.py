@@ -154,8 +154,10 @@ def _high_water(opts: dict[str, Any]) -> int:
     return opts["buffer"] or max(DEFAULT_HIGH_WATER, opts["window"] // 4)
 
 
-_session_tickets: dict[tuple[str, int, str], SessionTicket] = {}
-"""Client-side TLS session tickets by (host, port, server name), for fast reconnects."""
+_session_tickets: dict[tuple[str, int, str, str | None], tuple[SessionTicket, Any]] = {}
+"""Client-side TLS session tickets, for fast reconnects: by (host, port, server name, trust)
+(the CA file when the chain is verified, None when it is not), each with the certificate
+that the full handshake behind it presented (a resumed handshake presents none)."""
 
 
 def _system_ca_file() -> str | None:
@@ -415,11 +417,23 @@ class QuicTransport(Transport):
         else:
             configuration.verify_mode = ssl.CERT_REQUIRED
             configuration.cafile = opts["ca"] or _system_ca_file()
-        ticket_key = (address.host, address.port, server_name)
-        configuration.session_ticket = _session_tickets.get(ticket_key)
+        # a ticket only resumes under the trust it was verified with: one from an unverified
+        # (pinned or insecure) connection must never skip a later CA check
+        ticket_key = (
+            address.host,
+            address.port,
+            server_name,
+            None if configuration.verify_mode == ssl.CERT_NONE else configuration.cafile,
+        )
+        ticket, resumed_cert = _session_tickets.get(ticket_key, (None, None))
+        configuration.session_ticket = ticket
 
         def store_ticket(ticket: SessionTicket) -> None:
-            _session_tickets[ticket_key] = ticket
+            # the certificate of the handshake the ticket continues, so that a resumed
+            # connection can still show it (extra["peer_cert"]) and be checked against a pin
+            cert = getattr(connection.tls, "_peer_certificate", None) or resumed_cert
+            if cert is not None:
+                _session_tickets[ticket_key] = (ticket, cert)
 
         sock = make_socket(family)
         try:
@@ -443,6 +457,7 @@ class QuicTransport(Transport):
             extra={"local": endpoint.local_address[:2], "server_name": server_name},
         )
         driver.stream = stream
+        stream.resumed_cert = resumed_cert
         pin = opts["fingerprint"]
         if pin:
             stream.fingerprint_check = lambda s: _check_pin(s, pin, address)

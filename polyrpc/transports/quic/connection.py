@@ -213,6 +213,8 @@ class QuicStream(Stream):
         """When the last datagram arrived (loop time); created_at until one does."""
         self.handshake: asyncio.Future[None] = self.loop.create_future()
         self.fingerprint_check: Callable[[QuicStream], HandshakeError | None] | None = None
+        self.resumed_cert: Any = None
+        """The certificate stored with the session ticket this client offered (if any)."""
         self._finished = False
         self._closing = False
         self._flushed: asyncio.Future[None] | None = None
@@ -362,7 +364,10 @@ class QuicStream(Stream):
         self.extra["tls_version"] = "TLSv1.3"
         self.extra["session_resumed"] = event.session_resumed
         self.extra["cipher"] = getattr(tls.key_schedule, "cipher_suite", None)
-        self.extra["peer_cert"] = getattr(tls, "_peer_certificate", None)
+        cert = getattr(tls, "_peer_certificate", None)
+        if cert is None and event.session_resumed:
+            cert = self.resumed_cert  # a resumed handshake presents no certificate
+        self.extra["peer_cert"] = cert
         self.extra["mtu"] = self.connection._max_datagram_size
         self._app_space = self.connection._spaces.get(tls_epoch.ONE_RTT)
         self._crypto_sender = self.connection._crypto_streams[tls_epoch.ONE_RTT].sender
