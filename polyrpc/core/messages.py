@@ -95,6 +95,7 @@ class Connection(Session):
             frame = await future
         except BaseException:
             self.abandon_request(seq, future)
+            del future  # it holds the error, whose traceback holds this frame: no cycle
             raise
         if frame.kind == _RESPONSE and frame.codec == 0:
             return frame.payload

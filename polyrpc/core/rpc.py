@@ -456,6 +456,7 @@ class RpcConnection(Session):
             frame = await future
         except BaseException:
             self.abandon_request(seq, future)
+            del future  # it holds the error, whose traceback holds this frame: no cycle
             raise
         if frame.kind == _RESPONSE:
             if frame.codec == 0:

@@ -39,7 +39,7 @@ from .frames import (
     encode_metadata,
     encode_plain,
 )
-from .stream import Buffer, Stream
+from .stream import Buffer, Stream, fresh_error
 from .timeouts import DeadlineWheel
 
 log = logging.getLogger("polyrpc")
@@ -109,6 +109,18 @@ def error_payload(exc: BaseException, code: str, traceback_text: str | None = No
 def result_too_large(exc: MessageTooLarge) -> RemoteError:
     """What the caller gets for a result (reply or stream item) over its receive limit."""
     return RemoteError("MessageTooLarge", str(exc), "result_too_large")
+
+
+def _drop_frames(frames: list[Frame]) -> None:
+    """Where a finished connection's decoder delivers: nowhere (see Session._release)."""
+
+
+def _drop_frame(frame: Frame) -> None:
+    """A finished connection serves no requests (see Session._release)."""
+
+
+def _drop_error(exc: ProtocolError) -> None:
+    """A finished connection reports no protocol errors (see Session._release)."""
 
 
 class Session:
@@ -489,7 +501,7 @@ class Session:
             self.close_reason = exc
         reason = self.close_reason
         if isinstance(reason, ConnectionLost):
-            lost = reason
+            lost = fresh_error(reason)
         elif reason is not None:
             lost = ConnectionLost(f"{self.transport} connection dropped: {reason}")
         else:
@@ -506,6 +518,17 @@ class Session:
             self._closed.set_result(exc)
         self._accepting = False
         self.on_closed(exc)
+        self._release()
+
+    def _release(self) -> None:
+        """Drop the references that close loops through this session (decoder routes, the
+        call server, timers) so a finished connection is freed at once, without the cyclic GC."""
+        reason = self.close_reason
+        if reason is not None:  # kept, never raised again: the frames it was raised in go
+            reason.__traceback__ = None
+        self._decoder.route(_drop_frames, _drop_error)
+        self._request_handler = _drop_frame
+        self._deadline_timer = self._heartbeat_timer = self._flush_handle = None
 
     def _fail_pending(self, exc: ConnectionLost) -> None:
         pending = list(self._pending.values())
@@ -611,10 +634,11 @@ class Session:
                 pass  # on a broken stream connection_lost() reports it to everyone waiting
 
     def lost_error(self) -> ConnectionLost:
-        """The error to raise for operations on a closed connection."""
+        """The error to raise for operations on a closed connection (a new one each time:
+        see :func:`~polyrpc.core.stream.fresh_error`)."""
         reason = self.close_reason
         if isinstance(reason, ConnectionLost):
-            return reason
+            return fresh_error(reason)
         return ConnectionLost(f"the {self.transport} connection is closed")
 
     def _check_open(self) -> None:

@@ -83,6 +83,11 @@ class Driver:
         """The handshake completed (a listener hands the stream to its handler)."""
 
 
+def _nothing_held() -> int:
+    """What a finished stream holds back from the peer's credit: nothing."""
+    return 0
+
+
 class ReceiveCredit(Limit):
     """MAX_DATA that grows only as the application takes delivery.
 
@@ -509,6 +514,11 @@ class QuicStream(Stream):
             self._connection_lost(None if self._closed else exc)
         self.transmit()
         self._driver.finished(self)
+        # aioquic's connection holds reference cycles of its own (its key-update callbacks);
+        # its only way back to this stream goes here, so the stream is freed at once
+        credit = self.connection._local_max_data
+        if isinstance(credit, ReceiveCredit):
+            credit._held = _nothing_held
 
     # -- receiving -------------------------------------------------------------
     def _stream_data(self, event: StreamDataReceived) -> None:
