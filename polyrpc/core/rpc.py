@@ -425,19 +425,20 @@ class RpcConnection(Session):
                     payload, codec = self._encode_unchecked((args, kwargs)), self._codec_id
                 except Exception as exc:
                     raise _unsendable(exc) from None
-        # (mypy cannot tell that payload and codec are bound whenever plain is set)
+            else:
+                payload, codec = b"", 0  # unused: _send_call encodes a streamed call itself
         if not plain or len(self._pending) >= self._max_in_flight:
             seq, future, _ = await self._send_call(method, args, kwargs, timeout, metadata)
         else:
             if timeout is not None or metadata or not self._accepting:
-                seq, future = self.begin_request(payload, method, metadata, timeout, 0, codec)  # type: ignore[possibly-undefined]
+                seq, future = self.begin_request(payload, method, metadata, timeout, 0, codec)
             else:  # the common case: begin_request's work inlined, no extra call levels
                 if len(payload) > self._send_check:
                     self.check_size(len(payload), method, None, f"the request {method}")
                 seq = self._next_seq
                 self._next_seq = seq + 2
                 future = self._pending[seq] = self.loop.create_future()
-                frame: Any = encode_frame(_REQUEST, seq, payload, method=method, codec=codec)  # type: ignore[possibly-undefined]
+                frame: Any = encode_frame(_REQUEST, seq, payload, method=method, codec=codec)
                 write_now = self.byte_stream.write_now
                 if (
                     write_now is not None
