@@ -236,9 +236,12 @@ class Stream(ABC):
                 lost.__cause__ = exc.with_traceback(None)
         self._lost = lost
         self._wake_drain(lost)
-        receiver, self.receiver = self.receiver, _GONE
+        receiver = self.receiver
         # the receiver (a session) refers back to this stream: letting go of it here means
-        # a finished connection is freed at once, without waiting for the cyclic GC
+        # a finished connection is freed at once, without waiting for the cyclic GC. An
+        # early buffer stays: it replays the loss to the receiver set after it
+        if not isinstance(receiver, _EarlyBuffer):
+            self.receiver = _GONE
         receiver.connection_lost(None if (exc is None and self._closed) else lost)
 
     def _check_writable(self) -> None:
