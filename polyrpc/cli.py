@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -364,9 +365,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_loggers() -> None:
+    """aioquic logs each failed handshake itself; the CLI prints one clear line of its own."""
+    for name in ("quic", "http3"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_library_loggers()
     if args.command == "serve":
         # `polyrpc serve URL module:object`: URLs have '@' or '://', objects have ':' only
         args.objects += [

@@ -80,6 +80,11 @@ OPTIONS = {
     "keepalive": Option(
         number(0, 86400), "seconds between keepalive PINGs when idle (0: none)", 10.0
     ),
+    "probe": Option(
+        number(0, 86400),
+        "seconds of silence while data is moving before a PING checks the peer (0: off)",
+        1.0,
+    ),
     "window": Option(
         integer(64 << 10, 1 << 30),
         "flow-control window in bytes (per connection and stream)",
@@ -154,8 +159,10 @@ def _high_water(opts: dict[str, Any]) -> int:
     return opts["buffer"] or max(DEFAULT_HIGH_WATER, opts["window"] // 4)
 
 
-_session_tickets: dict[tuple[str, int, str], SessionTicket] = {}
-"""Client-side TLS session tickets by (host, port, server name), for fast reconnects."""
+_session_tickets: dict[tuple[str, int, str, str | None], tuple[SessionTicket, Any]] = {}
+"""Client-side TLS session tickets, for fast reconnects: by (host, port, server name, trust)
+(the CA file when the chain is verified, None when it is not), each with the certificate
+that the full handshake behind it presented (a resumed handshake presents none)."""
 
 
 def _system_ca_file() -> str | None:
@@ -197,13 +204,19 @@ class _ClientDriver(Driver):
 
     def socket_error(self, exc: OSError) -> None:
         stream = self.stream
-        if stream is not None and not stream.handshake.done():
+        if stream is None:
+            return
+        if not stream.handshake.done():
             self.error = exc
             stream.handshake.set_exception(exc)
+        elif isinstance(exc, ConnectionRefusedError):
+            stream.peer_refused()
 
     def finished(self, stream: QuicStream) -> None:
-        if self.endpoint is not None:
-            self.endpoint.close()
+        # the endpoint calls back into this driver: letting go of both frees them at once
+        endpoint, self.endpoint, self.stream = self.endpoint, None, None
+        if endpoint is not None:
+            endpoint.close()
 
 
 class QuicListener(Listener, Driver):
@@ -225,6 +238,7 @@ class QuicListener(Listener, Driver):
         self._tickets: dict[bytes, SessionTicket] = {}
         self.endpoint: UdpEndpoint | None = None
         self.streams: set[QuicStream] = set()
+        self._peers: dict[tuple[str, int], QuicStream] = {}
         self.dropped = 0
         self._accepting = True
         self._loop = asyncio.get_running_loop()
@@ -290,6 +304,7 @@ class QuicListener(Listener, Driver):
             window=self._opts["window"],
             keepalive=self._opts["keepalive"],
             high_water=_high_water(self._opts),
+            probe=self._opts["probe"],
             extra={"local": self.endpoint.local_address[:2]},
         )
         self._cids[stream] = set()
@@ -309,6 +324,12 @@ class QuicListener(Listener, Driver):
     def socket_error(self, exc: OSError) -> None:
         """Errors on an unconnected server socket concern one peer only: ignore them."""
 
+    def unreachable(self, address: Any) -> None:
+        """ICMP port unreachable from ``address``: probe the connections with that peer."""
+        stream = self._peers.get(_peer_key(address))
+        if stream is not None:
+            stream.peer_refused()
+
     # -- Driver ----------------------------------------------------------------
     def send(self, datagrams: list[tuple[bytes, Any]]) -> None:
         if self.endpoint is not None:
@@ -325,6 +346,7 @@ class QuicListener(Listener, Driver):
 
     def established(self, stream: QuicStream) -> None:
         self.streams.add(stream)
+        self._peers[_peer_key(stream.peer_address)] = stream
         self._on_stream(stream)
 
     def finished(self, stream: QuicStream) -> None:
@@ -332,6 +354,9 @@ class QuicListener(Listener, Driver):
             if self._routes.get(cid) is stream:
                 del self._routes[cid]
         self.streams.discard(stream)
+        key = _peer_key(stream.peer_address)
+        if self._peers.get(key) is stream:
+            del self._peers[key]
         if not self._accepting and not self.streams and self.endpoint is not None:
             self.endpoint.close()
 
@@ -415,11 +440,23 @@ class QuicTransport(Transport):
         else:
             configuration.verify_mode = ssl.CERT_REQUIRED
             configuration.cafile = opts["ca"] or _system_ca_file()
-        ticket_key = (address.host, address.port, server_name)
-        configuration.session_ticket = _session_tickets.get(ticket_key)
+        # a ticket only resumes under the trust it was verified with: one from an unverified
+        # (pinned or insecure) connection must never skip a later CA check
+        ticket_key = (
+            address.host,
+            address.port,
+            server_name,
+            None if configuration.verify_mode == ssl.CERT_NONE else configuration.cafile,
+        )
+        ticket, resumed_cert = _session_tickets.get(ticket_key, (None, None))
+        configuration.session_ticket = ticket
 
         def store_ticket(ticket: SessionTicket) -> None:
-            _session_tickets[ticket_key] = ticket
+            # the certificate of the handshake the ticket continues, so that a resumed
+            # connection can still show it (extra["peer_cert"]) and be checked against a pin
+            cert = getattr(connection.tls, "_peer_certificate", None) or resumed_cert
+            if cert is not None:
+                _session_tickets[ticket_key] = (ticket, cert)
 
         sock = make_socket(family)
         try:
@@ -440,9 +477,11 @@ class QuicTransport(Transport):
             window=opts["window"],
             keepalive=opts["keepalive"],
             high_water=_high_water(opts),
+            probe=opts["probe"],
             extra={"local": endpoint.local_address[:2], "server_name": server_name},
         )
         driver.stream = stream
+        stream.resumed_cert = resumed_cert
         pin = opts["fingerprint"]
         if pin:
             stream.fingerprint_check = lambda s: _check_pin(s, pin, address)
@@ -482,13 +521,23 @@ class QuicTransport(Transport):
             raise InvalidAddress(f"{address}: could not load cert/key: {exc}") from exc
         sock = await bind_udp(address, make_socket)
         listener = QuicListener(address, configuration, opts, on_stream)
-        listener.endpoint = UdpEndpoint(sock, listener.datagrams, listener.socket_error)
+        listener.endpoint = UdpEndpoint(
+            sock, listener.datagrams, listener.socket_error, on_unreachable=listener.unreachable
+        )
         listener.address = address.with_port(sock.getsockname()[1])
         return listener
 
     def loopback_urls(self, workdir: Path) -> tuple[str, dict[str, str]]:
         cert, key = self_signed_certificate(workdir, ["localhost", "127.0.0.1"])
         return f"quic@127.0.0.1:0?cert={cert}&key={key}", {"ca": str(cert)}
+
+
+def _peer_key(address: Any) -> tuple[str, int]:
+    """(host, port) of a socket address, IPv4-mapped IPv6 shown as IPv4 (dual-stack sockets)."""
+    host = address[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, address[1]
 
 
 def _check_pin(stream: QuicStream, pin: str, address: Address) -> HandshakeError | None:
