@@ -48,6 +48,8 @@ ABORT_ERROR = 0x1
 PROTOCOL_ERROR = 0x2
 """Application error code for a peer that breaks the stream rules below."""
 CRYPTO_ERROR = 0x100
+TRANSPORT_CONNECTION_REFUSED = 0x2
+TRANSPORT_INVALID_TOKEN = 0xB
 JOIN_LIMIT = 64 << 10
 """Writes smaller than this are joined into one buffer before aioquic copies them."""
 UNIT, CHANNEL, EOF = 0, 1, 2
@@ -790,6 +792,13 @@ def handshake_error(event: ConnectionTerminated, stream: QuicStream) -> Handshak
         return HandshakeError(
             f"quic handshake with {peer} failed: TLS alert {alert} ({reason})", "tls"
         )
+    if code == TRANSPORT_CONNECTION_REFUSED and event.frame_type is not None:
+        return ConnectFailed(
+            f"quic: {peer} refused the connection: too many connections are in the handshake "
+            "(the server is busy or under a flood; try again)"
+        )
+    if code == TRANSPORT_INVALID_TOKEN and event.frame_type is not None:
+        return ConnectFailed(f"quic: {peer} rejected the address-validation token")
     if reason == IDLE_REASON:
         if stream.last_receive == stream.created_at:
             return ConnectFailed(f"quic: no answer from {peer} (is a QUIC server listening there?)")
