@@ -62,13 +62,14 @@ class Connection(Session):
         is_client: bool,
         on_request: RequestHandler | None = None,
     ) -> None:
-        super().__init__(stream, config, is_client=is_client)
+        # first: Session.__init__ replays what the stream already delivered (maybe its end)
         self.on_request_handler = on_request
         self._inbox: deque[tuple[Message, int]] = deque()
         self._inbox_bytes = 0
         self._reading_paused = False
         self._inbox_waiter: asyncio.Future[None] | None = None
         self._handlers_running = 0
+        super().__init__(stream, config, is_client=is_client)
 
     # --- sending ---------------------------------------------------------
     async def send(self, message: Any, *, metadata: dict[str, str] | None = None) -> None:
@@ -94,6 +95,7 @@ class Connection(Session):
             frame = await future
         except BaseException:
             self.abandon_request(seq, future)
+            del future  # it holds the error, whose traceback holds this frame: no cycle
             raise
         if frame.kind == _RESPONSE and frame.codec == 0:
             return frame.payload

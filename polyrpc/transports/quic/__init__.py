@@ -242,8 +242,10 @@ class _ClientDriver(Driver):
             stream.peer_refused()
 
     def finished(self, stream: QuicStream) -> None:
-        if self.endpoint is not None:
-            self.endpoint.close()
+        # the endpoint calls back into this driver: letting go of both frees them at once
+        endpoint, self.endpoint, self.stream = self.endpoint, None, None
+        if endpoint is not None:
+            endpoint.close()
 
 
 class QuicListener(Listener, Driver):

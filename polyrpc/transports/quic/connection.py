@@ -85,6 +85,11 @@ class Driver:
         """The handshake completed (a listener hands the stream to its handler)."""
 
 
+def _nothing_held() -> int:
+    """What a finished stream holds back from the peer's credit: nothing."""
+    return 0
+
+
 class ReceiveCredit(Limit):
     """MAX_DATA that grows only as the application takes delivery.
 
@@ -511,6 +516,11 @@ class QuicStream(Stream):
             self._connection_lost(None if self._closed else exc)
         self.transmit()
         self._driver.finished(self)
+        # aioquic's connection holds reference cycles of its own (its key-update callbacks);
+        # its only way back to this stream goes here, so the stream is freed at once
+        credit = self.connection._local_max_data
+        if isinstance(credit, ReceiveCredit):
+            credit._held = _nothing_held
 
     # -- receiving -------------------------------------------------------------
     def _stream_data(self, event: StreamDataReceived) -> None:
@@ -538,7 +548,7 @@ class QuicStream(Stream):
             else:
                 self._protocol_error(f"unknown QUIC stream kind {kind} on stream {stream_id}")
                 return
-            data = memoryview(data)[1:]
+            data = memoryview(data)[1:]  # type: ignore[assignment]  # the unit's bytes
         if type(state) is list:
             if data:
                 state.append(data)
@@ -551,7 +561,7 @@ class QuicStream(Stream):
                 self._ready_bytes += sum(map(len, state))
         else:
             try:
-                units = state.feed(data)
+                units = state.feed(data)  # type: ignore[union-attr]  # not a list: a channel
             except ValueError as exc:
                 self._protocol_error(str(exc))
                 return
@@ -621,7 +631,7 @@ class QuicStream(Stream):
             else:
                 connection.send_stream_data(stream_id, encode_uint_var(size))
                 for buf in buffers:
-                    connection.send_stream_data(stream_id, buf)
+                    connection.send_stream_data(stream_id, buf)  # type: ignore[arg-type]  # any buffer
             self._sent_ordered += 1
             self._unacked += size
         elif size < self._batch_limit and not self._batch and self._express_idle():
@@ -668,7 +678,7 @@ class QuicStream(Stream):
             connection.send_stream_data(stream_id, UNIT_HEADER)
             last = len(buffers) - 1
             for i, buf in enumerate(buffers):
-                connection.send_stream_data(stream_id, buf, i == last)
+                connection.send_stream_data(stream_id, buf, i == last)  # type: ignore[arg-type]
         self._sending[stream_id] = connection._streams[stream_id].sender
         self._sent_unordered += 1
         self._unacked += size
