@@ -127,3 +127,14 @@ async def test_a_flood_of_initials_costs_the_server_nothing() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_auto_retry_starts_no_later_than_the_cap(tmp_path) -> None:
+    async with serving(tmp_path, "&max_handshaking=2&timeout=5") as (server, _cert):
+        listener = server.listener
+        port = listener.address.port
+        send_all(client_initials(10, port), port)
+        async with asyncio.timeout(10):
+            while listener.handshaking + listener.retries < 10:
+                await asyncio.sleep(0.02)
+        assert (listener.handshaking, listener.retries, listener.refused) == (2, 8, 0)

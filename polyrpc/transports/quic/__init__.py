@@ -336,7 +336,9 @@ class QuicListener(Listener, Driver):
                 return None
             original_cid, retry_cid = original, header.destination_cid
         elif self._opts["retry"] == "always" or (
-            self._opts["retry"] == "auto" and len(self._handshaking) >= RETRY_WHEN_HANDSHAKING
+            self._opts["retry"] == "auto"
+            and len(self._handshaking)
+            >= min(RETRY_WHEN_HANDSHAKING, self._opts["max_handshaking"])
         ):
             self._send_retry(header, address)
             return None
