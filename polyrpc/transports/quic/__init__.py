@@ -92,7 +92,9 @@ OPTIONS = {
         _fingerprint_text, "client: accept only this SHA-256 certificate fingerprint (pinning)"
     ),
     "timeout": Option(
-        number(0.1, 600), "seconds a handshake may take (client: waiting; server: then dropped)", 5.0
+        number(0.1, 600),
+        "seconds a handshake may take (client: waiting; server: then dropped)",
+        5.0,
     ),
     "idle": Option(number(0.2, 86400), "seconds without packets before the connection dies", 30.0),
     "keepalive": Option(
@@ -337,8 +339,7 @@ class QuicListener(Listener, Driver):
             original_cid, retry_cid = original, header.destination_cid
         elif self._opts["retry"] == "always" or (
             self._opts["retry"] == "auto"
-            and len(self._handshaking)
-            >= min(RETRY_WHEN_HANDSHAKING, self._opts["max_handshaking"])
+            and len(self._handshaking) >= min(RETRY_WHEN_HANDSHAKING, self._opts["max_handshaking"])
         ):
             self._send_retry(header, address)
             return None
