@@ -213,3 +213,23 @@ async def test_server_notices_a_killed_client_soon(tmp_path) -> None:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+async def test_a_large_unit_is_handed_to_aioquic_in_chunks(tmp_path) -> None:
+    """A 32 MiB unordered write is not copied whole into aioquic's send buffer."""
+    payload = os.urandom(32 << 20)
+    async with serving(tmp_path) as (server, cert):
+        client = await dial(server.listener.address.port, f"ca={cert}")
+        client.write([b"hello"], ordered=False)
+        _, sink = await server.first()
+        await sink.wait_for(5)
+        client.write([payload], ordered=False)
+        largest = 0
+        while len(sink.data) < 5 + len(payload):
+            held = [len(s.sender._buffer) for s in client.connection._streams.values()]
+            largest = max(largest, *held, 0)
+            await asyncio.sleep(0.002)
+        assert bytes(sink.data[5:]) == payload
+        print(f"aioquic held at most {largest / 2**20:.1f} MiB of the 32 MiB unit")
+        assert largest < 16 << 20
+        await client.close()

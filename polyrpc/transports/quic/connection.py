@@ -48,8 +48,13 @@ ABORT_ERROR = 0x1
 PROTOCOL_ERROR = 0x2
 """Application error code for a peer that breaks the stream rules below."""
 CRYPTO_ERROR = 0x100
+TRANSPORT_CONNECTION_REFUSED = 0x2
+TRANSPORT_INVALID_TOKEN = 0xB
 JOIN_LIMIT = 64 << 10
 """Writes smaller than this are joined into one buffer before aioquic copies them."""
+FEED_AHEAD = 1 << 20
+"""Bytes of a large unit handed to aioquic beyond what it has sent (plus the congestion
+window's free room); the rest waits in the writer's own buffers, uncopied."""
 UNIT, CHANNEL, EOF = 0, 1, 2
 """First byte of every unidirectional stream: one unit, the ordered channel, or EOF."""
 UNIT_HEADER, CHANNEL_HEADER, EOF_HEADER = bytes([UNIT]), bytes([CHANNEL]), bytes([EOF])
@@ -163,6 +168,17 @@ class OrderedChannel:
 _ping_ids = itertools.count(1)
 
 
+class _Feed:
+    """A large unit handed to aioquic a chunk at a time (see :meth:`QuicStream._top_up`)."""
+
+    __slots__ = ("buffers", "remaining", "sender")
+
+    def __init__(self, sender: QuicStreamSender, buffers: deque[memoryview], size: int) -> None:
+        self.sender = sender
+        self.buffers = buffers
+        self.remaining = size
+
+
 class QuicStream(Stream):
     """Stream trait over one QUIC connection (units on unidirectional QUIC streams)."""
 
@@ -214,6 +230,7 @@ class QuicStream(Stream):
         self._reading_paused = False
         self._eof_sent = False
         self._sending: dict[int, QuicStreamSender] = {}
+        self._feeding: dict[int, _Feed] = {}
         self._unacked = 0
         self._batch: list[Buffer] = []
         self._batch_size = 0
@@ -328,6 +345,8 @@ class QuicStream(Stream):
         for sender in self._sending.values():
             if not sender.buffer_is_empty:
                 return True
+        if self._feeding:
+            return True  # aioquic sent all it holds of a large unit: hand it the next chunk
         return any(not cid.was_sent for cid in connection._host_cids)
 
     def transmit(self) -> None:
@@ -337,6 +356,8 @@ class QuicStream(Stream):
             self._transmit_handle = None
         if self._batch:
             self._flush_batch()
+        if self._feeding:
+            self._top_up()
         now = self.loop.time()
         if self._new_data:
             # aioquic only sends an ACK once its 1 ms delay is due; when data is leaving
@@ -498,6 +519,7 @@ class QuicStream(Stream):
             if handle is not None:
                 handle.cancel()
         self._timer = self._keepalive_handle = self._transmit_handle = self._settle_handle = None
+        self._feeding.clear()
         if self._flushed is not None and not self._flushed.done():
             self._flushed.set_result(None)
         if not self.handshake.done():
@@ -672,14 +694,49 @@ class QuicStream(Stream):
         stream_id = connection.get_next_available_stream_id(is_unidirectional=True)
         if size < JOIN_LIMIT:
             connection.send_stream_data(stream_id, b"".join([UNIT_HEADER, *buffers]), True)
+            self._sending[stream_id] = connection._streams[stream_id].sender
         else:
+            # a large unit is handed over in chunks as aioquic sends them: the writer's memory
+            # is not doubled, and a 32 MiB write does not stall the loop with one big copy
             connection.send_stream_data(stream_id, UNIT_HEADER)
-            last = len(buffers) - 1
-            for i, buf in enumerate(buffers):
-                connection.send_stream_data(stream_id, buf, i == last)  # type: ignore[arg-type]
-        self._sending[stream_id] = connection._streams[stream_id].sender
+            sender = self._sending[stream_id] = connection._streams[stream_id].sender
+            views = deque(
+                memoryview(buf if type(buf) is bytes else bytes(buf)).cast("B") for buf in buffers
+            )  # bytes cannot change under us; anything mutable is copied now
+            self._feeding[stream_id] = _Feed(sender, views, size)
+            self._top_up()
         self._sent_unordered += 1
         self._unacked += size
+
+    def _top_up(self) -> None:
+        """Give each large unit's QUIC stream its next chunks while aioquic holds little unsent.
+
+        aioquic serves streams round-robin, one frame per stream per packet; what it holds
+        unsent is kept to :data:`FEED_AHEAD` plus the congestion window's free room.
+        """
+        connection = self.connection
+        loss = connection._loss
+        room = FEED_AHEAD + max(0, loss.congestion_window - loss.bytes_in_flight)
+        done = []
+        for stream_id, feed in self._feeding.items():
+            sender = feed.sender
+            queued = sender._buffer_stop - sender.highest_offset
+            buffers = feed.buffers
+            while queued < room and buffers:
+                chunk = buffers[0]
+                take = room - queued
+                if len(chunk) > take:
+                    buffers[0] = chunk[take:]
+                    chunk = chunk[:take]
+                else:
+                    buffers.popleft()
+                feed.remaining -= len(chunk)
+                connection.send_stream_data(stream_id, chunk, not buffers)  # type: ignore[arg-type]
+                queued += len(chunk)
+            if not buffers:
+                done.append(stream_id)
+        for stream_id in done:
+            del self._feeding[stream_id]
 
     def _flush_batch(self) -> None:
         if self._batch:
@@ -707,6 +764,8 @@ class QuicStream(Stream):
                     unacked += sender._buffer_stop - sender._buffer_start
             for stream_id in finished:
                 del sending[stream_id]
+        for feed in self._feeding.values():
+            unacked += feed.remaining
         self._unacked = unacked
         self._update_write_pressure()
         if self._flushed is not None and not self.write_buffer_size and not self._flushed.done():
@@ -800,6 +859,13 @@ def handshake_error(event: ConnectionTerminated, stream: QuicStream) -> Handshak
         return HandshakeError(
             f"quic handshake with {peer} failed: TLS alert {alert} ({reason})", "tls"
         )
+    if code == TRANSPORT_CONNECTION_REFUSED and event.frame_type is not None:
+        return ConnectFailed(
+            f"quic: {peer} refused the connection: too many connections are in the handshake "
+            "(the server is busy or under a flood; try again)"
+        )
+    if code == TRANSPORT_INVALID_TOKEN and event.frame_type is not None:
+        return ConnectFailed(f"quic: {peer} rejected the address-validation token")
     if reason == IDLE_REASON:
         if stream.last_receive == stream.created_at:
             return ConnectFailed(f"quic: no answer from {peer} (is a QUIC server listening there?)")

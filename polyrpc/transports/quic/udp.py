@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import select
 import socket
 import struct
 import sys
@@ -103,7 +104,14 @@ class UdpEndpoint:
         self.closed = False
         self.sent_datagrams = 0
         self.dropped_datagrams = 0
-        self._loop.add_reader(sock.fileno(), self._readable)
+        # The socket is watched through an epoll of its own: an ICMP error makes the socket
+        # report EPOLLERR, and libuv (uvloop) stops watching a descriptor for good when it
+        # sees that; the inner epoll takes it and the loop only ever sees "readable".
+        self._poller = select.epoll() if hasattr(select, "epoll") else None
+        if self._poller is not None:
+            self._poller.register(sock.fileno(), select.EPOLLIN)
+        self._watched = sock.fileno() if self._poller is None else self._poller.fileno()
+        self._loop.add_reader(self._watched, self._readable)
 
     @property
     def local_address(self) -> Address:
@@ -220,5 +228,7 @@ class UdpEndpoint:
         if self.closed:
             return
         self.closed = True
-        self._loop.remove_reader(self.sock.fileno())
+        self._loop.remove_reader(self._watched)
+        if self._poller is not None:
+            self._poller.close()
         self.sock.close()
