@@ -36,6 +36,19 @@ async def remote_error(client: polyrpc.Client, method: str, *args, **kwargs) -> 
     return info.value
 
 
+async def until(condition, within: float = REPLY_WITHIN) -> None:
+    """Poll ``condition`` (no helper thread: a saturated pool must not stall the test)."""
+    async with asyncio.timeout(within):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def entered(gated: Gated, count: int) -> None:
+    """Wait until ``count`` more calls entered ``Gated.hold``."""
+    for _ in range(count):
+        await until(lambda: gated.entered.acquire(blocking=False))
+
+
 async def test_a_handlers_own_timeout_error_is_answered(endpoint):
     async with rpc(endpoint, Faulty()) as (_, client, _):
         for method in ("Faulty.own_timeout", "Faulty.eager_timeout"):
@@ -117,6 +130,8 @@ def test_a_polyrpc_serve_process_survives_system_exit_in_handlers(served_scheme,
 
 
 async def test_a_streamed_argument_that_raises_fails_the_call_and_ends_the_handler(endpoint):
+    """The call fails at once with the argument's error; a deadline still ends with
+    CallTimeout when the argument is merely slow."""
     guarded = Guarded()
 
     async def numbers_then_failure():
@@ -143,16 +158,13 @@ async def test_a_streamed_argument_that_raises_fails_the_call_and_ends_the_handl
         assert not client._pending  # nothing left behind
         assert await client.call("Guarded.wait", 0) == "done"
 
+        async def endless():
+            i = 0
+            while True:
+                yield i
+                i += 1
+                await asyncio.sleep(0.01)
 
-async def test_a_streamed_argument_call_times_out_with_call_timeout(endpoint):
-    async def endless():
-        i = 0
-        while True:
-            yield i
-            i += 1
-            await asyncio.sleep(0.01)
-
-    async with rpc(endpoint, Guarded()) as (_, client, _):
         started = time.monotonic()
         with pytest.raises(polyrpc.CallTimeout):
             await asyncio.wait_for(
@@ -176,7 +188,7 @@ async def test_sync_handlers_never_run_on_the_loop_and_notify_neither(endpoint):
     gated = Gated()
     async with rpc(endpoint, gated) as (_, client, _):
         await client.notify("Gated.note")
-        await asyncio.wait_for(asyncio.to_thread(gated.noted.wait, REPLY_WITHIN), REPLY_WITHIN)
+        await until(gated.noted.is_set)
         assert gated.notified and gated.notified[0] != threading.main_thread().name
         gated.gate.set()
         assert await client.call("Gated.hold") != threading.main_thread().name
@@ -188,8 +200,7 @@ async def test_a_saturated_sync_pool_delays_only_sync_handlers(endpoint, caplog)
     async with rpc(endpoint, gated, sync_workers=2, sync_queue=1) as (_, client, _):
         try:
             held = [asyncio.create_task(client.call("Gated.hold")) for _ in range(2)]
-            for _ in held:  # both workers are blocked
-                assert await asyncio.to_thread(gated.entered.acquire, True, REPLY_WITHIN)
+            await entered(gated, 2)  # both workers are blocked
             queued = asyncio.create_task(client.call("Gated.hold"))
             await asyncio.sleep(0.2)
             started = time.monotonic()
@@ -210,21 +221,18 @@ async def test_a_saturated_sync_pool_delays_only_sync_handlers(endpoint, caplog)
             gated.gate.set()
         assert len(set(await asyncio.gather(*held, queued))) >= 1
         await client.notify("Gated.note")  # room again: it runs
-        await asyncio.wait_for(asyncio.to_thread(gated.noted.wait, REPLY_WITHIN), REPLY_WITHIN)
+        await until(gated.noted.is_set)
 
 
 async def test_the_default_sync_pool_is_not_exhausted_by_a_few_blocked_handlers(endpoint):
     gated = Gated()
     async with rpc(endpoint, gated) as (_, client, _):
         try:
-            held = [asyncio.create_task(client.call("Gated.hold")) for _ in range(12)]
-            for _ in held:
-                assert await asyncio.to_thread(gated.entered.acquire, True, REPLY_WITHIN)
-            gated_quick = asyncio.create_task(client.call("Gated.hold"))
-            assert await asyncio.to_thread(gated.entered.acquire, True, REPLY_WITHIN)
+            held = [asyncio.create_task(client.call("Gated.hold")) for _ in range(13)]
+            await entered(gated, len(held))  # all of them run at once
         finally:
             gated.gate.set()
-        await asyncio.gather(*held, gated_quick)
+        await asyncio.gather(*held)
 
 
 async def test_no_unretrieved_future_error_when_a_connection_is_lost_mid_write(endpoint):
@@ -272,10 +280,18 @@ CLIENT = textwrap.dedent(
     "killed_scheme", [s for s in ("tcp", "unix", "tls") if s in usable_transports()]
 )
 async def test_a_killed_clients_handlers_are_cancelled_at_once(killed_scheme):
+    """An EOF without GOAWAY is an abort; a graceful close still lets calls finish."""
     guarded = Guarded()
     with tempfile.TemporaryDirectory(prefix="prpc") as workdir:
         endpoint = Endpoint(killed_scheme, Path(workdir))
         async with polyrpc.serve(endpoint.listen_url, guarded) as server:
+            graceful = await polyrpc.connect(endpoint.client_url(server.urls[0]))
+            call = asyncio.create_task(graceful.call("Guarded.wait", 0.3))
+            await asyncio.wait_for(guarded.started.wait(), REPLY_WITHIN)
+            await graceful.close()  # GOAWAY, then the reply it still waits for
+            assert await call == "done"
+            assert not guarded.cancelled.is_set()
+            guarded.started.clear()
             client = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-c",
@@ -297,14 +313,3 @@ async def test_a_killed_clients_handlers_are_cancelled_at_once(killed_scheme):
                 if client.returncode is None:
                     client.kill()
                 await client.wait()
-
-
-async def test_a_graceful_client_close_still_lets_its_calls_finish(endpoint):
-    guarded = Guarded()
-    async with polyrpc.serve(endpoint.listen_url, guarded) as server:
-        client = await polyrpc.connect(endpoint.client_url(server.urls[0]))
-        call = asyncio.create_task(client.call("Guarded.wait", 0.3))
-        await asyncio.wait_for(guarded.started.wait(), REPLY_WITHIN)
-        await client.close()  # GOAWAY, then the reply it still waits for
-        assert await call == "done"
-        assert not guarded.cancelled.is_set()
