@@ -535,15 +535,15 @@ class RpcConnection(Session):
         try:
             if self.byte_stream.writing_paused:
                 await self.wait_writable()
-            frame = await future
+            reply = await future
         except BaseException:
             self.abandon_request(seq, future)
             raise
-        if frame.kind == _RESPONSE:
-            if frame.codec == 0:
-                return frame.payload
-            return self._decode_payload(frame)
-        raise self.reply_error(frame, method, timeout)
+        if reply.kind == _RESPONSE:
+            if reply.codec == 0:
+                return reply.payload
+            return self._decode_payload(reply)
+        raise self.reply_error(reply, method, timeout)
 
     def reply_error(self, frame: Frame, method: str, timeout: float | None) -> Exception:
         """The error an ERROR reply stands for: CallTimeout if the server noticed the deadline
