@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 
 class Faulty:
@@ -42,6 +43,11 @@ class Faulty:
 
     def sync_interrupt(self) -> None:
         raise KeyboardInterrupt
+
+    def block(self, seconds: float) -> str:
+        """A sync handler that holds its thread."""
+        time.sleep(seconds)
+        return "unblocked"
 
     async def ping(self) -> str:
         return "alive"

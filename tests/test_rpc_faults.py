@@ -95,7 +95,18 @@ def _served_schemes() -> list[str]:
 def test_a_polyrpc_serve_process_survives_system_exit_in_handlers(served_scheme, tmp_path):
     endpoint = Endpoint(served_scheme, tmp_path)
     server = subprocess.Popen(
-        [sys.executable, "-m", "polyrpc.cli", "serve", endpoint.listen_url, FAULTY],
+        [
+            sys.executable,
+            "-m",
+            "polyrpc.cli",
+            "serve",
+            endpoint.listen_url,
+            FAULTY,
+            "--sync-workers",
+            "1",
+            "--sync-queue",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -121,6 +132,11 @@ def test_a_polyrpc_serve_process_survives_system_exit_in_handlers(served_scheme,
                     assert error.code == "internal_error"
             async with polyrpc.connect(url) as client:  # a new connection: the process lives
                 assert await client.call("Faulty.ping") == "alive"
+                # the command line's pool options: one sync thread, no queue
+                blocked = asyncio.create_task(client.call("Faulty.block", 1.0))
+                await asyncio.sleep(0.3)
+                assert (await remote_error(client, "Faulty.sync_exit")).code == "overloaded"
+                assert await blocked == "unblocked"
 
         asyncio.run(exercise())
         assert server.poll() is None, "the server process ended"
