@@ -1857,25 +1857,24 @@ eager_run(EagerServerObject *self, PyObject *frame, PyObject *entry, PyObject *a
         else
             yielded = NULL;
     }
-    if (yielded == NULL) { /* the handler raised: report it (BaseExceptions propagate) */
-        if (PyErr_ExceptionMatches(PyExc_Exception)) {
-            PyObject *type, *exc, *tb;
-            PyErr_Fetch(&type, &exc, &tb);
-            PyErr_NormalizeException(&type, &exc, &tb);
-            if (tb != NULL)
-                PyException_SetTraceback(exc, tb);
-            Py_XDECREF(type);
-            Py_XDECREF(tb);
-            PyObject *arg_list = PySequence_List(args);
-            PyObject *kw = kwargs ? Py_NewRef(kwargs) : PyDict_New();
-            if (arg_list != NULL && kw != NULL) {
-                PyObject *call[6] = {seq, method, exc, started, arg_list, kw};
-                outcome = PyObject_Vectorcall(self->report_failure, call, 6, NULL);
-            }
-            Py_XDECREF(arg_list);
-            Py_XDECREF(kw);
-            Py_XDECREF(exc);
+    if (yielded == NULL) { /* the handler raised, whatever it raised: answer it (codes and
+                            * logging as in _report_failure), the server goes on */
+        PyObject *type, *exc, *tb;
+        PyErr_Fetch(&type, &exc, &tb);
+        PyErr_NormalizeException(&type, &exc, &tb);
+        if (tb != NULL && exc != NULL)
+            PyException_SetTraceback(exc, tb);
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        PyObject *arg_list = exc ? PySequence_List(args) : NULL;
+        PyObject *kw = arg_list == NULL ? NULL : kwargs ? Py_NewRef(kwargs) : PyDict_New();
+        if (arg_list != NULL && kw != NULL) {
+            PyObject *call[6] = {seq, method, exc, started, arg_list, kw};
+            outcome = PyObject_Vectorcall(self->report_failure, call, 6, NULL);
         }
+        Py_XDECREF(arg_list);
+        Py_XDECREF(kw);
+        Py_XDECREF(exc);
     }
     else if (!finished) { /* it waits on something: the rest runs in a task */
         PyObject *call[5] = {seq, method, coro, yielded, started};

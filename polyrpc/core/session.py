@@ -490,9 +490,15 @@ class Session:
                 )
             )
             return
+        # a peer closing gracefully says GOAWAY first (or answers ours): an EOF without that
+        # goodbye means it went away (killed, crashed), so its handlers stop now rather
+        # than run for the graceful close_timeout with nobody to answer
+        goodbye = self._peer_closing or self._closing
         self._peer_closing = True
         self._accepting = False
         self._fail_pending(ConnectionLost(f"the peer closed the {self.transport} connection"))
+        if not goodbye:
+            self.on_abandoned()
         self.on_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -551,6 +557,10 @@ class Session:
 
     def on_frame(self, frame: Frame) -> None:
         """Any other frame kind (CANCEL, STREAM_ITEM, STREAM_END, CREDIT)."""
+
+    def on_abandoned(self) -> None:
+        """The peer went away without a goodbye (or the connection is gone): stop the work
+        done for it."""
 
     def on_goaway(self) -> None:
         """The peer announced a graceful close: it accepts no new requests."""
@@ -731,6 +741,8 @@ class Session:
         self.cancel_request(seq)
         if not future.done():
             future.cancel()
+        elif not future.cancelled():
+            future.exception()  # e.g. ConnectionLost set while the caller waited to write
 
     def finish_request(self, seq: int) -> asyncio.Future[Frame] | None:
         """Remove request ``seq`` from the window (for exchanges ended by other frames)."""
