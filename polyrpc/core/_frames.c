@@ -1032,7 +1032,9 @@ decoder_deliver(DecoderObject *d, PyObject *frames)
         PyErr_NormalizeException(&type, &exc, &tb);
         Py_XDECREF(type);
         Py_XDECREF(tb);
-        PyObject *r = PyObject_CallOneArg(d->on_error, exc);
+        PyObject *on_error = Py_NewRef(d->on_error); /* the callee may route() elsewhere */
+        PyObject *r = PyObject_CallOneArg(on_error, exc);
+        Py_DECREF(on_error);
         Py_XDECREF(exc);
         return r;
     }
@@ -1058,7 +1060,9 @@ decoder_deliver(DecoderObject *d, PyObject *frames)
         Py_INCREF(last);
         Py_DECREF(frames);
         d->serving_one = 1;
-        PyObject *r = PyObject_CallOneArg(d->on_request, last);
+        PyObject *on_request = Py_NewRef(d->on_request); /* the callee may route() elsewhere */
+        PyObject *r = PyObject_CallOneArg(on_request, last);
+        Py_DECREF(on_request);
         d->serving_one = 0;
         Py_DECREF(last);
         return r == NULL ? decoder_deliver(d, NULL) : r;
@@ -1068,7 +1072,9 @@ decoder_deliver(DecoderObject *d, PyObject *frames)
         if (frames == NULL)
             return NULL;
     }
-    PyObject *r = PyObject_CallOneArg(d->on_frames, frames);
+    PyObject *on_frames = Py_NewRef(d->on_frames); /* the callee may route() elsewhere */
+    PyObject *r = PyObject_CallOneArg(on_frames, frames);
+    Py_DECREF(on_frames);
     Py_DECREF(frames);
     return r;
 }

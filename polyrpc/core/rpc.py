@@ -29,7 +29,7 @@ from .eager import EagerServer, coroutine_step
 from .errors import CallTimeout, ConnectionLost, MessageTooLarge, ProtocolError, RemoteError
 from .frames import FLAG_ARG_STREAM, FLAG_STREAM, Frame, Kind, encode_frame
 from .services import Method, ServiceRegistry
-from .session import BYTES_LIKE, Session, SessionConfig, result_too_large
+from .session import BYTES_LIKE, PAUSE_BUSY, Session, SessionConfig, result_too_large
 from .stream import Buffer, Stream
 
 log = logging.getLogger("polyrpc")
@@ -384,6 +384,7 @@ class RpcConnection(Session):
         "_incoming",
         "_max_calls",
         "_methods",
+        "_oneway_bytes",
         "_result_streams",
         "_tasks",
         "options",
@@ -400,7 +401,10 @@ class RpcConnection(Session):
         self._incoming: dict[int, _IncomingCall] = {}
         self._result_streams: dict[int, _ItemQueue] = {}
         self._arg_senders: dict[int, _IncomingCall] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: dict[asyncio.Task[Any], int] = {}
+        """Notifications being handled, with their payload sizes."""
+        self._oneway_bytes = 0
+        """The payload bytes of the notifications being handled."""
         super().__init__(stream, config, is_client=is_client)
         # bound once: used for every call
         self._methods = self.services.methods
@@ -897,8 +901,26 @@ class RpcConnection(Session):
             log.warning("notification %s from %s dropped: %s", frame.method, self.peer, exc)
             return
         task = self.loop.create_task(self._run_notification(method, args, kwargs, frame))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        size = len(frame.payload)
+        self._tasks[task] = size
+        self._oneway_bytes += size
+        task.add_done_callback(self._notification_done)
+        # notifications share the calls' window; over it (or over the inbox budget in bytes)
+        # nothing more is read from this peer until its handlers catch up
+        if (
+            len(self._tasks) + len(self._incoming) >= self._max_calls
+            or self._oneway_bytes > self.config.max_inbox_bytes
+        ):
+            self.pause_reading(PAUSE_BUSY)
+
+    def _notification_done(self, task: asyncio.Task[Any]) -> None:
+        self._oneway_bytes -= self._tasks.pop(task, 0)
+        if (
+            self._paused & PAUSE_BUSY
+            and len(self._tasks) <= self._max_calls // 2
+            and self._oneway_bytes <= self.config.max_inbox_bytes // 2
+        ):
+            self.resume_reading(PAUSE_BUSY)
 
     async def _run_notification(
         self, method: Method, args: list, kwargs: dict, frame: Frame
