@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 
 import pytest
 
 import polyrpc
+from polyrpc.core import session as session_module
 from polyrpc.core.frames import FrameDecoder, Kind
 
 
@@ -138,3 +140,28 @@ def test_many_frames_per_write_when_they_queue_up():
     frames = FrameDecoder().feed(b"".join(b for w in writes for b in w))
     assert [f.kind for f in frames] == [Kind.REQUEST] * 100
     assert len(writes) <= 3, f"{len(writes)} writes for 100 frames"
+
+
+@pytest.mark.parametrize("token", ["s3cret", "sécret-ü"])
+async def test_token_is_compared_in_constant_time(token, monkeypatch):
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(session_module.hmac, "compare_digest", spy)
+    listener = await polyrpc.listen("mem@0", on_request=lambda m: m, token=token)
+    try:
+        conn = await polyrpc.dial(listener.url, token=token)
+        assert await conn.request(1) == 1
+        await conn.close()
+        assert compared == [(token.encode(), token.encode())]
+        for wrong in (None, "guess", token + "x", "ü"):
+            with pytest.raises(polyrpc.HandshakeError, match="token") as info:
+                await polyrpc.dial(listener.url, token=wrong)
+            assert info.value.reason == "bad_token"
+        assert len(compared) == 4  # every given token went through compare_digest
+    finally:
+        await listener.close()

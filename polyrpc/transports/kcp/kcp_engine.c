@@ -314,6 +314,21 @@ void kcp_set_ack_delay(kcp_engine *k, int delay_ms, int batch)
 }
 
 
+void kcp_shrink(kcp_engine *k)
+{
+    pool_drain(k);
+    if (k->nacks == 0) {
+        free(k->acks);
+        k->acks = NULL;
+        k->acks_cap = 0;
+    }
+    if (k->outq_len == 0) {
+        free(k->outq);
+        k->outq = NULL;
+        k->outq_cap = k->outq_off = 0;
+    }
+}
+
 uint32_t kcp_conv(const kcp_engine *k) { return k->conv; }
 int kcp_dead(const kcp_engine *k) { return (int)k->dead; }
 uint32_t kcp_waitsnd(const kcp_engine *k) { return k->snd_buf.count + k->snd_queue.count; }
