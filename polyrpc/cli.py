@@ -202,7 +202,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         services.append(Demo())
 
     async def main() -> int:
-        server = Server(token=args.token)
+        server = Server(
+            token=args.token, sync_workers=args.sync_workers, sync_queue=args.sync_queue
+        )
         for service in services:
             server.register(service)
         loop = asyncio.get_running_loop()
@@ -351,6 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve this object (repeatable); also accepted positionally after the URLs",
     )
     serve.add_argument("--token", help="require this shared token from clients")
+    serve.add_argument(
+        "--sync-workers", type=int, default=32, help="threads for sync handlers (default 32)"
+    )
+    serve.add_argument(
+        "--sync-queue",
+        type=int,
+        default=1024,
+        help="sync calls that may wait for a thread; more are refused as overloaded (1024)",
+    )
     serve.set_defaults(func=cmd_serve)
     call = sub.add_parser("call", help="call a method and print the JSON result")
     call.add_argument("url")

@@ -144,6 +144,20 @@ async def test_a_syn_flood_costs_the_server_nothing(server):
     await assert_serving(server)
 
 
+async def test_silent_accepted_connections_cost_a_polyrpc_server(server):
+    """The whole server (transport, session, frame decoder) per connection before HELLO.
+    The transport's part is small (next test); the rest is the session's receive buffer."""
+    before = await settled_rss(server)
+    socks = raw_handshakes(server.port, 100)  # under max_handshaking (128): all admitted
+    after = await settled_rss(server)
+    per = (after - before) / len(socks)
+    print(f"polyrpc kcp server: 100 connections before HELLO, {per:.1f} KiB each")
+    assert per < 300
+    await assert_serving(server)
+    for sock in socks:
+        sock.close()
+
+
 async def test_silent_accepted_connections_cost_the_transport_little():
     with ServerProcess(bare=True) as server:
         before = await settled_rss(server)

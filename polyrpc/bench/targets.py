@@ -151,8 +151,9 @@ class EchoService:
     async def echo(self, payload: bytes) -> bytes:
         return payload
 
-    def take(self, payload: bytes) -> None:
-        """The stream workload's notification: count it."""
+    async def take(self, payload: bytes) -> None:
+        """The stream workload's notification: count it (async: a sync handler would run in
+        a thread, and ``received`` could miss it)."""
         self.taken += len(payload)
 
     async def received(self) -> int:

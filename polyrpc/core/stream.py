@@ -128,6 +128,9 @@ class Stream(ABC):
         self.writing_paused = False
         """True while writers should wait (more than high-water bytes queued); an attribute,
         not a property: the session checks it on every call."""
+        self.on_write_pressure: Callable[[bool], object] | None = None
+        """Told each time :attr:`writing_paused` changes (with its new value): a session that
+        serves requests stops reading from a peer that does not read its replies."""
         self._lost: Exception | None = None
         self._closed = False
         self.write_now: Callable[[Buffer], object] | None = None
@@ -191,10 +194,17 @@ class Stream(ABC):
         """Recompute the paused state from :attr:`write_buffer_size`; wake drain waiters."""
         size = self.write_buffer_size
         if not self.writing_paused and size > self.high_water:
-            self.writing_paused = True
+            self._set_writing_paused(True)
         elif self.writing_paused and size <= self.low_water:
-            self.writing_paused = False
+            self._set_writing_paused(False)
+
+    def _set_writing_paused(self, paused: bool) -> None:
+        """Enter or leave the paused state: wake drain waiters, tell ``on_write_pressure``."""
+        self.writing_paused = paused
+        if not paused:
             self._wake_drain(None)
+        if self.on_write_pressure is not None:
+            self.on_write_pressure(paused)
 
     def _wake_drain(self, exc: Exception | None) -> None:
         waiter, self._drain_waiter = self._drain_waiter, None
@@ -236,9 +246,13 @@ class Stream(ABC):
                 lost.__cause__ = exc.with_traceback(None)
         self._lost = lost
         self._wake_drain(lost)
-        receiver, self.receiver = self.receiver, _GONE
+        receiver = self.receiver
+        self.on_write_pressure = None
         # the receiver (a session) refers back to this stream: letting go of it here means
-        # a finished connection is freed at once, without waiting for the cyclic GC
+        # a finished connection is freed at once, without waiting for the cyclic GC. An
+        # early buffer stays: it replays the loss to the receiver set after it
+        if not isinstance(receiver, _EarlyBuffer):
+            self.receiver = _GONE
         receiver.connection_lost(None if (exc is None and self._closed) else lost)
 
     def _check_writable(self) -> None:

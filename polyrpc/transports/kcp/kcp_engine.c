@@ -647,6 +647,10 @@ int kcp_take_output(kcp_engine *k, uint8_t *buf, size_t cap, uint32_t *lens, int
 
 static void update_rtt(kcp_engine *k, int32_t rtt)
 {
+    /* the sample comes from the timestamp the peer echoes: one from a forged or broken peer
+       can be up to 2**31 ms, and the sums below would overflow (found by fuzzing) */
+    if (rtt > RTO_MAX)
+        rtt = RTO_MAX;
     if (k->rx_srtt == 0) {
         k->rx_srtt = rtt;
         k->rx_rttval = rtt / 2;

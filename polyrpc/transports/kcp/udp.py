@@ -22,7 +22,7 @@ import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from ...core.errors import ConnectFailed, ConnectionLost
 from ...core.stream import Buffer, Stream
@@ -223,8 +223,9 @@ class Mux:
                 if got:
                     if hint.on_first_data is not None:
                         hint._left_handshake()
-                    if get_buffer:
-                        hint._buffer_updated(got)  # type: ignore[misc]  # set with _get_buffer
+                    buffer_updated = hint._buffer_updated
+                    if buffer_updated is not None:
+                        buffer_updated(got)
                     else:
                         self.deliver_copy(hint.receiver, got)
                     if hint._peer_fin_sn is not None:
@@ -502,19 +503,19 @@ class KcpStream(Stream):
         mux = self.mux
         mux.hint = self
         c, sid, receiver = mux.c, self.sid, self.receiver
-        if self._buffered_receiver:
-            buffered = cast(Any, receiver)  # a BufferedProtocol-shaped receiver
+        get_buffer, buffer_updated = self._get_buffer, self._buffer_updated
+        if get_buffer is not None and buffer_updated is not None:
             avail = lib.kcp_readable(self._engine)
             while avail > 0 and not self._paused and not self._gone:
                 # A cffi export left alive (a traceback keeps this frame) pins the
                 # decoder's buffer, and once the cyclic GC clears the memoryview before the
                 # export, CPython crashes (SIGSEGV in memory_dealloc): it ends right here.
-                with ffi.from_buffer(buffered.get_buffer(avail), require_writable=True) as target:
+                with ffi.from_buffer(get_buffer(avail), require_writable=True) as target:
                     n = lib.kmux_read(c, sid, target, len(target))
                 if n <= 0:
                     break
                 avail -= n
-                buffered.buffer_updated(n)
+                buffer_updated(n)
         else:
             n = READ_CHUNK
             while n == READ_CHUNK and not self._paused and not self._gone:

@@ -82,11 +82,10 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
         return self._half_close and not self._eof_sent
 
     def pause_writing(self) -> None:
-        self.writing_paused = True
+        self._set_writing_paused(True)
 
     def resume_writing(self) -> None:
-        self.writing_paused = False
-        self._wake_drain(None)
+        self._set_writing_paused(False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.write_now = None
