@@ -121,3 +121,11 @@ def test_serve_quic_generates_a_development_certificate(served):
     unpinned = pinned.split("?")[0]
     done = polyrpc("call", unpinned, "_sys.ping")
     assert done.returncode != 0 and "certificate" in done.stderr
+
+
+def test_failing_quic_call_prints_one_line(served):
+    _, (pinned,) = served("quic@127.0.0.1:0", "--demo")
+    for url in (pinned.split("?")[0], pinned.split("?")[0] + "?fingerprint=" + "AB" * 32):
+        done = polyrpc("call", url, "_sys.ping")
+        assert done.returncode != 0 and "certificate" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -178,6 +178,32 @@ async def test_stream_eof_and_half_close(endpoint):
         await listener.close()
 
 
+async def test_a_stream_lost_before_its_receiver_is_set_replays_data_and_loss(endpoint):
+    """What arrived (data, then the end) before set_receiver reaches the receiver set later."""
+    transport = endpoint.transport
+    accepted: list = []
+    listener = await transport.listen(transport.parse(endpoint.listen_url), accepted.append)
+    try:
+        client = await transport.dial(transport.parse(endpoint.client_url(listener.url)))
+        client.set_receiver(Recorder())
+        await client.send([b"early words"])
+        for _ in range(500):
+            if accepted:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # let the data reach the server stream's early buffer
+        client.abort()
+        server_stream = accepted[0]
+        await asyncio.sleep(0.5)  # a transport that reads ahead has seen the abort by now
+        late = Recorder()
+        server_stream.set_receiver(late)
+        await asyncio.wait_for(late.closed_by_peer(), 10)
+        assert bytes(late.data) == b"early words"
+        server_stream.abort()
+    finally:
+        await listener.close()
+
+
 async def test_graceful_close_finishes_in_flight_requests(endpoint):
     async def slow(message):
         await asyncio.sleep(0.2)

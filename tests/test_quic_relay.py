@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
+import os
 import struct
+import time
 
 from quic_helpers import dial, serving
 
@@ -82,3 +85,70 @@ async def test_session_echo_through_lossy_relay(tmp_path) -> None:
             await conn.close()
     finally:
         await listener.close()
+
+
+class _Arrivals:
+    """A receiver noting when the small unit and the end of the big one arrive."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.got = 0
+        self.small_at: float | None = None
+        self.done = asyncio.Event()
+        self.done_at = 0.0
+
+    def data_received(self, data) -> None:
+        self.got += len(data)
+        if len(data) == 100:
+            self.small_at = time.perf_counter()
+        if self.got >= self.total:
+            self.done_at = time.perf_counter()
+            self.done.set()
+
+    def eof_received(self) -> None:
+        pass
+
+    def connection_lost(self, exc) -> None:
+        pass
+
+
+async def _small_next_to_bulk(tmp_path, relay_options: dict | None) -> tuple[float, float]:
+    """Write a 32 MiB unit, then a 100-byte one; return (small's delay, big's duration)."""
+    big = os.urandom(32 << 20)
+    async with serving(tmp_path) as (server, cert):
+        port = server.listener.address.port
+        async with contextlib.AsyncExitStack() as stack:
+            if relay_options is not None:
+                relay = await stack.enter_async_context(
+                    UdpRelay(target=("127.0.0.1", port), **relay_options)
+                )
+                port = relay.address[1]
+            client = await dial(port, f"ca={cert}&timeout=10")
+            client.write([b"warm"])
+            stream, sink = await server.first()
+            await sink.wait_for(4)
+            arrivals = _Arrivals(len(big) + 100)
+            stream.set_receiver(arrivals)
+            started = time.perf_counter()
+            client.write([big], ordered=False)
+            await asyncio.sleep(0.05)
+            small_sent = time.perf_counter()
+            client.write([b"s" * 100], ordered=False)
+            await asyncio.wait_for(arrivals.done.wait(), 120)
+            client.abort()
+    assert arrivals.small_at is not None
+    return arrivals.small_at - small_sent, arrivals.done_at - started
+
+
+async def test_small_unit_is_not_stuck_behind_bulk_on_loopback(tmp_path) -> None:
+    small, big = await _small_next_to_bulk(tmp_path, None)
+    print(f"loopback: small unit {small * 1e3:.1f} ms, 32 MiB unit {big * 1e3:.0f} ms")
+    assert small < 0.25 * big
+
+
+async def test_small_unit_is_not_stuck_behind_bulk_through_a_slow_link(tmp_path) -> None:
+    # 50 Mbit/s + 5 ms: the 32 MiB unit needs > 5 s; the small one waits for the link's queue
+    small, big = await _small_next_to_bulk(tmp_path, {"rate": 50e6, "delay": 0.005})
+    print(f"relay: small unit {small * 1e3:.1f} ms, 32 MiB unit {big * 1e3:.0f} ms")
+    assert big > 4.0
+    assert small < 0.15 * big

@@ -1032,7 +1032,9 @@ decoder_deliver(DecoderObject *d, PyObject *frames)
         PyErr_NormalizeException(&type, &exc, &tb);
         Py_XDECREF(type);
         Py_XDECREF(tb);
-        PyObject *r = PyObject_CallOneArg(d->on_error, exc);
+        PyObject *on_error = Py_NewRef(d->on_error); /* the callee may route() elsewhere */
+        PyObject *r = PyObject_CallOneArg(on_error, exc);
+        Py_DECREF(on_error);
         Py_XDECREF(exc);
         return r;
     }
@@ -1058,7 +1060,9 @@ decoder_deliver(DecoderObject *d, PyObject *frames)
         Py_INCREF(last);
         Py_DECREF(frames);
         d->serving_one = 1;
-        PyObject *r = PyObject_CallOneArg(d->on_request, last);
+        PyObject *on_request = Py_NewRef(d->on_request); /* the callee may route() elsewhere */
+        PyObject *r = PyObject_CallOneArg(on_request, last);
+        Py_DECREF(on_request);
         d->serving_one = 0;
         Py_DECREF(last);
         return r == NULL ? decoder_deliver(d, NULL) : r;
@@ -1068,7 +1072,9 @@ decoder_deliver(DecoderObject *d, PyObject *frames)
         if (frames == NULL)
             return NULL;
     }
-    PyObject *r = PyObject_CallOneArg(d->on_frames, frames);
+    PyObject *on_frames = Py_NewRef(d->on_frames); /* the callee may route() elsewhere */
+    PyObject *r = PyObject_CallOneArg(on_frames, frames);
+    Py_DECREF(on_frames);
     Py_DECREF(frames);
     return r;
 }
@@ -1857,25 +1863,24 @@ eager_run(EagerServerObject *self, PyObject *frame, PyObject *entry, PyObject *a
         else
             yielded = NULL;
     }
-    if (yielded == NULL) { /* the handler raised: report it (BaseExceptions propagate) */
-        if (PyErr_ExceptionMatches(PyExc_Exception)) {
-            PyObject *type, *exc, *tb;
-            PyErr_Fetch(&type, &exc, &tb);
-            PyErr_NormalizeException(&type, &exc, &tb);
-            if (tb != NULL)
-                PyException_SetTraceback(exc, tb);
-            Py_XDECREF(type);
-            Py_XDECREF(tb);
-            PyObject *arg_list = PySequence_List(args);
-            PyObject *kw = kwargs ? Py_NewRef(kwargs) : PyDict_New();
-            if (arg_list != NULL && kw != NULL) {
-                PyObject *call[6] = {seq, method, exc, started, arg_list, kw};
-                outcome = PyObject_Vectorcall(self->report_failure, call, 6, NULL);
-            }
-            Py_XDECREF(arg_list);
-            Py_XDECREF(kw);
-            Py_XDECREF(exc);
+    if (yielded == NULL) { /* the handler raised, whatever it raised: answer it (codes and
+                            * logging as in _report_failure), the server goes on */
+        PyObject *type, *exc, *tb;
+        PyErr_Fetch(&type, &exc, &tb);
+        PyErr_NormalizeException(&type, &exc, &tb);
+        if (tb != NULL && exc != NULL)
+            PyException_SetTraceback(exc, tb);
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        PyObject *arg_list = exc ? PySequence_List(args) : NULL;
+        PyObject *kw = arg_list == NULL ? NULL : kwargs ? Py_NewRef(kwargs) : PyDict_New();
+        if (arg_list != NULL && kw != NULL) {
+            PyObject *call[6] = {seq, method, exc, started, arg_list, kw};
+            outcome = PyObject_Vectorcall(self->report_failure, call, 6, NULL);
         }
+        Py_XDECREF(arg_list);
+        Py_XDECREF(kw);
+        Py_XDECREF(exc);
     }
     else if (!finished) { /* it waits on something: the rest runs in a task */
         PyObject *call[5] = {seq, method, coro, yielded, started};

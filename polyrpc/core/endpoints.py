@@ -13,7 +13,7 @@ from .errors import ConnectionLost
 from .frames import Kind, Limits, encode_frame
 from .messages import make_config, open_session
 from .registry import registry
-from .rpc import RpcConnection, RpcOptions
+from .rpc import RpcConnection, RpcOptions, SyncRunner
 from .services import ServiceRegistry
 from .session import SessionConfig
 from .stream import Buffer, Listener, Stream
@@ -130,10 +130,15 @@ class Server:
         max_concurrent_calls: int = 1024,
         limits: Limits | None = None,
         inline_sync: bool = False,
+        sync_workers: int = 32,
+        sync_queue: int = 1024,
         send_tracebacks: bool = False,
         config: SessionConfig | None = None,
         **options: Any,
     ) -> None:
+        """``sync_workers`` threads run sync handlers (never the event loop, unless
+        ``inline_sync``); at most ``sync_queue`` more sync calls wait for one, beyond that
+        a call is refused with code ``overloaded`` and a notification dropped (logged)."""
         self.config = make_config(config, token=token, limits=limits, **options)
         self.services = ServiceRegistry()
         if max_connections < 1 or max_handshaking < 1:
@@ -145,6 +150,7 @@ class Server:
             max_concurrent_calls=max_concurrent_calls,
             inline_sync=inline_sync,
             send_tracebacks=send_tracebacks,
+            sync=SyncRunner(sync_workers, sync_queue),
         )
         self.listeners: list[Listener] = []
         self.connections: set[RpcConnection] = set()
@@ -270,6 +276,7 @@ class Server:
                 task.cancel()
         await asyncio.gather(*(c.close() for c in list(self.connections)), return_exceptions=True)
         await asyncio.gather(*self._refused, return_exceptions=True)
+        self._rpc.sync.shutdown()
         self._closed.set()
 
     async def serve_forever(self) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from .errors import ConnectionLost, ConnectTimeout
 from .frames import Frame, Kind
 from .registry import registry
-from .session import Session, SessionConfig
+from .session import PAUSE_INBOX, Session, SessionConfig
 from .stream import Listener, Stream
 
 log = logging.getLogger("polyrpc")
@@ -50,7 +50,6 @@ class Connection(Session):
         "_inbox",
         "_inbox_bytes",
         "_inbox_waiter",
-        "_reading_paused",
         "on_request_handler",
     )
 
@@ -66,7 +65,6 @@ class Connection(Session):
         self.on_request_handler = on_request
         self._inbox: deque[tuple[Message, int]] = deque()
         self._inbox_bytes = 0
-        self._reading_paused = False
         self._inbox_waiter: asyncio.Future[None] | None = None
         self._handlers_running = 0
         super().__init__(stream, config, is_client=is_client)
@@ -95,6 +93,7 @@ class Connection(Session):
             frame = await future
         except BaseException:
             self.abandon_request(seq, future)
+            del future  # it holds the error, whose traceback holds this frame: no cycle
             raise
         if frame.kind == _RESPONSE and frame.codec == 0:
             return frame.payload
@@ -115,9 +114,8 @@ class Connection(Session):
             await self._inbox_waiter
         message, size = self._inbox.popleft()
         self._inbox_bytes -= size
-        if self._reading_paused and self._inbox_bytes <= self.config.max_inbox_bytes // 2:
-            self._reading_paused = False
-            self.byte_stream.resume_reading()
+        if self._paused & PAUSE_INBOX and self._inbox_bytes <= self.config.max_inbox_bytes // 2:
+            self.resume_reading(PAUSE_INBOX)
         return message
 
     async def receive(self) -> Any:
@@ -144,9 +142,8 @@ class Connection(Session):
         size = len(frame.payload)
         self._inbox.append((Message(self.decode(frame), frame.metadata), size))
         self._inbox_bytes += size
-        if not self._reading_paused and self._inbox_bytes > self.config.max_inbox_bytes:
-            self._reading_paused = True
-            self.byte_stream.pause_reading()
+        if self._inbox_bytes > self.config.max_inbox_bytes:
+            self.pause_reading(PAUSE_INBOX)
         self._wake_receiver()
 
     def on_request(self, frame: Frame) -> None:

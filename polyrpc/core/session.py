@@ -39,7 +39,7 @@ from .frames import (
     encode_metadata,
     encode_plain,
 )
-from .stream import Buffer, Stream
+from .stream import Buffer, Stream, fresh_error
 from .timeouts import DeadlineWheel
 
 log = logging.getLogger("polyrpc")
@@ -67,6 +67,12 @@ SIZE_SLACK = 128 << 10
 default): payloads up to the peer's max_frame less this are sent without an exact size check."""
 FAILURE_LINGER = 2.0
 """After a protocol error, how long the ERROR naming it may take to flush before the close."""
+PAUSE_INBOX = 1
+"""Why reading is paused: received one-way messages nobody took are over max_inbox_bytes."""
+PAUSE_BUSY = 2
+"""Why reading is paused: the peer's one-way messages keep handlers busy over the window."""
+PAUSE_REPLIES = 4
+"""Why reading is paused: the peer does not read what this side writes (serving side)."""
 
 
 @dataclass
@@ -111,6 +117,18 @@ def result_too_large(exc: MessageTooLarge) -> RemoteError:
     return RemoteError("MessageTooLarge", str(exc), "result_too_large")
 
 
+def _drop_frames(frames: list[Frame]) -> None:
+    """Where a finished connection's decoder delivers: nowhere (see Session._release)."""
+
+
+def _drop_frame(frame: Frame) -> None:
+    """A finished connection serves no requests (see Session._release)."""
+
+
+def _drop_error(exc: ProtocolError) -> None:
+    """A finished connection reports no protocol errors (see Session._release)."""
+
+
 class Session:
     """One polyrpc connection. Create with :meth:`client` / :meth:`server` helpers of subclasses."""
 
@@ -129,6 +147,7 @@ class Session:
         "_handshake",
         "_handshaken",
         "_heartbeat_timer",
+        "_held",
         "_in_receive",
         "_last_recv",
         "_last_send",
@@ -136,12 +155,14 @@ class Session:
         "_next_seq",
         "_out",
         "_out_ordered",
+        "_paused",
         "_peer_closing",
         "_peer_max_frame",
         "_pending",
         "_pending_info",
         "_refusal",
         "_request_handler",
+        "_resume_handle",
         "_seen_in",
         "_seen_out",
         "_send_check",
@@ -213,6 +234,14 @@ class Session:
         the send paths compare only this integer, and check bigger ones exactly."""
         self.bytes_out = 0
         self.opened_at = time.time()
+        self._paused = 0
+        """Why reading is paused: PAUSE_* bits, 0 while reading."""
+        self._held: list[Frame] = []
+        """Frames read before a pause but not handled yet: handled first when reading resumes."""
+        self._resume_handle: asyncio.Handle | None = None
+        if not is_client:
+            # a peer that does not read its replies is not served until it does
+            stream.on_write_pressure = self._on_write_pressure
         stream.set_receiver(self)
 
     # ------------------------------------------------------------------ info
@@ -329,8 +358,13 @@ class Session:
 
     def _handshake_done(self) -> None:
         self._handshaken = True
-        # from now on the decoder resolves replies itself while nobody waits for a slot, and
-        # a request that arrives alone is served at once: its reply leaves unbatched
+        self._route_all()
+        self._handshake.set_result(None)
+
+    def _route_all(self) -> None:
+        """After the handshake, while reading: the decoder resolves replies itself while
+        nobody waits for a slot, and a request that arrives alone is served at once (its
+        reply leaves unbatched)."""
         self._decoder.route(
             self._dispatch,
             self._protocol_failure,
@@ -338,7 +372,6 @@ class Session:
             self._slot_waiters,
             self._request_handler,
         )
-        self._handshake.set_result(None)
 
     def refuse(self, reason: str, message: str) -> None:
         """Server side: answer the coming HELLO with this error instead of accepting."""
@@ -397,7 +430,10 @@ class Session:
         """Handle frames in order; replies written meanwhile go out in one write afterwards."""
         self._in_receive = True
         try:
-            for frame in frames:
+            for index, frame in enumerate(frames):
+                if self._paused:  # handling an earlier frame paused reading: the rest waits
+                    self._held += frames[index:]
+                    break
                 kind = frame.kind
                 if kind in (_RESPONSE, _ERROR):
                     if frame.seq == 0 and kind == _ERROR:  # about the connection, not a call
@@ -437,6 +473,46 @@ class Session:
             self._in_receive = False
             if self._out:
                 self._flush()
+
+    def pause_reading(self, reason: int) -> None:
+        """Stop reading from the peer for ``reason`` (a PAUSE_* bit) until it is resumed.
+
+        Frames already read but not handled yet wait too (everything goes through
+        :meth:`_dispatch`, which holds them), so nothing more is served from this peer.
+        """
+        if not self._paused and not self._gone:
+            self.byte_stream.pause_reading()
+            if self._handshaken:
+                self._decoder.route(self._dispatch, self._protocol_failure)
+        self._paused |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        """``reason`` for pausing is gone; reading resumes (soon) once no reason is left."""
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and self._resume_handle is None and not self._gone:
+            # in a loop turn of its own: the held frames may write, or pause again
+            self._resume_handle = self.loop.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        self._resume_handle = None
+        if self._paused or self._gone:
+            return
+        held, self._held = self._held, []
+        if held:
+            self._dispatch(held)
+            if self._paused or self._gone:
+                return
+        if self._handshaken:
+            self._route_all()
+        self.byte_stream.resume_reading()
+
+    def _on_write_pressure(self, paused: bool) -> None:
+        if paused:
+            self.pause_reading(PAUSE_REPLIES)
+        else:
+            self.resume_reading(PAUSE_REPLIES)
 
     def _protocol_failure(self, exc: ProtocolError) -> None:
         """The peer broke the protocol: tell it why (an ERROR naming the problem and our
@@ -480,9 +556,15 @@ class Session:
                 )
             )
             return
+        # a peer closing gracefully says GOAWAY first (or answers ours): an EOF without that
+        # goodbye means it went away (killed, crashed), so its handlers stop now rather
+        # than run for the graceful close_timeout with nobody to answer
+        goodbye = self._peer_closing or self._closing
         self._peer_closing = True
         self._accepting = False
         self._fail_pending(ConnectionLost(f"the peer closed the {self.transport} connection"))
+        if not goodbye:
+            self.on_abandoned()
         self.on_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -491,15 +573,21 @@ class Session:
             self.close_reason = exc
         reason = self.close_reason
         if isinstance(reason, ConnectionLost):
-            lost = reason
+            lost = fresh_error(reason)
         elif reason is not None:
             lost = ConnectionLost(f"{self.transport} connection dropped: {reason}")
         else:
             lost = ConnectionLost(f"{self.transport} connection closed")
-        for timer in (self._deadline_timer, self._heartbeat_timer, self._flush_handle):
+        for timer in (
+            self._deadline_timer,
+            self._heartbeat_timer,
+            self._flush_handle,
+            self._resume_handle,
+        ):
             if timer is not None:
                 timer.cancel()
         self._out.clear()
+        self._held.clear()
         if not self._handshake.done():
             self._handshake.set_exception(lost)
             self._handshake.exception()
@@ -508,6 +596,18 @@ class Session:
             self._closed.set_result(exc)
         self._accepting = False
         self.on_closed(exc)
+        self._release()
+
+    def _release(self) -> None:
+        """Drop the references that close loops through this session (decoder routes, the
+        call server, timers) so a finished connection is freed at once, without the cyclic GC."""
+        reason = self.close_reason
+        if reason is not None:  # kept, never raised again: the frames it was raised in go
+            reason.__traceback__ = None
+        self._decoder.route(_drop_frames, _drop_error)
+        self._request_handler = _drop_frame
+        self._deadline_timer = self._heartbeat_timer = self._flush_handle = None
+        self._resume_handle = None
 
     def _fail_pending(self, exc: ConnectionLost) -> None:
         pending = list(self._pending.values())
@@ -530,6 +630,10 @@ class Session:
 
     def on_frame(self, frame: Frame) -> None:
         """Any other frame kind (CANCEL, STREAM_ITEM, STREAM_END, CREDIT)."""
+
+    def on_abandoned(self) -> None:
+        """The peer went away without a goodbye (or the connection is gone): stop the work
+        done for it."""
 
     def on_goaway(self) -> None:
         """The peer announced a graceful close: it accepts no new requests."""
@@ -613,10 +717,11 @@ class Session:
                 pass  # on a broken stream connection_lost() reports it to everyone waiting
 
     def lost_error(self) -> ConnectionLost:
-        """The error to raise for operations on a closed connection."""
+        """The error to raise for operations on a closed connection (a new one each time:
+        see :func:`~polyrpc.core.stream.fresh_error`)."""
         reason = self.close_reason
         if isinstance(reason, ConnectionLost):
-            return reason
+            return fresh_error(reason)
         return ConnectionLost(f"the {self.transport} connection is closed")
 
     def _check_open(self) -> None:
@@ -709,6 +814,8 @@ class Session:
         self.cancel_request(seq)
         if not future.done():
             future.cancel()
+        elif not future.cancelled():
+            future.exception()  # e.g. ConnectionLost set while the caller waited to write
 
     def finish_request(self, seq: int) -> asyncio.Future[Frame] | None:
         """Remove request ``seq`` from the window (for exchanges ended by other frames)."""
@@ -869,7 +976,8 @@ class Session:
     def _on_heartbeat_timer(self) -> None:
         # activity is sampled here from the byte counters, keeping clocks off the hot path
         now = self.loop.time()
-        if self.bytes_in != self._seen_in:
+        if self.bytes_in != self._seen_in or self._paused:
+            # (while this side does not read, the peer's silence proves nothing)
             self._seen_in, self._last_recv = self.bytes_in, now
         if self.bytes_out != self._seen_out:
             self._seen_out, self._last_send = self.bytes_out, now
