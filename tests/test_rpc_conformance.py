@@ -337,11 +337,17 @@ class Big:
 
 async def test_too_large_argument_fails_that_call_only(endpoint):
     limits = polyrpc.Limits(max_frame=64 << 10)
-    async with rpc(endpoint, Arith(), Big(), Slow(), limits=limits) as (_, client, _):
+
+    async def items():
+        yield b"small"
+        yield b"x" * (128 << 10)
+
+    async with rpc(endpoint, Arith(), Big(), Slow(), Streams(), limits=limits) as (_, client, _):
         assert client.peer_info["max_frame"] == str(64 << 10)
         other = asyncio.create_task(client.call("Slow.wait", 0.3))
         for attempt in (
             lambda: client.call("Big.size", b"x" * (128 << 10)),
+            lambda: asyncio.wait_for(client.call("Streams.total", items()), 10),
             lambda: client.call("Arith.add", "a" * (128 << 10), ""),
             lambda: client.call("Big.size", b"x" * (128 << 10), timeout=5, metadata={"k": "v"}),
             lambda: client.notify("Big.size", b"x" * (128 << 10)),
