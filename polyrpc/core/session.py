@@ -991,7 +991,8 @@ class Session:
             )
             return
         interval = self.config.heartbeat_interval
-        if interval and now - self._last_send >= interval * 0.9:
+        # (a stream that is closing takes no more writes: the idle check above still runs)
+        if interval and now - self._last_send >= interval * 0.9 and not self.byte_stream.is_closing:
             self._write(encode_frame(_HEARTBEAT, 0))
         self._arm_heartbeat()
 
