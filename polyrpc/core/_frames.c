@@ -1634,7 +1634,8 @@ typedef struct {
     PyObject *pending;           /* connection._pending */
     PyObject *decoder;           /* connection._decoder, when it is this module's */
     /* offsets of the connection's __slots__ read on every reply (see session_slot) */
-    Py_ssize_t gone_at, in_receive_at, flush_handle_at, bytes_out_at, byte_stream_at;
+    Py_ssize_t gone_at, in_receive_at, flush_handle_at, bytes_out_at, byte_stream_at,
+        send_check_at;
 } EagerServerObject;
 
 /* Where the __slots__ member ``name`` of ``type`` lives in its instances (-1, exception set,
@@ -1789,11 +1790,29 @@ eager_send_now(EagerServerObject *self, PyObject *buffers)
     return r == NULL ? -1 : 1;
 }
 
-/* Send the result: bytes as a raw RESPONSE (as Session._write would), the rest by respond(). */
+/* Whether a raw payload of ``size`` bytes surely fits the peer's max_frame: the session's
+ * _send_check bound (Session.respond checks bigger ones exactly). -1 on error. */
+static int
+eager_fits(EagerServerObject *self, Py_ssize_t size)
+{
+    PyObject *bound = SLOT(self->connection, self->send_check_at);
+    if (bound == NULL || !PyLong_CheckExact(bound))
+        return 0;
+    Py_ssize_t limit = PyLong_AsSsize_t(bound);
+    if (limit == -1 && PyErr_Occurred())
+        return -1;
+    return size <= limit;
+}
+
+/* Send the result: bytes as a raw RESPONSE (as Session._write would), the rest by respond(),
+ * which also answers a result over the peer's limit with a small ERROR (result_too_large). */
 static PyObject *
 eager_reply(EagerServerObject *self, PyObject *seq, PyObject *result)
 {
-    if (PyBytes_CheckExact(result) && SLOT(self->connection, self->gone_at) == Py_False) {
+    int fits = PyBytes_CheckExact(result) ? eager_fits(self, PyBytes_GET_SIZE(result)) : 0;
+    if (fits < 0)
+        return NULL;
+    if (fits && SLOT(self->connection, self->gone_at) == Py_False) {
         int ok;
         PyObject *kind = PyLong_FromLong(KIND_RESPONSE);
         PyObject *buffers = plain(kind, seq, result, NULL, NULL, &ok);
@@ -1844,25 +1863,24 @@ eager_run(EagerServerObject *self, PyObject *frame, PyObject *entry, PyObject *a
         else
             yielded = NULL;
     }
-    if (yielded == NULL) { /* the handler raised: report it (BaseExceptions propagate) */
-        if (PyErr_ExceptionMatches(PyExc_Exception)) {
-            PyObject *type, *exc, *tb;
-            PyErr_Fetch(&type, &exc, &tb);
-            PyErr_NormalizeException(&type, &exc, &tb);
-            if (tb != NULL)
-                PyException_SetTraceback(exc, tb);
-            Py_XDECREF(type);
-            Py_XDECREF(tb);
-            PyObject *arg_list = PySequence_List(args);
-            PyObject *kw = kwargs ? Py_NewRef(kwargs) : PyDict_New();
-            if (arg_list != NULL && kw != NULL) {
-                PyObject *call[6] = {seq, method, exc, started, arg_list, kw};
-                outcome = PyObject_Vectorcall(self->report_failure, call, 6, NULL);
-            }
-            Py_XDECREF(arg_list);
-            Py_XDECREF(kw);
-            Py_XDECREF(exc);
+    if (yielded == NULL) { /* the handler raised, whatever it raised: answer it (codes and
+                            * logging as in _report_failure), the server goes on */
+        PyObject *type, *exc, *tb;
+        PyErr_Fetch(&type, &exc, &tb);
+        PyErr_NormalizeException(&type, &exc, &tb);
+        if (tb != NULL && exc != NULL)
+            PyException_SetTraceback(exc, tb);
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        PyObject *arg_list = exc ? PySequence_List(args) : NULL;
+        PyObject *kw = arg_list == NULL ? NULL : kwargs ? Py_NewRef(kwargs) : PyDict_New();
+        if (arg_list != NULL && kw != NULL) {
+            PyObject *call[6] = {seq, method, exc, started, arg_list, kw};
+            outcome = PyObject_Vectorcall(self->report_failure, call, 6, NULL);
         }
+        Py_XDECREF(arg_list);
+        Py_XDECREF(kw);
+        Py_XDECREF(exc);
     }
     else if (!finished) { /* it waits on something: the rest runs in a task */
         PyObject *call[5] = {seq, method, coro, yielded, started};
@@ -1977,7 +1995,8 @@ EagerServer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                               (self->in_receive_at = session_slot(kind, "_in_receive")) < 0 ||
                               (self->flush_handle_at = session_slot(kind, "_flush_handle")) < 0 ||
                               (self->bytes_out_at = session_slot(kind, "bytes_out")) < 0 ||
-                              (self->byte_stream_at = session_slot(kind, "byte_stream")) < 0)) {
+                              (self->byte_stream_at = session_slot(kind, "byte_stream")) < 0 ||
+                              (self->send_check_at = session_slot(kind, "_send_check")) < 0)) {
         Py_DECREF(self);
         return NULL;
     }

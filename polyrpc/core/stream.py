@@ -46,8 +46,11 @@ def fresh_error(error: E) -> E:
 class StreamReceiver(Protocol):
     """What a stream delivers to. Calls come from the event loop thread, in order."""
 
-    def data_received(self, data: Buffer) -> None:
-        """Bytes arrived; the receiver must copy what it keeps (``data`` may be reused)."""
+    def data_received(self, data: Buffer) -> object:
+        """Bytes arrived; the receiver must copy what it keeps (``data`` may be reused).
+
+        What it returns is ignored (the session's is its decoder's ``received_data``).
+        """
 
     def eof_received(self) -> None:
         """The peer finished writing (half-close or graceful close)."""
@@ -243,10 +246,13 @@ class Stream(ABC):
                 lost.__cause__ = exc.with_traceback(None)
         self._lost = lost
         self._wake_drain(lost)
-        receiver, self.receiver = self.receiver, _GONE
+        receiver = self.receiver
         self.on_write_pressure = None
         # the receiver (a session) refers back to this stream: letting go of it here means
-        # a finished connection is freed at once, without waiting for the cyclic GC
+        # a finished connection is freed at once, without waiting for the cyclic GC. An
+        # early buffer stays: it replays the loss to the receiver set after it
+        if not isinstance(receiver, _EarlyBuffer):
+            self.receiver = _GONE
         receiver.connection_lost(None if (exc is None and self._closed) else lost)
 
     def _check_writable(self) -> None:

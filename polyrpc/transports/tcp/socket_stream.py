@@ -46,7 +46,9 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
         self._transport = transport  # type: ignore[assignment]
         self.write_now = transport.write  # type: ignore[attr-defined]
         self._lost_future = asyncio.get_running_loop().create_future()
-        transport.set_write_buffer_limits(high=self.high_water, low=self.low_water)
+        transport.set_write_buffer_limits(  # type: ignore[attr-defined]
+            high=self.high_water, low=self.low_water
+        )
         self.extra["peer"] = _format_peer(transport.get_extra_info("peername"))
         self.extra["local"] = _format_peer(transport.get_extra_info("sockname"))
         ssl_object = transport.get_extra_info("ssl_object")
