@@ -148,7 +148,7 @@ async def test_silent_accepted_connections_cost_a_polyrpc_server(server):
     """The whole server (transport, session, frame decoder) per connection before HELLO.
     The transport's part is small (next test); the rest is the session's receive buffer."""
     before = await settled_rss(server)
-    socks = raw_handshakes(server.port, 100)  # under max_handshaking (128): all admitted
+    socks = raw_handshakes(server.port, 100)  # below the server's max_handshaking (128)
     after = await settled_rss(server)
     per = (after - before) / len(socks)
     print(f"polyrpc kcp server: 100 connections before HELLO, {per:.1f} KiB each")

@@ -152,3 +152,41 @@ async def test_small_unit_is_not_stuck_behind_bulk_through_a_slow_link(tmp_path)
     print(f"relay: small unit {small * 1e3:.1f} ms, 32 MiB unit {big * 1e3:.0f} ms")
     assert big > 4.0
     assert small < 0.15 * big
+
+
+class _BulkAndSmall:
+    async def size(self, data: bytes) -> int:
+        return len(data)
+
+    async def mul(self, a: int, b: int) -> int:
+        return a * b
+
+
+async def test_a_small_call_next_to_a_bulk_call_through_a_slow_link(tmp_path) -> None:
+    """At the call level (session and RPC included): through 50 Mbit/s + 5 ms, a small call
+    made while a 32 MiB call is being sent takes a few round trips, not the bulk's time."""
+    cert, key = self_signed_certificate(tmp_path, ["localhost", "127.0.0.1"])
+    async with polyrpc.serve(f"quic@127.0.0.1:0?cert={cert}&key={key}", _BulkAndSmall()) as srv:
+        port = int(srv.urls[0].rsplit(":", 1)[1])
+        relay_options = {"rate": 50e6, "delay": 0.005}
+        async with UdpRelay(target=("127.0.0.1", port), **relay_options) as relay:
+            url = f"quic@127.0.0.1:{relay.address[1]}?ca={cert}"
+            async with polyrpc.connect(url) as client:
+                idle_started = time.perf_counter()
+                assert await client.call("_BulkAndSmall.mul", 2, 3) == 6
+                idle = time.perf_counter() - idle_started
+                started = time.perf_counter()
+                bulk = asyncio.ensure_future(
+                    client.call("_BulkAndSmall.size", b"b" * (32 << 20), timeout=120)
+                )
+                await asyncio.sleep(0.05)
+                small_started = time.perf_counter()
+                assert await client.call("_BulkAndSmall.mul", 6, 7, timeout=60) == 42
+                small = time.perf_counter() - small_started
+                assert await bulk == 32 << 20
+                elapsed = time.perf_counter() - started
+    print(
+        f"relay: idle call {idle * 1e3:.0f} ms, small call {small * 1e3:.0f} ms, bulk {elapsed:.2f} s"
+    )
+    assert elapsed > 4.0
+    assert small < 0.15 * elapsed

@@ -335,13 +335,44 @@ class Big:
         raise ValueError("e" * n)
 
 
+async def test_a_small_call_is_not_held_behind_a_bulk_call(endpoint):
+    """A small call made while a 32 MiB call is being sent completes on its own: the caller
+    does not wait for the bulk bytes to drain, and QUIC carries each call on its own stream
+    (there the small call must finish long before the bulk one; single-stream transports
+    carry it behind the bulk bytes, so only both results are checked)."""
+    async with rpc(endpoint, Big(), Arith()) as (_, client, _):
+        await client.call("Arith.mul", 1, 1)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        async def bulk_call() -> tuple[int, float]:
+            size = await client.call("Big.size", b"b" * (32 << 20), timeout=120)
+            return size, loop.time() - started
+
+        bulk = asyncio.ensure_future(bulk_call())
+        await asyncio.sleep(0)  # the bulk call is written (or queued) first
+        assert await client.call("Arith.mul", 6, 7, timeout=120) == 42
+        small = loop.time() - started
+        size, elapsed = await bulk
+        assert size == 32 << 20
+        print(f"{endpoint.scheme}: small call {small * 1e3:.0f} ms, bulk {elapsed * 1e3:.0f} ms")
+        if endpoint.scheme == "quic":
+            assert small < 0.5 * elapsed, (small, elapsed)
+
+
 async def test_too_large_argument_fails_that_call_only(endpoint):
     limits = polyrpc.Limits(max_frame=64 << 10)
-    async with rpc(endpoint, Arith(), Big(), Slow(), limits=limits) as (_, client, _):
+
+    async def items():
+        yield b"small"
+        yield b"x" * (128 << 10)
+
+    async with rpc(endpoint, Arith(), Big(), Slow(), Streams(), limits=limits) as (_, client, _):
         assert client.peer_info["max_frame"] == str(64 << 10)
         other = asyncio.create_task(client.call("Slow.wait", 0.3))
         for attempt in (
             lambda: client.call("Big.size", b"x" * (128 << 10)),
+            lambda: asyncio.wait_for(client.call("Streams.total", items()), 10),
             lambda: client.call("Arith.add", "a" * (128 << 10), ""),
             lambda: client.call("Big.size", b"x" * (128 << 10), timeout=5, metadata={"k": "v"}),
             lambda: client.notify("Big.size", b"x" * (128 << 10)),

@@ -9,8 +9,11 @@ import time
 import pytest
 
 import polyrpc
+from polyrpc import registry
 from polyrpc.core import session as session_module
-from polyrpc.core.frames import FrameDecoder, Kind
+from polyrpc.core.codecs import codec_by_id
+from polyrpc.core.frames import FrameDecoder, Kind, encode_frame
+from tests.test_conformance import Recorder
 
 
 async def test_idle_timeout_declares_a_silent_peer_dead():
@@ -163,5 +166,28 @@ async def test_token_is_compared_in_constant_time(token, monkeypatch):
                 await polyrpc.dial(listener.url, token=wrong)
             assert info.value.reason == "bad_token"
         assert len(compared) == 4  # every given token went through compare_digest
+    finally:
+        await listener.close()
+
+
+@pytest.mark.parametrize("announced", ["abc", "-5", "10", "9" * 5000, "１２３"])
+async def test_a_hello_with_an_invalid_max_frame_is_refused_clearly(announced):
+    listener = await polyrpc.listen("mem@0", on_request=lambda m: m)
+    try:
+        transport = registry.get("mem")
+        raw = await transport.dial(transport.parse(listener.url))
+        recorder = Recorder()
+        raw.set_receiver(recorder)
+        meta = {"version": "1", "codec": "msgpack", "max_frame": announced}
+        await raw.send(encode_frame(Kind.HELLO, 0, metadata=meta))
+        await asyncio.wait_for(recorder.closed_by_peer(), 5)
+        (frame,) = FrameDecoder().feed(bytes(recorder.data))
+        body = codec_by_id(frame.codec).decode(frame.payload)
+        assert (frame.kind, frame.seq, body["code"]) == (Kind.ERROR, 0, "protocol_error")
+        assert "invalid max_frame" in body["message"]
+        raw.abort()
+        conn = await polyrpc.dial(listener.url)  # the server is fine
+        assert await conn.request(1) == 1
+        await conn.close()
     finally:
         await listener.close()

@@ -106,7 +106,7 @@ class RawAioquic(Target):
             configuration=configuration,
             stream_handler=lambda r, w: asyncio.ensure_future(_echo_stream(r, w)),  # type: ignore[arg-type]  # result unused
         )
-        port = server._transport.get_extra_info  # type: ignore[union-attr]  # started("sockname")[1]
+        port = server._transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]  # started
 
         async def stop() -> None:
             server.close()

@@ -275,6 +275,7 @@ class Server:
             if not self.connections:
                 task.cancel()
         await asyncio.gather(*(c.close() for c in list(self.connections)), return_exceptions=True)
+        await asyncio.gather(*self._refused, return_exceptions=True)
         self._rpc.sync.shutdown()
         self._closed.set()
 

@@ -19,7 +19,7 @@ from typing import Any
 from .errors import ConnectionLost, ConnectTimeout
 from .frames import Frame, Kind
 from .registry import registry
-from .session import PAUSE_INBOX, Session, SessionConfig
+from .session import BYTES_LIKE, FLUSH_BYTES, PAUSE_INBOX, Session, SessionConfig
 from .stream import Listener, Stream
 
 log = logging.getLogger("polyrpc")
@@ -86,10 +86,16 @@ class Connection(Session):
         """Send ``message`` as a request and return the peer's reply."""
         if len(self._pending) >= self._max_in_flight:
             await self.wait_for_slot()
+        if (
+            self.byte_stream.writing_paused
+            and isinstance(message, BYTES_LIKE)
+            and len(message) >= FLUSH_BYTES
+        ):
+            # a big request waits for room before it queues; a small one never waits behind it
+            await self.wait_writable()
         seq, future = self.begin_request(message, "", metadata, timeout)
+        # no wait for the stream to drain once written (as in RpcConnection.call)
         try:
-            if self.byte_stream.writing_paused:
-                await self.wait_writable()
             frame = await future
         except BaseException:
             self.abandon_request(seq, future)

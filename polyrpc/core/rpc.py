@@ -29,7 +29,14 @@ from .eager import EagerServer, coroutine_step
 from .errors import CallTimeout, ConnectionLost, MessageTooLarge, ProtocolError, RemoteError
 from .frames import FLAG_ARG_STREAM, FLAG_STREAM, Frame, Kind, encode_frame
 from .services import Method, ServiceRegistry
-from .session import BYTES_LIKE, PAUSE_BUSY, Session, SessionConfig, result_too_large
+from .session import (
+    BYTES_LIKE,
+    FLUSH_BYTES,
+    PAUSE_BUSY,
+    Session,
+    SessionConfig,
+    result_too_large,
+)
 from .stream import Buffer, Stream
 
 log = logging.getLogger("polyrpc")
@@ -519,6 +526,9 @@ class RpcConnection(Session):
                     raise _unsendable(exc) from None
             else:
                 payload, codec = b"", 0  # unused: _send_call encodes a streamed call itself
+        if plain and self.byte_stream.writing_paused and len(payload) >= FLUSH_BYTES:
+            # a big call waits for room before it queues; a small one never waits behind it
+            await self.wait_writable()
         if not plain or len(self._pending) >= self._max_in_flight:
             seq, future, _ = await self._send_call(method, args, kwargs, timeout, metadata)
         else:
@@ -543,9 +553,10 @@ class RpcConnection(Session):
                     write_now(frame[0])
                 else:
                     self._write(frame, False)
+        # no wait for the stream to drain once written: this call's reply is the proof that it
+        # arrived, waiting would hold a small call behind a bulk one's bytes, and the window
+        # of calls in flight bounds what is queued
         try:
-            if self.byte_stream.writing_paused:
-                await self.wait_writable()
             reply = await future
         except BaseException:
             self.abandon_request(seq, future)

@@ -350,7 +350,8 @@ class Session:
         announced = meta.get("max_frame")
         if announced is None:
             return
-        if not (announced.isascii() and announced.isdigit()) or int(announced) < HEADER_SIZE:
+        valid = announced.isascii() and announced.isdigit() and len(announced) <= 20
+        if not valid or int(announced) < HEADER_SIZE:
             raise ProtocolError(f"HELLO announces an invalid max_frame {announced[:32]!r}")
         self._peer_max_frame = int(announced)
         self._send_check = max(0, self._peer_max_frame - HEADER_SIZE - SIZE_SLACK)
@@ -536,6 +537,7 @@ class Session:
         self._out += encode_frame(_ERROR, 0, self.codec.encode(body), codec=self.codec.id)
         self._out_ordered = True
         self._flush()
+        self.byte_stream.pause_reading()  # nothing more is read while the ERROR flushes
         self.loop.create_task(self._close_after_failure())
 
     async def _close_after_failure(self) -> None:
@@ -989,7 +991,8 @@ class Session:
             )
             return
         interval = self.config.heartbeat_interval
-        if interval and now - self._last_send >= interval * 0.9:
+        # (a stream that is closing takes no more writes: the idle check above still runs)
+        if interval and now - self._last_send >= interval * 0.9 and not self.byte_stream.is_closing:
             self._write(encode_frame(_HEARTBEAT, 0))
         self._arm_heartbeat()
 
