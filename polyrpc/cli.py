@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -201,7 +202,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         services.append(Demo())
 
     async def main() -> int:
-        server = Server(token=args.token)
+        server = Server(
+            token=args.token, sync_workers=args.sync_workers, sync_queue=args.sync_queue
+        )
         for service in services:
             server.register(service)
         loop = asyncio.get_running_loop()
@@ -350,6 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve this object (repeatable); also accepted positionally after the URLs",
     )
     serve.add_argument("--token", help="require this shared token from clients")
+    serve.add_argument(
+        "--sync-workers", type=int, default=32, help="threads for sync handlers (default 32)"
+    )
+    serve.add_argument(
+        "--sync-queue",
+        type=int,
+        default=1024,
+        help="sync calls that may wait for a thread; more are refused as overloaded (1024)",
+    )
     serve.set_defaults(func=cmd_serve)
     call = sub.add_parser("call", help="call a method and print the JSON result")
     call.add_argument("url")
@@ -364,9 +376,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_loggers() -> None:
+    """aioquic logs each failed handshake itself; the CLI prints one clear line of its own."""
+    for name in ("quic", "http3"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_library_loggers()
     if args.command == "serve":
         # `polyrpc serve URL module:object`: URLs have '@' or '://', objects have ':' only
         args.objects += [

@@ -121,3 +121,40 @@ def test_serve_quic_generates_a_development_certificate(served):
     unpinned = pinned.split("?")[0]
     done = polyrpc("call", unpinned, "_sys.ping")
     assert done.returncode != 0 and "certificate" in done.stderr
+
+
+def test_failing_quic_call_prints_one_line(served):
+    _, (pinned,) = served("quic@127.0.0.1:0", "--demo")
+    for url in (pinned.split("?")[0], pinned.split("?")[0] + "?fingerprint=" + "AB" * 32):
+        done = polyrpc("call", url, "_sys.ping")
+        assert done.returncode != 0 and "certificate" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_quic_call_fails_soon_when_the_server_is_killed(served):
+    """Both processes on the CLI's event loop (uvloop when installed): the ICMP error that
+    a dead server's port answers with must reach the client, not stop its socket reader."""
+    import time
+
+    proc, (pinned,) = served("quic@127.0.0.1:0", "--demo")
+    call = subprocess.Popen(
+        [sys.executable, "-m", "polyrpc.cli", "call", pinned, "Demo.sleep", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        time.sleep(3)  # the call is in flight (its interpreter needs a moment to start)
+        proc.kill()
+        proc.wait()
+        killed = time.monotonic()
+        _, err = call.communicate(timeout=30)
+        took = time.monotonic() - killed
+        print(f"polyrpc call failed {took:.2f}s after kill -9 of the server")
+        assert call.returncode == 1
+        assert "ConnectionLost" in err and "port is closed" in err
+        assert took < 3.0
+    finally:
+        call.kill()
+        call.wait()

@@ -14,10 +14,19 @@ import sys
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
 import polyrpc
-from polyrpc.core.frames import HEADER, MAGIC, VERSION, Kind
+from polyrpc.core.frames import (
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    VERSION,
+    FrameDecoder,
+    Kind,
+    encode_frame,
+)
 
 PEER = Path(__file__).with_name("peer.py")
 SIZES = [0, 1, 64 << 10, 1 << 20, 16 << 20]
@@ -169,6 +178,32 @@ async def test_stream_eof_and_half_close(endpoint):
         await listener.close()
 
 
+async def test_a_stream_lost_before_its_receiver_is_set_replays_data_and_loss(endpoint):
+    """What arrived (data, then the end) before set_receiver reaches the receiver set later."""
+    transport = endpoint.transport
+    accepted: list = []
+    listener = await transport.listen(transport.parse(endpoint.listen_url), accepted.append)
+    try:
+        client = await transport.dial(transport.parse(endpoint.client_url(listener.url)))
+        client.set_receiver(Recorder())
+        await client.send([b"early words"])
+        for _ in range(500):
+            if accepted:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # let the data reach the server stream's early buffer
+        client.abort()
+        server_stream = accepted[0]
+        await asyncio.sleep(0.5)  # a transport that reads ahead has seen the abort by now
+        late = Recorder()
+        server_stream.set_receiver(late)
+        await asyncio.wait_for(late.closed_by_peer(), 10)
+        assert bytes(late.data) == b"early words"
+        server_stream.abort()
+    finally:
+        await listener.close()
+
+
 async def test_graceful_close_finishes_in_flight_requests(endpoint):
     async def slow(message):
         await asyncio.sleep(0.2)
@@ -280,18 +315,63 @@ async def test_slow_reader_bounds_sender_memory(endpoint):
         conn.abort()
 
 
-async def test_oversize_frame_drops_only_that_connection(endpoint):
+async def test_too_large_messages_fail_alone_and_the_connection_survives(endpoint):
     limits = polyrpc.Limits(max_frame=1 << 20)
     async with server(endpoint, limits=limits) as (_, url):
+        conn = await polyrpc.dial(url)
+        assert conn.peer_info["max_frame"] == str(1 << 20)
+        for attempt in (
+            lambda: conn.request(pattern(2 << 20)),
+            lambda: conn.request(pattern(2 << 20), timeout=5, metadata={"k": "v"}),
+            lambda: conn.send(pattern(2 << 20)),
+        ):
+            with pytest.raises(polyrpc.MessageTooLarge, match=f"limit of {1 << 20}") as info:
+                await asyncio.wait_for(attempt(), 10)
+            assert info.value.limit == 1 << 20
+            assert info.value.size >= HEADER_SIZE + (2 << 20)  # the whole frame
+        assert conn.in_flight == 0
+        assert await conn.request(b"still here") == b"still here"
+        await conn.send(b"one way")
+        assert await conn.receive() == b"one way"
+        await conn.close()
+
+
+async def test_too_large_reply_is_a_remote_error(endpoint):
+    async with server(endpoint, on_request=lambda n: pattern(n)) as (_, url):
+        conn = await polyrpc.dial(url, limits=polyrpc.Limits(max_frame=1 << 20))
+        with pytest.raises(polyrpc.RemoteError, match=f"limit of {1 << 20}") as info:
+            await asyncio.wait_for(conn.request(2 << 20), 10)
+        assert info.value.code == "result_too_large"
+        assert await conn.request(10) == pattern(10)
+        await conn.close()
+
+
+async def test_oversize_frame_from_a_raw_peer_gets_an_error_naming_the_limit(endpoint):
+    transport = endpoint.transport
+    async with server(endpoint, limits=polyrpc.Limits(max_frame=1 << 20)) as (_, url):
         good = await polyrpc.dial(url)
-        bad = await polyrpc.dial(url)
-        with pytest.raises(polyrpc.ConnectionLost):
-            await asyncio.wait_for(bad.request(pattern(2 << 20)), 10)
-        assert await good.request(b"still here") == b"still here"
-        late = await polyrpc.dial(url)
-        assert await late.request([1, 2]) == [1, 2]
-        for conn in (good, late):
-            await conn.close()
+        raw = await transport.dial(transport.parse(url))
+        recorder = Recorder()
+        raw.set_receiver(recorder)
+        hello = {"version": str(VERSION), "codec": "msgpack"}  # no max_frame: an old peer
+        await raw.send(encode_frame(Kind.HELLO, 0, metadata=hello))
+        for _ in range(500):  # the HELLO reply first
+            if FrameDecoder(polyrpc.Limits()).feed(bytes(recorder.data)):
+                break
+            await asyncio.sleep(0.01)
+        oversize = HEADER.pack(MAGIC, VERSION, Kind.REQUEST, 0, 0, 0, 1, 0, 2 << 20)
+        with contextlib.suppress(polyrpc.ConnectionLost):
+            await raw.send([oversize, bytes(64 << 10)])
+        await asyncio.wait_for(recorder.closed_by_peer(), 15)
+        frames = FrameDecoder(polyrpc.Limits()).feed(bytes(recorder.data))
+        assert [f.kind for f in frames] == [Kind.HELLO, Kind.ERROR]
+        assert frames[0].metadata["max_frame"] == str(1 << 20)
+        body = msgpack.unpackb(frames[1].payload)
+        assert frames[1].seq == 0 and body["code"] == "protocol_error"
+        assert f"limit of {1 << 20}" in body["message"] and body["max_frame"] == 1 << 20
+        assert await good.request(b"ok") == b"ok"
+        await good.close()
+        raw.abort()
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,8 @@ import random
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from polyrpc.transports.kcp import engine as kcp_engine
 
@@ -327,3 +329,114 @@ def test_batched_input_counts_well_formed_datagrams():
     assert a.input_many([batch[0], b"junk", *batch[1:], b"\x00" * 30], 2) == 4
     assert a.recv() == b"x" * 5000
     assert a.stats()["dropped_malformed"] == 2
+
+
+# -- property tests: whatever a peer sends, the engine accepts it whole or drops it whole --
+
+CONV = 0x5EED
+
+
+def mid_conversation() -> tuple[KcpEngine, KcpEngine]:
+    """Two engines that have exchanged data both ways (non-zero sequence numbers)."""
+    a, b = KcpEngine(CONV, stream=True), KcpEngine(CONV, stream=True)
+    link = Link(OurEndpoint(a), OurEndpoint(b), delay=2)
+    link.a.send(b"x" * 5000)
+    link.b.send(b"y" * 3000)
+    link.run_until(lambda: len(b"".join(link.got["b"])) == 5000 and link.got["a"], 10_000)
+    link.run_until(lambda: len(b"".join(link.got["a"])) == 3000, 10_000)
+    for _ in range(50):
+        link.step()
+    return a, b
+
+
+STATE = ("snd_queue", "snd_buf", "rcv_queue", "rcv_buf", "rmt_wnd", "srtt", "rto", "cwnd")
+
+
+def segment_strategy() -> st.SearchStrategy[bytes]:
+    """One segment, mostly plausible (our conv, a KCP command, numbers near ours)."""
+    return st.builds(
+        lambda conv, cmd, frg, wnd, ts, sn, una, data, lie: (
+            HEADER.pack(conv, cmd, frg, wnd, ts, sn, una, (len(data) + lie) % 2**32) + data
+        ),
+        st.one_of(st.just(CONV), st.integers(0, 2**32 - 1)),
+        st.one_of(st.sampled_from([81, 82, 83, 84]), st.integers(0, 255)),
+        st.integers(0, 255),
+        st.integers(0, 0xFFFF),
+        st.integers(0, 2**32 - 1),
+        st.one_of(st.integers(0, 40), st.integers(0, 2**32 - 1)),
+        st.one_of(st.integers(0, 40), st.integers(0, 2**32 - 1)),
+        st.binary(max_size=64),
+        st.one_of(st.just(0), st.integers(-64, 64), st.just(2**31)),
+    )
+
+
+def datagram_strategy() -> st.SearchStrategy[bytes]:
+    return st.one_of(
+        st.binary(max_size=300),
+        st.lists(segment_strategy(), min_size=1, max_size=4).map(b"".join),
+        st.tuples(st.lists(segment_strategy(), min_size=1, max_size=3), st.binary(max_size=30)).map(
+            lambda t: b"".join(t[0]) + t[1]
+        ),
+    )
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(datagram=datagram_strategy(), now=st.integers(0, 2**32 - 1))
+def test_any_datagram_is_taken_whole_or_dropped_whole(datagram, now):
+    a, _ = mid_conversation()
+    before = {k: v for k, v in a.stats().items() if k in STATE}
+    dropped = a.stats()["dropped_malformed"]
+    rc = a.input(datagram, now)
+    after = a.stats()
+    if rc < 0:
+        assert after["dropped_malformed"] == dropped + 1
+        assert {k: v for k, v in after.items() if k in STATE} == before
+    else:
+        assert rc == 0 and after["dropped_malformed"] == dropped
+    assert after["rcv_queue"] <= after["rcv_wnd"] and after["rcv_buf"] <= after["rcv_wnd"]
+    a.flush(now)
+    for out in a.take_output():  # whatever it answers is well-formed
+        assert all(seg[0] == CONV and seg[1] in (81, 82, 83, 84) for seg in segments(out))
+    a.recv()
+
+
+def corrupt(datagram: bytes, how: int, where: int) -> bytes:
+    """A datagram made malformed in one of the ways the validator must catch."""
+    segs, pos = [], 0
+    while pos < len(datagram):
+        n = HEADER.size + HEADER.unpack_from(datagram, pos)[7]
+        segs.append(bytearray(datagram[pos : pos + n]))
+        pos += n
+    seg = segs[where % len(segs)]
+    if how == 0:  # trailing bytes shorter than a header
+        return datagram + b"\x00" * (1 + where % 23)
+    if how == 1:  # a command KCP does not have
+        seg[4] = 85 + where % 100
+    elif how == 2:  # another conversation
+        seg[0:4] = (CONV ^ (1 + where)).to_bytes(4, "little")
+    else:  # a length beyond the datagram
+        seg[20:24] = (len(datagram) + 1 + where).to_bytes(4, "little")
+    return b"".join(segs)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    attacks=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1000)), min_size=1),
+    seed=st.integers(0, 1000),
+)
+def test_malformed_copies_of_real_datagrams_never_disturb_a_transfer(attacks, seed):
+    a, b = KcpEngine(CONV, stream=True), KcpEngine(CONV, stream=True)
+    pending = iter(attacks * 100)
+
+    class Attacked(OurEndpoint):
+        def input(self, datagram: bytes, now: int) -> None:
+            how, where = next(pending, (0, 0))
+            assert self.engine.input(corrupt(datagram, how, where), now) < 0
+            super().input(datagram, now)
+
+    data = random.Random(seed).randbytes(50_000)
+    link = Link(Attacked(a), Attacked(b), delay=3, loss=0.05, seed=seed)
+    link.a.send(data)
+    link.run_until(lambda: len(b"".join(link.got["b"])) >= len(data), 60_000)
+    assert b"".join(link.got["b"]) == data
+    assert a.stats()["dropped_malformed"] > 0 and b.stats()["dropped_malformed"] > 0

@@ -21,7 +21,7 @@ from tests.kcp_helpers import Collector, Server, dial  # noqa: E402
 
 HEADER = struct.Struct("<IBBHIIII")
 MAGIC = 0x50524B31
-SYN, SYNACK = 0xC0, 0xC1
+SYN, SYNACK, COOKIE = 0xC0, 0xC1, 0xC5
 
 
 async def test_relay_is_seeded_and_deterministic():
@@ -121,11 +121,20 @@ async def test_hostile_datagrams_are_dropped_and_counted_never_a_crash():
     # open a session by hand (the handshake is documented), then attack it
     conv = 0x5EED
     raw.sendto(header(conv, SYN, una=MAGIC), target)
-    replies = []
-    while not replies or replies[-1][1] != SYNACK:  # resets for the strangers come first
-        replies.append(HEADER.unpack(await asyncio.wait_for(loop.sock_recv(raw, 100), 2)))
-    assert replies[-1][0] == conv and replies[-1][6] == MAGIC
-    assert {r[1] for r in replies[:-1]} <= {0xC3, 0xC4}  # RST, and FINACK to random "FIN"s
+
+    async def answer(cmd: int) -> tuple[int, ...]:
+        """The reply ``cmd`` for ``conv``, past the answers to the strangers: RST, FINACK to
+        random "FIN"s (C sends cookies at once, Python the others after the poll)."""
+        while True:
+            reply = HEADER.unpack(await asyncio.wait_for(loop.sock_recv(raw, 100), 2))
+            if reply[:2] == (conv, cmd):
+                return reply
+            assert reply[1] in (0xC3, 0xC4, COOKIE)
+
+    cookie = await answer(COOKIE)
+    assert cookie[6] == MAGIC
+    raw.sendto(header(conv, SYN, ts=cookie[4], sn=cookie[5], una=MAGIC), target)
+    assert (await answer(SYNACK))[6] == MAGIC
     malformed = [
         header(conv, 81, length=0xFFFFFFFF) + b"abs",  # absurd length
         header(conv, 81, length=100) + b"short",  # truncated payload

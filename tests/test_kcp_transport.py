@@ -47,10 +47,20 @@ def test_url_options_are_checked():
         transport.parse("kcp@127.0.0.1:9?mode=turbo")
     with pytest.raises(InvalidAddress, match="mtu"):
         transport.parse("kcp@127.0.0.1:9?mtu=20")
-    with pytest.raises(InvalidAddress, match="valid options: mode, mtu, rcvwnd, sndwnd"):
+    with pytest.raises(InvalidAddress, match="valid options: backlog, keepalive, mode, mtu"):
         transport.parse("kcp@127.0.0.1:9?window=3")
+    with pytest.raises(InvalidAddress, match="backlog"):
+        transport.parse("kcp@127.0.0.1:9?backlog=0")
     opts = transport.parse_options(transport.parse("kcp@h:1?mode=normal&sndwnd=64&timeout=2.5"))
-    assert opts == {"mode": "normal", "mtu": 1400, "sndwnd": 64, "rcvwnd": 512, "timeout": 2.5}
+    assert opts == {
+        "mode": "normal",
+        "mtu": 1400,
+        "sndwnd": 64,
+        "rcvwnd": 512,
+        "timeout": 2.5,
+        "keepalive": 1.0,
+        "backlog": 512,
+    }
 
 
 @pytest.mark.parametrize("mode", ["normal", "fast", "fast2", "fast3"])
@@ -275,6 +285,26 @@ async def test_ten_thousand_open_close_cycles_do_not_grow_state():
     assert server.count == 10_200
     await listener.close()
     assert listener.mux.closed
+
+
+async def test_an_idle_connection_gives_back_its_spare_segments():
+    server = Server(Echo)
+    listener = await server.start("kcp@127.0.0.1:0?mode=fast3&keepalive=0.2")
+    baseline = kcp_engine.live_segments()
+    stream, got = await dial(listener.url + "?mode=fast3&keepalive=0.2")
+    blob = bytes(1 << 20)
+    await stream.send([blob])
+    await got.wait_bytes(len(blob))
+    busy = kcp_engine.live_segments() - baseline
+    assert busy > 100  # both engines pool the segments of the burst
+    deadline = time.monotonic() + 5
+    while kcp_engine.live_segments() - baseline > 8:  # the keepalive tick drops the pools
+        assert time.monotonic() < deadline, kcp_engine.live_segments() - baseline
+        await asyncio.sleep(0.05)
+    stream.write([b"still works"])
+    await got.wait_bytes(len(blob) + 11)
+    await stream.close()
+    await listener.close()
 
 
 class BufferedCollector(Collector):

@@ -129,6 +129,41 @@ async def test_fingerprint_pinning(tmp_path) -> None:
         assert info.value.reason == "fingerprint_mismatch"
 
 
+async def test_pinning_holds_on_resumed_connections(tmp_path) -> None:
+    """A resumed TLS session presents no certificate: the pin is checked against the one
+    stored with the ticket, so every reconnect works and a wrong pin fails every time."""
+    async with serving(tmp_path) as (server, cert):
+        port = server.listener.address.port
+        good = certificate_fingerprint(cert.read_bytes())
+        resumed = 0
+        for _ in range(200):
+            stream = await dial(port, f"fingerprint={good}")
+            assert certificate_fingerprint_of(stream) == good
+            resumed += stream.extra["session_resumed"]
+            await stream.send([b"ping"])  # the ticket arrives with the first 1-RTT packets
+            await stream.close()
+        assert resumed >= 150, f"only {resumed} of 200 reconnects resumed the TLS session"
+        bad = "AB" * 32
+        for _ in range(5):  # the client holds a ticket for this server: these try resuming
+            with pytest.raises(HandshakeError) as info:
+                await dial(port, f"fingerprint={bad}&timeout=3")
+            assert info.value.reason == "fingerprint_mismatch"
+            assert good in str(info.value)  # never "got None"
+
+
+async def test_ticket_from_unverified_connection_does_not_skip_ca_check(tmp_path) -> None:
+    async with serving(tmp_path) as (server, cert):
+        port = server.listener.address.port
+        good = certificate_fingerprint(cert.read_bytes())
+        stream = await dial(port, f"fingerprint={good}")
+        await stream.send([b"ping"])
+        await stream.close()
+        other, _ = certificate(tmp_path / "other")
+        with pytest.raises(HandshakeError) as info:
+            await dial(port, f"ca={other}&timeout=3")
+        assert info.value.reason == "untrusted_certificate"
+
+
 async def test_insecure_is_warned(tmp_path) -> None:
     async with serving(tmp_path) as (server, _cert):
         with pytest.warns(UserWarning, match="verification is disabled"):
@@ -354,3 +389,11 @@ async def test_a_refusing_address_falls_through_to_the_next(tmp_path, monkeypatc
         client = await dial(port, f"ca={cert}&sni=localhost", host="twohomes.test")
         assert client.extra["peer"] == ("127.0.0.1", port)
         await client.close()
+
+
+def certificate_fingerprint_of(stream) -> str:
+    """The SHA-256 fingerprint of the certificate a client stream shows as its peer's."""
+    from cryptography.hazmat.primitives import serialization
+
+    pem = stream.extra["peer_cert"].public_bytes(serialization.Encoding.PEM)
+    return certificate_fingerprint(pem)

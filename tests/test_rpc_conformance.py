@@ -10,8 +10,10 @@ import time
 import pytest
 
 import polyrpc
-from polyrpc.core.frames import HEADER_SIZE
+from polyrpc.core.codecs import codec_by_id
+from polyrpc.core.frames import HEADER_SIZE, FrameDecoder, Kind, encode_frame
 from polyrpc.core.rpc import STREAM_CREDIT
+from tests.test_conformance import Recorder
 
 
 class Arith:
@@ -310,13 +312,195 @@ async def test_server_limits(endpoint):
             assert await asyncio.gather(*calls) == ["done", "done"]
 
 
-async def test_max_frame_size_limit(endpoint):
+class Big:
+    """Results of any size, to cross the caller's receive limit."""
+
+    async def blob(self, n: int) -> bytes:
+        return b"x" * n
+
+    async def text(self, n: int) -> str:
+        return "y" * n
+
+    def sync_blob(self, n: int) -> bytes:
+        return b"z" * n
+
+    async def chunks(self, *sizes: int):
+        for n in sizes:
+            yield b"c" * n
+
+    async def size(self, data: bytes) -> int:
+        return len(data)
+
+    async def fail(self, n: int) -> None:
+        raise ValueError("e" * n)
+
+
+async def test_a_small_call_is_not_held_behind_a_bulk_call(endpoint):
+    """A small call made while a 32 MiB call is being sent completes on its own: the caller
+    does not wait for the bulk bytes to drain, and QUIC carries each call on its own stream
+    (there the small call must finish long before the bulk one; single-stream transports
+    carry it behind the bulk bytes, so only both results are checked)."""
+    async with rpc(endpoint, Big(), Arith()) as (_, client, _):
+        await client.call("Arith.mul", 1, 1)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        async def bulk_call() -> tuple[int, float]:
+            size = await client.call("Big.size", b"b" * (32 << 20), timeout=120)
+            return size, loop.time() - started
+
+        bulk = asyncio.ensure_future(bulk_call())
+        await asyncio.sleep(0)  # the bulk call is written (or queued) first
+        assert await client.call("Arith.mul", 6, 7, timeout=120) == 42
+        small = loop.time() - started
+        size, elapsed = await bulk
+        assert size == 32 << 20
+        print(f"{endpoint.scheme}: small call {small * 1e3:.0f} ms, bulk {elapsed * 1e3:.0f} ms")
+        if endpoint.scheme == "quic":
+            assert small < 0.5 * elapsed, (small, elapsed)
+
+
+async def test_too_large_argument_fails_that_call_only(endpoint):
     limits = polyrpc.Limits(max_frame=64 << 10)
-    async with rpc(endpoint, Arith(), limits=limits) as (_, client, url):
-        with pytest.raises(polyrpc.ConnectionLost):
-            await client.call("Arith.add", b"x" * (128 << 10), b"")
+
+    async def items():
+        yield b"small"
+        yield b"x" * (128 << 10)
+
+    async with rpc(endpoint, Arith(), Big(), Slow(), Streams(), limits=limits) as (_, client, _):
+        assert client.peer_info["max_frame"] == str(64 << 10)
+        other = asyncio.create_task(client.call("Slow.wait", 0.3))
+        for attempt in (
+            lambda: client.call("Big.size", b"x" * (128 << 10)),
+            lambda: asyncio.wait_for(client.call("Streams.total", items()), 10),
+            lambda: client.call("Arith.add", "a" * (128 << 10), ""),
+            lambda: client.call("Big.size", b"x" * (128 << 10), timeout=5, metadata={"k": "v"}),
+            lambda: client.notify("Big.size", b"x" * (128 << 10)),
+        ):
+            with pytest.raises(polyrpc.MessageTooLarge, match=str(64 << 10)) as info:
+                await attempt()
+            assert info.value.limit == 64 << 10
+            assert info.value.size > info.value.limit
+            assert isinstance(info.value, ValueError)
+            assert client.in_flight <= 1  # nothing left pending for the refused call
+        # exactly at the limit still goes (the whole frame counts, header included)
+        fits = (64 << 10) - HEADER_SIZE - len("Big.size")
+        assert await client.call("Big.size", b"x" * fits) == fits
+        with pytest.raises(polyrpc.MessageTooLarge):
+            await client.call("Big.size", b"x" * (fits + 1))
+        assert await client.call("Arith.add", 1, 2) == 3
+        assert await other == "done"
+
+
+async def test_too_large_result_is_a_remote_error_and_the_connection_survives(endpoint):
+    async with polyrpc.serve(endpoint.listen_url, Big(), Slow()) as server:
+        url = endpoint.client_url(server.urls[0])
+        limits = polyrpc.Limits(max_frame=64 << 10)
+        async with polyrpc.connect(url, limits=limits) as client:
+            other = asyncio.create_task(client.call("Slow.wait", 0.3))
+            for method in ("Big.blob", "Big.text", "Big.sync_blob"):
+                with pytest.raises(polyrpc.RemoteError, match=str(64 << 10)) as info:
+                    await client.call(method, 128 << 10)
+                assert info.value.code == "result_too_large"
+                assert await client.call(method, 10) in (b"x" * 10, "y" * 10, b"z" * 10)
+            with pytest.raises(polyrpc.RemoteError) as info:
+                await client.call("Big.blob", 128 << 10, timeout=5)
+            assert info.value.code == "result_too_large"
+            items = []
+            with pytest.raises(polyrpc.RemoteError) as info:
+                async for item in client.stream("Big.chunks", 10, 128 << 10, 10):
+                    items.append(item)
+            assert info.value.code == "result_too_large"
+            assert items == [b"c" * 10]
+            with pytest.raises(polyrpc.RemoteError) as info:  # an error too big: still said
+                await client.call("Big.fail", 128 << 10)
+            assert info.value.code == "result_too_large"
+            assert await client.call("Big.blob", 3) == b"xxx"
+            assert await other == "done"
+
+
+async def test_a_frame_over_the_limit_from_a_peer_ignoring_it_is_named(endpoint):
+    limits = polyrpc.Limits(max_frame=64 << 10)
+    async with rpc(endpoint, Big(), limits=limits) as (_, client, url):
+        # a peer that does not know the limit (an older version): it assumes the default
+        client._peer_max_frame = polyrpc.Limits().max_frame
+        client._send_check = client._peer_max_frame - HEADER_SIZE - (128 << 10)
+        with pytest.raises(polyrpc.ConnectionLost, match=f"limit of {64 << 10}"):
+            await asyncio.wait_for(client.call("Big.size", b"x" * (128 << 10)), 10)
         async with polyrpc.connect(url) as other:
-            assert await other.call("Arith.add", 1, 2) == 3
+            assert await other.call("Big.size", b"x") == 1
+
+
+async def test_max_connections_counts_each_connection_once(endpoint):
+    async with polyrpc.serve(endpoint.listen_url, Arith(), max_connections=10) as server:
+        url = endpoint.client_url(server.urls[0])
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(10):
+                client = await stack.enter_async_context(polyrpc.connect(url))
+                assert await client.call("Arith.mul", 2, 3) == 6
+            assert len(server.connections) == 10 and not server.handshaking
+            with pytest.raises(polyrpc.HandshakeError, match="limit of 10") as info:
+                await polyrpc.connect(url)
+            assert info.value.reason == "too_many_connections"
+        for _ in range(100):  # the closed ones leave room again
+            if not server.connections:
+                break
+            await asyncio.sleep(0.05)
+        async with polyrpc.connect(url) as client:
+            assert await client.call("Arith.mul", 3, 3) == 9
+
+
+def error_frames(data: bytes) -> list[dict]:
+    """The bodies of the ERROR frames in what a raw peer received."""
+    frames = FrameDecoder(polyrpc.Limits()).feed(bytes(data))
+    return [codec_by_id(f.codec).decode(f.payload) for f in frames if f.kind == Kind.ERROR]
+
+
+async def test_max_handshaking_refuses_newcomers_at_once(endpoint):
+    hello = encode_frame(Kind.HELLO, 0, metadata={"version": "1", "codec": "msgpack"})[0]
+    transport = endpoint.transport
+    async with polyrpc.serve(
+        endpoint.listen_url, Arith(), max_handshaking=3, handshake_timeout=3.0
+    ) as server:
+        url = endpoint.client_url(server.urls[0])
+        address = transport.parse(url)
+        silent = []
+        for _ in range(3):  # peers that never finish their HELLO
+            raw = await transport.dial(address)
+            raw.set_receiver(Recorder())
+            await raw.send([hello[:10]])
+            silent.append(raw)
+        for _ in range(200):
+            if len(server.handshaking) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert len(server.handshaking) == 3 and not server.connections
+        extra = []
+        for _ in range(2):
+            raw = await transport.dial(address)
+            recorder = Recorder()
+            raw.set_receiver(recorder)
+            with contextlib.suppress(polyrpc.ConnectionLost):
+                await raw.send([hello[:10]])
+            extra.append((raw, recorder))
+        for raw, recorder in extra:  # closed at once, told why; not counted
+            await asyncio.wait_for(recorder.closed_by_peer(), 2.5)
+            assert [body["code"] for body in error_frames(recorder.data)] == ["too_many_handshakes"]
+            raw.abort()
+        assert len(server.handshaking) == 3
+        with pytest.raises(polyrpc.HandshakeError, match="busy") as info:
+            await polyrpc.connect(url)
+        assert info.value.reason == "too_many_handshakes"
+        for _ in range(300):  # the silent ones time out and leave room
+            if not server.handshaking:
+                break
+            await asyncio.sleep(0.05)
+        assert not server.handshaking
+        async with polyrpc.connect(url) as client:
+            assert await client.call("Arith.mul", 4, 5) == 20
+            assert len(server.connections) == 1 and not server.handshaking
+        for raw in silent:
+            raw.abort()
 
 
 async def test_sys_service(endpoint):

@@ -15,11 +15,13 @@ import pytest
 
 from polyrpc.core import eager, rpc
 from tests import test_rpc_conformance as conformance
+from tests import test_rpc_faults as faults
 from tests.conftest import Endpoint
 
 BEHAVIOURS = [
     test
-    for name, test in vars(conformance).items()
+    for module in (conformance, faults)
+    for name, test in vars(module).items()
     if name.startswith("test_")
     and inspect.iscoroutinefunction(test)
     and list(inspect.signature(test).parameters) == ["endpoint"]

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 
 import pytest
 
 import polyrpc
-from polyrpc.core.frames import FrameDecoder, Kind
+from polyrpc import registry
+from polyrpc.core import session as session_module
+from polyrpc.core.codecs import codec_by_id
+from polyrpc.core.frames import FrameDecoder, Kind, encode_frame
+from tests.test_conformance import Recorder
 
 
 async def test_idle_timeout_declares_a_silent_peer_dead():
@@ -138,3 +143,51 @@ def test_many_frames_per_write_when_they_queue_up():
     frames = FrameDecoder().feed(b"".join(b for w in writes for b in w))
     assert [f.kind for f in frames] == [Kind.REQUEST] * 100
     assert len(writes) <= 3, f"{len(writes)} writes for 100 frames"
+
+
+@pytest.mark.parametrize("token", ["s3cret", "sécret-ü"])
+async def test_token_is_compared_in_constant_time(token, monkeypatch):
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(session_module.hmac, "compare_digest", spy)
+    listener = await polyrpc.listen("mem@0", on_request=lambda m: m, token=token)
+    try:
+        conn = await polyrpc.dial(listener.url, token=token)
+        assert await conn.request(1) == 1
+        await conn.close()
+        assert compared == [(token.encode(), token.encode())]
+        for wrong in (None, "guess", token + "x", "ü"):
+            with pytest.raises(polyrpc.HandshakeError, match="token") as info:
+                await polyrpc.dial(listener.url, token=wrong)
+            assert info.value.reason == "bad_token"
+        assert len(compared) == 4  # every given token went through compare_digest
+    finally:
+        await listener.close()
+
+
+@pytest.mark.parametrize("announced", ["abc", "-5", "10", "9" * 5000, "１２３"])
+async def test_a_hello_with_an_invalid_max_frame_is_refused_clearly(announced):
+    listener = await polyrpc.listen("mem@0", on_request=lambda m: m)
+    try:
+        transport = registry.get("mem")
+        raw = await transport.dial(transport.parse(listener.url))
+        recorder = Recorder()
+        raw.set_receiver(recorder)
+        meta = {"version": "1", "codec": "msgpack", "max_frame": announced}
+        await raw.send(encode_frame(Kind.HELLO, 0, metadata=meta))
+        await asyncio.wait_for(recorder.closed_by_peer(), 5)
+        (frame,) = FrameDecoder().feed(bytes(recorder.data))
+        body = codec_by_id(frame.codec).decode(frame.payload)
+        assert (frame.kind, frame.seq, body["code"]) == (Kind.ERROR, 0, "protocol_error")
+        assert "invalid max_frame" in body["message"]
+        raw.abort()
+        conn = await polyrpc.dial(listener.url)  # the server is fine
+        assert await conn.request(1) == 1
+        await conn.close()
+    finally:
+        await listener.close()

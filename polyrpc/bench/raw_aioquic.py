@@ -104,9 +104,9 @@ class RawAioquic(Target):
             "127.0.0.1",
             0,
             configuration=configuration,
-            stream_handler=lambda r, w: asyncio.ensure_future(_echo_stream(r, w)),
+            stream_handler=lambda r, w: asyncio.ensure_future(_echo_stream(r, w)),  # type: ignore[arg-type]  # result unused
         )
-        port = server._transport.get_extra_info("sockname")[1]
+        port = server._transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]  # started
 
         async def stop() -> None:
             server.close()

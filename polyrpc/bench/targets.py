@@ -14,6 +14,7 @@ import functools
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from ..core.endpoints import Client, Server, connect
 from ..core.messages import Connection, dial, listen
@@ -24,7 +25,7 @@ CONNECT_TIMEOUT = 60.0
 """Seconds a benchmark client may take to connect: the bench measures steady state, and on
 an impaired path (say 10% loss) a handshake can need several retransmissions."""
 
-_PATIENT = {"timeout": CONNECT_TIMEOUT, "handshake_timeout": CONNECT_TIMEOUT}
+_PATIENT: dict[str, Any] = {"timeout": CONNECT_TIMEOUT, "handshake_timeout": CONNECT_TIMEOUT}
 CONNECT_OPTIONS = {"quic": "timeout", "rdma": "timeout"}
 """URL options that bound a transport's own handshake (raised to CONNECT_TIMEOUT)."""
 
@@ -93,7 +94,7 @@ async def _count_messages(connection: Connection) -> None:
 class _ConnectionClient(EchoClient):
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
-        self.echo = connection.request  # type: ignore[method-assign]  # no wrapper on the hot path
+        self.echo = connection.request  # type: ignore[method-assign, assignment]  # no wrapper on the hot path
 
     async def echo(self, payload: bytes) -> bytes:
         return await self.connection.request(payload)
@@ -150,8 +151,9 @@ class EchoService:
     async def echo(self, payload: bytes) -> bytes:
         return payload
 
-    def take(self, payload: bytes) -> None:
-        """The stream workload's notification: count it."""
+    async def take(self, payload: bytes) -> None:
+        """The stream workload's notification: count it (async: a sync handler would run in
+        a thread, and ``received`` could miss it)."""
         self.taken += len(payload)
 
     async def received(self) -> int:

@@ -1133,7 +1133,9 @@ decoder_deliver(DecoderObject *d, PyObject *frames)
         PyErr_NormalizeException(&type, &exc, &tb);
         Py_XDECREF(type);
         Py_XDECREF(tb);
-        PyObject *r = PyObject_CallOneArg(d->on_error, exc);
+        PyObject *on_error = Py_NewRef(d->on_error); /* the callee may route() elsewhere */
+        PyObject *r = PyObject_CallOneArg(on_error, exc);
+        Py_DECREF(on_error);
         Py_XDECREF(exc);
         return r;
     }
@@ -1159,7 +1161,9 @@ decoder_deliver(DecoderObject *d, PyObject *frames)
         Py_INCREF(last);
         Py_DECREF(frames);
         d->serving_one = 1;
-        PyObject *r = PyObject_CallOneArg(d->on_request, last);
+        PyObject *on_request = Py_NewRef(d->on_request); /* the callee may route() elsewhere */
+        PyObject *r = PyObject_CallOneArg(on_request, last);
+        Py_DECREF(on_request);
         d->serving_one = 0;
         Py_DECREF(last);
         return r == NULL ? decoder_deliver(d, NULL) : r;
@@ -1169,7 +1173,9 @@ decoder_deliver(DecoderObject *d, PyObject *frames)
         if (frames == NULL)
             return NULL;
     }
-    PyObject *r = PyObject_CallOneArg(d->on_frames, frames);
+    PyObject *on_frames = Py_NewRef(d->on_frames); /* the callee may route() elsewhere */
+    PyObject *r = PyObject_CallOneArg(on_frames, frames);
+    Py_DECREF(on_frames);
     Py_DECREF(frames);
     return r;
 }
@@ -1799,7 +1805,8 @@ typedef struct {
     PyObject *pending;           /* connection._pending */
     PyObject *decoder;           /* connection._decoder, when it is this module's */
     /* offsets of the connection's __slots__ read on every reply (see session_slot) */
-    Py_ssize_t gone_at, in_receive_at, flush_handle_at, bytes_out_at, byte_stream_at;
+    Py_ssize_t gone_at, in_receive_at, flush_handle_at, bytes_out_at, byte_stream_at,
+        send_check_at;
 } EagerServerObject;
 
 /* Where the __slots__ member ``name`` of ``type`` lives in its instances (-1, exception set,
@@ -1954,11 +1961,29 @@ eager_send_now(EagerServerObject *self, PyObject *buffers)
     return r == NULL ? -1 : 1;
 }
 
-/* Send the result: bytes as a raw RESPONSE (as Session._write would), the rest by respond(). */
+/* Whether a raw payload of ``size`` bytes surely fits the peer's max_frame: the session's
+ * _send_check bound (Session.respond checks bigger ones exactly). -1 on error. */
+static int
+eager_fits(EagerServerObject *self, Py_ssize_t size)
+{
+    PyObject *bound = SLOT(self->connection, self->send_check_at);
+    if (bound == NULL || !PyLong_CheckExact(bound))
+        return 0;
+    Py_ssize_t limit = PyLong_AsSsize_t(bound);
+    if (limit == -1 && PyErr_Occurred())
+        return -1;
+    return size <= limit;
+}
+
+/* Send the result: bytes as a raw RESPONSE (as Session._write would), the rest by respond(),
+ * which also answers a result over the peer's limit with a small ERROR (result_too_large). */
 static PyObject *
 eager_reply(EagerServerObject *self, PyObject *seq, PyObject *result)
 {
-    if (PyBytes_CheckExact(result) && SLOT(self->connection, self->gone_at) == Py_False) {
+    int fits = PyBytes_CheckExact(result) ? eager_fits(self, PyBytes_GET_SIZE(result)) : 0;
+    if (fits < 0)
+        return NULL;
+    if (fits && SLOT(self->connection, self->gone_at) == Py_False) {
         int ok;
         PyObject *kind = PyLong_FromLong(KIND_RESPONSE);
         PyObject *buffers = plain(kind, seq, result, NULL, NULL, &ok);
@@ -2009,25 +2034,24 @@ eager_run(EagerServerObject *self, PyObject *frame, PyObject *entry, PyObject *a
         else
             yielded = NULL;
     }
-    if (yielded == NULL) { /* the handler raised: report it (BaseExceptions propagate) */
-        if (PyErr_ExceptionMatches(PyExc_Exception)) {
-            PyObject *type, *exc, *tb;
-            PyErr_Fetch(&type, &exc, &tb);
-            PyErr_NormalizeException(&type, &exc, &tb);
-            if (tb != NULL)
-                PyException_SetTraceback(exc, tb);
-            Py_XDECREF(type);
-            Py_XDECREF(tb);
-            PyObject *arg_list = PySequence_List(args);
-            PyObject *kw = kwargs ? Py_NewRef(kwargs) : PyDict_New();
-            if (arg_list != NULL && kw != NULL) {
-                PyObject *call[6] = {seq, method, exc, started, arg_list, kw};
-                outcome = PyObject_Vectorcall(self->report_failure, call, 6, NULL);
-            }
-            Py_XDECREF(arg_list);
-            Py_XDECREF(kw);
-            Py_XDECREF(exc);
+    if (yielded == NULL) { /* the handler raised, whatever it raised: answer it (codes and
+                            * logging as in _report_failure), the server goes on */
+        PyObject *type, *exc, *tb;
+        PyErr_Fetch(&type, &exc, &tb);
+        PyErr_NormalizeException(&type, &exc, &tb);
+        if (tb != NULL && exc != NULL)
+            PyException_SetTraceback(exc, tb);
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        PyObject *arg_list = exc ? PySequence_List(args) : NULL;
+        PyObject *kw = arg_list == NULL ? NULL : kwargs ? Py_NewRef(kwargs) : PyDict_New();
+        if (arg_list != NULL && kw != NULL) {
+            PyObject *call[6] = {seq, method, exc, started, arg_list, kw};
+            outcome = PyObject_Vectorcall(self->report_failure, call, 6, NULL);
         }
+        Py_XDECREF(arg_list);
+        Py_XDECREF(kw);
+        Py_XDECREF(exc);
     }
     else if (!finished) { /* it waits on something: the rest runs in a task */
         PyObject *call[5] = {seq, method, coro, yielded, started};
@@ -2142,7 +2166,8 @@ EagerServer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                               (self->in_receive_at = session_slot(kind, "_in_receive")) < 0 ||
                               (self->flush_handle_at = session_slot(kind, "_flush_handle")) < 0 ||
                               (self->bytes_out_at = session_slot(kind, "bytes_out")) < 0 ||
-                              (self->byte_stream_at = session_slot(kind, "byte_stream")) < 0)) {
+                              (self->byte_stream_at = session_slot(kind, "byte_stream")) < 0 ||
+                              (self->send_check_at = session_slot(kind, "_send_check")) < 0)) {
         Py_DECREF(self);
         return NULL;
     }

@@ -8,15 +8,22 @@ import time
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import Any
 
-from .frames import Limits
+from .codecs import codec_by_name
+from .errors import ConnectionLost
+from .frames import Kind, Limits, encode_frame
 from .messages import make_config, open_session
 from .registry import registry
-from .rpc import RpcConnection, RpcOptions
+from .rpc import RpcConnection, RpcOptions, SyncRunner
 from .services import ServiceRegistry
 from .session import SessionConfig
-from .stream import Listener, Stream
+from .stream import Buffer, Listener, Stream
 
 log = logging.getLogger("polyrpc")
+
+MAX_HANDSHAKING = 128
+"""Default cap on connections still in the handshake (see :class:`Server`)."""
+REFUSED_LINGER = 2.0
+"""How long a connection refused over ``max_handshaking`` may take to flush its ERROR."""
 
 
 class Client(RpcConnection):
@@ -89,33 +96,69 @@ class SystemService:
         return self._server.services.describe()
 
 
+class _Refused:
+    """The receiver of a stream refused before its handshake: whatever arrives is dropped."""
+
+    def data_received(self, data: Buffer) -> None:
+        pass
+
+    def eof_received(self) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
 class Server:
-    """Serves registered services on one or more URLs, over any transports at once."""
+    """Serves registered services on one or more URLs, over any transports at once.
+
+    Admission: ``max_connections`` caps the connections, each counted once whether it is
+    still in the handshake or admitted (a client over it gets HandshakeError
+    ``too_many_connections``); ``max_handshaking`` caps those still in the handshake, the
+    only ones an unauthenticated peer can hold: a newcomer over it is closed at once,
+    with one small ERROR frame (``too_many_handshakes``) and no HELLO processing. With
+    the 10 s handshake timeout, 128 leaves room for bursts of thousands of handshakes a
+    second while pre-authentication memory stays a small fixed amount.
+    """
 
     def __init__(
         self,
         *,
         token: str | None = None,
         max_connections: int = 10_000,
+        max_handshaking: int = MAX_HANDSHAKING,
         max_concurrent_calls: int = 1024,
         limits: Limits | None = None,
         inline_sync: bool = False,
+        sync_workers: int = 32,
+        sync_queue: int = 1024,
         send_tracebacks: bool = False,
         config: SessionConfig | None = None,
         **options: Any,
     ) -> None:
+        """``sync_workers`` threads run sync handlers (never the event loop, unless
+        ``inline_sync``); at most ``sync_queue`` more sync calls wait for one, beyond that
+        a call is refused with code ``overloaded`` and a notification dropped (logged)."""
         self.config = make_config(config, token=token, limits=limits, **options)
         self.services = ServiceRegistry()
+        if max_connections < 1 or max_handshaking < 1:
+            raise ValueError("max_connections and max_handshaking must be at least 1")
         self.max_connections = max_connections
+        self.max_handshaking = max_handshaking
         self._rpc = RpcOptions(
             services=self.services,
             max_concurrent_calls=max_concurrent_calls,
             inline_sync=inline_sync,
             send_tracebacks=send_tracebacks,
+            sync=SyncRunner(sync_workers, sync_queue),
         )
         self.listeners: list[Listener] = []
         self.connections: set[RpcConnection] = set()
+        """Connections that completed the handshake and are open."""
+        self.handshaking: set[RpcConnection] = set()
+        """Connections still in the handshake."""
         self._admitting: set[asyncio.Task[None]] = set()
+        self._refused: set[asyncio.Task[None]] = set()
         self._closed_bytes: dict[str, list[int]] = {}
         self._total_connections = 0
         self._closed = asyncio.Event()
@@ -139,8 +182,11 @@ class Server:
         return listener.url
 
     def _on_stream(self, stream: Stream) -> None:
+        if len(self.handshaking) >= self.max_handshaking:
+            self._refuse_at_once(stream)
+            return
         connection = RpcConnection(stream, self.config, is_client=False, options=self._rpc)
-        if len(self.connections) + len(self._admitting) >= self.max_connections:
+        if len(self.connections) + len(self.handshaking) >= self.max_connections:
             log.warning(
                 "refusing %s connection from %s: max_connections",
                 stream.transport_name,
@@ -150,12 +196,49 @@ class Server:
                 "too_many_connections",
                 f"the server is at its limit of {self.max_connections} connections",
             )
+        self.handshaking.add(connection)
         task = asyncio.get_running_loop().create_task(self._admit(connection))
         self._admitting.add(task)
         task.add_done_callback(self._admitting.discard)
 
+    def _refuse_at_once(self, stream: Stream) -> None:
+        """Over ``max_handshaking``: no session, no HELLO processing; one small ERROR frame
+        says why, then the stream closes (a task, as closing may wait for the flush)."""
+        log.warning(
+            "refusing %s connection from %s: %d connections are in the handshake (max_handshaking)",
+            stream.transport_name,
+            stream.get_extra_info("peer"),
+            len(self.handshaking),
+        )
+        stream.set_receiver(_Refused())
+        codec = codec_by_name("msgpack")
+        body = {
+            "type": "HandshakeError",
+            "message": f"the server is busy: {self.max_handshaking} connections are already "
+            "in the handshake; try again shortly",
+            "code": "too_many_handshakes",
+        }
+        try:
+            stream.write(encode_frame(Kind.ERROR, 0, codec.encode(body), codec=codec.id))
+        except ConnectionLost:
+            stream.abort()
+            return
+        task = asyncio.get_running_loop().create_task(self._close_refused(stream))
+        self._refused.add(task)
+        task.add_done_callback(self._refused.discard)
+
+    async def _close_refused(self, stream: Stream) -> None:
+        try:
+            await asyncio.wait_for(stream.close(), REFUSED_LINGER)
+        except (TimeoutError, ConnectionLost):
+            stream.abort()
+
     async def _admit(self, connection: RpcConnection) -> None:
-        if not await connection.accept_handshake():
+        try:
+            admitted = await connection.accept_handshake()
+        finally:
+            self.handshaking.discard(connection)
+        if not admitted:
             return
         self.connections.add(connection)
         self._total_connections += 1
@@ -186,10 +269,14 @@ class Server:
         """Stop listening, let in-flight calls finish (up to the close timeout), disconnect."""
         for listener in self.listeners:
             await listener.close()
+        for connection in list(self.handshaking):
+            connection.abort(ConnectionLost("the server is closing"))
         for task in list(self._admitting):
             if not self.connections:
                 task.cancel()
         await asyncio.gather(*(c.close() for c in list(self.connections)), return_exceptions=True)
+        await asyncio.gather(*self._refused, return_exceptions=True)
+        self._rpc.sync.shutdown()
         self._closed.set()
 
     async def serve_forever(self) -> None:

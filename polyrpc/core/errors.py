@@ -49,6 +49,23 @@ class RemoteError(PolyrpcError):
         self.remote_traceback = remote_traceback
 
 
+class MessageTooLarge(PolyrpcError, ValueError):
+    """A message, request, reply or stream item is larger than the peer accepts.
+
+    Raised before anything is written, for that call only: the connection and every
+    other call on it go on. ``size`` is the frame's size in bytes, ``limit`` the peer's
+    ``max_frame`` (announced in its HELLO; 64 MiB for peers that announce none).
+    """
+
+    def __init__(self, size: int, limit: int, what: str = "message") -> None:
+        super().__init__(
+            f"{what} of {size} bytes exceeds the peer's limit of {limit} bytes "
+            "(max_frame, announced in its HELLO)"
+        )
+        self.size = size
+        self.limit = limit
+
+
 class ConnectFailed(ConnectionLost):
     """A connection could not be established (refused, unreachable, handshake failed)."""
 
@@ -58,7 +75,8 @@ class HandshakeError(ConnectFailed):
 
     ``reason`` is a stable short name: ``untrusted_certificate``,
     ``hostname_mismatch``, ``fingerprint_mismatch``, ``alpn``, ``version``,
-    ``bad_token``, ``not_polyrpc`` or ``tls``.
+    ``bad_token``, ``not_polyrpc``, ``tls``, ``too_many_connections``,
+    ``too_many_handshakes`` or ``protocol_error``.
     """
 
     def __init__(self, message: str, reason: str) -> None:

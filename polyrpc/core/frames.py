@@ -590,4 +590,4 @@ IMPLEMENTATION = PYTHON
 """The codec this module exports; POLYRPC_PURE_PYTHON=1 forces the pure-Python one."""
 if ACCELERATED is not None and os.environ.get("POLYRPC_PURE_PYTHON", "") in ("", "0"):
     IMPLEMENTATION = ACCELERATED
-    Frame, FrameDecoder, encode_frame, encode_plain = ACCELERATED[1:]  # type: ignore[misc]
+    Frame, FrameDecoder, encode_frame, encode_plain = ACCELERATED[1:]  # type: ignore[misc, assignment]

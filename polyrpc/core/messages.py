@@ -19,7 +19,7 @@ from typing import Any
 from .errors import ConnectionLost, ConnectTimeout
 from .frames import Frame, Kind
 from .registry import registry
-from .session import Session, SessionConfig
+from .session import BYTES_LIKE, FLUSH_BYTES, PAUSE_INBOX, Session, SessionConfig
 from .stream import Listener, Stream
 
 log = logging.getLogger("polyrpc")
@@ -50,7 +50,6 @@ class Connection(Session):
         "_inbox",
         "_inbox_bytes",
         "_inbox_waiter",
-        "_reading_paused",
         "on_request_handler",
     )
 
@@ -62,13 +61,13 @@ class Connection(Session):
         is_client: bool,
         on_request: RequestHandler | None = None,
     ) -> None:
-        super().__init__(stream, config, is_client=is_client)
+        # first: Session.__init__ replays what the stream already delivered (maybe its end)
         self.on_request_handler = on_request
         self._inbox: deque[tuple[Message, int]] = deque()
         self._inbox_bytes = 0
-        self._reading_paused = False
         self._inbox_waiter: asyncio.Future[None] | None = None
         self._handlers_running = 0
+        super().__init__(stream, config, is_client=is_client)
 
     # --- sending ---------------------------------------------------------
     async def send(self, message: Any, *, metadata: dict[str, str] | None = None) -> None:
@@ -87,13 +86,20 @@ class Connection(Session):
         """Send ``message`` as a request and return the peer's reply."""
         if len(self._pending) >= self._max_in_flight:
             await self.wait_for_slot()
+        if (
+            self.byte_stream.writing_paused
+            and isinstance(message, BYTES_LIKE)
+            and len(message) >= FLUSH_BYTES
+        ):
+            # a big request waits for room before it queues; a small one never waits behind it
+            await self.wait_writable()
         seq, future = self.begin_request(message, "", metadata, timeout)
+        # no wait for the stream to drain once written (as in RpcConnection.call)
         try:
-            if self.byte_stream.writing_paused:
-                await self.wait_writable()
             frame = await future
         except BaseException:
             self.abandon_request(seq, future)
+            del future  # it holds the error, whose traceback holds this frame: no cycle
             raise
         if frame.kind == _RESPONSE and frame.codec == 0:
             return frame.payload
@@ -114,9 +120,8 @@ class Connection(Session):
             await self._inbox_waiter
         message, size = self._inbox.popleft()
         self._inbox_bytes -= size
-        if self._reading_paused and self._inbox_bytes <= self.config.max_inbox_bytes // 2:
-            self._reading_paused = False
-            self.byte_stream.resume_reading()
+        if self._paused & PAUSE_INBOX and self._inbox_bytes <= self.config.max_inbox_bytes // 2:
+            self.resume_reading(PAUSE_INBOX)
         return message
 
     async def receive(self) -> Any:
@@ -143,9 +148,8 @@ class Connection(Session):
         size = len(frame.payload)
         self._inbox.append((Message(self.decode(frame), frame.metadata), size))
         self._inbox_bytes += size
-        if not self._reading_paused and self._inbox_bytes > self.config.max_inbox_bytes:
-            self._reading_paused = True
-            self.byte_stream.pause_reading()
+        if self._inbox_bytes > self.config.max_inbox_bytes:
+            self.pause_reading(PAUSE_INBOX)
         self._wake_receiver()
 
     def on_request(self, frame: Frame) -> None:

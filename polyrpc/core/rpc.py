@@ -15,19 +15,29 @@ import contextlib
 import contextvars
 import functools
 import logging
+import threading
 import time
 import traceback
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from concurrent.futures import Future as ThreadFuture
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from .codecs import PayloadTooComplex
 from .eager import EagerServer, coroutine_step
-from .errors import CallTimeout, ConnectionLost, ProtocolError, RemoteError
+from .errors import CallTimeout, ConnectionLost, MessageTooLarge, ProtocolError, RemoteError
 from .frames import FLAG_ARG_STREAM, FLAG_STREAM, Frame, Kind, encode_frame
 from .services import Method, ServiceRegistry
-from .session import BYTES_LIKE, Session, SessionConfig
+from .session import (
+    BYTES_LIKE,
+    FLUSH_BYTES,
+    PAUSE_BUSY,
+    Session,
+    SessionConfig,
+    result_too_large,
+)
 from .stream import Buffer, Stream
 
 log = logging.getLogger("polyrpc")
@@ -106,6 +116,66 @@ def current_context() -> CallContext:
         raise RuntimeError("polyrpc.current_context() is only available inside a handler") from None
 
 
+class SyncRunner:
+    """The threads sync handlers run in, off the event loop: ``workers`` run at once and at
+    most ``queue`` more wait; beyond that a call is refused (code ``overloaded``), so blocked
+    handlers cost bounded memory and delay only other sync handlers."""
+
+    def __init__(self, workers: int = 32, queue: int = 1024) -> None:
+        if workers < 1 or queue < 0:
+            raise ValueError("sync_workers must be at least 1 and sync_queue at least 0")
+        self.workers = workers
+        self.queue = queue
+        self._executor: ThreadPoolExecutor | None = None  # threads start on first use
+        self._admitted = 0
+        """Calls running or queued; changed from worker threads too, under the lock."""
+        self._lock = threading.Lock()
+
+    def submit(self, func: Callable[..., Any], args: list, kwargs: dict) -> asyncio.Future[Any]:
+        """Run ``func(*args, **kwargs)`` in a worker thread, in a copy of the current context;
+        RemoteError(code ``overloaded``) at once if the workers and the queue are full."""
+        with self._lock:
+            if self._admitted >= self.workers + self.queue:
+                raise RemoteError(
+                    "RuntimeError",
+                    f"the server is overloaded: all {self.workers} sync workers are busy "
+                    f"and {self.queue} sync calls are queued",
+                    "overloaded",
+                )
+            self._admitted += 1
+        try:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.workers, "polyrpc-sync")
+            context = contextvars.copy_context()
+            work = self._executor.submit(context.run, functools.partial(func, *args, **kwargs))
+        except BaseException:
+            self._release(None)
+            raise
+        work.add_done_callback(self._release)  # run, failed or cancelled before it started
+        return asyncio.wrap_future(work)
+
+    def _release(self, _: ThreadFuture[Any] | None) -> None:
+        with self._lock:
+            self._admitted -= 1
+
+    def shutdown(self) -> None:
+        """Start no more threads; running handlers finish in the background."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+
+_shared_sync_runner: SyncRunner | None = None
+
+
+def shared_sync_runner() -> SyncRunner:
+    """The runner of connections without their own (clients serving callbacks)."""
+    global _shared_sync_runner
+    if _shared_sync_runner is None:
+        _shared_sync_runner = SyncRunner()
+    return _shared_sync_runner
+
+
 @dataclass
 class RpcOptions:
     """Server-side behaviour of a connection's call handling."""
@@ -116,18 +186,34 @@ class RpcOptions:
     inline_sync: bool = False
     """Run sync handlers on the event loop (fast, but they must not block) instead of threads."""
     send_tracebacks: bool = False
+    sync: SyncRunner = field(default_factory=shared_sync_runner)
+    """Where sync handlers run (calls and notifications) unless ``inline_sync``."""
 
 
 class _IncomingCall:
     """A call from the peer being handled here."""
 
-    __slots__ = ("args_stream", "credit", "credit_event", "task")
+    __slots__ = ("args_stream", "cancelled", "credit", "credit_event", "task")
 
     def __init__(self) -> None:
         self.task: asyncio.Task[None] | None = None
         self.credit = 0
         self.credit_event: asyncio.Event | None = None
         self.args_stream: _ItemQueue | None = None
+        self.cancelled = False
+        """True once the caller gave up (CANCEL) or the connection went: a CancelledError
+        out of the handler is then that, not the handler's own failure."""
+
+    def cancel(self, calls: dict[int, _IncomingCall], seq: int) -> None:
+        """Stop the handler because its caller is gone; no reply is sent. ``calls`` forgets
+        it once the task ends, even one cancelled before its first step (that never runs
+        its own cleanup)."""
+        self.cancelled = True
+        task = self.task
+        if task is not None and task.cancel():
+            task.add_done_callback(
+                lambda _: calls.pop(seq, None) if calls.get(seq) is self else None
+            )
 
 
 class _ItemQueue:
@@ -233,7 +319,9 @@ class ResultStream:
                 queue.end(done.exception())
             else:
                 frame = done.result()
-                queue.end(conn.remote_error(frame) if frame.kind == Kind.ERROR else None)
+                queue.end(
+                    conn.reply_error(frame, method, timeout) if frame.kind == _ERROR else None
+                )
 
         future.add_done_callback(finished)
         self._queue = queue
@@ -304,6 +392,7 @@ class RpcConnection(Session):
         "_incoming",
         "_max_calls",
         "_methods",
+        "_oneway_bytes",
         "_result_streams",
         "_tasks",
         "options",
@@ -313,13 +402,18 @@ class RpcConnection(Session):
     def __init__(
         self, stream: Stream, config: SessionConfig, *, is_client: bool, options: RpcOptions
     ) -> None:
-        super().__init__(stream, config, is_client=is_client)
+        # what on_closed uses exists first: Session.__init__ replays what the stream already
+        # delivered, and a peer may have closed it (e.g. a server refusing at once)
         self.options = options
         self.services = options.services
         self._incoming: dict[int, _IncomingCall] = {}
         self._result_streams: dict[int, _ItemQueue] = {}
         self._arg_senders: dict[int, _IncomingCall] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: dict[asyncio.Task[Any], int] = {}
+        """Notifications being handled, with their payload sizes."""
+        self._oneway_bytes = 0
+        """The payload bytes of the notifications being handled."""
+        super().__init__(stream, config, is_client=is_client)
         # bound once: used for every call
         self._methods = self.services.methods
         self._max_calls = options.max_concurrent_calls
@@ -355,6 +449,7 @@ class RpcConnection(Session):
     ) -> tuple[int, asyncio.Future[Frame], asyncio.Task[None] | None]:
         """Start a call; a streamed argument (an async iterable) gets a sender task."""
         streamed = None
+        source: Any = None
         for index, arg in enumerate(args):
             if hasattr(arg, "__aiter__"):
                 if streamed is not None:
@@ -374,19 +469,26 @@ class RpcConnection(Session):
             state = _IncomingCall()
             state.credit = STREAM_CREDIT
             self._arg_senders[seq] = state
-            sender = self.loop.create_task(self._send_argument_stream(seq, source, state))
+            sender = self.loop.create_task(self._send_argument_stream(seq, source, state, future))
             future.add_done_callback(lambda _: sender.cancel())
         return seq, future, sender
 
     async def _send_argument_stream(
-        self, seq: int, source: AsyncIterable[Any], state: _IncomingCall
+        self,
+        seq: int,
+        source: AsyncIterable[Any],
+        state: _IncomingCall,
+        future: asyncio.Future[Frame],
     ) -> None:
+        """Stream the argument; if producing it fails, the call fails at once with that
+        error and the peer's handler is cancelled (its argument would never end)."""
         try:
             await self._pump_items(seq, source, state)
         except (ConnectionLost, asyncio.CancelledError):
             pass
         except Exception as exc:
-            log.warning("streamed argument of call %d failed: %s", seq, exc)
+            if not future.done():
+                future.set_exception(exc)
             self.cancel_request(seq)
         finally:
             self._arg_senders.pop(seq, None)
@@ -423,16 +525,23 @@ class RpcConnection(Session):
                     payload, codec = self._encode_unchecked((args, kwargs)), self._codec_id
                 except Exception as exc:
                     raise _unsendable(exc) from None
+            else:
+                payload, codec = b"", 0  # unused: _send_call encodes a streamed call itself
+        if plain and self.byte_stream.writing_paused and len(payload) >= FLUSH_BYTES:
+            # a big call waits for room before it queues; a small one never waits behind it
+            await self.wait_writable()
         if not plain or len(self._pending) >= self._max_in_flight:
             seq, future, _ = await self._send_call(method, args, kwargs, timeout, metadata)
         else:
             if timeout is not None or metadata or not self._accepting:
                 seq, future = self.begin_request(payload, method, metadata, timeout, 0, codec)
             else:  # the common case: begin_request's work inlined, no extra call levels
+                if len(payload) > self._send_check:
+                    self.check_size(len(payload), method, None, f"the request {method}")
                 seq = self._next_seq
                 self._next_seq = seq + 2
                 future = self._pending[seq] = self.loop.create_future()
-                frame = encode_frame(_REQUEST, seq, payload, method=method, codec=codec)
+                frame: Any = encode_frame(_REQUEST, seq, payload, method=method, codec=codec)
                 write_now = self.byte_stream.write_now
                 if (
                     write_now is not None
@@ -445,22 +554,28 @@ class RpcConnection(Session):
                     write_now(frame[0])
                 else:
                     self._write(frame, False)
+        # no wait for the stream to drain once written: this call's reply is the proof that it
+        # arrived, waiting would hold a small call behind a bulk one's bytes, and the window
+        # of calls in flight bounds what is queued
         try:
-            if self.byte_stream.writing_paused:
-                await self.wait_writable()
-            frame = await future
+            reply = await future
         except BaseException:
             self.abandon_request(seq, future)
+            del future  # it holds the error, whose traceback holds this frame: no cycle
             raise
-        if frame.kind == _RESPONSE:
-            if frame.codec == 0:
-                return frame.payload
-            return self._decode_payload(frame)
+        if reply.kind == _RESPONSE:
+            if reply.codec == 0:
+                return reply.payload
+            return self._decode_payload(reply)
+        raise self.reply_error(reply, method, timeout)
+
+    def reply_error(self, frame: Frame, method: str, timeout: float | None) -> Exception:
+        """The error an ERROR reply stands for: CallTimeout if the server noticed the deadline
+        first (the same outcome as our own timer, whichever wins), else the RemoteError."""
         error = self.remote_error(frame)
-        if error.code == "deadline_exceeded":
-            # the server noticed the deadline first: same outcome as our own timer
-            raise CallTimeout(f"{method} timed out after {timeout:g}s")
-        raise error
+        if error.code == "deadline_exceeded" and timeout is not None:
+            return CallTimeout(f"{method} timed out after {timeout:g}s")
+        return error
 
     async def notify(self, method: str, *args: Any, **kwargs: Any) -> None:
         """Call ``method`` one-way: no reply, errors are only logged by the peer."""
@@ -518,7 +633,7 @@ class RpcConnection(Session):
             try:
                 coro = method.func(*args, **kwargs)
                 finished, result = coroutine_step(coro)
-            except Exception as exc:
+            except BaseException as exc:  # no task yet: a CancelledError is the handler's own
                 self._report_failure(seq, method, exc, started, args, kwargs)
                 return
             if not finished:
@@ -536,7 +651,7 @@ class RpcConnection(Session):
         call = _IncomingCall()
         self._incoming[seq] = call
         call.task = self.loop.create_task(
-            self._finish_eagerly(seq, method, coro, waiting_on, started),
+            self._finish_eagerly(seq, call, method, coro, waiting_on, started),
             context=contextvars.copy_context(),
         )
 
@@ -600,7 +715,7 @@ class RpcConnection(Session):
         token = _context.set((self, frame, started))
         try:
             result = method.func(*args, **kwargs)
-        except Exception as exc:
+        except BaseException as exc:
             self._report_failure(seq, method, exc, started, args, kwargs)
             return
         finally:
@@ -608,7 +723,13 @@ class RpcConnection(Session):
         self._report_success(seq, method, result, started)
 
     async def _finish_eagerly(
-        self, seq: int, method: Method, coro: Any, waiting_on: Any, started: float
+        self,
+        seq: int,
+        call: _IncomingCall,
+        method: Method,
+        coro: Any,
+        waiting_on: Any,
+        started: float,
     ) -> None:
         """Drive a handler coroutine that suspended during its eager first step."""
         try:
@@ -626,15 +747,13 @@ class RpcConnection(Session):
                     waiting_on = coro.send(None)
         except StopIteration as done:
             result = done.value
-        except asyncio.CancelledError:
-            method.stats.record(time.perf_counter() - started, True)
-            return
-        except Exception as exc:
-            self._report_failure(seq, method, exc, started)
+        except BaseException as exc:
+            self._handler_failed(seq, call, method, exc, started)
             return
         finally:
             self._incoming.pop(seq, None)
-        self._report_success(seq, method, result, started)
+        # (only the StopIteration branch gets here, with result bound)
+        self._report_success(seq, method, result, started)  # type: ignore[possibly-undefined]
 
     def _report_success(self, seq: int, method: Method, result: Any, started: float) -> None:
         method.stats.record(time.perf_counter() - started, False)
@@ -649,13 +768,40 @@ class RpcConnection(Session):
         args: list | None = None,
         kwargs: dict | None = None,
     ) -> None:
+        """Answer a call whose handler raised: an Exception (or a CancelledError that is not
+        the caller's) is ``handler_error``; any other BaseException (SystemExit,
+        KeyboardInterrupt...) is ``internal_error``, logged, and ends nothing else."""
         method.stats.record(time.perf_counter() - started, True)
         # from the exception itself: the C call server reports it outside an except block
         text = "".join(traceback.format_exception(exc)) if self.options.send_tracebacks else None
         if isinstance(exc, TypeError) and args is not None:
             exc = method.binding_error(args, kwargs or {}) or exc
-        code = exc.code if isinstance(exc, RemoteError) else "handler_error"
+        if isinstance(exc, RemoteError):
+            code = exc.code
+        elif isinstance(exc, Exception | asyncio.CancelledError):
+            code = "handler_error"
+        else:
+            code = "internal_error"
+            log.error("handler %s raised %s; answered as internal_error", method.name, repr(exc))
         self.respond_error(seq, exc, code, text)
+
+    def _handler_failed(
+        self,
+        seq: int,
+        call: _IncomingCall,
+        method: Method,
+        exc: BaseException,
+        started: float,
+        args: list | None = None,
+        kwargs: dict | None = None,
+    ) -> None:
+        """A handler running in a task raised: a CancelledError is the caller's cancel (or the
+        connection's end, or this task's own cancellation) only if one happened; then nobody
+        waits for an answer. Anything else is answered."""
+        if isinstance(exc, asyncio.CancelledError) and (call.cancelled or _task_cancelling()):
+            method.stats.record(time.perf_counter() - started, True)
+            return
+        self._report_failure(seq, method, exc, started, args, kwargs)
 
     async def _run_call(
         self,
@@ -668,11 +814,11 @@ class RpcConnection(Session):
     ) -> None:
         started = time.perf_counter()
         _context.set((self, frame, started))
-        context = CallContext(self, frame, started)
-        timeout = None if context.deadline is None else max(0.0, context.deadline - time.time())
+        deadline = CallContext(self, frame, started).deadline
+        timer = asyncio.timeout(None if deadline is None else max(0.0, deadline - time.time()))
         wants_stream = bool(frame.flags & FLAG_STREAM)
         try:
-            async with asyncio.timeout(timeout):
+            async with timer:
                 if method.kind == "stream" or wants_stream:
                     await self._stream_results(seq, call, method, args, kwargs, frame)
                     method.stats.record(time.perf_counter() - started, False)
@@ -680,22 +826,18 @@ class RpcConnection(Session):
                 if method.kind == "async":
                     result = await method.func(*args, **kwargs)
                 else:
-                    runner = functools.partial(method.func, *args, **kwargs)
-                    ctx = contextvars.copy_context()
-                    result = await self.loop.run_in_executor(None, ctx.run, runner)
-        except asyncio.CancelledError:
-            # the caller cancelled, or the connection went away: nobody waits for an answer
-            method.stats.record(time.perf_counter() - started, True)
-            return
-        except TimeoutError:
-            if context.deadline is not None and time.time() >= context.deadline - 0.001:
-                exc = RemoteError(
+                    result = await self.options.sync.submit(method.func, args, kwargs)
+        except TimeoutError as exc:
+            # the deadline's own expiry, or a TimeoutError of the handler's (an inner wait_for)
+            error: BaseException = exc
+            if timer.expired():
+                error = RemoteError(
                     "TimeoutError", f"{method.name} passed its deadline", "deadline_exceeded"
                 )
-            self._report_failure(seq, method, exc, started)
+            self._report_failure(seq, method, error, started)
             return
-        except Exception as exc:
-            self._report_failure(seq, method, exc, started, args, kwargs)
+        except BaseException as exc:
+            self._handler_failed(seq, call, method, exc, started, args, kwargs)
             return
         finally:
             self._incoming.pop(seq, None)
@@ -725,17 +867,26 @@ class RpcConnection(Session):
             call.credit = STREAM_CREDIT
         iterator = produced if isinstance(produced, AsyncIterable) else _aiter_sync(produced)
         try:
-            await self._pump_items(seq, iterator, call)
+            await self._pump_items(seq, iterator, call, results=True)
         finally:
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
 
-    async def _pump_items(self, seq: int, items: AsyncIterable[Any], state: _IncomingCall) -> None:
-        """Send ``items`` as STREAM_ITEMs, each paid for with the consumer's credit, then END."""
+    async def _pump_items(
+        self, seq: int, items: AsyncIterable[Any], state: _IncomingCall, results: bool = False
+    ) -> None:
+        """Send ``items`` as STREAM_ITEMs, each paid for with the consumer's credit, then END.
+        An item over the peer's limit ends the stream: MessageTooLarge, or for ``results``
+        (a handler's stream) the RemoteError ``result_too_large`` the caller gets."""
         async for item in items:
             await self._spend_credit(state)
-            self.send_frame(_STREAM_ITEM, seq, item)
+            try:
+                self.send_frame(_STREAM_ITEM, seq, item)
+            except MessageTooLarge as exc:
+                if results:
+                    raise result_too_large(exc) from None
+                raise
             if self.byte_stream.writing_paused:
                 await self.wait_writable()
         self.send_frame(_STREAM_END, seq)
@@ -765,21 +916,49 @@ class RpcConnection(Session):
             log.warning("notification %s from %s dropped: %s", frame.method, self.peer, exc)
             return
         task = self.loop.create_task(self._run_notification(method, args, kwargs, frame))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        size = len(frame.payload)
+        self._tasks[task] = size
+        self._oneway_bytes += size
+        task.add_done_callback(self._notification_done)
+        # notifications share the calls' window; over it (or over the inbox budget in bytes)
+        # nothing more is read from this peer until its handlers catch up
+        if (
+            len(self._tasks) + len(self._incoming) >= self._max_calls
+            or self._oneway_bytes > self.config.max_inbox_bytes
+        ):
+            self.pause_reading(PAUSE_BUSY)
+
+    def _notification_done(self, task: asyncio.Task[Any]) -> None:
+        self._oneway_bytes -= self._tasks.pop(task, 0)
+        if (
+            self._paused & PAUSE_BUSY
+            and len(self._tasks) <= self._max_calls // 2
+            and self._oneway_bytes <= self.config.max_inbox_bytes // 2
+        ):
+            self.resume_reading(PAUSE_BUSY)
 
     async def _run_notification(
         self, method: Method, args: list, kwargs: dict, frame: Frame
     ) -> None:
+        """Run a notification's handler (a sync one in the sync threads); failures are logged."""
         started = time.perf_counter()
         _context.set((self, frame, started))
         try:
-            result = method.func(*args, **kwargs)
-            if hasattr(result, "__await__"):
-                await result
-        except Exception:
+            if method.kind == "sync" and not self.options.inline_sync:
+                try:
+                    running = self.options.sync.submit(method.func, args, kwargs)
+                except RemoteError as exc:  # the sync queue is full: nobody to tell but the log
+                    log.warning("notification %s from %s dropped: %s", method.name, self.peer, exc)
+                    return
+                await running
+            else:
+                result = method.func(*args, **kwargs)
+                if hasattr(result, "__await__"):
+                    await result
+        except BaseException as exc:
             method.stats.record(time.perf_counter() - started, True)
-            log.exception("notification %s failed", method.name)
+            if not (isinstance(exc, asyncio.CancelledError) and _task_cancelling()):
+                log.error("notification %s failed", method.name, exc_info=exc)
             return
         method.stats.record(time.perf_counter() - started, False)
 
@@ -788,8 +967,8 @@ class RpcConnection(Session):
         own = self.is_own_seq(seq)
         if kind == _CANCEL:
             call = self._incoming.get(seq)
-            if call is not None and call.task is not None:
-                call.task.cancel()
+            if call is not None:
+                call.cancel(self._incoming, seq)
         elif kind == _CREDIT:
             state = self._arg_senders.get(seq) if own else self._incoming.get(seq)
             if state is not None:
@@ -823,11 +1002,17 @@ class RpcConnection(Session):
     def active_incoming(self) -> int:
         return len(self._incoming) + len(self._tasks)
 
+    def on_abandoned(self) -> None:
+        """The peer went away without a goodbye: its calls and notifications stop now."""
+        for seq, call in list(self._incoming.items()):
+            call.cancel(self._incoming, seq)
+        for task in list(self._tasks):
+            task.cancel()
+
     def on_closed(self, exc: Exception | None) -> None:
         lost = self.lost_error()
+        self.on_abandoned()
         for call in list(self._incoming.values()):
-            if call.task is not None:
-                call.task.cancel()
             if call.args_stream is not None:
                 call.args_stream.end(lost)
         for queue in list(self._result_streams.values()):
@@ -836,6 +1021,12 @@ class RpcConnection(Session):
         for state in self._arg_senders.values():
             if state.credit_event is not None:
                 state.credit_event.set()
+
+
+def _task_cancelling() -> bool:
+    """True if the running task itself was asked to stop (not just one it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _unsendable(exc: Exception) -> TypeError:

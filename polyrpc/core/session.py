@@ -9,6 +9,7 @@ subclasses it and handles requests, one-way messages and the other frame kinds.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from collections import deque
@@ -21,21 +22,24 @@ from .errors import (
     CallTimeout,
     ConnectionLost,
     HandshakeError,
+    MessageTooLarge,
     PolyrpcError,
     ProtocolError,
     RemoteError,
 )
 from .frames import (
     FLAG_REPLY,
+    HEADER_SIZE,
     VERSION,
     Frame,
     FrameDecoder,
     Kind,
     Limits,
     encode_frame,
+    encode_metadata,
     encode_plain,
 )
-from .stream import Buffer, Stream
+from .stream import Buffer, Stream, fresh_error
 from .timeouts import DeadlineWheel
 
 log = logging.getLogger("polyrpc")
@@ -56,6 +60,19 @@ FLUSH_BUFFERS = 256
 """Queued buffers that trigger a write before the end of the loop turn."""
 FLUSH_BYTES = 64 << 10
 """A buffer at least this big is written at once rather than batched."""
+DEFAULT_PEER_MAX_FRAME = Limits().max_frame
+"""The receive limit assumed for a peer whose HELLO announces none (older versions)."""
+SIZE_SLACK = 128 << 10
+"""Room left for a frame's method name and metadata (a peer accepts 65 KiB of them by
+default): payloads up to the peer's max_frame less this are sent without an exact size check."""
+FAILURE_LINGER = 2.0
+"""After a protocol error, how long the ERROR naming it may take to flush before the close."""
+PAUSE_INBOX = 1
+"""Why reading is paused: received one-way messages nobody took are over max_inbox_bytes."""
+PAUSE_BUSY = 2
+"""Why reading is paused: the peer's one-way messages keep handlers busy over the window."""
+PAUSE_REPLIES = 4
+"""Why reading is paused: the peer does not read what this side writes (serving side)."""
 
 
 @dataclass
@@ -95,6 +112,23 @@ def error_payload(exc: BaseException, code: str, traceback_text: str | None = No
     return body
 
 
+def result_too_large(exc: MessageTooLarge) -> RemoteError:
+    """What the caller gets for a result (reply or stream item) over its receive limit."""
+    return RemoteError("MessageTooLarge", str(exc), "result_too_large")
+
+
+def _drop_frames(frames: list[Frame]) -> None:
+    """Where a finished connection's decoder delivers: nowhere (see Session._release)."""
+
+
+def _drop_frame(frame: Frame) -> None:
+    """A finished connection serves no requests (see Session._release)."""
+
+
+def _drop_error(exc: ProtocolError) -> None:
+    """A finished connection reports no protocol errors (see Session._release)."""
+
+
 class Session:
     """One polyrpc connection. Create with :meth:`client` / :meth:`server` helpers of subclasses."""
 
@@ -113,6 +147,7 @@ class Session:
         "_handshake",
         "_handshaken",
         "_heartbeat_timer",
+        "_held",
         "_in_receive",
         "_last_recv",
         "_last_send",
@@ -120,13 +155,17 @@ class Session:
         "_next_seq",
         "_out",
         "_out_ordered",
+        "_paused",
         "_peer_closing",
+        "_peer_max_frame",
         "_pending",
         "_pending_info",
         "_refusal",
         "_request_handler",
+        "_resume_handle",
         "_seen_in",
         "_seen_out",
+        "_send_check",
         "_slot_waiters",
         "buffer_updated",
         "byte_stream",
@@ -188,8 +227,21 @@ class Session:
         self._peer_closing = False
         self.close_reason: Exception | None = None
         self._refusal: tuple[str, str] | None = None
+        self._peer_max_frame = DEFAULT_PEER_MAX_FRAME
+        """The largest frame the peer accepts (``max_frame`` in its HELLO)."""
+        self._send_check = DEFAULT_PEER_MAX_FRAME - HEADER_SIZE - SIZE_SLACK
+        """Payloads up to this size fit the peer's limit whatever the method and metadata:
+        the send paths compare only this integer, and check bigger ones exactly."""
         self.bytes_out = 0
         self.opened_at = time.time()
+        self._paused = 0
+        """Why reading is paused: PAUSE_* bits, 0 while reading."""
+        self._held: list[Frame] = []
+        """Frames read before a pause but not handled yet: handled first when reading resumes."""
+        self._resume_handle: asyncio.Handle | None = None
+        if not is_client:
+            # a peer that does not read its replies is not served until it does
+            stream.on_write_pressure = self._on_write_pressure
         stream.set_receiver(self)
 
     # ------------------------------------------------------------------ info
@@ -227,7 +279,12 @@ class Session:
     async def handshake(self) -> None:
         """Exchange HELLO frames; the client proposes, the server checks and answers."""
         if self.is_client:
-            meta = {"version": str(VERSION), "codec": self.codec.name, "features": FEATURES}
+            meta = {
+                "version": str(VERSION),
+                "codec": self.codec.name,
+                "features": FEATURES,
+                "max_frame": str(self.config.limits.max_frame),
+            }
             if self.config.token is not None:
                 meta["token"] = self.config.token
             self._write(encode_frame(_HELLO, 0, metadata=meta), ordered=True)
@@ -260,6 +317,7 @@ class Session:
                 raise ProtocolError("expected a HELLO reply from the server")
             self.peer_features = set(meta.get("features", "").split(","))
             self.peer_info = dict(meta)
+            self._set_peer_limit(meta)
             self._handshake_done()
             return
         problem = self._check_hello(meta)
@@ -277,9 +335,26 @@ class Session:
         self.codec = codec_by_name(meta["codec"])
         self.peer_features = set(meta.get("features", "").split(","))
         self.peer_info = {k: v for k, v in meta.items() if k != "token"}
-        reply = {"version": str(VERSION), "codec": self.codec.name, "features": FEATURES}
+        self._set_peer_limit(meta)
+        reply = {
+            "version": str(VERSION),
+            "codec": self.codec.name,
+            "features": FEATURES,
+            "max_frame": str(self.config.limits.max_frame),
+        }
         self._write(encode_frame(_HELLO, 0, metadata=reply, flags=FLAG_REPLY), ordered=True)
         self._handshake_done()
+
+    def _set_peer_limit(self, meta: dict[str, str]) -> None:
+        """Take the peer's receive limit from its HELLO (the default when it names none)."""
+        announced = meta.get("max_frame")
+        if announced is None:
+            return
+        valid = announced.isascii() and announced.isdigit() and len(announced) <= 20
+        if not valid or int(announced) < HEADER_SIZE:
+            raise ProtocolError(f"HELLO announces an invalid max_frame {announced[:32]!r}")
+        self._peer_max_frame = int(announced)
+        self._send_check = max(0, self._peer_max_frame - HEADER_SIZE - SIZE_SLACK)
 
     def _handshake_done(self) -> None:
         self._handshaken = True
@@ -288,8 +363,13 @@ class Session:
         self._decoder.set_max_frame(self.config.limits.max_frame)
         if self._decoder.pending_bytes:
             self.loop.call_soon(self._decoder.received, 0)
-        # from now on the decoder resolves replies itself while nobody waits for a slot, and
-        # a request that arrives alone is served at once: its reply leaves unbatched
+        self._route_all()
+        self._handshake.set_result(None)
+
+    def _route_all(self) -> None:
+        """After the handshake, while reading: the decoder resolves replies itself while
+        nobody waits for a slot, and a request that arrives alone is served at once (its
+        reply leaves unbatched)."""
         self._decoder.route(
             self._dispatch,
             self._protocol_failure,
@@ -297,7 +377,6 @@ class Session:
             self._slot_waiters,
             self._request_handler,
         )
-        self._handshake.set_result(None)
 
     def refuse(self, reason: str, message: str) -> None:
         """Server side: answer the coming HELLO with this error instead of accepting."""
@@ -313,32 +392,60 @@ class Session:
             codec_by_name(meta.get("codec", ""))
         except ValueError as exc:
             return "codec", str(exc)
-        expected = self.config.token
-        if expected is not None and meta.get("token") != expected:
-            what = "missing" if "token" not in meta else "wrong"
+        expected, given = self.config.token, meta.get("token")
+        # compared in constant time (as bytes: compare_digest refuses non-ASCII str)
+        if expected is not None and (
+            given is None or not hmac.compare_digest(given.encode(), expected.encode())
+        ):
+            what = "missing" if given is None else "wrong"
             return "bad_token", f"{what} token: this server requires a valid token"
         return None
 
+    def _error_body(self, frame: Frame) -> tuple[str, str]:
+        """(code, message) of an ERROR frame about the whole connection (seq 0)."""
+        try:
+            body = self._decode(frame)
+        except Exception as exc:  # any codec's failure: the frame came from the peer
+            return "refused", f"undecodable error report ({exc})"
+        if not isinstance(body, dict):
+            return "refused", str(body)
+        return str(body.get("code", "refused")), str(body.get("message", ""))
+
     def _on_handshake_error(self, frame: Frame) -> None:
-        body = self._decode(frame)
-        reason = body.get("code", "refused") if isinstance(body, dict) else "refused"
-        message = body.get("message", "") if isinstance(body, dict) else str(body)
+        reason, message = self._error_body(frame)
         exc = HandshakeError(f"the server refused the connection: {message}", reason)
         if not self._handshake.done():
             self._handshake.set_exception(exc)
             self._handshake.exception()
         self.abort(exc)
 
+    def _on_fatal_error(self, frame: Frame) -> None:
+        """The peer reports why it is ending the connection (e.g. a frame over its limit):
+        every pending operation fails with that reason instead of a bare reset."""
+        code, message = self._error_body(frame)
+        log.warning(
+            "%s peer %s ended the connection: %s (%s)", self.transport, self.peer, message, code
+        )
+        self.abort(
+            ConnectionLost(f"the {self.transport} peer ended the connection: {message} ({code})")
+        )
+
     # ---------------------------------------------------------- receive side
     def _dispatch(self, frames: list[Frame]) -> None:
         """Handle frames in order; replies written meanwhile go out in one write afterwards."""
         self._in_receive = True
         try:
-            for frame in frames:
+            for index, frame in enumerate(frames):
+                if self._paused:  # handling an earlier frame paused reading: the rest waits
+                    self._held += frames[index:]
+                    break
                 kind = frame.kind
                 if kind in (_RESPONSE, _ERROR):
-                    if frame.seq == 0 and kind == _ERROR and not self._handshaken:
-                        self._on_handshake_error(frame)
+                    if frame.seq == 0 and kind == _ERROR:  # about the connection, not a call
+                        if self._handshaken:
+                            self._on_fatal_error(frame)
+                        else:
+                            self._on_handshake_error(frame)
                         return
                     future = self._pending.pop(frame.seq, None)
                     if future is not None:
@@ -372,15 +479,78 @@ class Session:
             if self._out:
                 self._flush()
 
+    def pause_reading(self, reason: int) -> None:
+        """Stop reading from the peer for ``reason`` (a PAUSE_* bit) until it is resumed.
+
+        Frames already read but not handled yet wait too (everything goes through
+        :meth:`_dispatch`, which holds them), so nothing more is served from this peer.
+        """
+        if not self._paused and not self._gone:
+            self.byte_stream.pause_reading()
+            if self._handshaken:
+                self._decoder.route(self._dispatch, self._protocol_failure)
+        self._paused |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        """``reason`` for pausing is gone; reading resumes (soon) once no reason is left."""
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and self._resume_handle is None and not self._gone:
+            # in a loop turn of its own: the held frames may write, or pause again
+            self._resume_handle = self.loop.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        self._resume_handle = None
+        if self._paused or self._gone:
+            return
+        held, self._held = self._held, []
+        if held:
+            self._dispatch(held)
+            if self._paused or self._gone:
+                return
+        if self._handshaken:
+            self._route_all()
+        self.byte_stream.resume_reading()
+
+    def _on_write_pressure(self, paused: bool) -> None:
+        if paused:
+            self.pause_reading(PAUSE_REPLIES)
+        else:
+            self.resume_reading(PAUSE_REPLIES)
+
     def _protocol_failure(self, exc: ProtocolError) -> None:
-        """The peer broke the protocol: log it and drop this connection only."""
+        """The peer broke the protocol: tell it why (an ERROR naming the problem and our
+        limit), then drop this connection only. Later input is ignored (the decoder stays
+        broken) while the ERROR flushes."""
+        if self._gone or self.close_reason is not None:
+            return  # already failing or aborted
         log.warning("%s connection from %s: protocol error: %s", self.transport, self.peer, exc)
+        self.close_reason = exc
+        self._accepting = False
         if not self._handshake.done():
             self._handshake.set_exception(
                 HandshakeError(f"handshake with {self.peer} failed: {exc}", "not_polyrpc")
             )
             self._handshake.exception()
-        self.abort(exc)
+        body = {
+            "type": "ProtocolError",
+            "message": str(exc),
+            "code": "protocol_error",
+            "max_frame": self.config.limits.max_frame,
+        }
+        self._out += encode_frame(_ERROR, 0, self.codec.encode(body), codec=self.codec.id)
+        self._out_ordered = True
+        self._flush()
+        self.byte_stream.pause_reading()  # nothing more is read while the ERROR flushes
+        self.loop.create_task(self._close_after_failure())
+
+    async def _close_after_failure(self) -> None:
+        """Close once the ERROR is flushed (abort if that takes longer than FAILURE_LINGER)."""
+        try:
+            await asyncio.wait_for(self.byte_stream.close(), FAILURE_LINGER)
+        except (TimeoutError, ConnectionLost):
+            self.byte_stream.abort()
 
     def eof_received(self) -> None:
         if self._decoder.pending_bytes:
@@ -391,9 +561,15 @@ class Session:
                 )
             )
             return
+        # a peer closing gracefully says GOAWAY first (or answers ours): an EOF without that
+        # goodbye means it went away (killed, crashed), so its handlers stop now rather
+        # than run for the graceful close_timeout with nobody to answer
+        goodbye = self._peer_closing or self._closing
         self._peer_closing = True
         self._accepting = False
         self._fail_pending(ConnectionLost(f"the peer closed the {self.transport} connection"))
+        if not goodbye:
+            self.on_abandoned()
         self.on_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -402,15 +578,21 @@ class Session:
             self.close_reason = exc
         reason = self.close_reason
         if isinstance(reason, ConnectionLost):
-            lost = reason
+            lost = fresh_error(reason)
         elif reason is not None:
             lost = ConnectionLost(f"{self.transport} connection dropped: {reason}")
         else:
             lost = ConnectionLost(f"{self.transport} connection closed")
-        for timer in (self._deadline_timer, self._heartbeat_timer, self._flush_handle):
+        for timer in (
+            self._deadline_timer,
+            self._heartbeat_timer,
+            self._flush_handle,
+            self._resume_handle,
+        ):
             if timer is not None:
                 timer.cancel()
         self._out.clear()
+        self._held.clear()
         if not self._handshake.done():
             self._handshake.set_exception(lost)
             self._handshake.exception()
@@ -419,6 +601,18 @@ class Session:
             self._closed.set_result(exc)
         self._accepting = False
         self.on_closed(exc)
+        self._release()
+
+    def _release(self) -> None:
+        """Drop the references that close loops through this session (decoder routes, the
+        call server, timers) so a finished connection is freed at once, without the cyclic GC."""
+        reason = self.close_reason
+        if reason is not None:  # kept, never raised again: the frames it was raised in go
+            reason.__traceback__ = None
+        self._decoder.route(_drop_frames, _drop_error)
+        self._request_handler = _drop_frame
+        self._deadline_timer = self._heartbeat_timer = self._flush_handle = None
+        self._resume_handle = None
 
     def _fail_pending(self, exc: ConnectionLost) -> None:
         pending = list(self._pending.values())
@@ -441,6 +635,10 @@ class Session:
 
     def on_frame(self, frame: Frame) -> None:
         """Any other frame kind (CANCEL, STREAM_ITEM, STREAM_END, CREDIT)."""
+
+    def on_abandoned(self) -> None:
+        """The peer went away without a goodbye (or the connection is gone): stop the work
+        done for it."""
 
     def on_goaway(self) -> None:
         """The peer announced a graceful close: it accepts no new requests."""
@@ -524,10 +722,11 @@ class Session:
                 pass  # on a broken stream connection_lost() reports it to everyone waiting
 
     def lost_error(self) -> ConnectionLost:
-        """The error to raise for operations on a closed connection."""
+        """The error to raise for operations on a closed connection (a new one each time:
+        see :func:`~polyrpc.core.stream.fresh_error`)."""
         reason = self.close_reason
         if isinstance(reason, ConnectionLost):
-            return reason
+            return fresh_error(reason)
         return ConnectionLost(f"the {self.transport} connection is closed")
 
     def _check_open(self) -> None:
@@ -569,12 +768,15 @@ class Session:
             payload, codec = obj, 0
         else:
             payload, codec = self.codec.encode(obj), self.codec.id
-        seq = self._next_seq
-        self._next_seq = seq + 2
         if timeout is not None:
             if timeout <= 0:
                 raise CallTimeout(f"{method or 'request'}: timeout must be positive")
             metadata = {**(metadata or {}), "timeout": f"{timeout:.6g}"}
+        if len(payload) > self._send_check:
+            self.check_size(len(payload), method, metadata, f"the request {method}".rstrip())
+        seq = self._next_seq
+        self._next_seq = seq + 2
+        if timeout is not None:
             self._track_deadline(seq, method, timeout)
         future: asyncio.Future[Frame] = self.loop.create_future()
         self._pending[seq] = future
@@ -587,6 +789,25 @@ class Session:
         self._write(frame, ordered=False)
         return seq, future
 
+    def check_size(
+        self,
+        payload_size: int,
+        method: str = "",
+        metadata: dict[str, str] | None = None,
+        what: str = "the message",
+    ) -> None:
+        """Raise MessageTooLarge if this frame would exceed the peer's ``max_frame``.
+
+        The send paths call it only for payloads over ``_send_check`` (one integer compare
+        on the hot path); it computes the frame's exact size."""
+        size = HEADER_SIZE + payload_size
+        if method:
+            size += len(method.encode())
+        if metadata:
+            size += len(encode_metadata(metadata))
+        if size > self._peer_max_frame:
+            raise MessageTooLarge(size, self._peer_max_frame, what)
+
     def cancel_request(self, seq: int) -> None:
         """Forget request ``seq`` (its caller gave up) and tell the peer to stop working on it."""
         if self.finish_request(seq) is not None and not self._closed.done():
@@ -598,6 +819,8 @@ class Session:
         self.cancel_request(seq)
         if not future.done():
             future.cancel()
+        elif not future.cancelled():
+            future.exception()  # e.g. ConnectionLost set while the caller waited to write
 
     def finish_request(self, seq: int) -> asyncio.Future[Frame] | None:
         """Remove request ``seq`` from the window (for exchanges ended by other frames)."""
@@ -667,19 +890,28 @@ class Session:
             self._deadline_timer = self.loop.call_at(when, self._expire_deadlines)
 
     def respond(self, seq: int, obj: Any, *, flags: int = 0) -> None:
-        """Answer request ``seq`` with ``obj`` (an error frame if it cannot be encoded)."""
+        """Answer request ``seq`` with ``obj``: an ERROR frame instead if it cannot be
+        encoded (``unencodable_result``) or is over the peer's limit (``result_too_large``)."""
         if self._gone:
             return
         if isinstance(obj, BYTES_LIKE):
-            self._write(encode_plain(_RESPONSE, seq, obj, 0, flags), ordered=False)
-            return
-        try:
-            payload = self.codec.encode(obj)
-        except TypeError as exc:
-            log.warning("cannot encode the reply to request %d: %s", seq, exc)
-            self.respond_error(seq, exc, "unencodable_result")
-            return
-        self._write(encode_plain(_RESPONSE, seq, payload, self.codec.id, flags), ordered=False)
+            payload, codec = obj, 0
+        else:
+            try:
+                payload, codec = self.codec.encode(obj), self.codec.id
+            except TypeError as exc:
+                log.warning("cannot encode the reply to request %d: %s", seq, exc)
+                self.respond_error(seq, exc, "unencodable_result")
+                return
+        if len(payload) > self._send_check:
+            try:
+                self.check_size(len(payload), what="the result")
+            except MessageTooLarge as exc:
+                log.warning("the reply to request %d is too large for %s: %s", seq, self.peer, exc)
+                error = result_too_large(exc)
+                self.respond_error(seq, error, error.code)
+                return
+        self._write(encode_plain(_RESPONSE, seq, payload, codec, flags), ordered=False)
 
     def respond_error(
         self, seq: int, exc: BaseException, code: str, traceback_text: str | None = None
@@ -688,6 +920,11 @@ class Session:
         if self._closed.done():
             return
         body = self.codec.encode(error_payload(exc, code, traceback_text))
+        if len(body) > self._send_check:
+            try:
+                self.check_size(len(body), what="the error reply")
+            except MessageTooLarge as too_large:  # a huge message or traceback: say so
+                body = self.codec.encode(error_payload(result_too_large(too_large), code))
         self._write(encode_frame(_ERROR, seq, body, codec=self.codec.id), ordered=False)
 
     def send_oneway(
@@ -702,6 +939,8 @@ class Session:
         the codec of this id. Callers await :meth:`wait_writable` after."""
         self._check_open()
         payload, codec = (obj, codec) if codec is not None else self.encode(obj)
+        if len(payload) > self._send_check:
+            self.check_size(len(payload), method, metadata, f"the message {method}".rstrip())
         self._write(
             encode_frame(_ONEWAY, 0, payload, method=method, metadata=metadata, codec=codec)
         )
@@ -720,6 +959,8 @@ class Session:
         if self._closed.done():
             raise self.lost_error()
         payload, codec = self.encode(obj)
+        if len(payload) > self._send_check:
+            self.check_size(len(payload), "", metadata, "the stream item")
         self._write(
             encode_frame(kind, seq, payload, metadata=metadata, codec=codec, flags=flags),
             ordered=ordered,
@@ -741,7 +982,8 @@ class Session:
         # activity is sampled here from the byte counters, keeping clocks off the hot path
         now = self.loop.time()
         self._decoder.trim()  # an idle connection gives back a receive buffer grown by bursts
-        if self.bytes_in != self._seen_in:
+        if self.bytes_in != self._seen_in or self._paused:
+            # (while this side does not read, the peer's silence proves nothing)
             self._seen_in, self._last_recv = self.bytes_in, now
         if self.bytes_out != self._seen_out:
             self._seen_out, self._last_send = self.bytes_out, now
@@ -755,7 +997,8 @@ class Session:
             )
             return
         interval = self.config.heartbeat_interval
-        if interval and now - self._last_send >= interval * 0.9:
+        # (a stream that is closing takes no more writes: the idle check above still runs)
+        if interval and now - self._last_send >= interval * 0.9 and not self.byte_stream.is_closing:
             self._write(encode_frame(_HEARTBEAT, 0))
         self._arm_heartbeat()
 

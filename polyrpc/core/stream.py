@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from .address import Address
 from .errors import ConnectionLost
 
 Buffer = bytes | bytearray | memoryview
+
+E = TypeVar("E", bound=BaseException)
 
 DEFAULT_HIGH_WATER = 1 << 20
 """Bytes a stream may hold queued before writers must wait (drain blocks)."""
@@ -26,12 +28,29 @@ DEFAULT_LOW_WATER = 256 << 10
 """Bytes below which waiting writers are released again."""
 
 
+def fresh_error(error: E) -> E:
+    """A copy of ``error`` with no traceback, to raise in place of a stored one.
+
+    Raising an exception attaches the raising frames to it; an error kept by a connection
+    (its close reason) and raised again would tie those frames, and the connection they
+    refer to, into a reference cycle that only the cyclic GC frees.
+    """
+    copy = type(error).__new__(type(error))
+    copy.args = error.args
+    copy.__dict__.update(error.__dict__)
+    copy.__cause__ = error.__cause__
+    return copy
+
+
 @runtime_checkable
 class StreamReceiver(Protocol):
     """What a stream delivers to. Calls come from the event loop thread, in order."""
 
-    def data_received(self, data: Buffer) -> None:
-        """Bytes arrived; the receiver must copy what it keeps (``data`` may be reused)."""
+    def data_received(self, data: Buffer) -> object:
+        """Bytes arrived; the receiver must copy what it keeps (``data`` may be reused).
+
+        What it returns is ignored (the session's is its decoder's ``received_data``).
+        """
 
     def eof_received(self) -> None:
         """The peer finished writing (half-close or graceful close)."""
@@ -64,6 +83,22 @@ class _EarlyBuffer:
         self.events.clear()
 
 
+class _Gone:
+    """The receiver of a stream whose connection is gone: anything late is dropped."""
+
+    def data_received(self, data: Buffer) -> None:
+        pass
+
+    def eof_received(self) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+_GONE = _Gone()
+
+
 class Stream(ABC):
     """A connected byte stream. Subclasses implement the abstract methods.
 
@@ -93,6 +128,9 @@ class Stream(ABC):
         self.writing_paused = False
         """True while writers should wait (more than high-water bytes queued); an attribute,
         not a property: the session checks it on every call."""
+        self.on_write_pressure: Callable[[bool], object] | None = None
+        """Told each time :attr:`writing_paused` changes (with its new value): a session that
+        serves requests stops reading from a peer that does not read its replies."""
         self._lost: Exception | None = None
         self._closed = False
         self.write_now: Callable[[Buffer], object] | None = None
@@ -139,7 +177,7 @@ class Stream(ABC):
     async def drain(self) -> None:
         """Wait until the queued bytes fall below the low-water mark."""
         if self._lost is not None:
-            raise self._lost
+            raise fresh_error(self._lost)
         if not self.writing_paused:
             return
         if self._drain_waiter is None:
@@ -156,10 +194,17 @@ class Stream(ABC):
         """Recompute the paused state from :attr:`write_buffer_size`; wake drain waiters."""
         size = self.write_buffer_size
         if not self.writing_paused and size > self.high_water:
-            self.writing_paused = True
+            self._set_writing_paused(True)
         elif self.writing_paused and size <= self.low_water:
-            self.writing_paused = False
+            self._set_writing_paused(False)
+
+    def _set_writing_paused(self, paused: bool) -> None:
+        """Enter or leave the paused state: wake drain waiters, tell ``on_write_pressure``."""
+        self.writing_paused = paused
+        if not paused:
             self._wake_drain(None)
+        if self.on_write_pressure is not None:
+            self.on_write_pressure(paused)
 
     def _wake_drain(self, exc: Exception | None) -> None:
         waiter, self._drain_waiter = self._drain_waiter, None
@@ -167,7 +212,7 @@ class Stream(ABC):
             if exc is None:
                 waiter.set_result(None)
             else:
-                waiter.set_exception(exc)
+                waiter.set_exception(fresh_error(exc))
                 waiter.exception()  # mark retrieved: shield() callers get it anyway
 
     @abstractmethod
@@ -197,14 +242,22 @@ class Stream(ABC):
             reason = f": {exc}" if exc else ""
             lost = ConnectionLost(f"{self.transport_name} connection closed{reason}")
             if exc is not None:
-                lost.__cause__ = exc
+                # the OS error's traceback holds the frames (and the session) that wrote
+                lost.__cause__ = exc.with_traceback(None)
         self._lost = lost
         self._wake_drain(lost)
-        self.receiver.connection_lost(None if (exc is None and self._closed) else lost)
+        receiver = self.receiver
+        self.on_write_pressure = None
+        # the receiver (a session) refers back to this stream: letting go of it here means
+        # a finished connection is freed at once, without waiting for the cyclic GC. An
+        # early buffer stays: it replays the loss to the receiver set after it
+        if not isinstance(receiver, _EarlyBuffer):
+            self.receiver = _GONE
+        receiver.connection_lost(None if (exc is None and self._closed) else lost)
 
     def _check_writable(self) -> None:
         if self._lost is not None:
-            raise self._lost
+            raise fresh_error(self._lost)
         if self._closed:
             raise ConnectionLost(f"{self.transport_name} stream is closed")
 

@@ -39,6 +39,12 @@ class KcpListener(Listener):
         super().__init__(address)
         self.mux = mux
         self.accepting = True
+        self.handshaking = 0
+        """Accepted connections that have sent no data yet (capped by ``backlog``)."""
+
+    def left_handshake(self) -> None:
+        """An accepted connection sent its first bytes, or ended before that."""
+        self.handshaking -= 1
 
     def stats(self) -> dict[str, int]:
         """Socket-level counters (datagrams, drops by reason, sessions)."""
@@ -64,7 +70,18 @@ class KcpTransport(Transport):
         "sndwnd": Option(integer(1, 65535), "send window, segments", 512),
         "rcvwnd": Option(integer(1, 65535), "receive window, segments", 512),
         "timeout": Option(
-            number(0.5, 86400), "seconds of peer silence before the connection is lost", 30.0
+            number(0.5, 86400), "seconds of peer silence before the connection is lost", 10.0
+        ),
+        "keepalive": Option(
+            number(0.1, 3600),
+            "seconds of our silence before a keepalive (at most timeout/4); a dead peer "
+            "process answers it with ICMP port unreachable, which ends the connection",
+            1.0,
+        ),
+        "backlog": Option(
+            integer(1, 1 << 20),
+            "listener: connections accepted but still silent (no data yet); more are refused",
+            512,
         ),
     }
 
@@ -86,6 +103,8 @@ class KcpTransport(Transport):
             sndwnd=opts["sndwnd"],
             rcvwnd=opts["rcvwnd"],
             timeout=opts["timeout"],
+            keepalive=opts["keepalive"],
+            backlog=opts["backlog"],
         )
 
     async def dial(self, address: Address) -> Any:
@@ -111,7 +130,7 @@ class KcpTransport(Transport):
 
     async def _dial_one(self, family: int, sockaddr: Any, config: Any) -> Any:
         """Handshake with one resolved address; ConnectFailed/ConnectTimeout if it fails."""
-        from .udp import MAGIC, SYN, KcpStream, Mux, make_socket, pack_address
+        from .udp import KcpStream, Mux, make_socket, pack_address
 
         loop = asyncio.get_running_loop()
         sock = make_socket(family)
@@ -136,7 +155,7 @@ class KcpTransport(Transport):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise ConnectTimeout(f"no kcp answer within {limit:g}s")
-                mux.control(peer, conv, SYN, 0, 0, MAGIC)
+                stream.send_syn()  # the listener's COOKIE answer makes the stream resend at once
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(connected), min(delay, remaining))
                 delay = min(delay * 2, CONNECT_RETRY_MAX)
@@ -147,7 +166,7 @@ class KcpTransport(Transport):
         return stream
 
     async def listen(self, address: Address, on_stream: StreamHandler) -> Listener:
-        from .udp import MAGIC, RST, SYNACK, KcpStream, Mux, make_socket
+        from .udp import BUSY, MAGIC, RST, SYNACK, KcpStream, Mux, make_socket
 
         self.check_available()
         config = self._config(address)
@@ -155,11 +174,17 @@ class KcpTransport(Transport):
         listener: KcpListener | None = None
 
         def accept(conv: int, addr: bytes, sn: int, una: int) -> None:
+            # reached only by a SYN that echoed a valid cookie: the address is not spoofed
             if listener is None or not listener.accepting:
                 mux.control(addr, conv, RST)
                 return
+            if listener.handshaking >= config.backlog:
+                mux.control(addr, conv, RST, BUSY)
+                return
             sid = mux.open_session(addr, conv, config)
             stream = KcpStream(mux, sid, conv, addr, config, established=True)
+            listener.handshaking += 1
+            stream.on_first_data = listener.left_handshake
             mux.control(addr, conv, SYNACK, 0, 0, MAGIC)
             on_stream(stream)
 

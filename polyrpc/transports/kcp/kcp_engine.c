@@ -314,6 +314,21 @@ void kcp_set_ack_delay(kcp_engine *k, int delay_ms, int batch)
 }
 
 
+void kcp_shrink(kcp_engine *k)
+{
+    pool_drain(k);
+    if (k->nacks == 0) {
+        free(k->acks);
+        k->acks = NULL;
+        k->acks_cap = 0;
+    }
+    if (k->outq_len == 0) {
+        free(k->outq);
+        k->outq = NULL;
+        k->outq_cap = k->outq_off = 0;
+    }
+}
+
 uint32_t kcp_conv(const kcp_engine *k) { return k->conv; }
 int kcp_dead(const kcp_engine *k) { return (int)k->dead; }
 uint32_t kcp_waitsnd(const kcp_engine *k) { return k->snd_buf.count + k->snd_queue.count; }
@@ -632,6 +647,10 @@ int kcp_take_output(kcp_engine *k, uint8_t *buf, size_t cap, uint32_t *lens, int
 
 static void update_rtt(kcp_engine *k, int32_t rtt)
 {
+    /* the sample comes from the timestamp the peer echoes: one from a forged or broken peer
+       can be up to 2**31 ms, and the sums below would overflow (found by fuzzing) */
+    if (rtt > RTO_MAX)
+        rtt = RTO_MAX;
     if (k->rx_srtt == 0) {
         k->rx_srtt = rtt;
         k->rx_rttval = rtt / 2;

@@ -12,9 +12,12 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <linux/errqueue.h>
 #include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/timerfd.h>
 #include <sys/uio.h>
@@ -24,6 +27,7 @@
 #define BATCH 64
 #define POLL_BUDGET 1024
 #define RECV_SLOT 2048
+#define ERRQUEUE_BUDGET 64
 
 typedef struct msess {
     kcp_engine *k;
@@ -68,12 +72,84 @@ struct kcp_mux {
     uint8_t *rbuf;
     uint32_t rslot;
     int pending_errno;
+    int recverr;          /* ICMP errors are read from the socket's error queue */
+    int errq_pending;     /* a send failed with an ICMP error: drain the error queue */
+    uint32_t cookie_ms;   /* SYN cookie time bucket, 0: cookies off */
+    uint32_t cookie_bucket;
+    uint8_t secret[2][16]; /* [0] this bucket's, [1] the previous bucket's */
     uint32_t now;
     int tfd;           /* timerfd: readable when the next session deadline is due */
+    int efd;           /* epoll fd watching the socket: what the event loop watches */
     uint32_t armed_at; /* when it fires, if timer_armed */
     int timer_armed;
     kmux_stats st;
 };
+
+static inline uint32_t rd32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
+           ((uint32_t)p[3] << 24);
+}
+
+static inline void wr32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+
+static inline uint64_t rd64(const uint8_t *p)
+{
+    return (uint64_t)rd32(p) | ((uint64_t)rd32(p + 4) << 32);
+}
+
+/* ---- SipHash-2-4 (Aumasson & Bernstein), the SYN cookie's MAC ---------------- */
+
+#define ROTL64(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND(v0, v1, v2, v3)                                                              \
+    do {                                                                                      \
+        v0 += v1;                                                                             \
+        v1 = ROTL64(v1, 13);                                                                  \
+        v1 ^= v0;                                                                             \
+        v0 = ROTL64(v0, 32);                                                                  \
+        v2 += v3;                                                                             \
+        v3 = ROTL64(v3, 16);                                                                  \
+        v3 ^= v2;                                                                             \
+        v0 += v3;                                                                             \
+        v3 = ROTL64(v3, 21);                                                                  \
+        v3 ^= v0;                                                                             \
+        v2 += v1;                                                                             \
+        v1 = ROTL64(v1, 17);                                                                  \
+        v1 ^= v2;                                                                             \
+        v2 = ROTL64(v2, 32);                                                                  \
+    } while (0)
+
+uint64_t kcp_siphash24(const uint8_t *key, const uint8_t *data, size_t len)
+{
+    uint64_t k0 = rd64(key), k1 = rd64(key + 8);
+    uint64_t v0 = 0x736f6d6570736575ULL ^ k0, v1 = 0x646f72616e646f6dULL ^ k1;
+    uint64_t v2 = 0x6c7967656e657261ULL ^ k0, v3 = 0x7465646279746573ULL ^ k1;
+    size_t whole = len - len % 8;
+    for (size_t i = 0; i < whole; i += 8) {
+        uint64_t m = rd64(data + i);
+        v3 ^= m;
+        SIPROUND(v0, v1, v2, v3);
+        SIPROUND(v0, v1, v2, v3);
+        v0 ^= m;
+    }
+    uint64_t last = (uint64_t)(len & 0xff) << 56;
+    for (size_t i = 0; i < len % 8; i++)
+        last |= (uint64_t)data[whole + i] << (8 * i);
+    v3 ^= last;
+    SIPROUND(v0, v1, v2, v3);
+    SIPROUND(v0, v1, v2, v3);
+    v0 ^= last;
+    v2 ^= 0xff;
+    for (int i = 0; i < 4; i++)
+        SIPROUND(v0, v1, v2, v3);
+    return v0 ^ v1 ^ v2 ^ v3;
+}
 
 /* ---- addresses --------------------------------------------------------- */
 
@@ -197,6 +273,153 @@ static int grow_buckets(kcp_mux *m)
     return 0;
 }
 
+/* ---- SYN cookies ------------------------------------------------------------ */
+
+/* Fill out with n bytes from the kernel's CSPRNG; -1 if it cannot be read. */
+static int fill_random(uint8_t *out, size_t n)
+{
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = getrandom(out + got, n - got, 0);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        got += (size_t)r;
+    }
+    return 0;
+}
+
+/* Move to the time bucket of now: the current secret becomes the previous one and a fresh
+   one is drawn (both are fresh after a gap of more than one bucket). */
+static void cookie_rotate(kcp_mux *m, uint32_t now)
+{
+    uint32_t bucket = now / m->cookie_ms;
+    if (bucket == m->cookie_bucket)
+        return;
+    if (bucket == m->cookie_bucket + 1)
+        memcpy(m->secret[1], m->secret[0], sizeof m->secret[0]);
+    else if (fill_random(m->secret[1], sizeof m->secret[1]) < 0)
+        return; /* keep the old secrets (still secret) rather than weak ones */
+    if (fill_random(m->secret[0], sizeof m->secret[0]) < 0)
+        return;
+    m->cookie_bucket = bucket;
+}
+
+/* MAC(secret, address family | port | address | conv | bucket), 64 bits */
+static uint64_t cookie_mac(const uint8_t *secret, const uint8_t *key, uint32_t n, uint32_t conv,
+                           uint32_t bucket)
+{
+    uint8_t msg[28];
+    memcpy(msg, key, n);
+    wr32(msg + n, conv);
+    wr32(msg + n + 4, bucket);
+    return kcp_siphash24(secret, msg, n + 8);
+}
+
+int kmux_set_cookies(kcp_mux *m, uint32_t bucket_ms)
+{
+    if (bucket_ms == 0) {
+        m->cookie_ms = 0;
+        return 0;
+    }
+    if (fill_random(m->secret[0], sizeof m->secret[0]) < 0 ||
+        fill_random(m->secret[1], sizeof m->secret[1]) < 0)
+        return -1;
+    m->cookie_ms = bucket_ms;
+    m->cookie_bucket = kcp_now_ms() / bucket_ms;
+    return 0;
+}
+
+/* Answer a SYN without a valid cookie (no state is kept: the answer is computed again) or
+   let it through (1). Cookies of this bucket and the previous one are valid. */
+static int cookie_check(kcp_mux *m, const uint8_t *addr, uint32_t addrlen, uint32_t conv,
+                        uint32_t ts, uint32_t sn)
+{
+    uint8_t key[20];
+    uint32_t n = addr_key(addr, addrlen, key);
+    if (!n)
+        return 0;
+    cookie_rotate(m, m->now);
+    uint64_t echoed = ((uint64_t)ts << 32) | sn;
+    if (echoed == cookie_mac(m->secret[0], key, n, conv, m->cookie_bucket) ||
+        echoed == cookie_mac(m->secret[1], key, n, conv, m->cookie_bucket - 1)) {
+        m->st.cookies_accepted++;
+        return 1;
+    }
+    uint64_t cookie = cookie_mac(m->secret[0], key, n, conv, m->cookie_bucket);
+    kmux_ctrl(m, addr, addrlen, conv, KCP_CTL_COOKIE, 0, (uint32_t)(cookie >> 32),
+              (uint32_t)cookie, KCP_MAGIC);
+    m->st.cookies_sent++;
+    return 0;
+}
+
+/* ---- ICMP errors ---------------------------------------------------------------- */
+
+int kmux_set_recverr(kcp_mux *m, int on)
+{
+    int v = on ? 1 : 0;
+    int ok4 = setsockopt(m->fd, SOL_IP, IP_RECVERR, &v, sizeof v) == 0;
+    int ok6 = setsockopt(m->fd, SOL_IPV6, IPV6_RECVERR, &v, sizeof v) == 0;
+    m->recverr = on && (ok4 || ok6);
+    return ok4 || ok6 ? 0 : -errno;
+}
+
+static int add_event(kmux_event *ev, int *n, int maxev, int32_t sid, int32_t type, int32_t err);
+
+/* Read the socket's error queue: an ICMP port unreachable names the destination and
+   quotes our datagram (its conv), so it ends exactly that session: its peer's process is
+   gone. Other ICMP errors (host unreachable...) may pass and are only counted. */
+static void drain_errqueue(kcp_mux *m, kmux_event *ev, int *n, int maxev)
+{
+    m->errq_pending = 0;
+    for (int i = 0; i < ERRQUEUE_BUDGET; i++) {
+        uint8_t data[KCP_HEADER];
+        struct sockaddr_storage name;
+        union {
+            uint8_t buf[256];
+            struct cmsghdr align;
+        } ctl;
+        struct iovec iov = {data, sizeof data};
+        struct msghdr msg;
+        memset(&msg, 0, sizeof msg);
+        msg.msg_name = &name;
+        msg.msg_namelen = sizeof name;
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = ctl.buf;
+        msg.msg_controllen = sizeof ctl.buf;
+        ssize_t r = recvmsg(m->fd, &msg, MSG_ERRQUEUE | MSG_DONTWAIT);
+        m->st.syscalls_in++;
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return;
+        }
+        m->st.icmp_errors++;
+        struct sock_extended_err ee;
+        int found = 0;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+            if ((c->cmsg_level == SOL_IP && c->cmsg_type == IP_RECVERR) ||
+                (c->cmsg_level == SOL_IPV6 && c->cmsg_type == IPV6_RECVERR)) {
+                memcpy(&ee, CMSG_DATA(c), sizeof ee);
+                found = 1;
+            }
+        }
+        if (!found || r < 4 || ee.ee_errno != ECONNREFUSED ||
+            (ee.ee_origin != SO_EE_ORIGIN_ICMP && ee.ee_origin != SO_EE_ORIGIN_ICMP6))
+            continue;
+        msess *s = lookup(m, (const uint8_t *)&name, msg.msg_namelen, rd32(data));
+        if (s && !s->dead && add_event(ev, n, maxev, s->sid, KMUX_EV_DEAD, 3) == 0) {
+            s->dead = 1;
+            s->has_deadline = 0;
+            m->st.peers_unreachable++;
+        }
+    }
+    m->errq_pending = 1; /* more than the budget: the rest on the next poll */
+}
+
 /* ---- construction -------------------------------------------------------- */
 
 static int size_slots(kcp_mux *m, uint32_t slot)
@@ -238,7 +461,13 @@ kcp_mux *kmux_new(int fd, int batch)
     m->nbuckets = 16;
     m->buckets = (msess **)calloc(m->nbuckets, sizeof(msess *));
     m->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-    if (!m->buckets || m->tfd < 0 || size_slots(m, RECV_SLOT) < 0) {
+    m->efd = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event watch;
+    memset(&watch, 0, sizeof watch);
+    watch.events = EPOLLIN;
+    watch.data.fd = fd;
+    if (!m->buckets || m->tfd < 0 || m->efd < 0 || size_slots(m, RECV_SLOT) < 0 ||
+        epoll_ctl(m->efd, EPOLL_CTL_ADD, fd, &watch) < 0) {
         kmux_free(m);
         return NULL;
     }
@@ -263,10 +492,14 @@ void kmux_free(kcp_mux *m)
     free(m->rbuf);
     if (m->tfd > 0)
         close(m->tfd);
+    if (m->efd > 0)
+        close(m->efd);
     free(m);
 }
 
 int kmux_timer_fd(const kcp_mux *m) { return m->tfd; }
+
+int kmux_poll_fd(const kcp_mux *m) { return m->efd; }
 
 static void flush_sends(kcp_mux *m);
 
@@ -302,7 +535,9 @@ static void flush_sends(kcp_mux *m)
         if (r < 0) {
             if (errno == EINTR)
                 continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != ENOBUFS)
+            if (m->recverr && !m->connected)
+                m->errq_pending = 1; /* an ICMP error for one peer: not the socket's */
+            else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != ENOBUFS)
                 m->pending_errno = errno;
             /* drop the rest: KCP retransmits */
             m->st.send_drops += (uint64_t)(m->nsend - off);
@@ -597,7 +832,7 @@ int kmux_flush(kcp_mux *m, kmux_event *ev, int maxev)
 
 static void send_rst(kcp_mux *m, const uint8_t *addr, uint32_t addrlen, uint32_t conv)
 {
-    kmux_ctrl(m, addr, addrlen, conv, KCP_CTL_RST, 0, 0, 0);
+    kmux_ctrl(m, addr, addrlen, conv, KCP_CTL_RST, 0, 0, 0, 0);
     m->st.resets_sent++;
 }
 
@@ -613,8 +848,18 @@ static void on_datagram(kcp_mux *m, const uint8_t *data, uint32_t len, const uin
     uint32_t conv = (uint32_t)data[0] | ((uint32_t)data[1] << 8) | ((uint32_t)data[2] << 16) |
                     ((uint32_t)data[3] << 24);
     uint8_t cmd = data[4];
-    if (cmd >= KCP_CTL_SYN && cmd <= KCP_CTL_RST) {
+    if (cmd >= KCP_CTL_SYN && cmd <= KCP_CTL_COOKIE) {
         msess *s = lookup(m, addr, addrlen, conv);
+        uint32_t ts = rd32(data + 8), sn = rd32(data + 12), una = rd32(data + 16);
+        if (cmd == KCP_CTL_SYN && !s && m->cookie_ms) {
+            /* an unverified address: a stateless answer, nothing kept, Python not woken */
+            if (una != KCP_MAGIC) {
+                m->st.dropped_bad_cmd++;
+                return;
+            }
+            if (!cookie_check(m, addr, addrlen, conv, ts, sn))
+                return;
+        }
         if (*n >= maxev)
             return;
         kmux_event *e = &ev[(*n)++];
@@ -624,10 +869,9 @@ static void on_datagram(kcp_mux *m, const uint8_t *data, uint32_t len, const uin
         e->conv = conv;
         e->cmd = cmd;
         e->frg = data[5];
-        e->sn = (uint32_t)data[12] | ((uint32_t)data[13] << 8) | ((uint32_t)data[14] << 16) |
-                ((uint32_t)data[15] << 24);
-        e->una = (uint32_t)data[16] | ((uint32_t)data[17] << 8) | ((uint32_t)data[18] << 16) |
-                 ((uint32_t)data[19] << 24);
+        e->ts = ts;
+        e->sn = sn;
+        e->una = una;
         e->addrlen = (uint16_t)(addrlen > 28 ? 28 : addrlen);
         memcpy(e->addr, addr, e->addrlen);
         if (s)
@@ -667,6 +911,7 @@ int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, int hint, uint8_t *buf, siz
               int32_t *out)
 {
     int n = 0, total = 0;
+    int errors = 0;
     uint32_t now = m->now = kcp_now_ms();
     out[0] = out[1] = 0;
     while (n <= maxev - m->batch && total < POLL_BUDGET) {
@@ -675,8 +920,13 @@ int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, int hint, uint8_t *buf, siz
         if (r < 0) {
             if (errno == EINTR)
                 continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK)
-                add_event(ev, &n, maxev, -1, KMUX_EV_ERROR, errno);
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            if (m->recverr && !m->connected && ++errors < 8) {
+                m->errq_pending = 1; /* one peer's ICMP error, reported once: read on */
+                continue;
+            }
+            add_event(ev, &n, maxev, -1, KMUX_EV_ERROR, errno);
             break;
         }
         for (int i = 0; i < r; i++) {
@@ -697,6 +947,9 @@ int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, int hint, uint8_t *buf, siz
         if (r < m->batch)
             break;
     }
+    /* woken without data: the error queue may be what made the socket readable */
+    if (m->recverr && !m->connected && (m->errq_pending || total == 0))
+        drain_errqueue(m, ev, &n, maxev);
     /* the hinted session's bytes go straight into the caller's buffer */
     msess *h = get(m, hint);
     if (h && cap && kcp_readable(h->k)) {
@@ -745,8 +998,10 @@ int kmux_tick(kcp_mux *m, kmux_event *ev, int maxev)
             continue;
         }
         if (s->established && s->keepalive_ms &&
-            DIFF(now, s->last_send + s->keepalive_ms) >= 0)
+            DIFF(now, s->last_send + s->keepalive_ms) >= 0) {
             kcp_tell_window(s->k);
+            kcp_shrink(s->k); /* idle: an idle connection keeps no spare segments */
+        }
         kcp_flush(s->k, now);
         after_flush(m, s, ev, &n, maxev);
     }
@@ -776,29 +1031,24 @@ int32_t kmux_next_delay(kcp_mux *m, uint32_t now)
 }
 
 int kmux_ctrl(kcp_mux *m, const uint8_t *addr, uint32_t addrlen, uint32_t conv, uint8_t cmd,
-              uint8_t frg, uint32_t sn, uint32_t una)
+              uint8_t frg, uint32_t ts, uint32_t sn, uint32_t una)
 {
     uint8_t p[KCP_HEADER];
     memset(p, 0, sizeof p);
-    p[0] = (uint8_t)conv;
-    p[1] = (uint8_t)(conv >> 8);
-    p[2] = (uint8_t)(conv >> 16);
-    p[3] = (uint8_t)(conv >> 24);
+    wr32(p, conv);
     p[4] = cmd;
     p[5] = frg;
-    p[12] = (uint8_t)sn;
-    p[13] = (uint8_t)(sn >> 8);
-    p[14] = (uint8_t)(sn >> 16);
-    p[15] = (uint8_t)(sn >> 24);
-    p[16] = (uint8_t)una;
-    p[17] = (uint8_t)(una >> 8);
-    p[18] = (uint8_t)(una >> 16);
-    p[19] = (uint8_t)(una >> 24);
+    wr32(p + 8, ts);
+    wr32(p + 12, sn);
+    wr32(p + 16, una);
     ssize_t r = sendto(m->fd, p, sizeof p, MSG_DONTWAIT, (const struct sockaddr *)addr,
                        (socklen_t)addrlen);
     m->st.syscalls_out++;
-    if (r < 0)
+    if (r < 0) {
+        if (m->recverr && !m->connected)
+            m->errq_pending = 1; /* an ICMP error surfaced here: its details are queued */
         return -errno;
+    }
     m->st.datagrams_out++;
     m->st.bytes_out += sizeof p;
     return 0;

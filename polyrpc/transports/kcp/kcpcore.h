@@ -27,7 +27,9 @@
 #define KCP_CTL_FIN 0xC2
 #define KCP_CTL_FINACK 0xC3
 #define KCP_CTL_RST 0xC4
+#define KCP_CTL_COOKIE 0xC5
 
+#define KCP_MAGIC 0x50524B31 /* "PRK1" in SYN/SYNACK/COOKIE una: polyrpc's handshake */
 #define KCP_HEADER 24
 #define KCP_MAX_MTU 9000
 
@@ -81,6 +83,8 @@ void kcp_tell_window(kcp_engine *k);
 int kcp_tell_pending(const kcp_engine *k);
 /* replace the sans-IO queue by a hook called once per outgoing datagram */
 void kcp_set_output(kcp_engine *k, void (*fn)(const uint8_t *, uint32_t, void *), void *user);
+/* free what an idle engine keeps for speed (its segment pool, ack and output buffers) */
+void kcp_shrink(kcp_engine *k);
 uint32_t kcp_conv(const kcp_engine *k);
 int kcp_dead(const kcp_engine *k);
 uint32_t kcp_waitsnd(const kcp_engine *k);
@@ -96,7 +100,8 @@ typedef struct kcp_mux kcp_mux;
 enum {
     KMUX_EV_DATA = 1,     /* sid has bytes to read */
     KMUX_EV_CTRL = 2,     /* control datagram (cmd, frg, sn, una, addr); sid -1 if unknown */
-    KMUX_EV_DEAD = 3,     /* sid: err 1 dead link (retransmit limit), 2 idle timeout */
+    KMUX_EV_DEAD = 3,     /* sid: err 1 dead link (retransmit limit), 2 idle timeout,
+                             3 ICMP port unreachable for the peer (its process is gone) */
     KMUX_EV_WRITABLE = 4, /* sid: queued bytes fell to the armed mark */
     KMUX_EV_ERROR = 5     /* socket error: err = errno */
 };
@@ -106,6 +111,7 @@ typedef struct kmux_event {
     int32_t type;
     int32_t err;
     uint32_t conv;
+    uint32_t ts;
     uint32_t sn;
     uint32_t una;
     uint8_t cmd;
@@ -123,6 +129,7 @@ typedef struct kmux_stats {
     uint64_t datagrams_in, datagrams_out, bytes_in, bytes_out;
     uint64_t dropped_short, dropped_oversize, dropped_bad_cmd, dropped_unknown;
     uint64_t dropped_malformed, send_drops, resets_sent, syscalls_in, syscalls_out;
+    uint64_t cookies_sent, cookies_accepted, icmp_errors, peers_unreachable;
     uint32_t sessions;
 } kmux_stats;
 
@@ -131,6 +138,14 @@ kcp_mux *kmux_new(int fd, int batch);
 void kmux_free(kcp_mux *m);
 /* the socket is connect()ed to its one peer: datagrams are sent without an address */
 void kmux_set_connected(kcp_mux *m, int connected);
+/* Stateless SYN cookies (a listener): a SYN for an unknown (address, conv) is answered
+   with a COOKIE datagram computed from a secret, the address, the conv and a time bucket
+   of bucket_ms, and reaches Python (as a CTRL event) only once it echoes a valid cookie.
+   The secret is replaced every bucket; a cookie is valid for 1 to 2 buckets. 0: off. */
+int kmux_set_cookies(kcp_mux *m, uint32_t bucket_ms);
+/* The socket has IP_RECVERR/IPV6_RECVERR set: ICMP port unreachable for a session's peer
+   (read from the error queue) ends that session (a DEAD event, err 3). */
+int kmux_set_recverr(kcp_mux *m, int on);
 int kmux_open(kcp_mux *m, const uint8_t *addr, uint32_t addrlen, uint32_t conv,
               const kmux_config *cfg);
 /* free a session; its owed acknowledgements are sent first */
@@ -151,6 +166,10 @@ int kmux_poll(kcp_mux *m, kmux_event *ev, int maxev, int hint, uint8_t *buf, siz
 int kmux_flush(kcp_mux *m, kmux_event *ev, int maxev);
 int kmux_tick(kcp_mux *m, kmux_event *ev, int maxev);
 int kmux_timer_fd(const kcp_mux *m);
+/* An epoll fd watching the socket for input: the event loop watches this one, so the
+   socket's error state (an ICMP error, POLLERR) reaches kmux_poll as plain readability
+   instead of the loop's own error handling (libuv stops a poll handle on POLLERR). */
+int kmux_poll_fd(const kcp_mux *m);
 /* kmux_send, then (if flush) kmux_flush (*nev = its events);
    returns the bytes queued or unacknowledged, <0 on error */
 int64_t kmux_write(kcp_mux *m, int sid, const uint8_t *data, size_t len, int flush,
@@ -158,7 +177,9 @@ int64_t kmux_write(kcp_mux *m, int sid, const uint8_t *data, size_t len, int flu
 int32_t kmux_next_delay(kcp_mux *m, uint32_t now);
 int kmux_has_dirty(const kcp_mux *m);
 int kmux_ctrl(kcp_mux *m, const uint8_t *addr, uint32_t addrlen, uint32_t conv, uint8_t cmd,
-              uint8_t frg, uint32_t sn, uint32_t una);
+              uint8_t frg, uint32_t ts, uint32_t sn, uint32_t una);
+/* SipHash-2-4 of data under a 16-byte key (the cookie's MAC; exported for its tests) */
+uint64_t kcp_siphash24(const uint8_t *key, const uint8_t *data, size_t len);
 void kmux_get_stats(const kcp_mux *m, kmux_stats *out);
 
 /* address helpers: text <-> raw sockaddr bytes */

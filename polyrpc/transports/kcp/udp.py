@@ -7,9 +7,10 @@ session above batches a loop turn's writes), and only handles events.
 
 KCP has no connection set-up or tear-down, so polyrpc adds control datagrams with
 the same 24-byte header shape and commands outside KCP's range (see
-docs/transports/kcp.md): SYN/SYNACK open, FIN/FINACK close (FIN carries the
-sequence number after the last data segment, so EOF is delivered only once all
-data has arrived), RST aborts.
+docs/transports/kcp.md): SYN/COOKIE/SYN/SYNACK open (a listener answers a SYN from an
+unverified address statelessly, in C, with a cookie the client must echo), FIN/FINACK
+close (FIN carries the sequence number after the last data segment, so EOF is delivered
+only once all data has arrived), RST aborts.
 """
 
 from __future__ import annotations
@@ -39,9 +40,14 @@ FIN_RETRY = 0.1
 FIN_RETRY_MAX = 1.0
 FULL_CLOSE = 1
 ACK_BATCH = 16
+COOKIE_BUCKET_MS = 5000
+"""A listener's SYN cookies change their secret this often; one is valid 1 to 2 buckets."""
+BUSY = 1
+"""RST ``frg`` bit: the listener is at its handshake cap (``backlog``), try again later."""
 
 EV_DATA, EV_CTRL, EV_DEAD, EV_WRITABLE, EV_ERROR = 1, 2, 3, 4, 5
-SYN, SYNACK, FIN, FINACK, RST = 0xC0, 0xC1, 0xC2, 0xC3, 0xC4
+SYN, SYNACK, FIN, FINACK, RST, COOKIE = 0xC0, 0xC1, 0xC2, 0xC3, 0xC4, 0xC5
+DEAD_LINK, DEAD_IDLE, DEAD_UNREACHABLE = 1, 2, 3
 
 
 MUX_STAT_FIELDS = (
@@ -58,6 +64,10 @@ MUX_STAT_FIELDS = (
     "resets_sent",
     "syscalls_in",
     "syscalls_out",
+    "cookies_sent",
+    "cookies_accepted",
+    "icmp_errors",
+    "peers_unreachable",
     "sessions",
 )
 
@@ -75,6 +85,8 @@ class KcpConfig:
     sndwnd: int
     rcvwnd: int
     timeout: float
+    keepalive: float = 1.0
+    backlog: int = 512
 
     def cdata(self) -> Any:
         """The settings as a C ``kmux_config``."""
@@ -100,8 +112,10 @@ class KcpConfig:
 
     @property
     def keepalive_ms(self) -> int:
-        """How long a session may stay silent before it sends a keepalive (a KCP WINS)."""
-        return max(100, int(self.timeout * 1000) // 4)
+        """How long a session may stay silent before it sends a keepalive (a KCP WINS): the
+        ``keepalive`` option, at most a quarter of ``timeout``. A keepalive to a peer whose
+        process is gone draws an ICMP port unreachable, which ends the session at once."""
+        return max(100, min(int(self.keepalive * 1000), int(self.timeout * 1000) // 4))
 
 
 def pack_address(host: str, port: int) -> bytes:
@@ -158,6 +172,12 @@ class Mux:
             raise MemoryError("kmux_new failed")
         self.c = raw
         lib.kmux_set_connected(raw, int(connected))
+        if acceptor is not None:
+            # a listener: SYNs answered statelessly in C, ICMP errors read per peer
+            if lib.kmux_set_cookies(raw, COOKIE_BUCKET_MS) < 0:
+                lib.kmux_free(raw)
+                raise OSError("no randomness for the kcp SYN cookie secret (getrandom failed)")
+            lib.kmux_set_recverr(raw, 1)
         self.acceptor = acceptor
         self.streams: dict[int, KcpStream] = {}
         self.events = ffi.new("kmux_event[]", EVENTS)
@@ -169,10 +189,11 @@ class Mux:
         self._in_poll = False
         self._out = ffi.new("int32_t[2]")
         self._timer_fd = lib.kmux_timer_fd(raw)
+        self._poll_fd = lib.kmux_poll_fd(raw)  # the socket, seen through an epoll fd
         self.hint: KcpStream | None = None
         self.closed = False
         self.keep_open = acceptor is not None
-        self.loop.add_reader(sock.fileno(), self._on_readable)
+        self.loop.add_reader(self._poll_fd, self._on_readable)
         self.loop.add_reader(self._timer_fd, self._on_timer)
 
     # -- running the C side -------------------------------------------------
@@ -188,16 +209,25 @@ class Mux:
             if hint is not None and not hint._paused:
                 get_buffer = hint._get_buffer
                 if get_buffer:
-                    target = ffi.from_buffer(get_buffer(READ_CHUNK), require_writable=True)
+                    # the export ends before any Python code runs (see _deliver)
+                    with ffi.from_buffer(get_buffer(READ_CHUNK), require_writable=True) as target:
+                        n = lib.kmux_poll(
+                            self.c, self.events, EVENTS, hint.sid, target, len(target), out
+                        )
                 else:
                     target = self.buffer_c
-                n = lib.kmux_poll(self.c, self.events, EVENTS, hint.sid, target, len(target), out)
+                    n = lib.kmux_poll(
+                        self.c, self.events, EVENTS, hint.sid, target, len(target), out
+                    )
                 got = out[0]
                 if got:
-                    if get_buffer:
-                        hint._buffer_updated(got)
+                    if hint.on_first_data is not None:
+                        hint._left_handshake()
+                    buffer_updated = hint._buffer_updated
+                    if buffer_updated is not None:
+                        buffer_updated(got)
                     else:
-                        hint.receiver.data_received(self.view[:got])
+                        self.deliver_copy(hint.receiver, got)
                     if hint._peer_fin_sn is not None:
                         hint._check_eof()
             else:
@@ -208,6 +238,15 @@ class Mux:
             self._busy = self._in_poll = False
         if not self.closed and lib.kmux_has_dirty(self.c):
             self._flush()
+
+    def deliver_copy(self, receiver: Any, n: int) -> None:
+        """Hand the first ``n`` bytes of the shared read buffer to a plain receiver; the view
+        is released when it returns (the buffer is reused: receivers copy what they keep)."""
+        view = self.view[:n]
+        try:
+            receiver.data_received(view)
+        finally:
+            view.release()
 
     def want_flush(self) -> None:
         """Something was written or read: send it now (the session above already batches
@@ -255,7 +294,7 @@ class Mux:
                     stream._deliver()
             elif kind == EV_CTRL:
                 addr = bytes(ffi.buffer(e.addr, e.addrlen))
-                self._on_control(e.sid, e.cmd, e.frg, e.conv, e.sn, e.una, addr)
+                self._on_control(e.sid, e.cmd, e.frg, e.conv, e.ts, e.sn, e.una, addr)
             elif kind == EV_ERROR:
                 self._on_socket_error(e.err)
             else:
@@ -268,7 +307,7 @@ class Mux:
                     stream._on_dead(e.err)
 
     def _on_control(
-        self, sid: int, cmd: int, frg: int, conv: int, sn: int, una: int, addr: bytes
+        self, sid: int, cmd: int, frg: int, conv: int, ts: int, sn: int, una: int, addr: bytes
     ) -> None:
         stream = self.streams.get(sid) if sid >= 0 else None
         if cmd == SYN:
@@ -276,7 +315,7 @@ class Mux:
                 return
             if stream is not None:
                 self.control(addr, conv, SYNACK, 0, 0, MAGIC)
-            elif self.acceptor is not None:
+            elif self.acceptor is not None:  # C checked its cookie: the address is real
                 self.acceptor(conv, addr, sn, una)
             else:
                 self.control(addr, conv, RST)
@@ -285,13 +324,15 @@ class Mux:
                 self.control(addr, conv, FINACK, frg, sn)
         elif cmd == SYNACK:
             stream._on_synack(una)
+        elif cmd == COOKIE:
+            stream._on_cookie(ts, sn, una)
         elif cmd == FIN:
             self.control(addr, conv, FINACK, frg, sn)
             stream._on_fin(sn, bool(frg & FULL_CLOSE))
         elif cmd == FINACK:
             stream._on_finack(bool(frg & FULL_CLOSE))
         elif cmd == RST:
-            stream._on_rst()
+            stream._on_rst(bool(frg & BUSY))
 
     def _on_socket_error(self, err: int) -> None:
         if self.acceptor is not None:
@@ -301,11 +342,18 @@ class Mux:
 
     # -- helpers for streams ------------------------------------------------
     def control(
-        self, addr: bytes, conv: int, cmd: int, frg: int = 0, sn: int = 0, una: int = 0
+        self,
+        addr: bytes,
+        conv: int,
+        cmd: int,
+        frg: int = 0,
+        sn: int = 0,
+        una: int = 0,
+        ts: int = 0,
     ) -> None:
         """Send one control datagram at once."""
         if not self.closed:
-            lib.kmux_ctrl(self.c, addr, len(addr), conv, cmd, frg, sn, una)
+            lib.kmux_ctrl(self.c, addr, len(addr), conv, cmd, frg, ts, sn, una)
 
     def open_session(self, addr: bytes, conv: int, config: KcpConfig) -> int:
         """Create the C session for (addr, conv); returns its id."""
@@ -335,7 +383,7 @@ class Mux:
         if self.closed:
             return
         self.closed = True
-        self.loop.remove_reader(self.sock.fileno())
+        self.loop.remove_reader(self._poll_fd)
         self.loop.remove_reader(self._timer_fd)
         lib.kmux_free(self.c)
         self.c = ffi.NULL
@@ -408,6 +456,8 @@ class KcpStream(Stream):
         self._fin_timer: asyncio.TimerHandle | None = None
         self._fin_delay = FIN_RETRY
         self._connected: asyncio.Future[None] | None = None
+        self._cookie = 0
+        self.on_first_data: Callable[[], None] | None = None
         self._done: asyncio.Future[None] = mux.loop.create_future()
         self._gone = False
         mux.streams[sid] = self
@@ -448,25 +498,31 @@ class KcpStream(Stream):
         self._deliver_scheduled = False
         if self._gone or self._paused:
             return
+        if self.on_first_data is not None:
+            self._left_handshake()
         mux = self.mux
         mux.hint = self
         c, sid, receiver = mux.c, self.sid, self.receiver
-        if self._buffered_receiver:
+        get_buffer, buffer_updated = self._get_buffer, self._buffer_updated
+        if get_buffer is not None and buffer_updated is not None:
             avail = lib.kcp_readable(self._engine)
             while avail > 0 and not self._paused and not self._gone:
-                target = ffi.from_buffer(receiver.get_buffer(avail), require_writable=True)
-                n = lib.kmux_read(c, sid, target, len(target))
+                # A cffi export left alive (a traceback keeps this frame) pins the
+                # decoder's buffer, and once the cyclic GC clears the memoryview before the
+                # export, CPython crashes (SIGSEGV in memory_dealloc): it ends right here.
+                with ffi.from_buffer(get_buffer(avail), require_writable=True) as target:
+                    n = lib.kmux_read(c, sid, target, len(target))
                 if n <= 0:
                     break
                 avail -= n
-                receiver.buffer_updated(n)
+                buffer_updated(n)
         else:
             n = READ_CHUNK
             while n == READ_CHUNK and not self._paused and not self._gone:
                 n = lib.kmux_read(c, sid, mux.buffer_c, READ_CHUNK)
                 if n <= 0:
                     break
-                receiver.data_received(mux.view[:n])
+                mux.deliver_copy(receiver, n)
         if self._peer_fin_sn is not None:
             self._check_eof()
         if not mux._in_poll and not self._gone and lib.kmux_has_dirty(c):
@@ -504,12 +560,16 @@ class KcpStream(Stream):
         queued = nev = 0
         for i, buf in enumerate(buffers):
             data = buf if type(buf) is bytes else ffi.from_buffer(buf)
-            if flush and i == last:
-                out = mux._out
-                queued = lib.kmux_write(c, sid, data, len(buf), 1, mux.events, EVENTS, out)
-                nev = out[0]
-            else:
-                queued = lib.kmux_send(c, sid, data, len(buf))
+            try:
+                if flush and i == last:
+                    out = mux._out
+                    queued = lib.kmux_write(c, sid, data, len(buf), 1, mux.events, EVENTS, out)
+                    nev = out[0]
+                else:
+                    queued = lib.kmux_send(c, sid, data, len(buf))
+            finally:
+                if data is not buf:
+                    ffi.release(data)  # the caller's buffer is exported only for the call
             if queued < 0:
                 raise ConnectionLost("kcp session is dead")
         if not flush:
@@ -563,6 +623,22 @@ class KcpStream(Stream):
             self._maybe_finish_close()
 
     # -- control -----------------------------------------------------------
+    def send_syn(self) -> None:
+        """Dialling: (re)send SYN, echoing the listener's cookie once one came."""
+        cookie = self._cookie
+        self.mux.control(self.peer, self.conv, SYN, 0, cookie & 0xFFFFFFFF, MAGIC, cookie >> 32)
+
+    def _on_cookie(self, ts: int, sn: int, una: int) -> None:
+        if self._connected is not None and not self._connected.done() and una == MAGIC:
+            self._cookie = (ts << 32) | sn
+            self.send_syn()
+
+    def _left_handshake(self) -> None:
+        """The first bytes arrived (or the stream ended): no longer counted in the backlog."""
+        callback, self.on_first_data = self.on_first_data, None
+        if callback is not None:
+            callback()
+
     def _on_synack(self, una: int) -> None:
         if self._connected is not None and not self._connected.done():
             if una != MAGIC:
@@ -591,11 +667,13 @@ class KcpStream(Stream):
             connected.set_exception(exc)
             connected.exception()
 
-    def _on_rst(self) -> None:
+    def _on_rst(self, busy: bool = False) -> None:
         if self._connected is not None and not self._connected.done():
-            self._fail_connect(
-                ConnectFailed("the kcp peer refused the connection (nothing listens there)")
-            )
+            if busy:
+                reason = "the kcp server is busy (too many connections in the handshake)"
+            else:
+                reason = "the kcp peer refused the connection (nothing listens there)"
+            self._fail_connect(ConnectFailed(reason))
             return
         if self._closed and self._fin_acked and self._fin_full:
             self._finish(None)  # the peer already had everything and forgot us
@@ -603,8 +681,10 @@ class KcpStream(Stream):
             self._finish(ConnectionLost("kcp connection reset by peer"))
 
     def _on_dead(self, reason: int) -> None:
-        if reason == 1:
+        if reason == DEAD_LINK:
             message = "kcp peer unreachable: a segment was retransmitted too often (dead link)"
+        elif reason == DEAD_UNREACHABLE:
+            message = "kcp peer gone: ICMP port unreachable (its process has ended)"
         else:
             message = f"kcp peer silent for {self.config.timeout:g}s (idle timeout)"
         self._fail_connect(ConnectFailed(message))
@@ -653,6 +733,7 @@ class KcpStream(Stream):
         if self._gone:
             return
         self._gone = True
+        self._left_handshake()
         if self._fin_timer is not None:
             self._fin_timer.cancel()
             self._fin_timer = None

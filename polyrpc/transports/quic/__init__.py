@@ -9,11 +9,14 @@ client opts out with ``?insecure=1`` (warned) or pins ``?fingerprint=``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import ipaddress
 import os
 import socket
 import ssl
+import struct
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,11 +24,16 @@ from typing import Any
 from aioquic.buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.packet import (
+    QuicErrorCode,
+    QuicFrameType,
     QuicPacketType,
+    encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
+from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.tls import SessionTicket
 from cryptography.hazmat.primitives import serialization
 
@@ -56,6 +64,14 @@ frame lengths as 2-byte varints (< 16384), so larger packets would corrupt frame
 NETWORK_DATAGRAM = 1350
 """Datagram size elsewhere: fits common 1500-byte paths with IPv6 and tunnels."""
 
+RETRY_WHEN_HANDSHAKING = 8
+"""With ``retry=auto``, Initials from unvalidated addresses get a stateless Retry once this many
+connections are in the handshake (a spoofed flood then costs one small packet per Initial)."""
+TOKEN_LIFETIME = 10.0
+"""Seconds a Retry token stays valid (the client echoes it within one round trip)."""
+_TOKEN_HEAD = struct.Struct("!IB")  # issue time (unix seconds), original DCID length
+_TOKEN_MAC = 16
+
 __all__ = ["ALPN", "QuicListener", "QuicStream", "QuicTransport", "development_certificate"]
 
 
@@ -75,10 +91,19 @@ OPTIONS = {
     "fingerprint": Option(
         _fingerprint_text, "client: accept only this SHA-256 certificate fingerprint (pinning)"
     ),
-    "timeout": Option(number(0.1, 600), "client: seconds to wait for the handshake", 5.0),
+    "timeout": Option(
+        number(0.1, 600),
+        "seconds a handshake may take (client: waiting; server: then dropped)",
+        5.0,
+    ),
     "idle": Option(number(0.2, 86400), "seconds without packets before the connection dies", 30.0),
     "keepalive": Option(
         number(0, 86400), "seconds between keepalive PINGs when idle (0: none)", 10.0
+    ),
+    "probe": Option(
+        number(0, 86400),
+        "seconds of silence while data is moving before a PING checks the peer (0: off)",
+        1.0,
     ),
     "window": Option(
         integer(64 << 10, 1 << 30),
@@ -92,6 +117,17 @@ OPTIONS = {
     ),
     "buffer": Option(
         integer(64 << 10, 1 << 30), "bytes of unacknowledged data before writers wait", None
+    ),
+    "retry": Option(
+        choice("auto", "always", "never"),
+        "server: validate client addresses with a stateless Retry: always, never, or auto "
+        f"(once {RETRY_WHEN_HANDSHAKING} connections are in the handshake)",
+        "auto",
+    ),
+    "max_handshaking": Option(
+        integer(1, 1 << 20),
+        "server: most connections in the QUIC handshake at once (more are refused)",
+        256,
     ),
 }
 
@@ -154,8 +190,10 @@ def _high_water(opts: dict[str, Any]) -> int:
     return opts["buffer"] or max(DEFAULT_HIGH_WATER, opts["window"] // 4)
 
 
-_session_tickets: dict[tuple[str, int, str], SessionTicket] = {}
-"""Client-side TLS session tickets by (host, port, server name), for fast reconnects."""
+_session_tickets: dict[tuple[str, int, str, str | None], tuple[SessionTicket, Any]] = {}
+"""Client-side TLS session tickets, for fast reconnects: by (host, port, server name, trust)
+(the CA file when the chain is verified, None when it is not), each with the certificate
+that the full handshake behind it presented (a resumed handshake presents none)."""
 
 
 def _system_ca_file() -> str | None:
@@ -197,13 +235,19 @@ class _ClientDriver(Driver):
 
     def socket_error(self, exc: OSError) -> None:
         stream = self.stream
-        if stream is not None and not stream.handshake.done():
+        if stream is None:
+            return
+        if not stream.handshake.done():
             self.error = exc
             stream.handshake.set_exception(exc)
+        elif isinstance(exc, ConnectionRefusedError):
+            stream.peer_refused()
 
     def finished(self, stream: QuicStream) -> None:
-        if self.endpoint is not None:
-            self.endpoint.close()
+        # the endpoint calls back into this driver: letting go of both frees them at once
+        endpoint, self.endpoint, self.stream = self.endpoint, None, None
+        if endpoint is not None:
+            endpoint.close()
 
 
 class QuicListener(Listener, Driver):
@@ -221,10 +265,17 @@ class QuicListener(Listener, Driver):
         self._opts = opts
         self._on_stream = on_stream
         self._routes: dict[bytes, QuicStream] = {}
+        self._handshaking: dict[QuicStream, asyncio.TimerHandle] = {}
+        self._token_key = os.urandom(32)
+        self.retries = 0
+        """Retry packets sent (stateless: no connection existed for them)."""
+        self.refused = 0
+        """Validated Initials refused because ``max_handshaking`` connections were handshaking."""
         self._cids: dict[QuicStream, set[bytes]] = {}
         self._tickets: dict[bytes, SessionTicket] = {}
         self.endpoint: UdpEndpoint | None = None
         self.streams: set[QuicStream] = set()
+        self._peers: dict[tuple[str, int], QuicStream] = {}
         self.dropped = 0
         self._accepting = True
         self._loop = asyncio.get_running_loop()
@@ -277,9 +328,31 @@ class QuicListener(Listener, Driver):
             return None
         if self.endpoint is None or not self._accepting:
             return None
+        original_cid = header.destination_cid
+        retry_cid: bytes | None = None
+        if header.token:
+            original = self._validate_token(header.token, address, header.destination_cid)
+            if original is None:  # forged, expired, or from another address: RFC 9000 8.1.3
+                self._close_statelessly(header, address, QuicErrorCode.INVALID_TOKEN)
+                self.dropped += 1
+                return None
+            original_cid, retry_cid = original, header.destination_cid
+        elif self._opts["retry"] == "always" or (
+            self._opts["retry"] == "auto"
+            and len(self._handshaking) >= min(RETRY_WHEN_HANDSHAKING, self._opts["max_handshaking"])
+        ):
+            self._send_retry(header, address)
+            return None
+        if len(self._handshaking) >= self._opts["max_handshaking"]:
+            self.refused += 1
+            if retry_cid is not None or self._opts["retry"] == "never":
+                # a validated address (or a server that never validates): say why
+                self._close_statelessly(header, address, QuicErrorCode.CONNECTION_REFUSED)
+            return None
         connection = QuicConnection(
             configuration=self._configuration,
-            original_destination_connection_id=header.destination_cid,
+            original_destination_connection_id=original_cid,
+            retry_source_connection_id=retry_cid,
             session_ticket_fetcher=self._fetch_ticket,
             session_ticket_handler=self._store_ticket,
         )
@@ -290,12 +363,84 @@ class QuicListener(Listener, Driver):
             window=self._opts["window"],
             keepalive=self._opts["keepalive"],
             high_water=_high_water(self._opts),
+            probe=self._opts["probe"],
             extra={"local": self.endpoint.local_address[:2]},
         )
         self._cids[stream] = set()
         self.cid_issued(header.destination_cid, stream)
         self.cid_issued(connection.host_cid, stream)
+        self._handshaking[stream] = self._loop.call_later(
+            self._opts["timeout"], self._handshake_expired, stream
+        )
         return stream
+
+    def _handshake_expired(self, stream: QuicStream) -> None:
+        """A connection still in the handshake after ``timeout`` is dropped (frees its slot)."""
+        if self._handshaking.pop(stream, None) is not None:
+            stream.abort()
+
+    # -- address validation (RFC 9000 8.1.2), stateless ---------------------------------
+    def _token_mac(self, issued: bytes, address: Any, original: bytes, retry_cid: bytes) -> bytes:
+        peer = _peer_key(address)
+        message = b"|".join([issued, peer[0].encode(), str(peer[1]).encode(), original, retry_cid])
+        return hmac.new(self._token_key, message, hashlib.sha256).digest()[:_TOKEN_MAC]
+
+    def _send_retry(self, header: Any, address: Any) -> None:
+        """Answer an Initial with a Retry carrying a token bound to the address; no state."""
+        retry_cid = os.urandom(CID_LENGTH)
+        head = _TOKEN_HEAD.pack(int(time.time()), len(header.destination_cid))
+        token = (
+            head
+            + header.destination_cid
+            + self._token_mac(head, address, header.destination_cid, retry_cid)
+        )
+        packet = encode_quic_retry(
+            version=header.version,
+            source_cid=retry_cid,
+            destination_cid=header.source_cid,
+            original_destination_cid=header.destination_cid,
+            retry_token=token,
+        )
+        self.retries += 1
+        if self.endpoint is not None:
+            self.endpoint.send([(packet, address)])
+
+    def _validate_token(self, token: bytes, address: Any, retry_cid: bytes) -> bytes | None:
+        """The original destination CID if ``token`` is ours, fresh and for this address."""
+        if len(token) < _TOKEN_HEAD.size + _TOKEN_MAC:
+            return None
+        issued, length = _TOKEN_HEAD.unpack_from(token)
+        head = token[: _TOKEN_HEAD.size]
+        original = token[_TOKEN_HEAD.size : _TOKEN_HEAD.size + length]
+        mac = token[_TOKEN_HEAD.size + length :]
+        if len(original) != length or len(mac) != _TOKEN_MAC:
+            return None
+        if not 0 <= time.time() - issued <= TOKEN_LIFETIME:
+            return None
+        if not hmac.compare_digest(mac, self._token_mac(head, address, original, retry_cid)):
+            return None
+        return original
+
+    def _close_statelessly(self, header: Any, address: Any, error: int) -> None:
+        """An Initial carrying CONNECTION_CLOSE (no connection state is created for it)."""
+        if self.endpoint is None:
+            return
+        crypto = CryptoPair()
+        crypto.setup_initial(cid=header.destination_cid, is_client=False, version=header.version)
+        builder = QuicPacketBuilder(
+            host_cid=header.destination_cid,
+            peer_cid=header.source_cid,
+            version=header.version,
+            is_client=False,
+            max_datagram_size=MIN_INITIAL_SIZE,
+        )
+        builder.start_packet(QuicPacketType.INITIAL, crypto)
+        frame = builder.start_frame(QuicFrameType.TRANSPORT_CLOSE, capacity=16)
+        frame.push_uint_var(error)
+        frame.push_uint_var(QuicFrameType.PADDING)  # the frame type that caused it: none
+        frame.push_uint_var(0)  # no reason phrase
+        datagrams, _ = builder.flush()
+        self.endpoint.send([(datagram, address) for datagram in datagrams])
 
     def _fetch_ticket(self, label: bytes) -> SessionTicket | None:
         """A ticket resumes one session; unknown ones (from before a restart) give None."""
@@ -308,6 +453,12 @@ class QuicListener(Listener, Driver):
 
     def socket_error(self, exc: OSError) -> None:
         """Errors on an unconnected server socket concern one peer only: ignore them."""
+
+    def unreachable(self, address: Any) -> None:
+        """ICMP port unreachable from ``address``: probe the connections with that peer."""
+        stream = self._peers.get(_peer_key(address))
+        if stream is not None:
+            stream.peer_refused()
 
     # -- Driver ----------------------------------------------------------------
     def send(self, datagrams: list[tuple[bytes, Any]]) -> None:
@@ -324,20 +475,37 @@ class QuicListener(Listener, Driver):
             self._cids.get(stream, set()).discard(cid)
 
     def established(self, stream: QuicStream) -> None:
+        timer = self._handshaking.pop(stream, None)
+        if timer is not None:
+            timer.cancel()
         self.streams.add(stream)
+        self._peers[_peer_key(stream.peer_address)] = stream
         self._on_stream(stream)
 
     def finished(self, stream: QuicStream) -> None:
+        timer = self._handshaking.pop(stream, None)
+        if timer is not None:
+            timer.cancel()
         for cid in self._cids.pop(stream, ()):
             if self._routes.get(cid) is stream:
                 del self._routes[cid]
         self.streams.discard(stream)
+        key = _peer_key(stream.peer_address)
+        if self._peers.get(key) is stream:
+            del self._peers[key]
         if not self._accepting and not self.streams and self.endpoint is not None:
             self.endpoint.close()
+
+    @property
+    def handshaking(self) -> int:
+        """Connections in the QUIC handshake now."""
+        return len(self._handshaking)
 
     async def close(self) -> None:
         """Stop accepting; established connections keep the socket until they end."""
         self._accepting = False
+        for stream in list(self._handshaking):
+            self._handshake_expired(stream)
         if not self.streams and self.endpoint is not None:
             self.endpoint.close()
 
@@ -415,11 +583,23 @@ class QuicTransport(Transport):
         else:
             configuration.verify_mode = ssl.CERT_REQUIRED
             configuration.cafile = opts["ca"] or _system_ca_file()
-        ticket_key = (address.host, address.port, server_name)
-        configuration.session_ticket = _session_tickets.get(ticket_key)
+        # a ticket only resumes under the trust it was verified with: one from an unverified
+        # (pinned or insecure) connection must never skip a later CA check
+        ticket_key = (
+            address.host,
+            address.port,
+            server_name,
+            None if configuration.verify_mode == ssl.CERT_NONE else configuration.cafile,
+        )
+        ticket, resumed_cert = _session_tickets.get(ticket_key, (None, None))
+        configuration.session_ticket = ticket
 
         def store_ticket(ticket: SessionTicket) -> None:
-            _session_tickets[ticket_key] = ticket
+            # the certificate of the handshake the ticket continues, so that a resumed
+            # connection can still show it (extra["peer_cert"]) and be checked against a pin
+            cert = getattr(connection.tls, "_peer_certificate", None) or resumed_cert
+            if cert is not None:
+                _session_tickets[ticket_key] = (ticket, cert)
 
         sock = make_socket(family)
         try:
@@ -440,9 +620,11 @@ class QuicTransport(Transport):
             window=opts["window"],
             keepalive=opts["keepalive"],
             high_water=_high_water(opts),
+            probe=opts["probe"],
             extra={"local": endpoint.local_address[:2], "server_name": server_name},
         )
         driver.stream = stream
+        stream.resumed_cert = resumed_cert
         pin = opts["fingerprint"]
         if pin:
             stream.fingerprint_check = lambda s: _check_pin(s, pin, address)
@@ -482,13 +664,23 @@ class QuicTransport(Transport):
             raise InvalidAddress(f"{address}: could not load cert/key: {exc}") from exc
         sock = await bind_udp(address, make_socket)
         listener = QuicListener(address, configuration, opts, on_stream)
-        listener.endpoint = UdpEndpoint(sock, listener.datagrams, listener.socket_error)
+        listener.endpoint = UdpEndpoint(
+            sock, listener.datagrams, listener.socket_error, on_unreachable=listener.unreachable
+        )
         listener.address = address.with_port(sock.getsockname()[1])
         return listener
 
     def loopback_urls(self, workdir: Path) -> tuple[str, dict[str, str]]:
         cert, key = self_signed_certificate(workdir, ["localhost", "127.0.0.1"])
         return f"quic@127.0.0.1:0?cert={cert}&key={key}", {"ca": str(cert)}
+
+
+def _peer_key(address: Any) -> tuple[str, int]:
+    """(host, port) of a socket address, IPv4-mapped IPv6 shown as IPv4 (dual-stack sockets)."""
+    host = address[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, address[1]
 
 
 def _check_pin(stream: QuicStream, pin: str, address: Address) -> HandshakeError | None:

@@ -48,14 +48,24 @@ ABORT_ERROR = 0x1
 PROTOCOL_ERROR = 0x2
 """Application error code for a peer that breaks the stream rules below."""
 CRYPTO_ERROR = 0x100
+TRANSPORT_CONNECTION_REFUSED = 0x2
+TRANSPORT_INVALID_TOKEN = 0xB
 JOIN_LIMIT = 64 << 10
 """Writes smaller than this are joined into one buffer before aioquic copies them."""
+FEED_AHEAD = 1 << 20
+"""Bytes of a large unit handed to aioquic beyond what it has sent (plus the congestion
+window's free room); the rest waits in the writer's own buffers, uncopied."""
 UNIT, CHANNEL, EOF = 0, 1, 2
 """First byte of every unidirectional stream: one unit, the ordered channel, or EOF."""
 UNIT_HEADER, CHANNEL_HEADER, EOF_HEADER = bytes([UNIT]), bytes([CHANNEL]), bytes([EOF])
 ALERT_NO_APPLICATION_PROTOCOL = 120
 CERTIFICATE_ALERTS = {42, 43, 44, 45, 46, 48}
 IDLE_REASON = "Idle timeout"
+REFUSALS_FOR_LOSS = 3
+"""ICMP port-unreachable answers, with no packet from the peer in between, that end a
+connection: one could be spoofed or stale, three to successive probes mean nobody listens."""
+REFUSAL_PROBE_DELAY = 0.05
+"""Seconds between the probes that confirm a refusal."""
 
 
 class Driver:
@@ -76,6 +86,11 @@ class Driver:
 
     def established(self, stream: QuicStream) -> None:
         """The handshake completed (a listener hands the stream to its handler)."""
+
+
+def _nothing_held() -> int:
+    """What a finished stream holds back from the peer's credit: nothing."""
+    return 0
 
 
 class ReceiveCredit(Limit):
@@ -153,6 +168,17 @@ class OrderedChannel:
 _ping_ids = itertools.count(1)
 
 
+class _Feed:
+    """A large unit handed to aioquic a chunk at a time (see :meth:`QuicStream._top_up`)."""
+
+    __slots__ = ("buffers", "remaining", "sender")
+
+    def __init__(self, sender: QuicStreamSender, buffers: deque[memoryview], size: int) -> None:
+        self.sender = sender
+        self.buffers = buffers
+        self.remaining = size
+
+
 class QuicStream(Stream):
     """Stream trait over one QUIC connection (units on unidirectional QUIC streams)."""
 
@@ -167,6 +193,7 @@ class QuicStream(Stream):
         window: int,
         keepalive: float,
         high_water: int,
+        probe: float = 0.0,
         extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
@@ -176,8 +203,15 @@ class QuicStream(Stream):
         )
         self.loop = asyncio.get_running_loop()
         self.connection = connection
+        self.peer_address = peer
+        """The socket address datagrams go to (as the socket reports it)."""
         self._driver = driver
         self._keepalive = keepalive
+        self._probe = probe
+        self._activity = 0
+        self._active_until = 0.0
+        self._refusals = 0
+        self._refused_at_receive = 0.0
         self._incoming: dict[int, list[Buffer] | OrderedChannel] = {}
         self._express_id: int | None = None
         self._express: QuicStreamSender | None = None
@@ -196,6 +230,7 @@ class QuicStream(Stream):
         self._reading_paused = False
         self._eof_sent = False
         self._sending: dict[int, QuicStreamSender] = {}
+        self._feeding: dict[int, _Feed] = {}
         self._unacked = 0
         self._batch: list[Buffer] = []
         self._batch_size = 0
@@ -213,6 +248,8 @@ class QuicStream(Stream):
         """When the last datagram arrived (loop time); created_at until one does."""
         self.handshake: asyncio.Future[None] = self.loop.create_future()
         self.fingerprint_check: Callable[[QuicStream], HandshakeError | None] | None = None
+        self.resumed_cert: Any = None
+        """The certificate stored with the session ticket this client offered (if any)."""
         self._finished = False
         self._closing = False
         self._flushed: asyncio.Future[None] | None = None
@@ -308,6 +345,8 @@ class QuicStream(Stream):
         for sender in self._sending.values():
             if not sender.buffer_is_empty:
                 return True
+        if self._feeding:
+            return True  # aioquic sent all it holds of a large unit: hand it the next chunk
         return any(not cid.was_sent for cid in connection._host_cids)
 
     def transmit(self) -> None:
@@ -317,6 +356,8 @@ class QuicStream(Stream):
             self._transmit_handle = None
         if self._batch:
             self._flush_batch()
+        if self._feeding:
+            self._top_up()
         now = self.loop.time()
         if self._new_data:
             # aioquic only sends an ACK once its 1 ms delay is due; when data is leaving
@@ -362,7 +403,10 @@ class QuicStream(Stream):
         self.extra["tls_version"] = "TLSv1.3"
         self.extra["session_resumed"] = event.session_resumed
         self.extra["cipher"] = getattr(tls.key_schedule, "cipher_suite", None)
-        self.extra["peer_cert"] = getattr(tls, "_peer_certificate", None)
+        cert = getattr(tls, "_peer_certificate", None)
+        if cert is None and event.session_resumed:
+            cert = self.resumed_cert  # a resumed handshake presents no certificate
+        self.extra["peer_cert"] = cert
         self.extra["mtu"] = self.connection._max_datagram_size
         self._app_space = self.connection._spaces.get(tls_epoch.ONE_RTT)
         self._crypto_sender = self.connection._crypto_streams[tls_epoch.ONE_RTT].sender
@@ -374,19 +418,67 @@ class QuicStream(Stream):
                 )
                 self._finish(error)
                 return
-        if self._keepalive:
-            self._keepalive_handle = self.loop.call_later(self._keepalive, self._keepalive_tick)
+        tick = self._probe or self._keepalive
+        if tick:
+            self._keepalive_handle = self.loop.call_later(tick, self._keepalive_tick)
         if not self.handshake.done():
             self.handshake.set_result(None)
         self._driver.established(self)
 
     def _keepalive_tick(self) -> None:
+        """PING after silence: every ``keepalive`` s when idle, every ``probe`` s while active.
+
+        Active means application data moved (either way) within the last ``keepalive``
+        seconds, e.g. a call waiting for its reply: a PING then soon shows whether the peer
+        is still there (a dead server's port answers with ICMP, see :meth:`peer_refused`),
+        while idle connections cost one PING per ``keepalive`` only.
+        """
         if self._finished:
             return
-        if self.loop.time() - self.last_receive >= self._keepalive * 0.9:
+        now = self.loop.time()
+        activity = (
+            self._sent_ordered
+            + self._sent_unordered
+            + self._delivered_ordered
+            + self._delivered_unordered
+        )
+        if activity != self._activity:
+            self._activity = activity
+            self._active_until = now + self._keepalive
+        interval = self._probe if self._probe and now < self._active_until else self._keepalive
+        if interval and now - self.last_receive >= interval * 0.9:
+            self._ping()
+        tick = self._probe or self._keepalive
+        self._keepalive_handle = self.loop.call_later(tick, self._keepalive_tick)
+
+    def _ping(self) -> None:
+        if not self._finished:
             self.connection.send_ping(next(_ping_ids))
             self.transmit()
-        self._keepalive_handle = self.loop.call_later(self._keepalive, self._keepalive_tick)
+
+    def peer_refused(self) -> None:
+        """The peer's address answered with ICMP port unreachable (a connected socket only).
+
+        RFC 9000 warns that ICMP is easily spoofed, so one refusal only triggers probes;
+        the connection is lost after :data:`REFUSALS_FOR_LOSS` refusals with no packet
+        from the peer in between (a live peer's ACK of the probe resets the count).
+        """
+        if self._finished or not self.handshake.done():
+            return
+        if self._refused_at_receive != self.last_receive:
+            self._refused_at_receive = self.last_receive
+            self._refusals = 0
+        self._refusals += 1
+        if self._refusals >= REFUSALS_FOR_LOSS:
+            self.connection.close(ABORT_ERROR, reason_phrase="peer unreachable")
+            self._finish(
+                ConnectionLost(
+                    f"quic: connection to {self.extra['peer']} lost: the peer's port is closed "
+                    "(ICMP port unreachable; the peer process is gone)"
+                )
+            )
+            return
+        self.loop.call_later(REFUSAL_PROBE_DELAY, self._ping)
 
     def _terminated(self, event: ConnectionTerminated) -> None:
         if self._finished:
@@ -427,6 +519,7 @@ class QuicStream(Stream):
             if handle is not None:
                 handle.cancel()
         self._timer = self._keepalive_handle = self._transmit_handle = self._settle_handle = None
+        self._feeding.clear()
         if self._flushed is not None and not self._flushed.done():
             self._flushed.set_result(None)
         if not self.handshake.done():
@@ -443,6 +536,11 @@ class QuicStream(Stream):
             self._connection_lost(None if self._closed else exc)
         self.transmit()
         self._driver.finished(self)
+        # aioquic's connection holds reference cycles of its own (its key-update callbacks);
+        # its only way back to this stream goes here, so the stream is freed at once
+        credit = self.connection._local_max_data
+        if isinstance(credit, ReceiveCredit):
+            credit._held = _nothing_held
 
     # -- receiving -------------------------------------------------------------
     def _stream_data(self, event: StreamDataReceived) -> None:
@@ -470,7 +568,7 @@ class QuicStream(Stream):
             else:
                 self._protocol_error(f"unknown QUIC stream kind {kind} on stream {stream_id}")
                 return
-            data = memoryview(data)[1:]
+            data = memoryview(data)[1:]  # type: ignore[assignment]  # the unit's bytes
         if type(state) is list:
             if data:
                 state.append(data)
@@ -483,7 +581,7 @@ class QuicStream(Stream):
                 self._ready_bytes += sum(map(len, state))
         else:
             try:
-                units = state.feed(data)
+                units = state.feed(data)  # type: ignore[union-attr]  # not a list: a channel
             except ValueError as exc:
                 self._protocol_error(str(exc))
                 return
@@ -553,7 +651,7 @@ class QuicStream(Stream):
             else:
                 connection.send_stream_data(stream_id, encode_uint_var(size))
                 for buf in buffers:
-                    connection.send_stream_data(stream_id, buf)
+                    connection.send_stream_data(stream_id, buf)  # type: ignore[arg-type]  # any buffer
             self._sent_ordered += 1
             self._unacked += size
         elif size < self._batch_limit and not self._batch and self._express_idle():
@@ -596,14 +694,49 @@ class QuicStream(Stream):
         stream_id = connection.get_next_available_stream_id(is_unidirectional=True)
         if size < JOIN_LIMIT:
             connection.send_stream_data(stream_id, b"".join([UNIT_HEADER, *buffers]), True)
+            self._sending[stream_id] = connection._streams[stream_id].sender
         else:
+            # a large unit is handed over in chunks as aioquic sends them: the writer's memory
+            # is not doubled, and a 32 MiB write does not stall the loop with one big copy
             connection.send_stream_data(stream_id, UNIT_HEADER)
-            last = len(buffers) - 1
-            for i, buf in enumerate(buffers):
-                connection.send_stream_data(stream_id, buf, i == last)
-        self._sending[stream_id] = connection._streams[stream_id].sender
+            sender = self._sending[stream_id] = connection._streams[stream_id].sender
+            views = deque(
+                memoryview(buf if type(buf) is bytes else bytes(buf)).cast("B") for buf in buffers
+            )  # bytes cannot change under us; anything mutable is copied now
+            self._feeding[stream_id] = _Feed(sender, views, size)
+            self._top_up()
         self._sent_unordered += 1
         self._unacked += size
+
+    def _top_up(self) -> None:
+        """Give each large unit's QUIC stream its next chunks while aioquic holds little unsent.
+
+        aioquic serves streams round-robin, one frame per stream per packet; what it holds
+        unsent is kept to :data:`FEED_AHEAD` plus the congestion window's free room.
+        """
+        connection = self.connection
+        loss = connection._loss
+        room = FEED_AHEAD + max(0, loss.congestion_window - loss.bytes_in_flight)
+        done = []
+        for stream_id, feed in self._feeding.items():
+            sender = feed.sender
+            queued = sender._buffer_stop - sender.highest_offset
+            buffers = feed.buffers
+            while queued < room and buffers:
+                chunk = buffers[0]
+                take = room - queued
+                if len(chunk) > take:
+                    buffers[0] = chunk[take:]
+                    chunk = chunk[:take]
+                else:
+                    buffers.popleft()
+                feed.remaining -= len(chunk)
+                connection.send_stream_data(stream_id, chunk, not buffers)  # type: ignore[arg-type]
+                queued += len(chunk)
+            if not buffers:
+                done.append(stream_id)
+        for stream_id in done:
+            del self._feeding[stream_id]
 
     def _flush_batch(self) -> None:
         if self._batch:
@@ -631,6 +764,8 @@ class QuicStream(Stream):
                     unacked += sender._buffer_stop - sender._buffer_start
             for stream_id in finished:
                 del sending[stream_id]
+        for feed in self._feeding.values():
+            unacked += feed.remaining
         self._unacked = unacked
         self._update_write_pressure()
         if self._flushed is not None and not self.write_buffer_size and not self._flushed.done():
@@ -724,6 +859,13 @@ def handshake_error(event: ConnectionTerminated, stream: QuicStream) -> Handshak
         return HandshakeError(
             f"quic handshake with {peer} failed: TLS alert {alert} ({reason})", "tls"
         )
+    if code == TRANSPORT_CONNECTION_REFUSED and event.frame_type is not None:
+        return ConnectFailed(
+            f"quic: {peer} refused the connection: too many connections are in the handshake "
+            "(the server is busy or under a flood; try again)"
+        )
+    if code == TRANSPORT_INVALID_TOKEN and event.frame_type is not None:
+        return ConnectFailed(f"quic: {peer} rejected the address-validation token")
     if reason == IDLE_REASON:
         if stream.last_receive == stream.created_at:
             return ConnectFailed(f"quic: no answer from {peer} (is a QUIC server listening there?)")

@@ -123,8 +123,8 @@ class RdmaListener(Listener):
         super().__init__(address)
         self._transport = transport
         self._opts = opts
-        self._channel = None
-        self._id = None
+        self._channel: Any = None  # cm.Channel once started (cm loads lazily)
+        self._id: Any = None  # its listening cm.CmId
 
     def start(self, on_stream: StreamHandler) -> None:
         from . import cm
@@ -264,7 +264,8 @@ class RdmaTransport(Transport):
                         ) from None
         finally:
             channel.release()  # the ids made here keep the channel alive as long as they live
-        extra = _extra(cm_id, res, peer)
+        # the loop ends only by the break after _dial_once bound them (or by raising)
+        extra = _extra(cm_id, res, peer)  # type: ignore[possibly-undefined]
         stream = RdmaStream(cm_id, res, peer, extra, opts["spin"] / 1e6)
         channel.route(cm_id.ptr, stream.on_cm_event)
         return stream

@@ -21,6 +21,7 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 RDMA_PS_TCP = 0x0106
 
@@ -222,7 +223,7 @@ class Channel:
         """A new rdma_cm_id on this channel whose events go to ``handler``."""
         out = ctypes.c_void_p()
         _check(lib().create_id(self._ptr, ctypes.byref(out), None, RDMA_PS_TCP), "rdma_create_id")
-        return self.adopt(out.value, handler)
+        return self.adopt(cast(int, out.value), handler)  # set: _check raised otherwise
 
     def adopt(self, ptr: int, handler: Callable[[Event], None]) -> CmId:
         """Wrap an rdma_cm_id created by a connect request on this channel."""
@@ -240,7 +241,7 @@ class Channel:
             raw = ctypes.c_void_p()
             if lib_.get_cm_event(self._ptr, ctypes.byref(raw)) != 0:
                 return  # EAGAIN: drained
-            c = _CmEvent.from_address(raw.value)
+            c = _CmEvent.from_address(cast(int, raw.value))  # set: the call succeeded
             conn = c.param.conn
             private = b""
             with_data = c.event in (CONNECT_REQUEST, CONNECT_RESPONSE, ESTABLISHED, REJECTED)
@@ -274,7 +275,7 @@ class CmId:
 
     def __init__(self, channel: Channel, ptr: int) -> None:
         self.channel = channel
-        self.ptr: int | None = ptr
+        self.ptr: Any = ptr  # the address; None once destroyed
 
     def bind(self, host: str, port: int) -> None:
         _check(lib().bind_addr(self.ptr, sockaddr(host, port)), f"rdma_bind_addr({host}:{port})")

@@ -546,7 +546,7 @@ class RdmaStream(Stream):
             await self._flushed
         while self._credits < 1 and not self._peer_gone and not self._released:
             waiter = self._flushed = self._loop.create_future()
-            self._loop.call_later(0.01, lambda w=waiter: w.done() or w.set_result(None))
+            self._loop.call_later(0.01, lambda w=waiter: w.done() or w.set_result(None))  # type: ignore[misc]
             await waiter
         if self._peer_gone or self._released:
             return

@@ -46,7 +46,9 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
         self._transport = transport  # type: ignore[assignment]
         self.write_now = transport.write  # type: ignore[attr-defined]
         self._lost_future = asyncio.get_running_loop().create_future()
-        transport.set_write_buffer_limits(high=self.high_water, low=self.low_water)
+        transport.set_write_buffer_limits(  # type: ignore[attr-defined]
+            high=self.high_water, low=self.low_water
+        )
         self.extra["peer"] = _format_peer(transport.get_extra_info("peername"))
         self.extra["local"] = _format_peer(transport.get_extra_info("sockname"))
         ssl_object = transport.get_extra_info("ssl_object")
@@ -83,11 +85,10 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
         return self._half_close and not self._eof_sent
 
     def pause_writing(self) -> None:
-        self.writing_paused = True
+        self._set_writing_paused(True)
 
     def resume_writing(self) -> None:
-        self.writing_paused = False
-        self._wake_drain(None)
+        self._set_writing_paused(False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.write_now = None

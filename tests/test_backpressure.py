@@ -1,0 +1,162 @@
+"""Backpressure after authentication, over every transport and both codec paths.
+
+A peer's notifications share the window of its calls (and a byte budget): over it the
+server stops reading from that peer instead of queueing without bound. A peer that does
+not read its replies stops being served until it does. Either way other peers are
+served normally and nothing is lost once the peer catches up. See docs/architecture.md
+("What a peer can cost you").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import polyrpc
+from polyrpc.core import frames, rpc, session
+
+NOTIFY_WINDOW = 8
+"""The server's max_concurrent_calls in these tests: the window notifications share."""
+
+
+@pytest.fixture(params=["c", "python"])
+def impl(request, monkeypatch):
+    """Serve with the C accelerator (decoder routing, EagerServer) or the Python reference."""
+    if request.param == "python":
+        monkeypatch.setattr(session, "FrameDecoder", frames.PYTHON.FrameDecoder)
+        monkeypatch.setattr(rpc, "EagerServer", None)
+    elif frames.ACCELERATED is None:
+        pytest.skip("the C accelerator is not built")
+    else:
+        monkeypatch.setattr(session, "FrameDecoder", frames.ACCELERATED.FrameDecoder)
+    return request.param
+
+
+class Gate:
+    """Handlers that wait until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.started = 0
+        self.finished = 0
+        self.served = 0
+
+    async def note(self, data: bytes) -> None:
+        self.started += 1
+        await self.open.wait()
+        self.finished += 1
+
+    async def blob(self, size: int) -> bytes:
+        self.served += 1
+        return b"r" * size
+
+    async def ping(self) -> str:
+        return "pong"
+
+
+async def _settle(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.01)
+
+
+async def _steady(value, quiet: float = 1.0, seconds: float = 30.0) -> int:
+    """Wait until ``value()`` is positive and has not changed for ``quiet`` seconds."""
+    deadline = time.monotonic() + seconds
+    last, since = value(), time.monotonic()
+    while not last or time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, f"still changing: {last}"
+        await asyncio.sleep(0.05)
+        if value() != last:
+            last, since = value(), time.monotonic()
+    return last
+
+
+async def _ping_latency(url: str) -> float:
+    async with polyrpc.connect(url) as other:
+        started = time.perf_counter()
+        for _ in range(5):
+            assert await other.call("Gate.ping", timeout=10) == "pong"
+        return (time.perf_counter() - started) / 5
+
+
+async def test_notifications_over_the_window_pause_reading(endpoint, impl):
+    gate = Gate()
+    async with polyrpc.serve(
+        endpoint.listen_url, gate, max_concurrent_calls=NOTIFY_WINDOW
+    ) as server:
+        url = endpoint.client_url(server.urls[0])
+        async with polyrpc.connect(url) as client:
+            for i in range(5 * NOTIFY_WINDOW):
+                await client.notify("Gate.note", i.to_bytes(4, "little") * 256)
+            await _settle(lambda: gate.started >= NOTIFY_WINDOW)
+            await asyncio.sleep(0.3)  # give a server that did not pause time to start more
+            assert gate.started == NOTIFY_WINDOW
+            assert await _ping_latency(url) < 1.0  # other peers are served meanwhile
+            gate.open.set()
+            await _settle(lambda: gate.finished == 5 * NOTIFY_WINDOW)  # nothing lost
+
+
+async def test_notifications_over_the_byte_budget_pause_reading(endpoint, impl):
+    gate = Gate()
+    budget, size = 256 << 10, 64 << 10
+    async with polyrpc.serve(endpoint.listen_url, gate, max_inbox_bytes=budget) as server:
+        url = endpoint.client_url(server.urls[0])
+        async with polyrpc.connect(url) as client:
+
+            async def flood() -> None:  # its writes wait once the server stops reading
+                for _ in range(40):
+                    await client.notify("Gate.note", b"n" * size)
+
+            sender = asyncio.create_task(flood())
+            await _settle(lambda: gate.started >= budget // size)
+            await asyncio.sleep(0.3)
+            # (the one that went over the budget was started too)
+            assert budget // size <= gate.started <= budget // size + 1
+            gate.open.set()
+            await asyncio.wait_for(sender, 30)
+            await _settle(lambda: gate.finished == 40)
+
+
+async def test_a_peer_that_does_not_read_its_replies_is_not_served(endpoint, impl):
+    gate = Gate()
+    calls, size = 200, 256 << 10
+    async with polyrpc.serve(endpoint.listen_url, gate) as server:
+        url = endpoint.client_url(server.urls[0])
+        async with polyrpc.connect(url, max_in_flight=calls) as client:
+            client.byte_stream.pause_reading()  # reads nothing more: replies pile up
+            pending = [asyncio.create_task(client.call("Gate.blob", size)) for _ in range(calls)]
+            served = await _steady(lambda: gate.served)
+            (conn,) = server.connections
+            # stopped serving it (after filling what the transport buffers on the way, up to
+            # the client's receive window on QUIC): what is queued stays near the high-water mark
+            assert served < calls
+            stream = conn.byte_stream
+            assert stream.write_buffer_size <= stream.high_water + 2 * size
+            assert await _ping_latency(url) < 1.0
+            client.byte_stream.resume_reading()
+            results = await asyncio.wait_for(asyncio.gather(*pending), 60)
+            assert gate.served == calls
+            assert all(result == b"r" * size for result in results)  # nothing lost
+
+
+async def test_held_frames_are_served_in_order_after_the_pause(endpoint, impl):
+    """Calls, notifications and replies read before a pause keep their order after it."""
+    gate = Gate()
+    async with polyrpc.serve(endpoint.listen_url, gate, max_concurrent_calls=2) as server:
+        url = endpoint.client_url(server.urls[0])
+        async with polyrpc.connect(url) as client:
+            for i in range(6):
+                await client.notify("Gate.note", bytes([i]))
+            results = [asyncio.create_task(client.call("Gate.blob", n)) for n in range(1, 6)]
+            await _settle(lambda: gate.started == 2)
+            await asyncio.sleep(0.1)
+            assert not any(task.done() for task in results)
+            gate.open.set()
+            assert await asyncio.wait_for(asyncio.gather(*results), 10) == [
+                b"r" * n for n in range(1, 6)
+            ]
+            await _settle(lambda: gate.finished == 6)
