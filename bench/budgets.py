@@ -146,7 +146,9 @@ def _raw_peers(
     for sock in peers:
         sock.setblocking(False)
         try:
-            closed += sock.recv(4096) == b""
+            while sock.recv(65536):  # an ERROR frame may come before the close
+                pass
+            closed += 1
         except BlockingIOError:
             pass
         except OSError:
