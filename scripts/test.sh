@@ -106,7 +106,7 @@ fi
 
 start=$(date +%s)
 if scripts/fuzz.sh "${FUZZ_SECONDS:-60}" 2>&1 | tee "$LOGS/fuzz.log"; [ "${PIPESTATUS[0]}" -eq 0 ]; then
-    summary+=("ok      fuzz ($(($(date +%s) - start)) s): $(grep -c ': #[0-9]* *DONE' "$LOGS/fuzz.log") fuzzers, no crash")
+    summary+=("ok      fuzz ($(($(date +%s) - start)) s): $(grep -c ': #[0-9]*[[:space:]]*DONE' "$LOGS/fuzz.log") fuzzers, no crash")
 else
     fail fuzz "scripts/fuzz.sh failed (log: $LOGS/fuzz.log)"
 fi

@@ -7,12 +7,15 @@ accelerator (polyrpc.core._frames; build it with ``python setup.py build_ext --i
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pickle
 import struct
 import subprocess
 import sys
+import tracemalloc
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,7 +29,9 @@ from polyrpc.core.frames import (
     HEADER_SIZE,
     INITIAL_BUFFER,
     LARGE_PAYLOAD,
+    LARGE_STEP,
     MAGIC,
+    MAX_BUFFER,
     PYTHON,
     VERSION,
     Implementation,
@@ -250,6 +255,172 @@ def test_invalid_method_name_breaks_the_decoder(impl):
     assert decoder.pending_bytes == HEADER_SIZE + 2
 
 
+# -- budgets: handshake limit, buffers that grow with the data ----------------------
+
+
+def socket_reads(decoder, data: bytes, size: int) -> list:
+    """Feed ``data`` the way asyncio does: get_buffer, fill up to ``size``, buffer_updated."""
+    got, pos = [], 0
+    while pos < len(data):
+        view = decoder.get_buffer(-1)
+        n = min(len(view), size, len(data) - pos)
+        view[:n] = data[pos : pos + n]
+        got += decoder.buffer_updated(n)
+        del view
+        pos += n
+    return got
+
+
+def hello_then(frame_size: int) -> tuple[bytes, bytes]:
+    hello = wire([PYTHON.Frame(Kind.HELLO, 0, metadata={"version": "1"})])
+    big = wire([PYTHON.Frame(Kind.REQUEST, 1, "Svc.m", payload=bytes(frame_size))])
+    return hello, big
+
+
+@both
+def test_handshake_mode_refuses_big_frames_naming_size_and_limit(impl):
+    decoder = impl.FrameDecoder(Limits(), handshake=True)
+    assert decoder.max_frame == 16 << 10
+    header = HEADER.pack(MAGIC, VERSION, Kind.HELLO, 0, 0, 0, 0, 0, (64 << 20) - 64)
+    with pytest.raises(
+        ProtocolError,
+        match=r"frame of 67108824 bytes exceeds the limit of 16384 before the handshake",
+    ):
+        decoder.feed(header)
+    assert len(decoder._buf) == INITIAL_BUFFER
+    # a handshake limit of its own; frames up to it are fine
+    limits = Limits(max_handshake_frame=1000)
+    decoder = impl.FrameDecoder(limits, handshake=True)
+    assert decoder.feed(wire([PYTHON.Frame(Kind.HELLO, 0, payload=bytes(976))]))[0].kind == 1
+    with pytest.raises(ProtocolError, match="frame of 1001 bytes exceeds the limit of 1000"):
+        impl.FrameDecoder(limits, handshake=True).feed(
+            wire([PYTHON.Frame(Kind.HELLO, 0, payload=bytes(977))])
+        )
+    # without handshake mode the frame limit is max_frame, as before
+    assert impl.FrameDecoder(limits).max_frame == 64 << 20
+
+
+@both
+def test_set_max_frame_lifts_the_handshake_limit_and_a_batch_ends_at_hello(impl):
+    hello, big = hello_then(100_000)
+    decoder = impl.FrameDecoder(Limits(), handshake=True)
+    first = decoder.feed(hello + big)  # one read: the HELLO is decoded, the rest waits
+    assert [f.kind for f in first] == [Kind.HELLO]
+    assert decoder.pending_bytes == len(big)
+    decoder.set_max_frame(1 << 20)
+    assert decoder.max_frame == 1 << 20
+    rest = decoder.buffer_updated(0)  # what the session does after the handshake
+    assert normalise(rest) == [(2, 1, "Svc.m", {}, bytes(100_000), 0, 0)]
+    with pytest.raises(
+        ProtocolError, match=r"frame of 2097176 bytes exceeds the limit of 1048576$"
+    ):
+        decoder.feed(HEADER.pack(MAGIC, VERSION, 2, 0, 0, 0, 3, 0, 2 << 20))
+    with pytest.raises(ValueError, match="max_frame must be at least 24"):
+        impl.FrameDecoder().set_max_frame(3)
+
+
+@both
+def test_a_header_alone_allocates_little_whatever_size_it_announces(impl):
+    decoder = impl.FrameDecoder()
+    decoder.feed(HEADER.pack(MAGIC, VERSION, Kind.ONEWAY, 0, 0, 0, 1, 0, (64 << 20) - 64))
+    decoder.feed(b"x")
+    view = decoder.get_buffer(-1)
+    assert len(view) < LARGE_STEP  # the payload buffer holds what arrived plus one step
+    del view
+    # it grows as the data arrives, at most doubling what was received
+    payload = os.urandom(3 << 20)
+    decoder = impl.FrameDecoder()
+    data = wire([PYTHON.Frame(Kind.ONEWAY, 1, payload=payload)])
+    pos = 0
+    while pos < len(data):
+        view = decoder.get_buffer(-1)
+        assert pos + len(view) <= max(2 * pos, LARGE_STEP) + HEADER_SIZE
+        n = min(len(view), 100_000, len(data) - pos)
+        view[:n] = data[pos : pos + n]
+        del view
+        got = decoder.buffer_updated(n)
+        pos += n
+    assert len(got) == 1 and got[0].payload == payload
+
+
+@both
+def test_the_read_buffer_starts_small_grows_with_full_reads_and_trims_when_idle(impl):
+    decoder = impl.FrameDecoder()
+    assert len(decoder._buf) == INITIAL_BUFFER
+    many = wire([PYTHON.Frame(Kind.ONEWAY, i, payload=bytes(100)) for i in range(3000)])
+    got = socket_reads(decoder, many, 1 << 30)  # every read fills what it is offered
+    assert len(got) == 3000
+    assert len(decoder._buf) == MAX_BUFFER  # doubled read by read, up to the cap
+    decoder.trim()
+    assert len(decoder._buf) == INITIAL_BUFFER
+    assert len(socket_reads(decoder, many[:5000], 1 << 30)) == 5000 // 124
+    small = impl.FrameDecoder()
+    socket_reads(small, many, 1000)  # small reads never fill it: it stays small
+    assert len(small._buf) == INITIAL_BUFFER
+    # trim keeps a pending partial frame
+    partial = impl.FrameDecoder()
+    socket_reads(partial, many[: 1 << 17], 1 << 30)
+    held = partial.pending_bytes
+    assert held and len(partial._buf) > INITIAL_BUFFER
+    partial.trim()
+    assert partial.pending_bytes == held
+    # handshake mode never grows the buffer for reads
+    shaking = impl.FrameDecoder(handshake=True)
+    socket_reads(shaking, many[: 100 * 124], 1 << 30)
+    assert len(shaking._buf) == INITIAL_BUFFER
+
+
+@both
+def test_get_buffer_grows_while_an_earlier_view_is_still_alive(impl):
+    """The kcp transport holds the last view while it asks for the next one."""
+    data = wire(
+        [
+            PYTHON.Frame(Kind.ONEWAY, i, payload=bytes(n))
+            for i, n in enumerate([100, 60_000, 200_000, 100] * 3)
+        ]
+    )
+    decoder = impl.FrameDecoder()
+    got, pos, views = [], 0, []
+    while pos < len(data):
+        view = decoder.get_buffer(-1)
+        views.append(view)  # never released until the end
+        n = min(len(view), 50_000, len(data) - pos)
+        view[:n] = data[pos : pos + n]
+        got += decoder.buffer_updated(n)
+        pos += n
+    assert [len(f.payload) for f in got] == [100, 60_000, 200_000, 100] * 3
+    assert len(decoder._buf) <= MAX_BUFFER
+
+
+@needs_c
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 300_000), min_size=1, max_size=4),
+    chunks=st.lists(st.integers(1, 70000), min_size=1, max_size=8),
+    zero_copy=st.lists(st.booleans(), min_size=1, max_size=4),
+    handshake_limit=st.integers(HEADER_SIZE, 200_000),
+)
+def test_implementations_agree_in_handshake_mode(sizes, chunks, zero_copy, handshake_limit):
+    frames = [PYTHON.Frame(Kind.HELLO, 0, payload=bytes(sizes[0] % 20_000))]
+    frames += [
+        PYTHON.Frame(Kind.REQUEST, 2 * i + 1, "S.m", payload=bytes(n))
+        for i, n in enumerate(sizes[1:])
+    ]
+    data = wire(frames)
+    limits = Limits(max_handshake_frame=handshake_limit)
+    results = []
+    for impl in (PYTHON, ACCELERATED):
+        decoder = impl.FrameDecoder(limits, handshake=True)
+        events = run_decoder(decoder, data, chunks, zero_copy)
+        if not isinstance(events[-1][0], str):
+            decoder.set_max_frame(1 << 20)
+            events.append(normalise(decoder.buffer_updated(0)))
+            decoder.trim()
+            events.append((decoder.pending_bytes, len(decoder._buf), decoder.max_frame))
+        results.append(events)
+    assert results[0] == results[1]
+
+
 # -- the C accelerator against the Python reference ---------------------------------
 
 payload_types = st.sampled_from([bytes, bytearray, memoryview])
@@ -453,6 +624,8 @@ def test_c_module_constants_match_the_protocol():
     assert _frames.VERSION == VERSION
     assert _frames.LARGE_PAYLOAD == LARGE_PAYLOAD
     assert _frames.INITIAL_BUFFER == INITIAL_BUFFER
+    assert _frames.MAX_BUFFER == MAX_BUFFER
+    assert _frames.LARGE_STEP == LARGE_STEP
     assert [min(Kind), max(Kind)] == [_frames.KIND_MIN, _frames.KIND_MAX]
     assert sorted(int(k) for k in Kind) == list(range(min(Kind), max(Kind) + 1))
 
@@ -461,7 +634,7 @@ def test_c_module_constants_match_the_protocol():
 @pytest.mark.parametrize("read", ["get_buffer", "feed"])
 def test_c_decoder_reads_a_large_payload_into_the_bytes_it_hands_out(read):
     """No second copy: the big payload arrives as ``bytes``, filled in place, and the
-    writable view of it offered to readers covers only the part not yet filled."""
+    writable view of it offered to readers covers only (part of) what is not yet filled."""
     payload = os.urandom(3 * LARGE_PAYLOAD)
     data = b"".join(bytes(b) for b in ACCELERATED.encode_frame(Kind.REQUEST, 9, payload))
     decoder = ACCELERATED.FrameDecoder()
@@ -473,9 +646,10 @@ def test_c_decoder_reads_a_large_payload_into_the_bytes_it_hands_out(read):
         else:
             view = decoder.get_buffer(-1)
             assert not view.readonly
-            if pos:  # past the header: the view is the payload's unfilled tail
-                assert len(view) == len(data) - pos
+            assert len(view) <= len(data) - pos  # never past the payload's unfilled tail
+            n = min(n, len(view))
             view[:n] = data[pos : pos + n]
+            del view
             got += decoder.buffer_updated(n)
         pos += n
     assert len(got) == 1 and type(got[0].payload) is bytes and got[0].payload == payload
@@ -525,6 +699,57 @@ def test_codec_errors_are_clear():
         codecs.codec_by_id(77)
     with pytest.raises(ProtocolError, match="undecodable JSON"):
         codecs.codec_by_name("json").decode(b"{nope")
+
+
+@pytest.mark.parametrize(
+    ("name", "payload"),
+    [
+        ("msgpack", msgpack.packb([{}] * (1 << 20))),
+        ("msgpack", msgpack.packb([{0: 0}] * (1 << 18))),
+        ("msgpack", msgpack.packb([[]] * (1 << 20))),
+        ("msgpack", b"\x91" * 2000 + b"\xc0"),
+        ("json", b"[" * 100_000),
+    ],
+    ids=["empty-maps", "tiny-maps", "empty-arrays", "msgpack-deep", "json-deep"],
+)
+def test_decoding_cannot_amplify(name, payload):
+    """A payload that would decode to far more memory than its size fails by itself, with
+    a clear error, having allocated a bounded multiple of its size."""
+    codec = codecs.codec_by_name(name)
+    tracemalloc.start()
+    try:
+        with pytest.raises(codecs.PayloadTooComplex, match="payload of .* bytes"):
+            codec.decode(payload)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 48 * len(payload) + (1 << 20)
+    assert isinstance(codecs.PayloadTooComplex("x"), ProtocolError)
+    _, unchecked = codec.unchecked
+    with pytest.raises(codecs.PayloadTooComplex):
+        unchecked(payload)  # the hot paths (and the C EagerServer) decode through it too
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [[1, 2]] * 100_000,  # pairs: 3 bytes each
+        [{"id": i, "name": "bob"} for i in range(20_000)],
+        ["ab"] * 100_000,
+        list(range(100_000)),
+        {str(i): [i, i] for i in range(20_000)},
+        b"x" * (1 << 20),
+    ],
+    ids=["pairs", "records", "strings", "ints", "map-of-lists", "bytes"],
+)
+def test_bounded_decoding_accepts_dense_ordinary_payloads(value):
+    for name in ("msgpack", "json"):
+        if name == "json" and isinstance(value, bytes):
+            continue
+        codec = codecs.codec_by_name(name)
+        assert codec.decode(codec.encode(value)) == (
+            value if name == "msgpack" else json.loads(json.dumps(value))
+        )
 
 
 def test_deadline_wheel_batches_and_expires_in_order():

@@ -25,7 +25,10 @@
 #define KIND_RESPONSE 3
 #define KIND_ERROR 4
 #define LARGE_PAYLOAD (128 << 10)
-#define INITIAL_BUFFER (256 << 10)
+#define INITIAL_BUFFER (16 << 10)
+#define MAX_BUFFER (256 << 10)
+#define LARGE_STEP (256 << 10)
+#define KIND_HELLO 1
 #define MIN_READ 4096
 #define CACHE_MAX 4096
 #define U16_MAX 0xFFFFu
@@ -289,11 +292,18 @@ typedef struct WindowObject WindowObject;
 typedef struct {
     PyObject_HEAD
     PyObject *limits;
-    int64_t max_frame, max_metadata, max_method; /* cached from limits, clamped */
+    int64_t max_frame, max_metadata, max_method; /* the frame limit now; cached from limits */
+    PyObject *max_frame_obj;                     /* the frame limit as given (for messages) */
+    char handshaking; /* handshake mode: see the type's doc and set_max_frame() */
+    char after_hello; /* handshake mode saw a HELLO: later bytes wait for set_max_frame */
+    char grow;        /* the last read filled the offered space: double the buffer next */
     PyObject *buf;                               /* bytearray of small frames */
     Py_ssize_t start, end;                       /* unparsed bytes are buf[start:end] */
-    PyObject *large; /* bytes of a big payload being filled (not yet seen by anyone), or NULL */
-    Py_ssize_t large_filled;
+    Py_ssize_t offered;                          /* free bytes the last get_buffer offered */
+    Py_ssize_t want; /* bytes of a pending frame to hold from start (get_buffer makes room) */
+    PyObject *large; /* bytes of a big payload being filled (not yet seen by anyone), or NULL;
+                      * its size is what is allocated so far, it grows to large_size */
+    Py_ssize_t large_filled, large_size;
     PyObject *large_frame;  /* the frame whose payload ``large`` is */
     PyObject *methods;      /* method-name cache: raw bytes -> str */
     PyObject *last_raw;     /* the most recent method cache hit, to skip the lookup */
@@ -372,14 +382,24 @@ read_limit(PyObject *limits, const char *name, int64_t *out)
     return 0;
 }
 
+/* Take ``limits``; the frame limit follows limits.max_frame, or max_handshake_frame while
+ * in handshake mode (only set_max_frame changes it then). */
 static int
-decoder_set_limits(DecoderObject *d, PyObject *limits)
+decoder_set_limits(DecoderObject *d, PyObject *limits, int initial)
 {
     int64_t mf, mm, mt;
-    if (read_limit(limits, "max_frame", &mf) < 0 || read_limit(limits, "max_metadata", &mm) < 0 ||
-        read_limit(limits, "max_method", &mt) < 0)
+    const char *frame_name = d->handshaking ? "max_handshake_frame" : "max_frame";
+    int take_frame = initial || !d->handshaking;
+    if ((take_frame && read_limit(limits, frame_name, &mf) < 0) ||
+        read_limit(limits, "max_metadata", &mm) < 0 || read_limit(limits, "max_method", &mt) < 0)
         return -1;
-    d->max_frame = mf;
+    if (take_frame) {
+        PyObject *obj = PyObject_GetAttrString(limits, frame_name);
+        if (obj == NULL)
+            return -1;
+        Py_XSETREF(d->max_frame_obj, obj);
+        d->max_frame = mf;
+    }
     d->max_metadata = mm;
     d->max_method = mt;
     Py_XSETREF(d->limits, Py_NewRef(limits));
@@ -414,10 +434,14 @@ Decoder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 static int
 Decoder_init(DecoderObject *d, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"limits", NULL};
+    static char *kwlist[] = {"limits", "handshake", NULL};
     PyObject *limits = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:FrameDecoder", kwlist, &limits))
+    int handshake = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O$p:FrameDecoder", kwlist, &limits,
+                                     &handshake))
         return -1;
+    d->handshaking = (char)handshake;
+    d->after_hello = 0;
     PyObject *own_limits;
     if (limits == Py_None || !PyObject_IsTrue(limits)) { /* ``limits or Limits()`` */
         if (PyErr_Occurred())
@@ -433,7 +457,7 @@ Decoder_init(DecoderObject *d, PyObject *args, PyObject *kwds)
     else {
         own_limits = Py_NewRef(limits);
     }
-    int rc = decoder_set_limits(d, own_limits);
+    int rc = decoder_set_limits(d, own_limits, 1);
     Py_DECREF(own_limits);
     if (rc < 0)
         return -1;
@@ -447,9 +471,10 @@ Decoder_init(DecoderObject *d, PyObject *args, PyObject *kwds)
     }
     Py_XSETREF(d->buf, buf);
     Py_XSETREF(d->methods, methods);
-    d->start = d->end = 0;
+    d->start = d->end = d->offered = d->want = 0;
+    d->grow = 0;
     Py_CLEAR(d->large);
-    d->large_filled = 0;
+    d->large_filled = d->large_size = 0;
     Py_CLEAR(d->large_frame);
     Py_CLEAR(d->last_raw);
     Py_CLEAR(d->last_method);
@@ -461,6 +486,7 @@ static int
 Decoder_traverse(DecoderObject *d, visitproc visit, void *arg)
 {
     Py_VISIT(d->limits);
+    Py_VISIT(d->max_frame_obj);
     Py_VISIT(d->buf);
     Py_VISIT(d->large);
     Py_VISIT(d->large_frame);
@@ -480,6 +506,7 @@ static int
 Decoder_clear(DecoderObject *d)
 {
     Py_CLEAR(d->limits);
+    Py_CLEAR(d->max_frame_obj);
     Py_CLEAR(d->buf);
     Py_CLEAR(d->large);
     Py_CLEAR(d->large_frame);
@@ -552,7 +579,8 @@ decoder_fail_limit(DecoderObject *d, const char *fmt, unsigned long long n, cons
     return decoder_fail(d, message);
 }
 
-/* Ensure ``needed`` free bytes after end: compact first, grow (zero-filled) if still short. */
+/* Ensure ``needed`` free bytes after end: compact first, grow (zero-filled) if still short
+ * (into a new buffer if a caller still holds a view of this one). */
 static int
 decoder_make_room(DecoderObject *d, Py_ssize_t needed)
 {
@@ -569,8 +597,17 @@ decoder_make_room(DecoderObject *d, Py_ssize_t needed)
             PyErr_NoMemory();
             return -1;
         }
+        if (((PyByteArrayObject *)d->buf)->ob_exports > 0) {
+            /* a view from an earlier get_buffer() is alive: move to a new buffer */
+            PyObject *grown = zeroed_bytearray(used + needed);
+            if (grown == NULL)
+                return -1;
+            memcpy(PyByteArray_AS_STRING(grown), PyByteArray_AS_STRING(d->buf), (size_t)used);
+            Py_SETREF(d->buf, grown);
+            return 0;
+        }
         if (PyByteArray_Resize(d->buf, used + needed) < 0)
-            return -1; /* BufferError while a get_buffer() view is alive, as in Python */
+            return -1;
         memset(PyByteArray_AS_STRING(d->buf) + size, 0, (size_t)(used + needed - size));
     }
     return 0;
@@ -753,17 +790,48 @@ decoder_begin_large(DecoderObject *d, Py_ssize_t mlen, Py_ssize_t metalen, Py_ss
     Py_ssize_t begin = d->start + HEADER_SIZE + mlen + metalen;
     Py_ssize_t have = d->end - begin;
     /* The payload is read straight into the bytes object it will be: it is handed out only
-     * once full, so filling it in place is safe and saves a copy per big payload. */
-    PyObject *large = PyBytes_FromStringAndSize(NULL, plen);
+     * once full, so filling it in place is safe and saves a copy per big payload. It starts
+     * small and grows (realloc, no copy for big blocks) as it fills, so a header alone
+     * cannot make us allocate the size it announces. */
+    Py_ssize_t size = 2 * have > LARGE_STEP ? 2 * have : LARGE_STEP;
+    PyObject *large = PyBytes_FromStringAndSize(NULL, size < plen ? size : plen);
     if (large == NULL) {
         Py_DECREF(frame);
         return -1;
     }
     memcpy(PyBytes_AS_STRING(large), PyByteArray_AS_STRING(d->buf) + begin, (size_t)have);
-    d->start = d->end = 0;
+    d->start = d->end = d->want = 0;
+    d->grow = 0;
     Py_XSETREF(d->large, large);
     d->large_filled = have;
+    d->large_size = plen;
     Py_XSETREF(d->large_frame, frame);
+    return 0;
+}
+
+/* The big payload's buffer is full but the payload is not: double it (up to its size). */
+static int
+decoder_grow_large(DecoderObject *d)
+{
+    Py_ssize_t size = PyBytes_GET_SIZE(d->large);
+    Py_ssize_t want = size <= d->large_size / 2 ? 2 * size : d->large_size;
+    if (Py_REFCNT(d->large) != 1) { /* a view of it is still alive: grow into a copy */
+        PyObject *grown = PyBytes_FromStringAndSize(NULL, want);
+        if (grown == NULL)
+            return -1;
+        memcpy(PyBytes_AS_STRING(grown), PyBytes_AS_STRING(d->large), (size_t)size);
+        Py_SETREF(d->large, grown);
+        return 0;
+    }
+    PyObject *large = d->large;
+    d->large = NULL;
+    if (_PyBytes_Resize(&large, want) < 0) { /* the payload is lost: the decoder is broken */
+        PyErr_Clear();
+        Py_CLEAR(d->large_frame);
+        return decoder_fail(d, PyUnicode_FromFormat("no memory for a payload of %zd bytes",
+                                                    d->large_size));
+    }
+    d->large = large;
     return 0;
 }
 
@@ -775,12 +843,15 @@ decoder_parse(DecoderObject *d, PyObject *out)
         PyErr_SetObject((PyObject *)Py_TYPE(d->broken), d->broken);
         return -1;
     }
+    if (d->after_hello)
+        return 0;
     for (;;) {
         Py_ssize_t start = d->start, avail = d->end - start;
         const unsigned char *h = (const unsigned char *)PyByteArray_AS_STRING(d->buf) + start;
         if (avail < HEADER_SIZE) {
             if (avail >= 2 && (h[0] != 'P' || h[1] != 'R'))
                 return decoder_fail_garbage(d, (const char *)h, avail);
+            d->want = 0;
             break;
         }
         if (h[0] != 'P' || h[1] != 'R')
@@ -803,8 +874,10 @@ decoder_parse(DecoderObject *d, PyObject *out)
                                       (unsigned long long)metalen, "max_metadata");
         int64_t total = (int64_t)HEADER_SIZE + mlen + metalen + plen; /* < 2**34 */
         if (total > d->max_frame)
-            return decoder_fail_limit(d, "frame of %llu bytes exceeds the limit of %S",
-                                      (unsigned long long)total, "max_frame");
+            return decoder_fail(d, PyUnicode_FromFormat(
+                                       "frame of %llu bytes exceeds the limit of %S%s",
+                                       (unsigned long long)total, d->max_frame_obj,
+                                       d->handshaking ? " before the handshake" : ""));
         Py_ssize_t prefix = HEADER_SIZE + mlen + metalen;
         if (avail < total) {
             if (plen >= LARGE_PAYLOAD && avail >= prefix) {
@@ -812,11 +885,9 @@ decoder_parse(DecoderObject *d, PyObject *out)
                     return -1;
                 break;
             }
-            /* a big payload gets its own buffer: only its prefix is staged here */
-            Py_ssize_t staged = plen >= LARGE_PAYLOAD ? prefix : (Py_ssize_t)total;
-            if (staged > PyByteArray_GET_SIZE(d->buf) - start &&
-                decoder_make_room(d, staged - avail) < 0)
-                return -1;
+            /* a big payload gets its own buffer: only its prefix is staged here; the next
+             * get_buffer makes room (resizing fails while the caller holds its last view) */
+            d->want = plen >= LARGE_PAYLOAD ? prefix : (Py_ssize_t)total;
             break;
         }
         PyObject *frame;
@@ -853,6 +924,11 @@ decoder_parse(DecoderObject *d, PyObject *out)
         if (rc < 0)
             return -1;
         d->start = start + (Py_ssize_t)total;
+        if (kind == KIND_HELLO && d->handshaking) {
+            d->after_hello = 1; /* what follows waits for the limit set after it */
+            d->want = 0;
+            break;
+        }
     }
     if (d->start == d->end)
         d->start = d->end = 0;
@@ -866,7 +942,7 @@ decoder_updated(DecoderObject *d, Py_ssize_t nbytes, PyObject *out)
     d->bytes_received += (unsigned long long)nbytes;
     if (d->large != NULL) {
         d->large_filled += nbytes;
-        if (d->large_filled < PyBytes_GET_SIZE(d->large))
+        if (d->large_filled < d->large_size)
             return 0;
         PyObject *frame = d->large_frame;
         PyObject *large = d->large;
@@ -877,6 +953,8 @@ decoder_updated(DecoderObject *d, Py_ssize_t nbytes, PyObject *out)
         Py_DECREF(frame);
         return rc;
     }
+    if (nbytes && nbytes == d->offered && !d->handshaking)
+        d->grow = 1;
     d->end += nbytes;
     return decoder_parse(d, out);
 }
@@ -885,11 +963,26 @@ decoder_updated(DecoderObject *d, Py_ssize_t nbytes, PyObject *out)
 static Py_ssize_t
 decoder_prepare(DecoderObject *d)
 {
-    if (d->large != NULL)
+    if (d->large != NULL) {
+        if (d->large_filled == PyBytes_GET_SIZE(d->large) && decoder_grow_large(d) < 0)
+            return -1;
         return PyBytes_GET_SIZE(d->large) - d->large_filled;
-    if (PyByteArray_GET_SIZE(d->buf) - d->end < MIN_READ && decoder_make_room(d, MIN_READ) < 0)
+    }
+    if (d->grow) { /* the last read filled what was offered: read more at a time */
+        d->grow = 0;
+        Py_ssize_t size = PyByteArray_GET_SIZE(d->buf);
+        if (size < MAX_BUFFER &&
+            decoder_make_room(d, (2 * size < MAX_BUFFER ? 2 * size : MAX_BUFFER) - d->end +
+                                     d->start) < 0)
+            return -1;
+    }
+    Py_ssize_t needed = d->want - (d->end - d->start);
+    if (needed < MIN_READ)
+        needed = MIN_READ;
+    if (PyByteArray_GET_SIZE(d->buf) - d->end < needed && decoder_make_room(d, needed) < 0)
         return -1;
-    return PyByteArray_GET_SIZE(d->buf) - d->end;
+    d->offered = PyByteArray_GET_SIZE(d->buf) - d->end;
+    return d->offered;
 }
 
 static int
@@ -1130,6 +1223,10 @@ Decoder_feed(DecoderObject *d, PyObject *data)
         goto fail;
     const char *src = in.buf;
     Py_ssize_t left = in.len;
+    if (left > 0 && d->broken != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(d->broken), d->broken);
+        goto fail;
+    }
     while (left > 0) {
         Py_ssize_t room = decoder_prepare(d);
         if (room < 0)
@@ -1182,7 +1279,65 @@ Decoder_set_limits(DecoderObject *d, PyObject *value, void *closure)
         PyErr_SetString(PyExc_AttributeError, "cannot delete limits");
         return -1;
     }
-    return decoder_set_limits(d, value);
+    return decoder_set_limits(d, value, 0);
+}
+
+static PyObject *
+Decoder_get_max_frame(DecoderObject *d, void *closure)
+{
+    if (decoder_ready(d) < 0)
+        return NULL;
+    return Py_NewRef(d->max_frame_obj);
+}
+
+PyDoc_STRVAR(set_max_frame_doc,
+             "set_max_frame(limit)\n--\n\n"
+             "End handshake mode: accept frames of up to ``limit`` bytes from now on.");
+
+static PyObject *
+Decoder_set_max_frame(DecoderObject *d, PyObject *arg)
+{
+    if (decoder_ready(d) < 0)
+        return NULL;
+    PyObject *limit = PyNumber_Index(arg);
+    if (limit == NULL)
+        return NULL;
+    int overflow = 0;
+    long long n = PyLong_AsLongLongAndOverflow(limit, &overflow);
+    if (n == -1 && PyErr_Occurred()) {
+        Py_DECREF(limit);
+        return NULL;
+    }
+    if (overflow || n < HEADER_SIZE) {
+        PyErr_Format(PyExc_ValueError, "max_frame must be at least %d bytes, got %S",
+                     HEADER_SIZE, limit);
+        Py_DECREF(limit);
+        return NULL;
+    }
+    Py_XSETREF(d->max_frame_obj, limit);
+    d->max_frame = (int64_t)n;
+    d->handshaking = d->after_hello = 0;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(trim_doc,
+             "trim()\n--\n\n"
+             "Give back a grown small-frame buffer while no frame is pending (call when idle).");
+
+static PyObject *
+Decoder_trim(DecoderObject *d, PyObject *Py_UNUSED(ignored))
+{
+    if (decoder_ready(d) < 0)
+        return NULL;
+    if (d->large == NULL && d->start == d->end && PyByteArray_GET_SIZE(d->buf) > INITIAL_BUFFER) {
+        PyObject *buf = zeroed_bytearray(INITIAL_BUFFER);
+        if (buf == NULL)
+            return NULL;
+        Py_SETREF(d->buf, buf); /* a view of the old one keeps it alive, unused */
+        d->start = d->end = 0;
+    }
+    d->grow = 0;
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -1217,6 +1372,8 @@ static PyGetSetDef Decoder_getset[] = {
      "Bytes given to this decoder so far (read into get_buffer() or fed).", NULL},
     {"limits", (getter)Decoder_get_limits, (setter)Decoder_set_limits,
      "The Limits checked against every header.", NULL},
+    {"max_frame", (getter)Decoder_get_max_frame, NULL,
+     "The largest frame accepted now (the handshake limit until set_max_frame).", NULL},
     {"broken", (getter)Decoder_get_broken, (setter)Decoder_set_broken,
      "The ProtocolError that broke this decoder, or None.", NULL},
     {"_buf", (getter)Decoder_get_buf, NULL, "The small-frame buffer (for tests).", NULL},
@@ -1228,6 +1385,8 @@ static PyMethodDef Decoder_methods[] = {
      METH_FASTCALL | METH_KEYWORDS, get_buffer_doc},
     {"buffer_updated", (PyCFunction)Decoder_buffer_updated, METH_O, buffer_updated_doc},
     {"feed", (PyCFunction)Decoder_feed, METH_O, feed_doc},
+    {"set_max_frame", (PyCFunction)Decoder_set_max_frame, METH_O, set_max_frame_doc},
+    {"trim", (PyCFunction)Decoder_trim, METH_NOARGS, trim_doc},
     {"route", (PyCFunction)(void (*)(void))Decoder_route, METH_VARARGS | METH_KEYWORDS, route_doc},
     {"received", (PyCFunction)Decoder_received, METH_O, received_doc},
     {"received_data", (PyCFunction)Decoder_received_data, METH_O, received_data_doc},
@@ -1243,10 +1402,14 @@ static PyMemberDef Decoder_members[] = {
 
 static PyTypeObject DecoderType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "polyrpc.core._frames.FrameDecoder",
-    .tp_doc = "FrameDecoder(limits=None)\n--\n\n"
+    .tp_doc = "FrameDecoder(limits=None, *, handshake=False)\n--\n\n"
               "Incremental frame parser. Feed bytes (or let a socket fill get_buffer()).\n\n"
               "Both entry points return the frames completed so far; a violation raises\n"
-              "ProtocolError and leaves the decoder broken (the connection must close).",
+              "ProtocolError and leaves the decoder broken (the connection must close).\n\n"
+              "With handshake=True no frame larger than limits.max_handshake_frame is\n"
+              "accepted, reads do not grow the buffer, and decoding stops after a HELLO:\n"
+              "the bytes after it are kept until set_max_frame() ends the mode (then\n"
+              "received(0) decodes them).",
     .tp_basicsize = sizeof(DecoderObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_new = Decoder_new,
@@ -2156,6 +2319,8 @@ PyInit__frames(void)
         PyModule_AddIntConstant(m, "VERSION", FRAME_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "LARGE_PAYLOAD", LARGE_PAYLOAD) < 0 ||
         PyModule_AddIntConstant(m, "INITIAL_BUFFER", INITIAL_BUFFER) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_BUFFER", MAX_BUFFER) < 0 ||
+        PyModule_AddIntConstant(m, "LARGE_STEP", LARGE_STEP) < 0 ||
         PyModule_AddIntConstant(m, "KIND_MIN", KIND_MIN) < 0 ||
         PyModule_AddIntConstant(m, "KIND_MAX", KIND_MAX) < 0) {
         Py_DECREF(m);

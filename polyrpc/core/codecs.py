@@ -3,11 +3,18 @@
 A frame carries its codec id, so a connection can mix them: bytes-like payloads
 always travel as ``raw`` (no copy, no encoding), everything else with the
 connection's negotiated codec.
+
+Decoding is bounded so that a payload of N bytes cannot cost far more than N: every
+length msgpack reads is checked against N, the arrays and maps of payloads of at least
+``COUNTED_FROM`` bytes may take at most ``CONTAINER_BYTES`` x N bytes, and nesting stops
+at msgpack's 1024 levels (json: the recursion limit). A payload over a bound fails with
+:class:`PayloadTooComplex`. Worst cases measured in docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +24,7 @@ import msgpack
 from .errors import ProtocolError
 
 Bytes = bytes | bytearray | memoryview
+_sizeof = sys.getsizeof
 
 
 class Codec(ABC):
@@ -56,9 +64,64 @@ class RawCodec(Codec):
         return data if type(data) is bytes else bytes(data)
 
 
+class PayloadTooComplex(ProtocolError):
+    """A payload would decode to far more objects or nesting than its size allows; only the
+    call or message that carried it fails (RemoteError code ``bad_payload``)."""
+
+
+COUNTED_FROM = 32 << 10
+"""msgpack payloads this big count what their arrays and maps take (smaller ones cost
+little anyway: at most about 64 bytes of objects per byte, 2 MiB)."""
+CONTAINER_BYTES = 32
+"""The arrays and maps of a payload of N bytes may take 32 x N bytes (sys.getsizeof): a
+list of pairs ``[[1, 2], ...]`` takes 24 x N; an empty map is one byte but a 64-byte dict,
+``{0: 0}`` three bytes but a 184-byte dict."""
+
+
 def _msgpack_unpackb(data: Bytes) -> Any:
+    """msgpack.unpackb with every length bounded by the payload's size and, for big
+    payloads, the number of arrays and maps too (see BYTES_PER_CONTAINER)."""
+    size = len(data)
     # str as str (raw=False) is msgpack 1.0's default; maps may have any hashable keys
-    return msgpack.unpackb(data, strict_map_key=False)
+    try:
+        if size < COUNTED_FROM:
+            return msgpack.unpackb(
+                data,
+                strict_map_key=False,
+                max_str_len=size,
+                max_bin_len=size,
+                max_array_len=size,
+                max_map_len=size // 2,
+                max_ext_len=size,
+            )
+        left = size * CONTAINER_BYTES
+
+        def count(container: Any) -> Any:
+            nonlocal left
+            left -= _sizeof(container)
+            if left < 0:
+                raise PayloadTooComplex(
+                    f"msgpack payload of {size} bytes decodes to more than "
+                    f"{size * CONTAINER_BYTES} bytes of arrays and maps "
+                    f"(the limit is {CONTAINER_BYTES} per payload byte)"
+                )
+            return container
+
+        return msgpack.unpackb(
+            data,
+            strict_map_key=False,
+            max_str_len=size,
+            max_bin_len=size,
+            max_array_len=size,
+            max_map_len=size // 2,
+            max_ext_len=size,
+            list_hook=count,
+            object_hook=count,
+        )
+    except msgpack.StackError:
+        raise PayloadTooComplex(
+            f"msgpack payload of {size} bytes is nested too deeply (limit 1024 levels)"
+        ) from None
 
 
 class MsgpackCodec(Codec):
@@ -82,6 +145,8 @@ class MsgpackCodec(Codec):
     def decode(self, data: Bytes) -> Any:
         try:
             return _msgpack_unpackb(data)
+        except PayloadTooComplex:
+            raise
         except Exception as exc:
             raise ProtocolError(f"undecodable msgpack payload: {exc}") from None
 
@@ -102,6 +167,10 @@ class JsonCodec(Codec):
             return json.loads(bytes(data))
         except ValueError as exc:
             raise ProtocolError(f"undecodable JSON payload: {exc}") from None
+        except RecursionError:
+            raise PayloadTooComplex(
+                f"JSON payload of {len(data)} bytes is nested too deeply"
+            ) from None
 
 
 RAW = RawCodec()

@@ -21,6 +21,7 @@ buffer is allocated for it.
 from __future__ import annotations
 
 import asyncio
+import operator
 import os
 import struct
 from collections.abc import Callable, Sized
@@ -42,7 +43,13 @@ _method_bytes: dict[str, bytes] = {}
 
 LARGE_PAYLOAD = 128 << 10
 """Payloads at least this big are read straight into their own buffer (no copy)."""
-INITIAL_BUFFER = 256 << 10
+INITIAL_BUFFER = 16 << 10
+"""The small-frame buffer's size at first and after :meth:`FrameDecoder.trim`."""
+MAX_BUFFER = 256 << 10
+"""The small-frame buffer doubles while reads fill it, up to this size."""
+LARGE_STEP = 256 << 10
+"""A big payload's buffer starts at this size (or twice what arrived) and doubles as it
+fills: what is allocated ahead of the bytes received stays below max(this, received)."""
 
 
 class Kind(IntEnum):
@@ -62,6 +69,7 @@ class Kind(IntEnum):
 
 
 _KINDS = frozenset(int(k) for k in Kind)
+_HELLO = int(Kind.HELLO)
 _REPLY_KINDS = (int(Kind.RESPONSE), int(Kind.ERROR))
 
 FLAG_REPLY = 0x01
@@ -79,9 +87,16 @@ class Limits:
     max_frame: int = 64 << 20
     max_metadata: int = 64 << 10
     max_method: int = 1024
+    max_handshake_frame: int = 16 << 10
+    """The largest frame accepted before the handshake completes (HELLO fits easily)."""
 
     def __post_init__(self) -> None:
-        if self.max_frame < HEADER_SIZE or self.max_metadata < 0 or self.max_method < 0:
+        if (
+            self.max_frame < HEADER_SIZE
+            or self.max_handshake_frame < HEADER_SIZE
+            or self.max_metadata < 0
+            or self.max_method < 0
+        ):
             raise ValueError(f"invalid frame limits: {self}")
 
 
@@ -223,15 +238,31 @@ class FrameDecoder:
 
     Both entry points return the frames completed so far; a violation raises
     ProtocolError and leaves the decoder broken (the connection must close).
+
+    With ``handshake=True`` the decoder starts in handshake mode: no frame larger than
+    ``limits.max_handshake_frame`` is accepted, the small-frame buffer does not grow for
+    reads, and decoding stops after a HELLO: the bytes after it are kept until
+    :meth:`set_max_frame` ends the mode (then ``received(0)`` decodes them).
     """
 
-    def __init__(self, limits: Limits | None = None) -> None:
-        self.limits = limits or Limits()
+    def __init__(self, limits: Limits | None = None, *, handshake: bool = False) -> None:
+        self._limits = limits or Limits()
+        self._handshaking = bool(handshake)
+        self._after_hello = False
+        """Handshake mode saw a HELLO: later bytes are kept, not parsed, until set_max_frame."""
+        self._max_frame: int = (
+            self._limits.max_handshake_frame if handshake else self._limits.max_frame
+        )
         self._buf = bytearray(INITIAL_BUFFER)
         self._start = 0
         self._end = 0
+        self._offered = 0
+        self._grow = False
+        self._want = 0
+        """Bytes of a pending frame to hold from ``_start`` (get_buffer makes the room)."""
         self._large: bytearray | None = None
         self._large_filled = 0
+        self._large_size = 0
         self._large_frame: Frame | None = None
         self._methods: dict[bytes, str] = {}
         self.broken: ProtocolError | None = None
@@ -247,6 +278,37 @@ class FrameDecoder:
         can go out at once: there is nothing to batch it with)."""
 
     @property
+    def limits(self) -> Limits:
+        """The Limits checked against every header."""
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: Limits) -> None:
+        self._limits = limits
+        if not self._handshaking:
+            self._max_frame = limits.max_frame
+
+    @property
+    def max_frame(self) -> int:
+        """The largest frame accepted now (the handshake limit until :meth:`set_max_frame`)."""
+        return self._max_frame
+
+    def set_max_frame(self, limit: int) -> None:
+        """End handshake mode: accept frames of up to ``limit`` bytes from now on."""
+        limit = operator.index(limit)
+        if not HEADER_SIZE <= limit < 1 << 63:
+            raise ValueError(f"max_frame must be at least {HEADER_SIZE} bytes, got {limit}")
+        self._max_frame = limit
+        self._handshaking = self._after_hello = False
+
+    def trim(self) -> None:
+        """Give back a grown small-frame buffer while no frame is pending (call when idle)."""
+        if self._large is None and self._start == self._end and len(self._buf) > INITIAL_BUFFER:
+            self._buf = bytearray(INITIAL_BUFFER)
+            self._start = self._end = 0
+        self._grow = False
+
+    @property
     def pending_bytes(self) -> int:
         """Bytes of an incomplete frame held (non-zero at EOF means a truncated frame)."""
         if self._large is not None:
@@ -256,11 +318,21 @@ class FrameDecoder:
     # -- socket-facing, copy-free path ------------------------------------
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Writable space for the next read (the large payload's own buffer when in one)."""
-        if self._large is not None:
-            return memoryview(self._large)[self._large_filled :]
+        large = self._large
+        if large is not None:
+            if self._large_filled == len(large):  # full: double it
+                large = self._grow_large(large)
+            return memoryview(large)[self._large_filled :]
+        if self._grow:  # the last read filled what was offered: read more at a time
+            self._grow = False
+            if len(self._buf) < MAX_BUFFER:
+                self._make_room(min(MAX_BUFFER, 2 * len(self._buf)) - self._end + self._start)
+        needed = max(4096, self._want - (self._end - self._start))
         free = len(self._buf) - self._end
-        if free < 4096:
-            self._make_room(4096)
+        if free < needed:
+            self._make_room(needed)
+            free = len(self._buf) - self._end
+        self._offered = free
         return memoryview(self._buf)[self._end :]
 
     def buffer_updated(self, nbytes: int) -> list[Frame]:
@@ -268,15 +340,29 @@ class FrameDecoder:
         self.bytes_received += nbytes
         if self._large is not None:
             self._large_filled += nbytes
-            if self._large_filled < len(self._large):
+            if self._large_filled < self._large_size:
                 return []
             frame = self._large_frame
             assert frame is not None
             frame.payload = bytes(self._large)  # payloads are bytes (the C decoder fills one)
             self._large = self._large_frame = None
             return [frame]
+        if nbytes and nbytes == self._offered and not self._handshaking:
+            self._grow = True
         self._end += nbytes
         return self._parse()
+
+    def _grow_large(self, large: bytearray) -> bytearray:
+        """Double a full big-payload buffer (up to the payload's size), in place unless a
+        view of it is still alive (then into a new buffer)."""
+        want = min(self._large_size, 2 * len(large))
+        try:
+            large.extend(bytes(want - len(large)))
+        except BufferError:
+            grown = bytearray(want)
+            grown[: len(large)] = large
+            self._large = large = grown
+        return large
 
     # -- routing: the session's receive path -------------------------------
     def route(
@@ -349,23 +435,32 @@ class FrameDecoder:
         """Add received bytes; return the frames they complete."""
         frames: list[Frame] = []
         view = memoryview(data)
+        if view and self.broken is not None:
+            raise self.broken
         while view:
             target = self.get_buffer(len(view))
             n = min(len(target), len(view))
             target[:n] = view[:n]
+            target.release()  # the next get_buffer may resize the buffer
             view = view[n:]
             frames += self.buffer_updated(n)
         return frames
 
     # -- internals ---------------------------------------------------------
     def _make_room(self, needed: int) -> None:
-        """Ensure ``needed`` free bytes after ``_end``: compact first, grow if still short."""
+        """Ensure ``needed`` free bytes after ``_end``: compact first, grow if still short
+        (into a new buffer if a caller still holds a view of this one)."""
         used = self._end - self._start
         if self._start:
             self._buf[:used] = self._buf[self._start : self._end]
             self._start, self._end = 0, used
         if len(self._buf) - used < needed:
-            self._buf.extend(bytes(needed - (len(self._buf) - used)))
+            try:
+                self._buf.extend(bytes(needed - (len(self._buf) - used)))
+            except BufferError:  # a view from an earlier get_buffer is alive: move
+                grown = bytearray(used + needed)
+                grown[:used] = self._buf[:used]
+                self._buf = grown
 
     def _fail(self, message: str) -> ProtocolError:
         self.broken = ProtocolError(message)
@@ -375,13 +470,17 @@ class FrameDecoder:
         if self.broken is not None:
             raise self.broken
         frames: list[Frame] = []
+        if self._after_hello:
+            return frames
         buf = self._buf
-        limits = self.limits
+        limits = self._limits
+        max_frame = self._max_frame
         while True:
             start, avail = self._start, self._end - self._start
             if avail < HEADER_SIZE:
                 if avail >= 2 and buf[start : start + 2] != MAGIC:
                     raise self._fail(describe_garbage(bytes(buf[start : self._end])))
+                self._want = 0
                 break
             magic, version, kind, codec, flags, mlen, seq, metalen, plen = HEADER.unpack_from(
                 buf, start
@@ -397,19 +496,17 @@ class FrameDecoder:
             if metalen > limits.max_metadata:
                 raise self._fail(f"metadata of {metalen} bytes exceeds {limits.max_metadata}")
             total = HEADER_SIZE + mlen + metalen + plen
-            if total > limits.max_frame:
-                raise self._fail(f"frame of {total} bytes exceeds the limit of {limits.max_frame}")
+            if total > max_frame:
+                when = " before the handshake" if self._handshaking else ""
+                raise self._fail(f"frame of {total} bytes exceeds the limit of {max_frame}{when}")
             prefix = HEADER_SIZE + mlen + metalen
             if avail < total:
                 if plen >= LARGE_PAYLOAD and avail >= prefix:
                     self._begin_large(kind, seq, codec, flags, mlen, metalen, plen)
                     break
-                # a big payload gets its own buffer: only its prefix is staged here (growing
-                # for the whole frame would also fail while the caller holds get_buffer's view)
-                staged = prefix if plen >= LARGE_PAYLOAD else total
-                if staged > len(buf) - start:
-                    self._make_room(staged - avail)
-                    buf = self._buf
+                # a big payload gets its own buffer: only its prefix is staged here; the next
+                # get_buffer makes room (resizing fails while the caller holds its last view)
+                self._want = prefix if plen >= LARGE_PAYLOAD else total
                 break
             if mlen or metalen:
                 frame = self._build(kind, seq, codec, flags, mlen, metalen)
@@ -420,6 +517,10 @@ class FrameDecoder:
                 )
             frames.append(frame)
             self._start = start + total
+            if kind == _HELLO and self._handshaking:
+                self._after_hello = True  # what follows waits for the limit set after it
+                self._want = 0
+                break
         if self._start == self._end:
             self._start = self._end = 0
         return frames
@@ -448,14 +549,17 @@ class FrameDecoder:
     def _begin_large(
         self, kind: int, seq: int, codec: int, flags: int, mlen: int, metalen: int, plen: int
     ) -> None:
-        """Switch to reading a big payload into its own buffer, keeping what already arrived."""
+        """Switch to reading a big payload into its own buffer, keeping what already arrived.
+        The buffer grows as the payload arrives (see LARGE_STEP), never from the header alone."""
         frame = self._build(kind, seq, codec, flags, mlen, metalen)
         begin = self._start + HEADER_SIZE + mlen + metalen
         have = self._end - begin
-        large = bytearray(plen)
+        large = bytearray(min(plen, max(LARGE_STEP, 2 * have)))
         large[:have] = self._buf[begin : self._end]
-        self._start = self._end = 0
+        self._start = self._end = self._want = 0
+        self._grow = False
         self._large, self._large_filled, self._large_frame = large, have, frame
+        self._large_size = plen
 
 
 class Implementation(NamedTuple):

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from .codecs import PayloadTooComplex
 from .eager import EagerServer, coroutine_step
 from .errors import CallTimeout, ConnectionLost, MessageTooLarge, ProtocolError, RemoteError
 from .frames import FLAG_ARG_STREAM, FLAG_STREAM, Frame, Kind, encode_frame
@@ -626,7 +627,8 @@ class RpcConnection(Session):
             self.respond_error(seq, exc, exc.code)
             return
         except ProtocolError as exc:
-            self.respond_error(seq, exc, "bad_request")
+            code = "bad_payload" if isinstance(exc, PayloadTooComplex) else "bad_request"
+            self.respond_error(seq, exc, code)
             return
         if method.kind != "async" or frame.flags or "timeout" in frame.metadata:
             self._start_call(seq, method, args, kwargs, frame)
@@ -697,6 +699,8 @@ class RpcConnection(Session):
             return self.decode(frame)
         try:
             return self._decode_unchecked(frame.payload)
+        except PayloadTooComplex:
+            raise
         except Exception as exc:
             raise ProtocolError(f"undecodable {self.codec.name} payload: {exc}") from None
 

@@ -190,7 +190,7 @@ class Session:
         self.peer_features: set[str] = set()
         self.peer_info: dict[str, str] = {}
         self.loop = asyncio.get_running_loop()
-        self._decoder = FrameDecoder(config.limits)
+        self._decoder = FrameDecoder(config.limits, handshake=True)
         # the receiving side (StreamReceiver, and asyncio's BufferedProtocol for sockets,
         # which read straight into the decoder): the decoder hands the frames to _dispatch
         # itself, after the handshake resolving plain replies and serving lone requests
@@ -358,6 +358,11 @@ class Session:
 
     def _handshake_done(self) -> None:
         self._handshaken = True
+        # frames past the handshake limit are fine now; those that arrived behind the HELLO
+        # wait in the decoder (it ends a batch at a HELLO while in handshake mode)
+        self._decoder.set_max_frame(self.config.limits.max_frame)
+        if self._decoder.pending_bytes:
+            self.loop.call_soon(self._decoder.received, 0)
         self._route_all()
         self._handshake.set_result(None)
 
@@ -976,6 +981,7 @@ class Session:
     def _on_heartbeat_timer(self) -> None:
         # activity is sampled here from the byte counters, keeping clocks off the hot path
         now = self.loop.time()
+        self._decoder.trim()  # an idle connection gives back a receive buffer grown by bursts
         if self.bytes_in != self._seen_in or self._paused:
             # (while this side does not read, the peer's silence proves nothing)
             self._seen_in, self._last_recv = self.bytes_in, now

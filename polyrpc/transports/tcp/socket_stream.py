@@ -36,8 +36,8 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
         super().__init__()
         self._transport: asyncio.Transport | None = None
         self._half_close = half_close
-        self._read_buffer = bytearray(READ_CHUNK)
-        self._read_view = memoryview(self._read_buffer)
+        self._read_view: memoryview | None = None
+        """Allocated on first use: a session receiver reads into its own buffers instead."""
         self._lost_future: asyncio.Future[None] | None = None
         self._eof_sent = False
 
@@ -71,9 +71,12 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
                 self._transport.set_protocol(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._read_view is None:
+            self._read_view = memoryview(bytearray(READ_CHUNK))
         return self._read_view
 
     def buffer_updated(self, nbytes: int) -> None:
+        assert self._read_view is not None
         self.receiver.data_received(self._read_view[:nbytes])
 
     def eof_received(self) -> bool:

@@ -1,0 +1,243 @@
+"""What a peer can cost a server: memory per idle connection, per pre-auth partial frame,
+per announced-but-unsent payload, and the decode amplification of hostile payloads.
+
+Usage: python bench/budgets.py [--connections N] [--pure-python]
+
+Each server-side number is measured against a real ``polyrpc serve --demo`` subprocess (its
+VmRSS from /proc before and after; the clients live in this process, so the server's RSS
+holds only what the peers cost it). The functions return numbers so tests and other
+benchmarks can assert bounds on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgpack
+
+import polyrpc
+from polyrpc.core.codecs import codec_by_name
+from polyrpc.core.frames import HEADER, MAGIC, VERSION, Kind, encode_frame
+from polyrpc.core.session import FEATURES
+
+MiB = 1 << 20
+
+
+def rss(pid: int) -> int:
+    """The resident set size of process ``pid`` in bytes (VmRSS)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def raise_fd_limit(wanted: int) -> None:
+    """Allow this process ``wanted`` open files (up to the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+
+
+_SERVE = (
+    "import resource, sys; soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)); "
+    "from polyrpc.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+@contextlib.contextmanager
+def demo_server(pure_python: bool = False) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A ``polyrpc serve tcp@127.0.0.1:0 --demo`` subprocess and its URL."""
+    env = {**os.environ, "POLYRPC_PURE_PYTHON": "1" if pure_python else ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVE, "serve", "tcp@127.0.0.1:0", "--demo"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # the refused peers' log lines
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("serving on "):
+            raise RuntimeError(f"the server did not start: {line!r}")
+        yield proc, line.split()[-1]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _settled_rss(pid: int, wait: float = 1.0) -> int:
+    time.sleep(wait)
+    return rss(pid)
+
+
+def _address(url: str) -> tuple[str, int]:
+    host, port = url.split("@", 1)[1].rsplit(":", 1)
+    return host, int(port)
+
+
+def idle_connection_cost(connections: int = 1000, pure_python: bool = False) -> float:
+    """Server RSS bytes per idle authenticated tcp connection (after one call each)."""
+    raise_fd_limit(connections + 100)
+
+    async def measure(pid: int, url: str) -> float:
+        before = _settled_rss(pid)
+        clients = []
+        try:
+            for _ in range(connections):
+                client = await polyrpc.connect(url)
+                clients.append(client)
+                await client.call("Demo.echo", b"x" * 64)
+            await asyncio.sleep(1.0)
+            after = rss(pid)
+        finally:
+            for client in clients:
+                client.abort()
+        return (after - before) / connections
+
+    with demo_server(pure_python) as (proc, url):
+        return asyncio.run(measure(proc.pid, url))
+
+
+def _hello() -> bytes:
+    meta = {"version": str(VERSION), "codec": "msgpack", "features": FEATURES}
+    return b"".join(bytes(b) for b in encode_frame(Kind.HELLO, 0, metadata=meta))
+
+
+def _header(payload_size: int) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, Kind.ONEWAY, 0, 0, 0, 1, 0, payload_size)
+
+
+def _raw_peers(
+    url: str, count: int, data: bytes, handshake: bool
+) -> tuple[list[socket.socket], int]:
+    """``count`` raw sockets that (optionally complete the handshake and) send ``data``;
+    returns them and how many the server has closed so far."""
+    peers = []
+    for _ in range(count):
+        sock = socket.create_connection(_address(url))
+        if handshake:
+            sock.sendall(_hello())
+            sock.settimeout(5)
+            sock.recv(4096)  # the HELLO reply
+        sock.sendall(data)
+        peers.append(sock)
+    time.sleep(1.0)
+    closed = 0
+    for sock in peers:
+        sock.setblocking(False)
+        try:
+            closed += sock.recv(4096) == b""
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed += 1
+    return peers, closed
+
+
+def partial_frame_cost(
+    peers: int = 8,
+    announced: int = 64 * MiB - 64,
+    sent: int = 1,
+    handshake: bool = False,
+    pure_python: bool = False,
+) -> dict[str, float]:
+    """Server RSS growth when ``peers`` raw peers each announce a frame of ``announced``
+    payload bytes and send ``sent`` of them (before or after the HELLO exchange)."""
+    with demo_server(pure_python) as (proc, url):
+        before = _settled_rss(proc.pid)
+        socks, closed = _raw_peers(url, peers, _header(announced) + bytes(sent), handshake)
+        try:
+            after = _settled_rss(proc.pid, 0.5)
+        finally:
+            for sock in socks:
+                sock.close()
+    return {"bytes": after - before, "closed": closed}
+
+
+AMPLIFIERS: dict[str, Callable[[int], bytes]] = {
+    "msgpack empty maps": lambda n: msgpack.packb([{}] * n),
+    "msgpack {0: 0}": lambda n: msgpack.packb([{0: 0}] * (n // 3)),
+    "msgpack empty arrays": lambda n: msgpack.packb([[]] * n),
+    "msgpack pairs": lambda n: msgpack.packb([[1, 2]] * (n // 3)),
+    "msgpack maps every 3rd byte": lambda n: msgpack.packb([{}, 0, 0] * (n // 3)),
+    "msgpack 2-char strings": lambda n: msgpack.packb(["ab"] * (n // 3)),
+    "msgpack small ints": lambda n: msgpack.packb([1] * n),
+    "msgpack nested": lambda n: b"\x91" * 2000 + b"\xc0",
+    "json empty arrays": lambda n: ("[" + ",".join(["[]"] * (n // 3)) + "]").encode(),
+    "json empty maps": lambda n: ("[" + ",".join(["{}"] * (n // 3)) + "]").encode(),
+    'json {"a":1}': lambda n: ("[" + ",".join(['{"a":1}'] * (n // 8)) + "]").encode(),
+    "json nested": lambda n: b"[" * 100_000,
+}
+
+
+def decode_amplification(size: int = 3 * MiB) -> dict[str, dict[str, Any]]:
+    """For each hostile payload of about ``size`` bytes: peak bytes allocated while decoding
+    per payload byte, milliseconds per MiB, and the error if it was refused."""
+    results: dict[str, dict[str, Any]] = {}
+    for name, make in AMPLIFIERS.items():
+        payload = make(size)
+        codec = codec_by_name(name.split()[0])
+        gc.collect()
+        started = time.perf_counter()
+        error = None
+        try:
+            codec.decode(payload)
+        except polyrpc.ProtocolError as exc:
+            error = type(exc).__name__
+        elapsed = time.perf_counter() - started
+        gc.collect()
+        tracemalloc.start()
+        with contextlib.suppress(polyrpc.ProtocolError):
+            codec.decode(payload)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        results[name] = {
+            "bytes": len(payload),
+            "factor": round(peak / len(payload), 1),
+            "ms_per_mib": round(elapsed * 1000 / (len(payload) / MiB), 1),
+            "refused": error,
+        }
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--connections", type=int, default=1000)
+    parser.add_argument("--pure-python", action="store_true")
+    args = parser.parse_args()
+    pure = args.pure_python
+    report = {
+        "idle_connection_bytes": round(idle_connection_cost(args.connections, pure)),
+        "preauth_64MiB_headers_x8": partial_frame_cost(pure_python=pure),
+        "preauth_16KiB_frames_x8": partial_frame_cost(announced=16000, sent=8000, pure_python=pure),
+        "postauth_64MiB_headers_x8": partial_frame_cost(handshake=True, pure_python=pure),
+        "postauth_64MiB_headers_1MiB_sent_x8": partial_frame_cost(
+            sent=MiB, handshake=True, pure_python=pure
+        ),
+        "decode": decode_amplification(),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
