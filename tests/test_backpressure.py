@@ -10,8 +10,14 @@ served normally and nothing is lost once the peer catches up. See docs/architect
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import msgpack
 import pytest
 
 import polyrpc
@@ -160,3 +166,118 @@ async def test_held_frames_are_served_in_order_after_the_pause(endpoint, impl):
                 b"r" * n for n in range(1, 6)
             ]
             await _settle(lambda: gate.finished == 6)
+
+
+class Load:
+    """A real server's services: a slow notification handler, big results, a ping."""
+
+    async def note(self, data: bytes) -> None:
+        await asyncio.sleep(1.0)
+
+    async def blob(self, size: int) -> bytes:
+        return b"x" * size
+
+    async def ping(self) -> str:
+        return "pong"
+
+
+LOAD = Load()
+SERVER = """
+import sys
+from polyrpc.cli import main
+sys.exit(main(["serve", "tcp@127.0.0.1:0", "--object", "test_backpressure:LOAD"]))
+"""
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@contextlib.contextmanager
+def _real_server(pure_python: str):
+    env = dict(os.environ, POLYRPC_PURE_PYTHON=pure_python, PYTHONPATH=str(Path(__file__).parent))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert proc.stdout is not None
+        yield proc, proc.stdout.readline().split()[-1]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def _worst_ping(url: str, seconds: float) -> float:
+    worst, until = 0.0, time.monotonic() + seconds
+    async with polyrpc.connect(url) as other:
+        while time.monotonic() < until:
+            started = time.perf_counter()
+            assert await other.call("Load.ping", timeout=10) == "pong"
+            worst = max(worst, time.perf_counter() - started)
+            await asyncio.sleep(0.01)
+    return worst
+
+
+@pytest.mark.parametrize("pure_python", ["0", "1"], ids=["c", "python"])
+async def test_a_real_server_stays_bounded_under_a_notification_flood(pure_python):
+    with _real_server(pure_python) as (proc, url):
+        base = _rss_mib(proc.pid)
+        async with polyrpc.connect(url) as client:
+            data = b"y" * (1 << 20)
+
+            async def flood() -> None:
+                for _ in range(300):
+                    await client.notify("Load.note", data)
+
+            sender = asyncio.create_task(flood())
+            ping = asyncio.create_task(_worst_ping(url, 4.0))
+            peak = 0.0
+            for _ in range(25):
+                await asyncio.sleep(0.2)
+                peak = max(peak, _rss_mib(proc.pid) - base)
+            worst = await ping
+            sender.cancel()
+            client.abort()
+        print(f"notify flood ({pure_python=}): server RSS +{peak:.0f} MiB, worst ping {worst:.3f}s")
+        assert peak < 100  # before: every 1 MiB notification held until its handler ran
+        assert worst < 1.0
+
+
+@pytest.mark.parametrize("pure_python", ["0", "1"], ids=["c", "python"])
+async def test_a_real_server_stays_bounded_when_replies_are_not_read(pure_python):
+    calls, size = 600, 1 << 20
+    with _real_server(pure_python) as (proc, url):
+        base = _rss_mib(proc.pid)
+        host, port = url.split("@")[1].rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.transport.pause_reading()  # type: ignore[attr-defined]
+        hello = {"version": str(frames.VERSION), "codec": "msgpack", "features": ""}
+        writer.write(b"".join(frames.encode_frame(int(frames.Kind.HELLO), 0, metadata=hello)))
+        request = msgpack.packb([[size], {}])
+        for i in range(calls):
+            frame = frames.encode_frame(
+                int(frames.Kind.REQUEST), 2 * i + 1, request, method="Load.blob", codec=1
+            )
+            writer.write(b"".join(frame))
+        await writer.drain()
+        ping = asyncio.create_task(_worst_ping(url, 3.0))
+        peak = 0.0
+        for _ in range(20):
+            await asyncio.sleep(0.2)
+            peak = max(peak, _rss_mib(proc.pid) - base)
+        worst = await ping
+        print(
+            f"unread replies ({pure_python=}): server RSS +{peak:.0f} MiB, worst ping {worst:.3f}s"
+        )
+        assert peak < 200  # before: every reply buffered, +1 MiB each
+        assert worst < 1.0
+        writer.transport.resume_reading()  # type: ignore[attr-defined]
+        decoder, replies = frames.PYTHON.FrameDecoder(), 0
+        while replies < calls:
+            data = await asyncio.wait_for(reader.read(1 << 20), 30)
+            assert data, f"the server closed after {replies} replies"
+            replies += sum(f.kind == frames.Kind.RESPONSE for f in decoder.feed(data))
+        writer.close()

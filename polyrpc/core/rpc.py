@@ -211,9 +211,15 @@ class _IncomingCall:
         self.cancelled = True
         task = self.task
         if task is not None and task.cancel():
-            task.add_done_callback(
-                lambda _: calls.pop(seq, None) if calls.get(seq) is self else None
-            )
+            task.add_done_callback(functools.partial(self._ended, calls, seq))
+
+    def _ended(self, calls: dict[int, _IncomingCall], seq: int, task: asyncio.Task[None]) -> None:
+        """The cancelled task is over: forget the call, and the task (one cancelled before its
+        first step keeps its CancelledError, whose traceback holds the handler's frame, which
+        holds this call: a cycle only the cyclic GC would free)."""
+        self.task = None
+        if calls.get(seq) is self:
+            calls.pop(seq, None)
 
 
 class _ItemQueue:
