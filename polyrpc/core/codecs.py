@@ -83,17 +83,17 @@ def _msgpack_unpackb(data: Bytes) -> Any:
     payloads, the number of arrays and maps too (see BYTES_PER_CONTAINER)."""
     size = len(data)
     # str as str (raw=False) is msgpack 1.0's default; maps may have any hashable keys
+    bounds = {
+        "strict_map_key": False,
+        "max_str_len": size,
+        "max_bin_len": size,
+        "max_array_len": size,
+        "max_map_len": size // 2,
+        "max_ext_len": size,
+    }
     try:
         if size < COUNTED_FROM:
-            return msgpack.unpackb(
-                data,
-                strict_map_key=False,
-                max_str_len=size,
-                max_bin_len=size,
-                max_array_len=size,
-                max_map_len=size // 2,
-                max_ext_len=size,
-            )
+            return msgpack.unpackb(data, **bounds)
         left = size * CONTAINER_BYTES
 
         def count(container: Any) -> Any:
@@ -107,17 +107,7 @@ def _msgpack_unpackb(data: Bytes) -> Any:
                 )
             return container
 
-        return msgpack.unpackb(
-            data,
-            strict_map_key=False,
-            max_str_len=size,
-            max_bin_len=size,
-            max_array_len=size,
-            max_map_len=size // 2,
-            max_ext_len=size,
-            list_hook=count,
-            object_hook=count,
-        )
+        return msgpack.unpackb(data, **bounds, list_hook=count, object_hook=count)
     except msgpack.StackError:
         raise PayloadTooComplex(
             f"msgpack payload of {size} bytes is nested too deeply (limit 1024 levels)"
