@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from polyrpc import registry
+from polyrpc.core import frames, rpc, session
 
 REQUIRED = [s for s in os.environ.get("POLYRPC_REQUIRE_TRANSPORTS", "").split(",") if s]
 ONLY = [s for s in os.environ.get("POLYRPC_TEST_TRANSPORTS", "").split(",") if s]
@@ -52,6 +53,19 @@ class Endpoint:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "scheme" in metafunc.fixturenames:
         metafunc.parametrize("scheme", usable_transports())
+
+
+@pytest.fixture(params=["c", "python"])
+def impl(request, monkeypatch):
+    """Serve with the C accelerator (decoder routing, EagerServer) or the Python reference."""
+    if request.param == "python":
+        monkeypatch.setattr(session, "FrameDecoder", frames.PYTHON.FrameDecoder)
+        monkeypatch.setattr(rpc, "EagerServer", None)
+    elif frames.ACCELERATED is None:
+        pytest.skip("the C accelerator is not built")
+    else:
+        monkeypatch.setattr(session, "FrameDecoder", frames.ACCELERATED.FrameDecoder)
+    return request.param
 
 
 @pytest.fixture

@@ -21,23 +21,10 @@ import msgpack
 import pytest
 
 import polyrpc
-from polyrpc.core import frames, rpc, session
+from polyrpc.core import frames
 
 NOTIFY_WINDOW = 8
 """The server's max_concurrent_calls in these tests: the window notifications share."""
-
-
-@pytest.fixture(params=["c", "python"])
-def impl(request, monkeypatch):
-    """Serve with the C accelerator (decoder routing, EagerServer) or the Python reference."""
-    if request.param == "python":
-        monkeypatch.setattr(session, "FrameDecoder", frames.PYTHON.FrameDecoder)
-        monkeypatch.setattr(rpc, "EagerServer", None)
-    elif frames.ACCELERATED is None:
-        pytest.skip("the C accelerator is not built")
-    else:
-        monkeypatch.setattr(session, "FrameDecoder", frames.ACCELERATED.FrameDecoder)
-    return request.param
 
 
 class Gate:

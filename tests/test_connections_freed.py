@@ -19,25 +19,11 @@ from pathlib import Path
 import pytest
 
 import polyrpc
-from polyrpc.core import frames, rpc, session
 from polyrpc.core.session import Session
 from polyrpc.core.stream import Stream
 
 ROUNDS = {"tcp": 2000, "unix": 2000, "mem": 2000, "tls": 300, "quic": 100, "kcp": 200}
 """Connections opened and aborted per transport (the slower handshakes get fewer)."""
-
-
-@pytest.fixture(params=["c", "python"])
-def impl(request, monkeypatch):
-    """Serve with the C accelerator (decoder routing, EagerServer) or the Python reference."""
-    if request.param == "python":
-        monkeypatch.setattr(session, "FrameDecoder", frames.PYTHON.FrameDecoder)
-        monkeypatch.setattr(rpc, "EagerServer", None)
-    elif frames.ACCELERATED is None:
-        pytest.skip("the C accelerator is not built")
-    else:
-        monkeypatch.setattr(session, "FrameDecoder", frames.ACCELERATED.FrameDecoder)
-    return request.param
 
 
 class Work:
