@@ -219,6 +219,42 @@ async def test_graceful_close_finishes_in_flight_requests(endpoint):
             await conn.request(1)
 
 
+async def test_heartbeats_stop_while_the_stream_is_closing(endpoint):
+    """A close that waits on a slow reader outlives many heartbeat periods: no heartbeat is
+    written to the closing stream (quic raised from the timer), and every message arrives."""
+    received: list[bytes] = []
+    start_reading = asyncio.Event()
+
+    async def late_reader(conn: polyrpc.Connection) -> None:
+        await start_reading.wait()
+        async for message in conn:
+            received.append(message)
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    chunk = pattern(256 << 10)
+    try:
+        async with server(endpoint, late_reader, max_inbox_bytes=1 << 20) as (_, url):
+            conn = await polyrpc.dial(url, heartbeat_interval=0.01, idle_timeout=0)
+            sent = [asyncio.create_task(conn.send(chunk)) for _ in range(16)]
+            await asyncio.sleep(0.05)
+            closing = asyncio.create_task(conn.close())
+            await asyncio.sleep(0.3)  # about 30 heartbeat periods with the stream closing
+            start_reading.set()
+            await asyncio.wait_for(closing, 30)
+            await asyncio.gather(*sent)
+            for _ in range(500):
+                if len(received) == len(sent):
+                    break
+                await asyncio.sleep(0.01)
+    finally:
+        loop.set_exception_handler(previous)
+    assert errors == []
+    assert received == [chunk] * len(sent)
+
+
 async def test_abort_fails_pending_with_connection_lost(endpoint):
     async def never(message):
         await asyncio.sleep(3600)

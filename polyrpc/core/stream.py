@@ -245,7 +245,9 @@ class Stream(ABC):
                 # the OS error's traceback holds the frames (and the session) that wrote
                 lost.__cause__ = exc.with_traceback(None)
         self._lost = lost
-        self._wake_drain(lost)
+        clean = exc is None and self._closed
+        # a graceful close sent everything queued: whoever waited for room was not failed
+        self._wake_drain(None if clean else lost)
         receiver = self.receiver
         self.on_write_pressure = None
         # the receiver (a session) refers back to this stream: letting go of it here means
@@ -253,7 +255,7 @@ class Stream(ABC):
         # early buffer stays: it replays the loss to the receiver set after it
         if not isinstance(receiver, _EarlyBuffer):
             self.receiver = _GONE
-        receiver.connection_lost(None if (exc is None and self._closed) else lost)
+        receiver.connection_lost(None if clean else lost)
 
     def _check_writable(self) -> None:
         if self._lost is not None:

@@ -36,7 +36,7 @@ from aioquic.quic.events import (
 from aioquic.tls import Epoch as tls_epoch
 
 from ...core.errors import ConnectionLost, HandshakeError
-from ...core.stream import Buffer, Stream
+from ...core.stream import Buffer, Stream, fresh_error
 
 if TYPE_CHECKING:
     from aioquic.quic.stream import QuicStreamSender
@@ -253,6 +253,8 @@ class QuicStream(Stream):
         self._finished = False
         self._closing = False
         self._flushed: asyncio.Future[None] | None = None
+        self._end_on_resume: Exception | None = None
+        """A clean end behind data the receiver paused before reading: reported on resume."""
         self.pings_acknowledged = 0
 
     # -- I/O entry points (called by the driver) ---------------------------
@@ -526,13 +528,12 @@ class QuicStream(Stream):
             self.handshake.set_exception(exc or ConnectionLost("quic: connection closed"))
             self.handshake.exception()
             self._lost = exc or ConnectionLost("quic: connection closed")
+        elif graceful:
+            # like a TCP FIN behind unread bytes: what arrived is delivered first, and while
+            # the receiver keeps reading paused, the data, the EOF and the end wait for it
+            self._end_on_resume = exc
+            self._end_gracefully()
         else:
-            if graceful:
-                self._reading_paused = False
-                self._deliver()
-                if not self._eof_delivered:
-                    self._eof_delivered = True
-                    self.receiver.eof_received()
             self._connection_lost(None if self._closed else exc)
         self.transmit()
         self._driver.finished(self)
@@ -621,6 +622,24 @@ class QuicStream(Stream):
             self._eof_delivered = True
             self.receiver.eof_received()
 
+    def _end_gracefully(self) -> None:
+        """Deliver what is ready, then the EOF and the end, unless reading is paused."""
+        self._deliver()
+        if self._reading_paused:
+            return
+        exc, self._end_on_resume = self._end_on_resume, None
+        if not self._eof_delivered:
+            self._eof_delivered = True
+            self.receiver.eof_received()
+        self._connection_lost(None if self._closed else exc)
+
+    def _drop_deferred_end(self) -> None:
+        """Close or abort after a deferred clean end: unread data is dropped, the end reported."""
+        exc, self._end_on_resume = self._end_on_resume, None
+        if exc is not None:
+            self._ready.clear()
+            self._connection_lost(None)
+
     def pause_reading(self) -> None:
         self._reading_paused = True
 
@@ -628,7 +647,9 @@ class QuicStream(Stream):
         if not self._reading_paused:
             return
         self._reading_paused = False
-        if not self._finished:
+        if self._end_on_resume is not None:
+            self._end_gracefully()
+        elif not self._finished:
             self._deliver()
             self._schedule_transmit()  # lets the connection grant credit again
 
@@ -790,6 +811,8 @@ class QuicStream(Stream):
 
     def _check_writable(self) -> None:
         super()._check_writable()
+        if self._end_on_resume is not None:
+            raise fresh_error(self._end_on_resume)
         if self._eof_sent:
             raise ConnectionLost("quic stream: write after write_eof()")
 
@@ -798,6 +821,7 @@ class QuicStream(Stream):
         """Graceful close: wait until the peer acknowledged everything, then CONNECTION_CLOSE."""
         if self._closed or self._finished:
             self._closed = True
+            self._drop_deferred_end()
             return
         self._closed = True
         if self.write_buffer_size:
@@ -816,6 +840,7 @@ class QuicStream(Stream):
     def abort(self) -> None:
         if self._finished:
             self._closed = True
+            self._drop_deferred_end()
             return
         self._closed = True
         self._closing = True
