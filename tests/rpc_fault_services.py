@@ -76,8 +76,8 @@ class Gated:
         return "quick"
 
 
-class Guarded:
-    """Slow handlers that record how they ended."""
+class Slow:
+    """A slow handler that records how it ended (also used by tests/test_rpc_conformance.py)."""
 
     def __init__(self) -> None:
         self.started = asyncio.Event()
@@ -91,6 +91,10 @@ class Guarded:
             self.cancelled.set()
             raise
         return "done"
+
+
+class Guarded(Slow):
+    """Slow handlers, one of them taking a streamed argument, that record how they ended."""
 
     async def total(self, numbers) -> int:
         self.started.set()

@@ -208,6 +208,16 @@ async def _worst_ping(url: str, seconds: float) -> float:
     return worst
 
 
+async def _peak_and_worst_ping(pid: int, base: float, url: str, seconds: float) -> tuple:
+    """(peak server RSS growth in MiB over ``base``, worst canary call) over ``seconds``."""
+    ping = asyncio.create_task(_worst_ping(url, seconds))
+    peak = 0.0
+    for _ in range(int(seconds / 0.2) + 5):
+        await asyncio.sleep(0.2)
+        peak = max(peak, _rss_mib(pid) - base)
+    return peak, await ping
+
+
 @pytest.mark.parametrize("pure_python", ["0", "1"], ids=["c", "python"])
 async def test_a_real_server_stays_bounded_under_a_notification_flood(pure_python):
     with _real_server(pure_python) as (proc, url):
@@ -220,12 +230,7 @@ async def test_a_real_server_stays_bounded_under_a_notification_flood(pure_pytho
                     await client.notify("Load.note", data)
 
             sender = asyncio.create_task(flood())
-            ping = asyncio.create_task(_worst_ping(url, 4.0))
-            peak = 0.0
-            for _ in range(25):
-                await asyncio.sleep(0.2)
-                peak = max(peak, _rss_mib(proc.pid) - base)
-            worst = await ping
+            peak, worst = await _peak_and_worst_ping(proc.pid, base, url, 4.0)
             sender.cancel()
             client.abort()
         print(f"notify flood ({pure_python=}): server RSS +{peak:.0f} MiB, worst ping {worst:.3f}s")
@@ -250,12 +255,7 @@ async def test_a_real_server_stays_bounded_when_replies_are_not_read(pure_python
             )
             writer.write(b"".join(frame))
         await writer.drain()
-        ping = asyncio.create_task(_worst_ping(url, 3.0))
-        peak = 0.0
-        for _ in range(20):
-            await asyncio.sleep(0.2)
-            peak = max(peak, _rss_mib(proc.pid) - base)
-        worst = await ping
+        peak, worst = await _peak_and_worst_ping(proc.pid, base, url, 3.0)
         print(
             f"unread replies ({pure_python=}): server RSS +{peak:.0f} MiB, worst ping {worst:.3f}s"
         )

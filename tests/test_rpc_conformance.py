@@ -13,6 +13,7 @@ import polyrpc
 from polyrpc.core.codecs import codec_by_id
 from polyrpc.core.frames import HEADER_SIZE, FrameDecoder, Kind, encode_frame
 from polyrpc.core.rpc import STREAM_CREDIT
+from tests.rpc_fault_services import Slow
 from tests.test_conformance import Recorder
 
 
@@ -50,21 +51,6 @@ class Arith:
 class Blobs:
     async def describe(self, data) -> list:
         return [type(data).__name__, data]
-
-
-class Slow:
-    def __init__(self) -> None:
-        self.started = asyncio.Event()
-        self.cancelled = asyncio.Event()
-
-    async def wait(self, seconds: float) -> str:
-        self.started.set()
-        try:
-            await asyncio.sleep(seconds)
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            raise
-        return "done"
 
 
 class Streams:

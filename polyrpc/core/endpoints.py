@@ -16,7 +16,7 @@ from .registry import registry
 from .rpc import RpcConnection, RpcOptions, SyncRunner
 from .services import ServiceRegistry
 from .session import SessionConfig
-from .stream import Buffer, Listener, Stream
+from .stream import DISCARD, Listener, Stream
 
 log = logging.getLogger("polyrpc")
 
@@ -94,19 +94,6 @@ class SystemService:
     async def methods(self) -> list[dict[str, str]]:
         """Every method: name, signature, kind and docstring."""
         return self._server.services.describe()
-
-
-class _Refused:
-    """The receiver of a stream refused before its handshake: whatever arrives is dropped."""
-
-    def data_received(self, data: Buffer) -> None:
-        pass
-
-    def eof_received(self) -> None:
-        pass
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass
 
 
 class Server:
@@ -210,7 +197,7 @@ class Server:
             stream.get_extra_info("peer"),
             len(self.handshaking),
         )
-        stream.set_receiver(_Refused())
+        stream.set_receiver(DISCARD)
         codec = codec_by_name("msgpack")
         body = {
             "type": "HandshakeError",

@@ -83,8 +83,9 @@ class _EarlyBuffer:
         self.events.clear()
 
 
-class _Gone:
-    """The receiver of a stream whose connection is gone: anything late is dropped."""
+class _Discard:
+    """A receiver that drops whatever arrives: for a stream whose connection is gone, or one
+    refused before its handshake."""
 
     def data_received(self, data: Buffer) -> None:
         pass
@@ -96,7 +97,7 @@ class _Gone:
         pass
 
 
-_GONE = _Gone()
+DISCARD = _Discard()
 
 
 class Stream(ABC):
@@ -254,7 +255,7 @@ class Stream(ABC):
         # a finished connection is freed at once, without waiting for the cyclic GC. An
         # early buffer stays: it replays the loss to the receiver set after it
         if not isinstance(receiver, _EarlyBuffer):
-            self.receiver = _GONE
+            self.receiver = DISCARD
         receiver.connection_lost(None if clean else lost)
 
     def _check_writable(self) -> None:
