@@ -317,6 +317,56 @@ async def test_peer_death_gives_connection_lost_promptly(endpoint):
         proc.wait()
 
 
+async def test_a_silent_peer_is_declared_dead_after_the_idle_timeout(endpoint):
+    """A peer whose host vanished (here: its process stopped, so nothing answers and nothing
+    refuses) is found by the heartbeats: pending calls fail once idle_timeout passes."""
+    options = {"heartbeat_interval": 0.2, "idle_timeout": 1.0}
+    if endpoint.in_process:
+        # no process to stop: the server side sends nothing of its own and stops reading
+        quiet = {"heartbeat_interval": 0, "idle_timeout": 0}
+        async with server(endpoint, on_request=lambda m: asyncio.sleep(3600), **quiet) as (
+            lst,
+            url,
+        ):
+            conn = await polyrpc.dial(url, **options)
+            calls = [asyncio.create_task(conn.request(i)) for i in range(3)]
+            await asyncio.sleep(0.05)
+            started = time.monotonic()
+            for c in list(lst.connections):
+                c.byte_stream.pause_reading()
+            for call in calls:
+                with pytest.raises(polyrpc.ConnectionLost, match="no data from"):
+                    await asyncio.wait_for(call, 10)
+            assert 0.8 < time.monotonic() - started < 3.0
+        return
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, str(PEER), endpoint.listen_url], stdout=subprocess.PIPE, env=env, text=True
+    )
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+        conn = await polyrpc.dial(
+            endpoint.client_url(line.strip()),
+            timeout=60,
+            handshake_timeout=60,
+            **options,
+        )
+        assert await conn.request({"hello": 1}) == {"hello": 1}
+        calls = [asyncio.create_task(conn.request({"sleep": 3600})) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGSTOP)
+        for call in calls:
+            with pytest.raises(polyrpc.ConnectionLost, match="no data from"):
+                await asyncio.wait_for(call, 10)
+        elapsed = time.monotonic() - started
+        assert 0.8 < elapsed < 3.0, f"declared dead after {elapsed:.2f}s (idle_timeout 1 s)"
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+
+
 async def test_slow_reader_bounds_sender_memory(endpoint):
     """A receiver that never reads must stop the sender, not let buffers grow."""
     hold = asyncio.Event()
