@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from polyrpc.core.certs import self_signed_certificate
@@ -89,3 +89,10 @@ async def serving(tmp_path: Path, options: str = "") -> AsyncIterator[tuple[Serv
 async def dial(port: int, options: str, host: str = "127.0.0.1") -> QuicStream:
     """Dial quic@host:port?options."""
     return await TRANSPORT.dial(TRANSPORT.parse(f"quic@{host}:{port}?{options}"))
+
+
+async def until(condition: Callable[[], bool], seconds: float, step: float = 0.02) -> None:
+    """Wait until ``condition()`` holds, failing with TimeoutError after ``seconds``."""
+    async with asyncio.timeout(seconds):
+        while not condition():
+            await asyncio.sleep(step)
