@@ -7,6 +7,7 @@ import contextlib
 import threading
 import time
 
+import msgpack
 import pytest
 
 import polyrpc
@@ -539,3 +540,27 @@ async def test_one_server_on_several_transports(tmp_path):
         finally:
             await stats.close()
         assert {"tcp", "unix", "mem"} <= set(totals)
+
+
+async def test_a_request_reusing_a_running_calls_seq_is_a_protocol_error(endpoint):
+    """The running call would be orphaned (its task collected mid-await, no reply ever):
+    the peer is told why and dropped, and the running handler is cancelled."""
+    hello = encode_frame(Kind.HELLO, 0, metadata={"version": "1", "codec": "msgpack"})[0]
+    request = b"".join(
+        encode_frame(Kind.REQUEST, 7, msgpack.packb([[30.0], {}]), method="Slow.wait", codec=1)
+    )
+    service = Slow()
+    async with polyrpc.serve(endpoint.listen_url, service) as server:
+        raw = await endpoint.transport.dial(
+            endpoint.transport.parse(endpoint.client_url(server.urls[0]))
+        )
+        recorder = Recorder()
+        raw.set_receiver(recorder)
+        await raw.send([hello, request])
+        await asyncio.wait_for(service.started.wait(), 5)
+        await raw.send([request])
+        await asyncio.wait_for(recorder.closed_by_peer(), 5)
+        [body] = error_frames(recorder.data)
+        assert body["code"] == "protocol_error" and "reuses the seq" in body["message"]
+        await asyncio.wait_for(service.cancelled.wait(), 5)
+        raw.abort()

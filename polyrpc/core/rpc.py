@@ -655,11 +655,22 @@ class RpcConnection(Session):
         """A handler suspended in its eager first step: the rest runs in a task whose context
         carries the call context (call this while it is set)."""
         call = _IncomingCall()
-        self._incoming[seq] = call
+        if not self._register_call(seq, call):
+            coro.close()
+            return
         call.task = self.loop.create_task(
             self._finish_eagerly(seq, call, method, coro, waiting_on, started),
             context=contextvars.copy_context(),
         )
+
+    def _register_call(self, seq: int, call: _IncomingCall) -> bool:
+        """Track ``call`` under ``seq``; a peer reusing the seq of a call still running breaks
+        the protocol (the running call would be orphaned: its task collected mid-await)."""
+        if seq in self._incoming:
+            self._protocol_failure(ProtocolError(f"REQUEST {seq} reuses the seq of a running call"))
+            return False
+        self._incoming[seq] = call
+        return True
 
     def _start_call(self, seq: int, method: Method, args: list, kwargs: dict, frame: Frame) -> None:
         """Serve every call but an eager async one: inline sync, streams, deadlines, threads."""
@@ -669,19 +680,21 @@ class RpcConnection(Session):
             self._call_inline(seq, method, args, kwargs, frame)
             return
         call = _IncomingCall()
+        if not self._register_call(seq, call):
+            return
         if flags & FLAG_ARG_STREAM:
             try:
                 index = int(frame.metadata.get("argstream", "-1"))
             except ValueError:
                 index = -1
             if not 0 <= index < len(args):
+                del self._incoming[seq]
                 self.respond_error(
                     seq, ProtocolError("streamed argument index out of range"), "bad_request"
                 )
                 return
             call.args_stream = _ItemQueue(self, seq, STREAM_CREDIT)
             args[index] = ArgumentStream(call.args_stream)
-        self._incoming[seq] = call
         call.task = self.loop.create_task(self._run_call(seq, call, method, args, kwargs, frame))
 
     def _refuse_busy(self, seq: int) -> None:
