@@ -21,9 +21,10 @@ import resource
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import msgpack
@@ -60,29 +61,46 @@ _SERVE = (
 
 
 @contextlib.contextmanager
+def serve_demo(
+    urls: Sequence[str], pure_python: bool = False, objects: Sequence[str] = ()
+) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """A ``polyrpc serve URL... --demo [--object MODULE:OBJECT...]`` subprocess (with the C or
+    the pure-Python decoder) and the URLs it bound, in order."""
+    env = {**os.environ, "POLYRPC_PURE_PYTHON": "1" if pure_python else ""}
+    extra = [arg for spec in objects for arg in ("--object", spec)]
+    with tempfile.TemporaryFile("w+") as log:  # the refused peers' log lines; read on failure
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SERVE, "serve", *urls, "--demo", *extra],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=env,
+        )
+        try:
+            assert proc.stdout is not None
+            bound: list[str] = []
+            while len(bound) < len(urls):
+                line = proc.stdout.readline()
+                if not line:
+                    log.seek(0)
+                    raise RuntimeError(f"the server did not start: {log.read()[-2000:]}")
+                if line.startswith("serving on "):
+                    bound.append(line.split()[-1])
+            yield proc, bound
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
 def demo_server(pure_python: bool = False) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """A ``polyrpc serve tcp@127.0.0.1:0 --demo`` subprocess and its URL."""
-    env = {**os.environ, "POLYRPC_PURE_PYTHON": "1" if pure_python else ""}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SERVE, "serve", "tcp@127.0.0.1:0", "--demo"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,  # the refused peers' log lines
-        text=True,
-        env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("serving on "):
-            raise RuntimeError(f"the server did not start: {line!r}")
-        yield proc, line.split()[-1]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with serve_demo(["tcp@127.0.0.1:0"], pure_python) as (proc, urls):
+        yield proc, urls[0]
 
 
 def _settled_rss(pid: int, wait: float = 1.0) -> int:
@@ -118,12 +136,14 @@ def idle_connection_cost(connections: int = 1000, pure_python: bool = False) -> 
         return asyncio.run(measure(proc.pid, url))
 
 
-def _hello() -> bytes:
+def hello() -> bytes:
+    """A client HELLO frame as a raw peer sends it (the demo needs no token)."""
     meta = {"version": str(VERSION), "codec": "msgpack", "features": FEATURES}
     return b"".join(bytes(b) for b in encode_frame(Kind.HELLO, 0, metadata=meta))
 
 
-def _header(payload_size: int) -> bytes:
+def header(payload_size: int) -> bytes:
+    """The header of a one-way frame announcing ``payload_size`` payload bytes."""
     return HEADER.pack(MAGIC, VERSION, Kind.ONEWAY, 0, 0, 0, 1, 0, payload_size)
 
 
@@ -136,7 +156,7 @@ def _raw_peers(
     for _ in range(count):
         sock = socket.create_connection(_address(url))
         if handshake:
-            sock.sendall(_hello())
+            sock.sendall(hello())
             sock.settimeout(5)
             sock.recv(4096)  # the HELLO reply
         sock.sendall(data)
@@ -167,7 +187,7 @@ def partial_frame_cost(
     payload bytes and send ``sent`` of them (before or after the HELLO exchange)."""
     with demo_server(pure_python) as (proc, url):
         before = _settled_rss(proc.pid)
-        socks, closed = _raw_peers(url, peers, _header(announced) + bytes(sent), handshake)
+        socks, closed = _raw_peers(url, peers, header(announced) + bytes(sent), handshake)
         try:
             after = _settled_rss(proc.pid, 0.5)
         finally:

@@ -1,0 +1,213 @@
+"""Hostile byte-stream peers (tcp, unix, tls) against a real ``polyrpc serve`` subprocess,
+with the C and the pure-Python decoder: the server's RSS stays bounded, the bad peer is
+told why (an ERROR frame) or closed, and other clients are served meanwhile (see
+docs/architecture.md, "What a peer can cost you")."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+import polyrpc
+from bench import budgets
+from polyrpc.core.endpoints import MAX_HANDSHAKING
+from polyrpc.core.frames import HEADER, MAGIC, VERSION, Kind, encode_frame
+from tests.adversarial.peers import RSS_SLACK, STREAMS, MiB, Raw, Target, error_codes
+from tests.test_rpc_conformance import error_frames
+
+streams = pytest.mark.parametrize("over", STREAMS)
+
+
+async def closed_within(peer: Raw, seconds: float) -> bytes | None:
+    """What the server sent before closing ``peer``, or None if it is still open."""
+    with contextlib.suppress(TimeoutError):
+        return await peer.until_closed(seconds)
+    return None
+
+
+def grown(target: Target, before: int) -> int:
+    growth = target.rss() - before
+    print(f"{target.decoder} decoder: server RSS +{growth / MiB:.1f} MiB")
+    return growth
+
+
+@streams
+async def test_idle_handshaking_connections_are_capped_and_cheap(target, over):
+    before = target.rss()
+    peers = [await Raw.open(target, over) for _ in range(200)]
+    try:
+        outcomes = await asyncio.gather(*(closed_within(p, 1.5) for p in peers))
+        refused = [data for data in outcomes if data is not None]
+        assert len(refused) == 200 - MAX_HANDSHAKING
+        assert all(error_codes(data) == ["too_many_handshakes"] for data in refused)
+        cost = grown(target, before) / MAX_HANDSHAKING
+        print(f"{over}: {cost / 1024:.1f} KiB per handshaking connection")
+        assert cost < (128 << 10) * RSS_SLACK  # target 64 KiB (it was ~530 KiB)
+    finally:
+        for peer in peers:
+            peer.close()
+
+
+async def test_a_hello_never_finished_is_closed_at_the_handshake_timeout(target):
+    peers = [await Raw.open(target, over) for over in STREAMS]
+    try:
+        for peer in peers:
+            await peer.send(budgets.hello()[:10])
+        await target.serves()
+        outcomes = await asyncio.gather(*(closed_within(p, 13) for p in peers))  # 10 s + slack
+        assert None not in outcomes
+    finally:
+        for peer in peers:
+            peer.close()
+
+
+@streams
+async def test_a_huge_frame_announced_before_hello_is_refused_at_its_header(target, over):
+    before = target.rss()
+    peers = [await Raw.open(target, over) for _ in range(8)]
+    try:
+        for peer in peers:
+            await peer.send(budgets.header(64 * MiB - 64) + bytes(16 << 10))
+        for peer in peers:
+            bodies = error_frames(await peer.until_closed())
+            assert [b["code"] for b in bodies] == ["protocol_error"]
+            assert "before the handshake" in bodies[0]["message"]
+        assert grown(target, before) < 16 * MiB * RSS_SLACK  # it was 8 x 64 MiB
+    finally:
+        for peer in peers:
+            peer.close()
+
+
+@streams
+async def test_a_huge_frame_trickled_after_hello_costs_only_what_arrived(target, over):
+    before = target.rss()
+    peers = [await Raw.open(target, over, handshake=True) for _ in range(8)]
+    try:
+        for peer in peers:
+            await peer.send(budgets.header(64 * MiB - 64))
+        for _ in range(32):  # 8 x 512 KiB in small pieces
+            for peer in peers:
+                await peer.send(bytes(16 << 10))
+            await asyncio.sleep(0.02)
+        await target.serves(over)
+        assert grown(target, before) < 32 * MiB * RSS_SLACK  # not 8 x 64 MiB
+    finally:
+        for peer in peers:
+            peer.close()
+
+
+def _header(magic: bytes = MAGIC, version: int = VERSION, kind: int = Kind.ONEWAY) -> bytes:
+    return HEADER.pack(magic, version, kind, 0, 0, 0, 1, 0, 0)
+
+
+GARBAGE = {
+    "random bytes": bytes(range(7, 250, 3)) * 4,
+    "bad magic": _header(magic=b"XX"),
+    "bad version": _header(version=VERSION + 1),
+    "unknown kind": _header(kind=200),
+    "http": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "tls client hello": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(80),
+}
+
+
+@streams
+@pytest.mark.parametrize("garbage", GARBAGE.values(), ids=GARBAGE.keys())
+async def test_garbage_is_answered_with_a_protocol_error_and_a_close(target, over, garbage):
+    peer = await Raw.open(target, over)
+    try:
+        await peer.send(garbage)
+        assert error_codes(await peer.until_closed()) == ["protocol_error"]
+    finally:
+        peer.close()
+
+
+_BEFORE_HELLO = [Kind.RESPONSE, Kind.ERROR, Kind.REQUEST, Kind.ONEWAY, Kind.HEARTBEAT]
+_BEFORE_HELLO += [Kind.CANCEL, Kind.STREAM_ITEM, Kind.CREDIT, Kind.GOAWAY]
+
+
+@streams
+async def test_any_frame_but_hello_first_is_named_and_closed(target, over):
+    for kind in _BEFORE_HELLO:
+        peer = await Raw.open(target, over)
+        try:
+            await peer.send(b"".join(encode_frame(kind, 3, b"\xc0", codec=1)))
+            bodies = error_frames(await peer.until_closed())
+            assert [(b["code"], b["message"]) for b in bodies] == [
+                ("protocol_error", f"{kind.name} before HELLO")
+            ]
+        finally:
+            peer.close()
+
+
+@streams
+async def test_a_second_hello_or_an_oversize_frame_after_hello_is_named(target, over):
+    for data, words in ((budgets.hello(), "HELLO received twice"), (budgets.header(65 * MiB), "")):
+        peer = await Raw.open(target, over, handshake=True)
+        try:
+            await peer.send(data)
+            bodies = error_frames(await peer.until_closed())
+            assert [b["code"] for b in bodies] == ["protocol_error"]
+            assert words in bodies[0]["message"]
+            assert str(bodies[0]["max_frame"]) in bodies[0]["message"] or words
+        finally:
+            peer.close()
+
+
+AMPLIFIERS = {  # 3 MiB that a naive decoder turns into millions of objects
+    "msgpack": [{}] * (3 * MiB),
+    "json": [{}] * MiB,
+}
+
+
+@pytest.mark.parametrize("codec", AMPLIFIERS)
+async def test_a_payload_that_decodes_to_far_more_than_its_size_fails_that_call(target, codec):
+    before = target.rss()
+    async with polyrpc.connect(target.urls["unix"], codec=codec) as client:
+        hostile = [
+            asyncio.ensure_future(client.call("Demo.echo", AMPLIFIERS[codec], timeout=60))
+            for _ in range(2)
+        ]
+        await target.serves("tls")  # another peer, meanwhile
+        for call in hostile:
+            with pytest.raises(polyrpc.RemoteError) as refused:
+                await call
+            assert refused.value.code == "bad_payload"
+        assert grown(target, before) < 200 * MiB * RSS_SLACK  # it was +313 MiB for one
+        assert await client.call("Demo.add", 2, 3, timeout=10) == 5  # still serving
+
+
+async def test_a_notification_flood_to_a_slow_handler_is_held_back(target):
+    before = target.rss()
+    async with polyrpc.connect(target.urls["tcp"]) as client:
+
+        async def flood() -> None:
+            for _ in range(400):
+                await client.notify("Slow.wait", 5, b"n" * MiB)
+
+        sender = asyncio.ensure_future(flood())
+        await asyncio.wait([sender], timeout=4)
+        await target.serves("tcp")
+        assert grown(target, before) < 300 * MiB * RSS_SLACK  # it was +776 MiB
+        sender.cancel()
+        client.abort()
+
+
+async def test_a_peer_that_never_reads_its_replies_stops_being_served(target):
+    before = target.rss()
+    peer = await Raw.open(target, "tcp", handshake=True)
+    try:
+        sent = 0
+        arg = b"r" * (256 << 10)
+        with contextlib.suppress(TimeoutError):
+            for seq in range(1, 2001, 2):  # up to 250 MiB of echo calls, replies never read
+                peer.writer.writelines(encode_frame(Kind.REQUEST, seq, arg, method="Demo.echo"))
+                await asyncio.wait_for(peer.writer.drain(), 2)
+                sent += 1
+        await asyncio.sleep(1)
+        print(f"{sent} calls of 256 KiB written before the server stopped reading")
+        await target.serves("tcp")
+        assert grown(target, before) < 300 * MiB * RSS_SLACK  # it was +922 MiB
+    finally:
+        peer.close()
