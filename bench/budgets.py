@@ -25,6 +25,7 @@ import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -32,6 +33,7 @@ import msgpack
 import polyrpc
 from polyrpc.core.codecs import codec_by_name
 from polyrpc.core.frames import HEADER, MAGIC, VERSION, Kind, encode_frame
+from polyrpc.core.registry import registry
 from polyrpc.core.session import FEATURES
 
 MiB = 1 << 20
@@ -62,15 +64,29 @@ _SERVE = (
 
 @contextlib.contextmanager
 def serve_demo(
-    urls: Sequence[str], pure_python: bool = False, objects: Sequence[str] = ()
-) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
-    """A ``polyrpc serve URL... --demo [--object MODULE:OBJECT...]`` subprocess (with the C or
-    the pure-Python decoder) and the URLs it bound, in order."""
+    schemes: Sequence[str], pure_python: bool = False, objects: Sequence[str] = ()
+) -> Iterator[tuple[subprocess.Popen[str], dict[str, str]]]:
+    """A ``polyrpc serve URL... --demo [--object MODULE:OBJECT...]`` subprocess listening on
+    each transport in ``schemes`` (loopback, with the C or the pure-Python decoder), and the
+    URL a client dials for each (with the transport's certificate options)."""
     env = {**os.environ, "POLYRPC_PURE_PYTHON": "1" if pure_python else ""}
     extra = [arg for spec in objects for arg in ("--object", spec)]
-    with tempfile.TemporaryFile("w+") as log:  # the refused peers' log lines; read on failure
+    with (
+        tempfile.TemporaryDirectory(prefix="budgets") as workdir,
+        tempfile.TemporaryFile("w+") as log,
+    ):  # the refused peers' log lines, read if the server fails to start
+        transports = [registry.get(scheme) for scheme in schemes]
+        loopback = [t.loopback_urls(Path(workdir)) for t in transports]
         proc = subprocess.Popen(
-            [sys.executable, "-c", _SERVE, "serve", *urls, "--demo", *extra],
+            [
+                sys.executable,
+                "-c",
+                _SERVE,
+                "serve",
+                *(url for url, _ in loopback),
+                "--demo",
+                *extra,
+            ],
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
@@ -79,14 +95,20 @@ def serve_demo(
         try:
             assert proc.stdout is not None
             bound: list[str] = []
-            while len(bound) < len(urls):
+            while len(bound) < len(schemes):  # one "serving on URL" line per listener
                 line = proc.stdout.readline()
                 if not line:
                     log.seek(0)
                     raise RuntimeError(f"the server did not start: {log.read()[-2000:]}")
                 if line.startswith("serving on "):
                     bound.append(line.split()[-1])
-            yield proc, bound
+            urls = {
+                scheme: str(transport.parse(url).with_options(**options))
+                for scheme, transport, url, (_, options) in zip(
+                    schemes, transports, bound, loopback, strict=True
+                )
+            }
+            yield proc, urls
         finally:
             proc.terminate()
             try:
@@ -99,8 +121,8 @@ def serve_demo(
 @contextlib.contextmanager
 def demo_server(pure_python: bool = False) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """A ``polyrpc serve tcp@127.0.0.1:0 --demo`` subprocess and its URL."""
-    with serve_demo(["tcp@127.0.0.1:0"], pure_python) as (proc, urls):
-        yield proc, urls[0]
+    with serve_demo(["tcp"], pure_python) as (proc, urls):
+        yield proc, urls["tcp"]
 
 
 def _settled_rss(pid: int, wait: float = 1.0) -> int:

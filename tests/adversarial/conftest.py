@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 
 from bench import budgets
 from polyrpc.core.frames import ACCELERATED
 from tests.adversarial.peers import SCHEMES, Target
-from tests.conftest import Endpoint
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -30,19 +27,14 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 )
 def server(request: pytest.FixtureRequest) -> Iterator[Target]:
     """One server subprocess per decoder for the whole suite."""
-    with tempfile.TemporaryDirectory(prefix="adv") as workdir:
-        endpoints = [Endpoint(scheme, Path(workdir)) for scheme in SCHEMES]
-        with budgets.serve_demo(
-            [e.listen_url for e in endpoints],
-            pure_python=request.param == "python",
-            objects=["tests.rpc_fault_services:Slow"],
-        ) as (proc, bound):
-            urls = {e.scheme: e.client_url(url) for e, url in zip(endpoints, bound, strict=True)}
-            target = Target(proc.pid, urls, request.param)
-            for scheme in SCHEMES:  # the first connection per transport allocates for good
-                asyncio.run(target.serves(scheme))
-            target.baseline_fds = target.fds()
-            yield target
+    with budgets.serve_demo(
+        SCHEMES, pure_python=request.param == "python", objects=["tests.rpc_fault_services:Slow"]
+    ) as (proc, urls):
+        target = Target(proc.pid, urls, request.param)
+        for scheme in SCHEMES:  # the first connection per transport allocates for good
+            asyncio.run(target.serves(scheme))
+        target.baseline_fds = target.fds()
+        yield target
 
 
 @pytest.fixture

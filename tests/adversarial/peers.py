@@ -34,6 +34,19 @@ class Target:
     def rss(self) -> int:
         return budgets.rss(self.pid)
 
+    def start_peak(self) -> int:
+        """Reset the peak RSS (VmHWM) to the current RSS, and return that."""
+        with open(f"/proc/{self.pid}/clear_refs", "w") as clear:
+            clear.write("5")
+        return self.rss()
+
+    def growth(self, since: int, what: str) -> int:
+        """How far the peak RSS rose above ``since`` (printed for docs/benchmarks.md)."""
+        with open(f"/proc/{self.pid}/status") as status:
+            peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+        print(f"\n{self.decoder} decoder, {what}: peak server RSS +{(peak - since) / MiB:.1f} MiB")
+        return peak - since
+
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
@@ -64,6 +77,25 @@ class Target:
             await asyncio.sleep(0.1)
 
 
+class _KeptReader(asyncio.StreamReader):
+    """A stream reader that keeps what arrived before a reset (it reads as the end):
+    asyncio's own raises the reset first, and the server's last ERROR frame was lost."""
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.feed_eof()
+
+
+def _tls_context() -> ssl.SSLContext:
+    """A client context that accepts the test certificate (no CA store: that takes 150 ms)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+_TLS = _tls_context()
+
+
 class Raw:
     """A raw byte-stream peer (tcp, unix or tls) that writes what it likes."""
 
@@ -73,17 +105,16 @@ class Raw:
 
     @classmethod
     async def open(cls, target: Target, scheme: str, handshake: bool = False) -> Raw:
+        loop = asyncio.get_running_loop()
+        reader = _KeptReader()
         address = target.address(scheme)
+        protocol = asyncio.StreamReaderProtocol(reader)
         if isinstance(address, str):
-            reader, writer = await asyncio.open_unix_connection(address)
+            transport, _ = await loop.create_unix_connection(lambda: protocol, address)
         else:
-            tls = None
-            if scheme == "tls":
-                tls = ssl.create_default_context()
-                tls.check_hostname = False
-                tls.verify_mode = ssl.CERT_NONE
-            reader, writer = await asyncio.open_connection(*address, ssl=tls)
-        raw = cls(reader, writer)
+            tls = _TLS if scheme == "tls" else None
+            transport, _ = await loop.create_connection(lambda: protocol, *address, ssl=tls)
+        raw = cls(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
         if handshake:
             await raw.send(budgets.hello())
             reply = await asyncio.wait_for(reader.read(4096), 5)

@@ -14,7 +14,7 @@ import polyrpc
 from bench import budgets
 from polyrpc.core.endpoints import MAX_HANDSHAKING
 from polyrpc.core.frames import HEADER, MAGIC, VERSION, Kind, encode_frame
-from tests.adversarial.peers import RSS_SLACK, STREAMS, MiB, Raw, Target, error_codes
+from tests.adversarial.peers import RSS_SLACK, STREAMS, MiB, Raw, error_codes
 from tests.test_rpc_conformance import error_frames
 
 streams = pytest.mark.parametrize("over", STREAMS)
@@ -27,22 +27,19 @@ async def closed_within(peer: Raw, seconds: float) -> bytes | None:
     return None
 
 
-def grown(target: Target, before: int) -> int:
-    growth = target.rss() - before
-    print(f"{target.decoder} decoder: server RSS +{growth / MiB:.1f} MiB")
-    return growth
-
-
 @streams
 async def test_idle_handshaking_connections_are_capped_and_cheap(target, over):
-    before = target.rss()
+    before = target.start_peak()
     peers = [await Raw.open(target, over) for _ in range(200)]
     try:
         outcomes = await asyncio.gather(*(closed_within(p, 1.5) for p in peers))
         refused = [data for data in outcomes if data is not None]
         assert len(refused) == 200 - MAX_HANDSHAKING
         assert all(error_codes(data) == ["too_many_handshakes"] for data in refused)
-        cost = grown(target, before) / MAX_HANDSHAKING
+        cost = (
+            target.growth(before, f"{MAX_HANDSHAKING} {over} handshaking connections")
+            / MAX_HANDSHAKING
+        )
         print(f"{over}: {cost / 1024:.1f} KiB per handshaking connection")
         assert cost < (128 << 10) * RSS_SLACK  # target 64 KiB (it was ~530 KiB)
     finally:
@@ -65,7 +62,7 @@ async def test_a_hello_never_finished_is_closed_at_the_handshake_timeout(target)
 
 @streams
 async def test_a_huge_frame_announced_before_hello_is_refused_at_its_header(target, over):
-    before = target.rss()
+    before = target.start_peak()
     peers = [await Raw.open(target, over) for _ in range(8)]
     try:
         for peer in peers:
@@ -74,7 +71,9 @@ async def test_a_huge_frame_announced_before_hello_is_refused_at_its_header(targ
             bodies = error_frames(await peer.until_closed())
             assert [b["code"] for b in bodies] == ["protocol_error"]
             assert "before the handshake" in bodies[0]["message"]
-        assert grown(target, before) < 16 * MiB * RSS_SLACK  # it was 8 x 64 MiB
+        assert (
+            target.growth(before, f"8 {over} headers of 64 MiB before HELLO") < 16 * MiB * RSS_SLACK
+        )  # it was 8 x 64 MiB
     finally:
         for peer in peers:
             peer.close()
@@ -82,7 +81,7 @@ async def test_a_huge_frame_announced_before_hello_is_refused_at_its_header(targ
 
 @streams
 async def test_a_huge_frame_trickled_after_hello_costs_only_what_arrived(target, over):
-    before = target.rss()
+    before = target.start_peak()
     peers = [await Raw.open(target, over, handshake=True) for _ in range(8)]
     try:
         for peer in peers:
@@ -92,7 +91,10 @@ async def test_a_huge_frame_trickled_after_hello_costs_only_what_arrived(target,
                 await peer.send(bytes(16 << 10))
             await asyncio.sleep(0.02)
         await target.serves(over)
-        assert grown(target, before) < 32 * MiB * RSS_SLACK  # not 8 x 64 MiB
+        assert (
+            target.growth(before, f"8 {over} 64 MiB frames trickled after HELLO")
+            < 32 * MiB * RSS_SLACK
+        )  # not 8 x 64 MiB
     finally:
         for peer in peers:
             peer.close()
@@ -163,7 +165,7 @@ AMPLIFIERS = {  # 3 MiB that a naive decoder turns into millions of objects
 
 @pytest.mark.parametrize("codec", AMPLIFIERS)
 async def test_a_payload_that_decodes_to_far_more_than_its_size_fails_that_call(target, codec):
-    before = target.rss()
+    before = target.start_peak()
     async with polyrpc.connect(target.urls["unix"], codec=codec) as client:
         hostile = [
             asyncio.ensure_future(client.call("Demo.echo", AMPLIFIERS[codec], timeout=60))
@@ -174,12 +176,14 @@ async def test_a_payload_that_decodes_to_far_more_than_its_size_fails_that_call(
             with pytest.raises(polyrpc.RemoteError) as refused:
                 await call
             assert refused.value.code == "bad_payload"
-        assert grown(target, before) < 200 * MiB * RSS_SLACK  # it was +313 MiB for one
+        assert (
+            target.growth(before, f"2 calls of 3 MiB {codec} amplifiers") < 200 * MiB * RSS_SLACK
+        )  # it was +313 MiB for one
         assert await client.call("Demo.add", 2, 3, timeout=10) == 5  # still serving
 
 
 async def test_a_notification_flood_to_a_slow_handler_is_held_back(target):
-    before = target.rss()
+    before = target.start_peak()
     async with polyrpc.connect(target.urls["tcp"]) as client:
 
         async def flood() -> None:
@@ -189,13 +193,15 @@ async def test_a_notification_flood_to_a_slow_handler_is_held_back(target):
         sender = asyncio.ensure_future(flood())
         await asyncio.wait([sender], timeout=4)
         await target.serves("tcp")
-        assert grown(target, before) < 300 * MiB * RSS_SLACK  # it was +776 MiB
+        assert (
+            target.growth(before, "1 MiB notifications to a slow handler") < 300 * MiB * RSS_SLACK
+        )  # it was +776 MiB
         sender.cancel()
         client.abort()
 
 
 async def test_a_peer_that_never_reads_its_replies_stops_being_served(target):
-    before = target.rss()
+    before = target.start_peak()
     peer = await Raw.open(target, "tcp", handshake=True)
     try:
         sent = 0
@@ -208,6 +214,9 @@ async def test_a_peer_that_never_reads_its_replies_stops_being_served(target):
         await asyncio.sleep(1)
         print(f"{sent} calls of 256 KiB written before the server stopped reading")
         await target.serves("tcp")
-        assert grown(target, before) < 300 * MiB * RSS_SLACK  # it was +922 MiB
+        assert (
+            target.growth(before, "pipelined 256 KiB echo calls, replies unread")
+            < 300 * MiB * RSS_SLACK
+        )  # it was +922 MiB
     finally:
         peer.close()
