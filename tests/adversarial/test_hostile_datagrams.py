@@ -11,7 +11,7 @@ import socket
 from polyrpc.core.frames import VERSION
 from polyrpc.transports.kcp.udp import RST
 from tests.adversarial.peers import RSS_SLACK, MiB
-from tests.test_kcp_handshake import HEADER, MAGIC, SYN
+from tests.test_kcp_handshake import COOKIE, HEADER, MAGIC, SYN
 from tests.test_kcp_handshake import Raw as KcpRaw
 
 
@@ -32,6 +32,7 @@ async def test_a_kcp_syn_flood_costs_no_state(target):
             flooder.send(conv, SYN)
             if conv % 100 == 0:
                 await asyncio.sleep(0.005)
+        assert (await flooder.reply())[1] == COOKIE  # answered statelessly
         await target.serves("kcp")
         assert target.growth(before, "5000 kcp SYNs") < 8 * MiB * RSS_SLACK  # was +790 MiB/2000
     finally:
