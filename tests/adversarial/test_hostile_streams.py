@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import msgpack
 import pytest
 
 import polyrpc
@@ -48,15 +49,29 @@ async def test_idle_handshaking_connections_are_capped_and_cheap(target, over):
 
 
 async def test_a_hello_never_finished_is_closed_at_the_handshake_timeout(target):
-    peers = [await Raw.open(target, over) for over in STREAMS]
+    """Half a HELLO, or a HELLO trickled a byte every 0.3 s (it would take over 20 s): the
+    handshake timeout (10 s) closes both, progress or not."""
+    stalled = [await Raw.open(target, over) for over in STREAMS]
+    trickling = [await Raw.open(target, over) for over in STREAMS]
+
+    async def trickle(peer: Raw) -> None:
+        with contextlib.suppress(ConnectionError):
+            for byte in budgets.hello():
+                await peer.send(bytes([byte]))
+                await asyncio.sleep(0.3)
+
+    senders = [asyncio.ensure_future(trickle(peer)) for peer in trickling]
     try:
-        for peer in peers:
+        for peer in stalled:
             await peer.send(budgets.hello()[:10])
         await target.serves()
+        peers = stalled + trickling
         outcomes = await asyncio.gather(*(closed_within(p, 13) for p in peers))  # 10 s + slack
         assert None not in outcomes
     finally:
-        for peer in peers:
+        for sender in senders:
+            sender.cancel()
+        for peer in stalled + trickling:
             peer.close()
 
 
@@ -198,6 +213,22 @@ async def test_a_peer_that_never_reads_its_replies_stops_being_served(target):
         )  # it was +922 MiB
     finally:
         peer.close()
+
+
+@streams
+async def test_peers_that_vanish_in_the_middle_of_calls_are_freed(target, over):
+    """300 peers each start a slow call and a second call's half frame, then reset."""
+    call = b"".join(
+        encode_frame(Kind.REQUEST, 1, msgpack.packb([[5], {}]), method="Slow.wait", codec=1)
+    )
+    half = budgets.header(1 << 20) + bytes(1000)
+    before = target.start_peak()
+    for _ in range(300):
+        peer = await Raw.open(target, over, handshake=True)
+        await peer.send(call + half)
+        peer.close()
+    await target.serves(over)
+    assert target.growth(before, f"300 {over} peers reset mid-call") < 16 * MiB * RSS_SLACK
 
 
 AMPLIFIERS = {  # 3 MiB that a naive decoder turns into millions of objects; must it be refused?
