@@ -6,7 +6,6 @@ back to their baseline)."""
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -14,8 +13,6 @@ import pytest
 from bench import budgets
 from polyrpc.core.frames import ACCELERATED
 from tests.adversarial.peers import SCHEMES, Target
-
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
 
 @pytest.fixture(

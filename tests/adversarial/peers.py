@@ -32,6 +32,7 @@ class Target:
         self.baseline_fds = 0
 
     def rss(self) -> int:
+        """The server's resident set size now (bytes)."""
         return budgets.rss(self.pid)
 
     def start_peak(self) -> int:
@@ -48,6 +49,7 @@ class Target:
         return peak - since
 
     def fds(self) -> int:
+        """How many descriptors the server holds open."""
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     def address(self, scheme: str) -> tuple[str, int] | str:
