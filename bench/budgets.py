@@ -21,9 +21,11 @@ import resource
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -31,6 +33,7 @@ import msgpack
 import polyrpc
 from polyrpc.core.codecs import codec_by_name
 from polyrpc.core.frames import HEADER, MAGIC, VERSION, Kind, encode_frame
+from polyrpc.core.registry import registry
 from polyrpc.core.session import FEATURES
 
 MiB = 1 << 20
@@ -60,29 +63,66 @@ _SERVE = (
 
 
 @contextlib.contextmanager
+def serve_demo(
+    schemes: Sequence[str], pure_python: bool = False, objects: Sequence[str] = ()
+) -> Iterator[tuple[subprocess.Popen[str], dict[str, str]]]:
+    """A ``polyrpc serve URL... --demo [--object MODULE:OBJECT...]`` subprocess listening on
+    each transport in ``schemes`` (loopback, with the C or the pure-Python decoder), and the
+    URL a client dials for each (with the transport's certificate options)."""
+    env = {**os.environ, "POLYRPC_PURE_PYTHON": "1" if pure_python else ""}
+    extra = [arg for spec in objects for arg in ("--object", spec)]
+    with (
+        tempfile.TemporaryDirectory(prefix="budgets") as workdir,
+        tempfile.TemporaryFile("w+") as log,
+    ):  # the refused peers' log lines, read if the server fails to start
+        transports = [registry.get(scheme) for scheme in schemes]
+        loopback = [t.loopback_urls(Path(workdir)) for t in transports]
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _SERVE,
+                "serve",
+                *(url for url, _ in loopback),
+                "--demo",
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=env,
+        )
+        try:
+            assert proc.stdout is not None
+            bound: list[str] = []
+            while len(bound) < len(schemes):  # one "serving on URL" line per listener
+                line = proc.stdout.readline()
+                if not line:
+                    log.seek(0)
+                    raise RuntimeError(f"the server did not start: {log.read()[-2000:]}")
+                if line.startswith("serving on "):
+                    bound.append(line.split()[-1])
+            urls = {
+                scheme: str(transport.parse(url).with_options(**options))
+                for scheme, transport, url, (_, options) in zip(
+                    schemes, transports, bound, loopback, strict=True
+                )
+            }
+            yield proc, urls
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
 def demo_server(pure_python: bool = False) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """A ``polyrpc serve tcp@127.0.0.1:0 --demo`` subprocess and its URL."""
-    env = {**os.environ, "POLYRPC_PURE_PYTHON": "1" if pure_python else ""}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SERVE, "serve", "tcp@127.0.0.1:0", "--demo"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,  # the refused peers' log lines
-        text=True,
-        env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("serving on "):
-            raise RuntimeError(f"the server did not start: {line!r}")
-        yield proc, line.split()[-1]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with serve_demo(["tcp"], pure_python) as (proc, urls):
+        yield proc, urls["tcp"]
 
 
 def _settled_rss(pid: int, wait: float = 1.0) -> int:
@@ -118,12 +158,14 @@ def idle_connection_cost(connections: int = 1000, pure_python: bool = False) -> 
         return asyncio.run(measure(proc.pid, url))
 
 
-def _hello() -> bytes:
+def hello() -> bytes:
+    """A client HELLO frame as a raw peer sends it (the demo needs no token)."""
     meta = {"version": str(VERSION), "codec": "msgpack", "features": FEATURES}
     return b"".join(bytes(b) for b in encode_frame(Kind.HELLO, 0, metadata=meta))
 
 
-def _header(payload_size: int) -> bytes:
+def header(payload_size: int) -> bytes:
+    """The header of a one-way frame announcing ``payload_size`` payload bytes."""
     return HEADER.pack(MAGIC, VERSION, Kind.ONEWAY, 0, 0, 0, 1, 0, payload_size)
 
 
@@ -136,7 +178,7 @@ def _raw_peers(
     for _ in range(count):
         sock = socket.create_connection(_address(url))
         if handshake:
-            sock.sendall(_hello())
+            sock.sendall(hello())
             sock.settimeout(5)
             sock.recv(4096)  # the HELLO reply
         sock.sendall(data)
@@ -167,7 +209,7 @@ def partial_frame_cost(
     payload bytes and send ``sent`` of them (before or after the HELLO exchange)."""
     with demo_server(pure_python) as (proc, url):
         before = _settled_rss(proc.pid)
-        socks, closed = _raw_peers(url, peers, _header(announced) + bytes(sent), handshake)
+        socks, closed = _raw_peers(url, peers, header(announced) + bytes(sent), handshake)
         try:
             after = _settled_rss(proc.pid, 0.5)
         finally:

@@ -2,7 +2,8 @@
 # Set up, then run every check CI runs (CI runs exactly this, through .ci/run):
 #   static    ruff (lint, format) and mypy
 #   host      the unit, conformance, RPC, interop, CLI and property suites on this machine
-#   pure      the conformance suites (and tests/adversarial) again with POLYRPC_PURE_PYTHON=1
+#   pure      the conformance suites again with POLYRPC_PURE_PYTHON=1 (tests/adversarial
+#             covers both decoders in the host stage: its servers run with each)
 #   sanitize  the C extensions built with ASan+UBSan and the suites that reach them
 #             (scripts/sanitize.sh)
 #   fuzz      coverage-guided fuzzing of the frame decoders and the KCP engine for a bounded
@@ -87,9 +88,9 @@ pytest_stage() { # stage name, then pytest's arguments (env assignments via `env
 }
 
 # suites that reach the frame decoder, the session and the transports (tests/adversarial,
-# when it exists, holds the hostile-peer cases)
+# the hostile-peer cases, runs in the host stage only: it starts its server subprocesses
+# with each decoder itself)
 CONFORMANCE=(tests/test_conformance.py tests/test_rpc_conformance.py)
-[ -d tests/adversarial ] && CONFORMANCE+=(tests/adversarial)
 
 # the RDMA tests need an RDMA device and the netem bench test kernel netem: they run in the VM
 pytest_stage host $PY -m pytest --ignore=tests/test_rdma_transport.py \

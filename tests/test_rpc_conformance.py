@@ -492,6 +492,26 @@ async def test_max_handshaking_refuses_newcomers_at_once(endpoint):
             raw.abort()
 
 
+async def test_frames_before_hello_are_refused_by_name(endpoint):
+    transport = endpoint.transport
+    async with polyrpc.serve(endpoint.listen_url, Arith()) as server:
+        url = endpoint.client_url(server.urls[0])
+        address = transport.parse(url)
+        for kind in (Kind.RESPONSE, Kind.ERROR, Kind.REQUEST, Kind.HEARTBEAT):
+            raw = await transport.dial(address)
+            recorder = Recorder()
+            raw.set_receiver(recorder)
+            await raw.send(encode_frame(kind, 1, b"\xc0", method="Arith.mul" * (kind == 2)))
+            await asyncio.wait_for(recorder.closed_by_peer(), 5)  # closed, and told why
+            bodies = error_frames(recorder.data)
+            assert [(b["code"], b["message"]) for b in bodies] == [
+                ("protocol_error", f"{kind.name} before HELLO")
+            ]
+            raw.abort()
+        async with polyrpc.connect(url) as client:
+            assert await client.call("Arith.mul", 4, 5) == 20
+
+
 async def test_sys_service(endpoint):
     async with rpc(endpoint, Arith()) as (_, client, _):
         assert await client.call("_sys.ping") == "pong"

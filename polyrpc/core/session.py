@@ -447,6 +447,8 @@ class Session:
                         else:
                             self._on_handshake_error(frame)
                         return
+                    if not self._handshaken:  # no call can be pending yet: a broken peer
+                        raise ProtocolError(f"{Kind(kind).name} before HELLO")
                     future = self._pending.pop(frame.seq, None)
                     if future is not None:
                         if not future.done():
@@ -455,7 +457,7 @@ class Session:
                             self._wake_slot()
                 elif not self._handshaken:
                     if kind != _HELLO:
-                        raise ProtocolError(f"expected HELLO first, got {Kind(kind).name}")
+                        raise ProtocolError(f"{Kind(kind).name} before HELLO")
                     self._on_hello(frame)
                 elif kind == _REQUEST:
                     self._request_handler(frame)
