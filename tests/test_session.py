@@ -170,8 +170,23 @@ async def test_token_is_compared_in_constant_time(token, monkeypatch):
         await listener.close()
 
 
-@pytest.mark.parametrize("announced", ["abc", "-5", "10", "9" * 5000, "１２３"])
-async def test_a_hello_with_an_invalid_max_frame_is_refused_clearly(announced):
+def test_a_max_frame_no_peer_would_accept_is_refused_locally():
+    with pytest.raises(ValueError, match="at least 4096"):
+        polyrpc.SessionConfig(limits=polyrpc.Limits(max_frame=4095))
+
+
+@pytest.mark.parametrize(
+    ("announced", "why"),
+    [
+        ("abc", "invalid max_frame"),
+        ("-5", "invalid max_frame"),
+        ("9" * 5000, "invalid max_frame"),
+        ("１２３", "invalid max_frame"),
+        ("10", "below the protocol's minimum of 4096"),
+        ("4095", "below the protocol's minimum of 4096"),
+    ],
+)
+async def test_a_hello_with_an_invalid_max_frame_is_refused_clearly(announced, why):
     listener = await polyrpc.listen("mem@0", on_request=lambda m: m)
     try:
         transport = registry.get("mem")
@@ -184,7 +199,7 @@ async def test_a_hello_with_an_invalid_max_frame_is_refused_clearly(announced):
         (frame,) = FrameDecoder().feed(bytes(recorder.data))
         body = codec_by_id(frame.codec).decode(frame.payload)
         assert (frame.kind, frame.seq, body["code"]) == (Kind.ERROR, 0, "protocol_error")
-        assert "invalid max_frame" in body["message"]
+        assert why in body["message"]
         raw.abort()
         conn = await polyrpc.dial(listener.url)  # the server is fine
         assert await conn.request(1) == 1

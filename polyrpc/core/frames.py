@@ -80,6 +80,10 @@ FLAG_ARG_STREAM = 0x04
 """REQUEST: the last argument arrives as STREAM_ITEM frames after the request."""
 
 
+MIN_PEER_MAX_FRAME = 4096
+"""The smallest ``max_frame`` a side may announce in HELLO: room for any error reply."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """Upper bounds enforced on every received frame, before allocation."""

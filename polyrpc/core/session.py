@@ -30,6 +30,7 @@ from .errors import (
 from .frames import (
     FLAG_REPLY,
     HEADER_SIZE,
+    MIN_PEER_MAX_FRAME,
     VERSION,
     Frame,
     FrameDecoder,
@@ -99,6 +100,11 @@ class SessionConfig:
         codec_by_name(self.codec)
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        if self.limits.max_frame < MIN_PEER_MAX_FRAME:
+            raise ValueError(
+                f"limits.max_frame must be at least {MIN_PEER_MAX_FRAME} bytes (the peer "
+                f"refuses a smaller one), got {self.limits.max_frame}"
+            )
 
 
 def error_payload(exc: BaseException, code: str, traceback_text: str | None = None) -> dict:
@@ -351,8 +357,13 @@ class Session:
         if announced is None:
             return
         valid = announced.isascii() and announced.isdigit() and len(announced) <= 20
-        if not valid or int(announced) < HEADER_SIZE:
+        if not valid:
             raise ProtocolError(f"HELLO announces an invalid max_frame {announced[:32]!r}")
+        if int(announced) < MIN_PEER_MAX_FRAME:
+            raise ProtocolError(
+                f"HELLO announces max_frame {announced}, below the protocol's minimum of "
+                f"{MIN_PEER_MAX_FRAME} bytes (no error reply would fit)"
+            )
         self._peer_max_frame = int(announced)
         self._send_check = max(0, self._peer_max_frame - HEADER_SIZE - SIZE_SLACK)
 
