@@ -422,6 +422,26 @@ async def test_too_large_messages_fail_alone_and_the_connection_survives(endpoin
         await conn.close()
 
 
+async def test_too_complex_messages_fail_alone_and_the_connection_survives(endpoint, caplog):
+    """A one-way message whose payload would decode to far more than its size is dropped
+    with a warning; a request with one gets RemoteError ``bad_payload``.
+    Nothing else on the connection is lost."""
+    hostile = [{}] * (1 << 20)  # 1 MiB of empty msgpack maps
+    async with server(endpoint) as (_, url):
+        conn = await polyrpc.dial(url)
+        await conn.send(hostile)
+        await conn.send("after")
+        assert await asyncio.wait_for(conn.receive(), 10) == "after"
+        with pytest.raises(polyrpc.RemoteError, match="payload of") as info:
+            await asyncio.wait_for(conn.request(hostile), 10)
+        assert info.value.code == "bad_payload"
+        assert await conn.request(b"still here") == b"still here"
+        assert not conn.is_closed
+        await conn.close()
+    dropped = [r for r in caplog.records if "one-way message from" in r.getMessage()]
+    assert len(dropped) == 1 and "payload of" in dropped[0].getMessage()
+
+
 async def test_too_large_reply_is_a_remote_error(endpoint):
     async with server(endpoint, on_request=lambda n: pattern(n)) as (_, url):
         conn = await polyrpc.dial(url, limits=polyrpc.Limits(max_frame=1 << 20))

@@ -72,6 +72,11 @@ class PayloadTooComplex(ProtocolError):
     call or message that carried it fails (RemoteError code ``bad_payload``)."""
 
 
+def decode_error_code(exc: ProtocolError) -> str:
+    """The RemoteError code answering a request whose payload did not decode."""
+    return "bad_payload" if isinstance(exc, PayloadTooComplex) else "bad_request"
+
+
 COUNTED_FROM = 32 << 10
 """Payloads this big are walked and their arrays and maps counted before decoding (a
 smaller one costs little anyway: at most about 64 bytes of objects per byte, 2 MiB)."""

@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-from .errors import ConnectionLost, ConnectTimeout
+from .codecs import decode_error_code
+from .errors import ConnectionLost, ConnectTimeout, ProtocolError
 from .frames import Frame, Kind
 from .registry import registry
 from .session import BYTES_LIKE, FLUSH_BYTES, PAUSE_INBOX, Session, SessionConfig
@@ -145,8 +146,16 @@ class Connection(Session):
 
     # --- session hooks ---------------------------------------------------
     def on_oneway(self, frame: Frame) -> None:
+        """Queue a one-way message; one whose payload cannot be decoded (too complex, or
+        not valid for its codec) is dropped with a warning, as RPC drops such a notification:
+        only that message is lost (a seq-0 ERROR would end the peer's connection)."""
+        try:
+            payload = self.decode(frame)
+        except ProtocolError as exc:
+            log.warning("one-way message from %s dropped: %s", self.peer, exc)
+            return
         size = len(frame.payload)
-        self._inbox.append((Message(self.decode(frame), frame.metadata), size))
+        self._inbox.append((Message(payload, frame.metadata), size))
         self._inbox_bytes += size
         if self._inbox_bytes > self.config.max_inbox_bytes:
             self.pause_reading(PAUSE_INBOX)
@@ -158,7 +167,12 @@ class Connection(Session):
             super().on_request(frame)
             return
         try:  # a raw payload is bytes already: both decoders hand out bytes
-            reply = handler(frame.payload if frame.codec == 0 else self.decode(frame))
+            message = frame.payload if frame.codec == 0 else self.decode(frame)
+        except ProtocolError as exc:
+            self.respond_error(frame.seq, exc, decode_error_code(exc))
+            return
+        try:
+            reply = handler(message)
         except Exception as exc:
             self.respond_error(frame.seq, exc, "handler_error")
             return
