@@ -114,6 +114,8 @@ _MSGPACK_SCALAR = b"|".join(
 )
 """Items that are neither arrays, maps nor variable-length strings, binaries or exts."""
 _MSGPACK_SCALARS = re.compile(_MSGPACK_SCALAR, re.DOTALL)
+_MSGPACK_FIXED_CONTAINERS = re.compile(rb"[\x80-\x9f]{2,}")
+"""A run of one-byte array and map headers (``[{}, {}, ...]``): counted without a search."""
 _MSGPACK_CHUNK = re.compile(b"(?:[\x80-\x9f]+|" + _MSGPACK_SCALAR + b"){1,4096}", re.DOTALL)
 """Up to 4096 runs of one-byte arrays and maps or of scalars: removing the scalars of one
 chunk at a time leaves its array and map headers, and keeps ``re.sub``'s list small."""
@@ -136,9 +138,12 @@ def msgpack_counts(data: Bytes) -> tuple[int, int, int, int, int]:
     arrays = elements = maps = nonempty = entries = 0
     end, i = len(data), 0
     while i < end:
-        chunk = _MSGPACK_CHUNK.match(data, i)
+        # a run of one-byte arrays and maps is all headers; a chunk keeps only its headers
+        chunk = _MSGPACK_FIXED_CONTAINERS.match(data, i) or _MSGPACK_CHUNK.match(data, i)
         if chunk is not None:
-            headers = _MSGPACK_SCALARS.sub(b"", chunk.group())
+            headers = chunk.group()
+            if chunk.re is _MSGPACK_CHUNK:
+                headers = _MSGPACK_SCALARS.sub(b"", headers)
             arrays += len(headers.translate(None, _NOT_FIXARRAY))
             elements += sum(headers.translate(_FIXARRAY_LEN))
             map_headers = headers.translate(None, _NOT_FIXMAP)
