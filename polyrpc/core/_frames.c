@@ -2362,10 +2362,22 @@ json_counts(PyObject *module, PyObject *arg)
         switch (c) {
         case ' ': case '\t': case '\n': case '\r':
             continue;
-        case '"':
-            for (i++; i < n && p[i] != '"'; i++)
-                if (p[i] == '\\')
-                    i++;
+        case '"': /* to the closing quote: the first one after an even run of backslashes */
+            for (Py_ssize_t from = i + 1;;) {
+                const unsigned char *quote = memchr(p + from, '"', (size_t)(n - from));
+                if (quote == NULL) {
+                    i = n; /* unterminated: the string runs to the end */
+                    break;
+                }
+                Py_ssize_t at = quote - p, run = at;
+                while (run > i + 1 && p[run - 1] == '\\')
+                    run--;
+                if (((at - run) & 1) == 0) {
+                    i = at;
+                    break;
+                }
+                from = at + 1;
+            }
             break;
         case '[': arrays++; break;
         case '{': maps++; break;
