@@ -1,7 +1,8 @@
 """What a peer can cost a server: memory per idle connection, per pre-auth partial frame,
 per announced-but-unsent payload, and the decode amplification of hostile payloads.
 
-Usage: python bench/budgets.py [--connections N] [--pure-python]
+Usage: python bench/budgets.py [--connections N] [--pure-python] [--decode-only]
+(POLYRPC_PURE_PYTHON=1 in the environment: the decode numbers of the pure-Python scans)
 
 Each server-side number is measured against a real ``polyrpc serve --demo`` subprocess (its
 VmRSS from /proc before and after; the clients live in this process, so the server's RSS
@@ -19,6 +20,7 @@ import json
 import os
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -232,23 +234,39 @@ AMPLIFIERS: dict[str, Callable[[int], bytes]] = {
     'json {"a":1}': lambda n: ("[" + ",".join(['{"a":1}'] * (n // 8)) + "]").encode(),
     "json nested": lambda n: b"[" * 100_000,
 }
+"""Hostile payloads of about n bytes (the msgpack ones at the densest it allows)."""
+
+_RECORDS = [{"id": i, "name": "bob", "ok": True, "score": i / 7} for i in range(10_000)]
+ORDINARY: dict[str, Callable[[int], bytes]] = {
+    "msgpack 1 MiB bytes": lambda n: msgpack.packb(b"x" * MiB),
+    "msgpack 1 MiB str": lambda n: msgpack.packb("x" * MiB),
+    "msgpack 10k small dicts": lambda n: msgpack.packb(_RECORDS),
+    "json 1 MiB str": lambda n: json.dumps("x" * MiB).encode(),
+    "json 10k small dicts": lambda n: json.dumps(_RECORDS).encode(),
+}
+"""Everyday payloads, to check that bounding costs them (next to) nothing."""
 
 
-def decode_amplification(size: int = 3 * MiB) -> dict[str, dict[str, Any]]:
-    """For each hostile payload of about ``size`` bytes: peak bytes allocated while decoding
-    per payload byte, milliseconds per MiB, and the error if it was refused."""
+def decode_amplification(
+    size: int = 3 * MiB, runs: int = 5, payloads: dict[str, Callable[[int], bytes]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """For each payload of about ``size`` bytes (default: AMPLIFIERS then ORDINARY): peak
+    bytes allocated while decoding per payload byte, the median milliseconds per MiB of
+    ``runs`` decodes, and the error if it was refused."""
     results: dict[str, dict[str, Any]] = {}
-    for name, make in AMPLIFIERS.items():
+    for name, make in (payloads or AMPLIFIERS | ORDINARY).items():
         payload = make(size)
         codec = codec_by_name(name.split()[0])
-        gc.collect()
-        started = time.perf_counter()
         error = None
-        try:
-            codec.decode(payload)
-        except polyrpc.ProtocolError as exc:
-            error = type(exc).__name__
-        elapsed = time.perf_counter() - started
+        times = []
+        for _ in range(runs):
+            gc.collect()
+            started = time.perf_counter()
+            try:
+                codec.decode(payload)
+            except polyrpc.ProtocolError as exc:
+                error = type(exc).__name__
+            times.append(time.perf_counter() - started)
         gc.collect()
         tracemalloc.start()
         with contextlib.suppress(polyrpc.ProtocolError):
@@ -258,7 +276,7 @@ def decode_amplification(size: int = 3 * MiB) -> dict[str, dict[str, Any]]:
         results[name] = {
             "bytes": len(payload),
             "factor": round(peak / len(payload), 1),
-            "ms_per_mib": round(elapsed * 1000 / (len(payload) / MiB), 1),
+            "ms_per_mib": round(statistics.median(times) * 1000 / (len(payload) / MiB), 2),
             "refused": error,
         }
     return results
@@ -268,8 +286,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--pure-python", action="store_true")
+    parser.add_argument(
+        "--decode-only", action="store_true", help="only the decode amplification and times"
+    )
     args = parser.parse_args()
     pure = args.pure_python
+    if args.decode_only:
+        print(json.dumps(decode_amplification(), indent=2))
+        return
     report = {
         "idle_connection_bytes": round(idle_connection_cost(args.connections, pure)),
         "preauth_64MiB_headers_x8": partial_frame_cost(pure_python=pure),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from polyrpc import registry
-from polyrpc.core import frames, rpc, session
+from polyrpc.core import codecs, frames, rpc, session
 
 REQUIRED = [s for s in os.environ.get("POLYRPC_REQUIRE_TRANSPORTS", "").split(",") if s]
 ONLY = [s for s in os.environ.get("POLYRPC_TEST_TRANSPORTS", "").split(",") if s]
@@ -57,14 +57,21 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(params=["c", "python"])
 def impl(request, monkeypatch):
-    """Serve with the C accelerator (decoder routing, EagerServer) or the Python reference."""
+    """Serve with the C accelerator (decoder routing, EagerServer, payload scans) or the
+    Python reference."""
     if request.param == "python":
         monkeypatch.setattr(session, "FrameDecoder", frames.PYTHON.FrameDecoder)
         monkeypatch.setattr(rpc, "EagerServer", None)
+        monkeypatch.setattr(codecs, "scan_msgpack", codecs.msgpack_counts)
+        monkeypatch.setattr(codecs, "scan_json", codecs.json_counts)
     elif frames.ACCELERATED is None:
         pytest.skip("the C accelerator is not built")
     else:
+        from polyrpc.core import _frames
+
         monkeypatch.setattr(session, "FrameDecoder", frames.ACCELERATED.FrameDecoder)
+        monkeypatch.setattr(codecs, "scan_msgpack", _frames.msgpack_counts)
+        monkeypatch.setattr(codecs, "scan_json", _frames.json_counts)
     return request.param
 
 

@@ -1,4 +1,4 @@
-"""Handlers that misbehave, for tests/test_rpc_faults.py (also served by a real
+"""Handlers that misbehave, for tests/test_rpc_faults.py and tests/test_chaos.py (also served by a real
 ``polyrpc serve`` subprocess there: ``tests.rpc_fault_services:Faulty``)."""
 
 from __future__ import annotations
@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+
+import polyrpc
 
 
 class Faulty:
@@ -111,3 +113,18 @@ class Guarded(Slow):
             yield i
             i += 1
             await asyncio.sleep(interval)
+
+
+class Chaos(Guarded):
+    """Guarded's slow, streaming and streamed-argument handlers plus a callback and a
+    notification that sometimes fails, for the mixed load of tests/test_chaos.py."""
+
+    async def ask_client(self, x: int) -> int:
+        """Call the caller back (its ``Helper.double``) over the same connection."""
+        return await polyrpc.current_context().call("Helper.double", x)
+
+    async def note(self, fail: bool) -> None:
+        """A notification handler; a failing one is only logged by the server."""
+        await asyncio.sleep(0)
+        if fail:
+            raise ValueError("the notification handler failed")

@@ -18,6 +18,7 @@ import msgpack
 import pytest
 
 import polyrpc
+from polyrpc.core.codecs import codec_by_id
 from polyrpc.core.frames import (
     HEADER,
     HEADER_SIZE,
@@ -77,6 +78,50 @@ class Recorder:
         await asyncio.wait([eof, lost], return_when=asyncio.FIRST_COMPLETED)
         eof.cancel()
         lost.cancel()
+
+
+def error_frames(data: bytes) -> list[dict]:
+    """The bodies of the ERROR frames in what a raw peer received."""
+    frames = FrameDecoder(polyrpc.Limits()).feed(bytes(data))
+    return [codec_by_id(f.codec).decode(f.payload) for f in frames if f.kind == Kind.ERROR]
+
+
+HELLO = encode_frame(Kind.HELLO, 0, metadata={"version": "1", "codec": "msgpack"})[0]
+
+
+async def hold_handshakes(endpoint, url: str, handshaking: set, count: int) -> list:
+    """``count`` raw peers that start a HELLO and never finish it, once the listening side
+    counts them in ``handshaking``."""
+    transport = endpoint.transport
+    silent = []
+    for _ in range(count):
+        raw = await transport.dial(transport.parse(url))
+        raw.set_receiver(Recorder())
+        await raw.send([HELLO[:10]])
+        silent.append(raw)
+    for _ in range(200):
+        if len(handshaking) == count:
+            break
+        await asyncio.sleep(0.01)
+    assert len(handshaking) == count
+    return silent
+
+
+async def assert_newcomers_refused(endpoint, url: str, count: int = 2) -> None:
+    """Raw newcomers over ``max_handshaking`` are closed at once, told why, not counted."""
+    transport = endpoint.transport
+    extra = []
+    for _ in range(count):
+        raw = await transport.dial(transport.parse(url))
+        recorder = Recorder()
+        raw.set_receiver(recorder)
+        with contextlib.suppress(polyrpc.ConnectionLost):
+            await raw.send([HELLO[:10]])
+        extra.append((raw, recorder))
+    for raw, recorder in extra:
+        await asyncio.wait_for(recorder.closed_by_peer(), 2.5)
+        assert [body["code"] for body in error_frames(recorder.data)] == ["too_many_handshakes"]
+        raw.abort()
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s}B")
@@ -422,6 +467,26 @@ async def test_too_large_messages_fail_alone_and_the_connection_survives(endpoin
         await conn.close()
 
 
+async def test_too_complex_messages_fail_alone_and_the_connection_survives(endpoint, caplog):
+    """A one-way message whose payload would decode to far more than its size is dropped
+    with a warning; a request with one gets RemoteError ``bad_payload``.
+    Nothing else on the connection is lost."""
+    hostile = [{}] * (1 << 20)  # 1 MiB of empty msgpack maps
+    async with server(endpoint) as (_, url):
+        conn = await polyrpc.dial(url)
+        await conn.send(hostile)
+        await conn.send("after")
+        assert await asyncio.wait_for(conn.receive(), 10) == "after"
+        with pytest.raises(polyrpc.RemoteError, match="payload of") as info:
+            await asyncio.wait_for(conn.request(hostile), 10)
+        assert info.value.code == "bad_payload"
+        assert await conn.request(b"still here") == b"still here"
+        assert not conn.is_closed
+        await conn.close()
+    dropped = [r for r in caplog.records if "one-way message from" in r.getMessage()]
+    assert len(dropped) == 1 and "payload of" in dropped[0].getMessage()
+
+
 async def test_too_large_reply_is_a_remote_error(endpoint):
     async with server(endpoint, on_request=lambda n: pattern(n)) as (_, url):
         conn = await polyrpc.dial(url, limits=polyrpc.Limits(max_frame=1 << 20))
@@ -484,6 +549,27 @@ async def test_garbage_peer_is_dropped_without_harm(endpoint, garbage):
         assert await good.request(b"ok") == b"ok"
         await good.close()
         raw.abort()
+
+
+async def test_max_handshaking_refuses_newcomers_at_once(endpoint):
+    """The message listener caps connections in the handshake as Server does (one shared
+    HandshakeGate): newcomers over it get ``too_many_handshakes`` at once."""
+    async with server(endpoint, max_handshaking=3, handshake_timeout=6.0) as (listener, url):
+        assert listener.gate.limit == 3
+        silent = await hold_handshakes(endpoint, url, listener.gate.handshaking, 3)
+        await assert_newcomers_refused(endpoint, url)
+        assert len(listener.gate.handshaking) == 3 and not listener.connections
+        with pytest.raises(polyrpc.HandshakeError, match="busy") as info:
+            await polyrpc.dial(url)
+        assert info.value.reason == "too_many_handshakes"
+        for _ in range(300):  # the silent ones time out and leave room
+            if not listener.gate.handshaking:
+                break
+            await asyncio.sleep(0.05)
+        async with await polyrpc.dial(url) as conn:
+            assert await conn.request(b"in") == b"in"
+        for raw in silent:
+            raw.abort()
 
 
 async def test_extra_info_names_transport_and_peer(endpoint):

@@ -11,11 +11,10 @@ import msgpack
 import pytest
 
 import polyrpc
-from polyrpc.core.codecs import codec_by_id
-from polyrpc.core.frames import HEADER_SIZE, FrameDecoder, Kind, encode_frame
+from polyrpc.core.frames import HEADER_SIZE
 from polyrpc.core.rpc import STREAM_CREDIT
 from tests.rpc_fault_services import Slow
-from tests.test_conformance import Recorder
+from tests.test_conformance import assert_newcomers_refused, hold_handshakes
 
 
 class Arith:
@@ -437,45 +436,16 @@ async def test_max_connections_counts_each_connection_once(endpoint):
             assert await client.call("Arith.mul", 3, 3) == 9
 
 
-def error_frames(data: bytes) -> list[dict]:
-    """The bodies of the ERROR frames in what a raw peer received."""
-    frames = FrameDecoder(polyrpc.Limits()).feed(bytes(data))
-    return [codec_by_id(f.codec).decode(f.payload) for f in frames if f.kind == Kind.ERROR]
-
-
 async def test_max_handshaking_refuses_newcomers_at_once(endpoint):
-    hello = encode_frame(Kind.HELLO, 0, metadata={"version": "1", "codec": "msgpack"})[0]
-    transport = endpoint.transport
     # the silent peers must still be in the handshake after the refusals below: 6 s leaves
     # room for slow dials (rdma in the emulated VM took over 3 s for these steps)
     async with polyrpc.serve(
         endpoint.listen_url, Arith(), max_handshaking=3, handshake_timeout=6.0
     ) as server:
         url = endpoint.client_url(server.urls[0])
-        address = transport.parse(url)
-        silent = []
-        for _ in range(3):  # peers that never finish their HELLO
-            raw = await transport.dial(address)
-            raw.set_receiver(Recorder())
-            await raw.send([hello[:10]])
-            silent.append(raw)
-        for _ in range(200):
-            if len(server.handshaking) == 3:
-                break
-            await asyncio.sleep(0.01)
-        assert len(server.handshaking) == 3 and not server.connections
-        extra = []
-        for _ in range(2):
-            raw = await transport.dial(address)
-            recorder = Recorder()
-            raw.set_receiver(recorder)
-            with contextlib.suppress(polyrpc.ConnectionLost):
-                await raw.send([hello[:10]])
-            extra.append((raw, recorder))
-        for raw, recorder in extra:  # closed at once, told why; not counted
-            await asyncio.wait_for(recorder.closed_by_peer(), 2.5)
-            assert [body["code"] for body in error_frames(recorder.data)] == ["too_many_handshakes"]
-            raw.abort()
+        silent = await hold_handshakes(endpoint, url, server.handshaking, 3)
+        assert not server.connections
+        await assert_newcomers_refused(endpoint, url)
         assert len(server.handshaking) == 3
         with pytest.raises(polyrpc.HandshakeError, match="busy") as info:
             await polyrpc.connect(url)

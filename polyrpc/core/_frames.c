@@ -5,7 +5,8 @@
  * ProtocolError messages. Rare paths (malformed metadata, error hints, unusual
  * argument types) call back into the Python helpers so the two cannot drift apart.
  * It also carries coroutine_step (reference: polyrpc/core/eager.py), which the RPC
- * layer uses to run a handler's first step without a task.
+ * layer uses to run a handler's first step without a task, and the payload scans
+ * msgpack_counts and json_counts (reference: polyrpc/core/codecs.py).
  *
  * Wire layout (little-endian, 24-byte header):
  *   0 magic "PR" | 2 version | 3 kind | 4 codec | 5 flags | 6 u16 method length
@@ -2256,6 +2257,141 @@ static PyTypeObject EagerServerType = {
     .tp_clear = (inquiry)EagerServer_clear,
 };
 
+/* ============================================================ payload scans */
+/* Reference: msgpack_counts and json_counts in polyrpc/core/codecs.py. Both walk a payload
+ * once without building any object and return the counts that codecs.container_bytes turns
+ * into the bytes its arrays and maps would take, so an amplifying payload is refused before
+ * it is decoded. A malformed or truncated item ends the walk (the decoder reports it). */
+
+static inline uint32_t
+be_read(const unsigned char *p, int n)
+{
+    uint32_t v = 0;
+    for (int k = 0; k < n; k++)
+        v = (v << 8) | p[k];
+    return v;
+}
+
+PyDoc_STRVAR(msgpack_counts_doc,
+             "msgpack_counts(data, /)\n--\n\n"
+             "(arrays, array elements, maps, non-empty maps, map entries) in msgpack ``data``.");
+
+static PyObject *
+msgpack_counts(PyObject *module, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *p = view.buf;
+    Py_ssize_t n = view.len, i = 0;
+    unsigned long long arrays = 0, elements = 0, maps = 0, nonempty = 0, entries = 0;
+    while (i < n) {
+        unsigned char b = p[i];
+        Py_ssize_t rest = n - i - 1; /* bytes after the type byte */
+        uint32_t len;
+        if (b <= 0x7f || b >= 0xe0 || b == 0xc0 || b == 0xc2 || b == 0xc3) {
+            i++;
+        } else if (b <= 0x8f) {
+            maps++, nonempty += (b & 0x0f) != 0, entries += b & 0x0f, i++;
+        } else if (b <= 0x9f) {
+            arrays++, elements += b & 0x0f, i++;
+        } else if (b <= 0xbf) {
+            i += 1 + (b & 0x1f);
+        } else {
+            int fixed = 0, lenbytes = 0, extra = 0, kind = 0; /* kind: 1 array, 2 map */
+            switch (b) {
+            case 0xcc: case 0xd0: fixed = 1; break;
+            case 0xcd: case 0xd1: case 0xd4: fixed = 2; break;
+            case 0xd5: fixed = 3; break;
+            case 0xca: case 0xce: case 0xd2: fixed = 4; break;
+            case 0xd6: fixed = 5; break;
+            case 0xcb: case 0xcf: case 0xd3: fixed = 8; break;
+            case 0xd7: fixed = 9; break;
+            case 0xd8: fixed = 17; break;
+            case 0xc4: case 0xd9: lenbytes = 1; break;
+            case 0xc5: case 0xda: lenbytes = 2; break;
+            case 0xc6: case 0xdb: lenbytes = 4; break;
+            case 0xc7: lenbytes = 1, extra = 1; break;
+            case 0xc8: lenbytes = 2, extra = 1; break;
+            case 0xc9: lenbytes = 4, extra = 1; break;
+            case 0xdc: lenbytes = 2, kind = 1; break;
+            case 0xdd: lenbytes = 4, kind = 1; break;
+            case 0xde: lenbytes = 2, kind = 2; break;
+            case 0xdf: lenbytes = 4, kind = 2; break;
+            default: goto done; /* 0xc1: never used */
+            }
+            if (fixed) {
+                if (rest < fixed)
+                    goto done;
+                i += 1 + fixed;
+                continue;
+            }
+            if (rest < lenbytes)
+                goto done;
+            len = be_read(p + i + 1, lenbytes);
+            if (kind == 1)
+                arrays++, elements += len, i += 1 + lenbytes;
+            else if (kind == 2)
+                maps++, nonempty += len != 0, entries += len, i += 1 + lenbytes;
+            else
+                i += 1 + lenbytes + extra + (Py_ssize_t)len; /* past the end: the walk ends */
+        }
+    }
+done:
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(KKKKK)", arrays, elements, maps, nonempty, entries);
+}
+
+PyDoc_STRVAR(json_counts_doc,
+             "json_counts(data, /)\n--\n\n"
+             "(\"[\", \"[]\", \"{\", \"{}\", \":\", \",\") outside strings in JSON ``data``, whitespace "
+             "ignored.");
+
+static PyObject *
+json_counts(PyObject *module, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *p = view.buf;
+    Py_ssize_t n = view.len;
+    unsigned long long arrays = 0, empty_arrays = 0, maps = 0, empty_maps = 0, colons = 0, commas = 0;
+    unsigned char prev = 0; /* the last byte outside strings and whitespace; '"' for a string */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = p[i];
+        switch (c) {
+        case ' ': case '\t': case '\n': case '\r':
+            continue;
+        case '"': /* to the closing quote: the first one after an even run of backslashes */
+            for (Py_ssize_t from = i + 1;;) {
+                const unsigned char *quote = memchr(p + from, '"', (size_t)(n - from));
+                if (quote == NULL) {
+                    i = n; /* unterminated: the string runs to the end */
+                    break;
+                }
+                Py_ssize_t at = quote - p, run = at;
+                while (run > i + 1 && p[run - 1] == '\\')
+                    run--;
+                if (((at - run) & 1) == 0) {
+                    i = at;
+                    break;
+                }
+                from = at + 1;
+            }
+            break;
+        case '[': arrays++; break;
+        case '{': maps++; break;
+        case ']': empty_arrays += prev == '['; break;
+        case '}': empty_maps += prev == '{'; break;
+        case ':': colons++; break;
+        case ',': commas++; break;
+        }
+        prev = c;
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(KKKKKK)", arrays, empty_arrays, maps, empty_maps, colons, commas);
+}
+
 /* ==================================================================== module */
 
 static PyMethodDef module_methods[] = {
@@ -2264,6 +2400,8 @@ static PyMethodDef module_methods[] = {
     {"encode_frame", (PyCFunction)(void (*)(void))encode_frame, METH_FASTCALL | METH_KEYWORDS,
      encode_frame_doc},
     {"coroutine_step", (PyCFunction)coroutine_step, METH_O, coroutine_step_doc},
+    {"msgpack_counts", (PyCFunction)msgpack_counts, METH_O, msgpack_counts_doc},
+    {"json_counts", (PyCFunction)json_counts, METH_O, json_counts_doc},
     {NULL},
 };
 

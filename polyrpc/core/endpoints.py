@@ -8,22 +8,15 @@ import time
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import Any
 
-from .codecs import codec_by_name
-from .errors import ConnectionLost
-from .frames import Kind, Limits, encode_frame
-from .messages import make_config, open_session
+from .frames import Limits
+from .messages import MAX_HANDSHAKING, HandshakeGate, make_config, open_session
 from .registry import registry
 from .rpc import RpcConnection, RpcOptions, SyncRunner
 from .services import ServiceRegistry
 from .session import SessionConfig
-from .stream import DISCARD, Listener, Stream
+from .stream import Listener, Stream
 
 log = logging.getLogger("polyrpc")
-
-MAX_HANDSHAKING = 128
-"""Default cap on connections still in the handshake (see :class:`Server`)."""
-REFUSED_LINGER = 2.0
-"""How long a connection refused over ``max_handshaking`` may take to flush its ERROR."""
 
 
 class Client(RpcConnection):
@@ -128,10 +121,10 @@ class Server:
         a call is refused with code ``overloaded`` and a notification dropped (logged)."""
         self.config = make_config(config, token=token, limits=limits, **options)
         self.services = ServiceRegistry()
-        if max_connections < 1 or max_handshaking < 1:
-            raise ValueError("max_connections and max_handshaking must be at least 1")
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
         self.max_connections = max_connections
-        self.max_handshaking = max_handshaking
+        self._gate = HandshakeGate(max_handshaking)
         self._rpc = RpcOptions(
             services=self.services,
             max_concurrent_calls=max_concurrent_calls,
@@ -142,10 +135,9 @@ class Server:
         self.listeners: list[Listener] = []
         self.connections: set[RpcConnection] = set()
         """Connections that completed the handshake and are open."""
-        self.handshaking: set[RpcConnection] = set()
+        self.handshaking = self._gate.handshaking
         """Connections still in the handshake."""
         self._admitting: set[asyncio.Task[None]] = set()
-        self._refused: set[asyncio.Task[None]] = set()
         self._closed_bytes: dict[str, list[int]] = {}
         self._total_connections = 0
         self._closed = asyncio.Event()
@@ -168,9 +160,13 @@ class Server:
         log.info("serving on %s", listener.url)
         return listener.url
 
+    @property
+    def max_handshaking(self) -> int:
+        """The cap on connections still in the handshake."""
+        return self._gate.limit
+
     def _on_stream(self, stream: Stream) -> None:
-        if len(self.handshaking) >= self.max_handshaking:
-            self._refuse_at_once(stream)
+        if not self._gate.admit(stream):
             return
         connection = RpcConnection(stream, self.config, is_client=False, options=self._rpc)
         if len(self.connections) + len(self.handshaking) >= self.max_connections:
@@ -183,49 +179,13 @@ class Server:
                 "too_many_connections",
                 f"the server is at its limit of {self.max_connections} connections",
             )
-        self.handshaking.add(connection)
-        task = asyncio.get_running_loop().create_task(self._admit(connection))
+        handshake = self._gate.handshake(connection)
+        task = asyncio.get_running_loop().create_task(self._admit(connection, handshake))
         self._admitting.add(task)
         task.add_done_callback(self._admitting.discard)
 
-    def _refuse_at_once(self, stream: Stream) -> None:
-        """Over ``max_handshaking``: no session, no HELLO processing; one small ERROR frame
-        says why, then the stream closes (a task, as closing may wait for the flush)."""
-        log.warning(
-            "refusing %s connection from %s: %d connections are in the handshake (max_handshaking)",
-            stream.transport_name,
-            stream.get_extra_info("peer"),
-            len(self.handshaking),
-        )
-        stream.set_receiver(DISCARD)
-        codec = codec_by_name("msgpack")
-        body = {
-            "type": "HandshakeError",
-            "message": f"the server is busy: {self.max_handshaking} connections are already "
-            "in the handshake; try again shortly",
-            "code": "too_many_handshakes",
-        }
-        try:
-            stream.write(encode_frame(Kind.ERROR, 0, codec.encode(body), codec=codec.id))
-        except ConnectionLost:
-            stream.abort()
-            return
-        task = asyncio.get_running_loop().create_task(self._close_refused(stream))
-        self._refused.add(task)
-        task.add_done_callback(self._refused.discard)
-
-    async def _close_refused(self, stream: Stream) -> None:
-        try:
-            await asyncio.wait_for(stream.close(), REFUSED_LINGER)
-        except (TimeoutError, ConnectionLost):
-            stream.abort()
-
-    async def _admit(self, connection: RpcConnection) -> None:
-        try:
-            admitted = await connection.accept_handshake()
-        finally:
-            self.handshaking.discard(connection)
-        if not admitted:
+    async def _admit(self, connection: RpcConnection, handshake: Awaitable[bool]) -> None:
+        if not await handshake:
             return
         self.connections.add(connection)
         self._total_connections += 1
@@ -256,13 +216,11 @@ class Server:
         """Stop listening, let in-flight calls finish (up to the close timeout), disconnect."""
         for listener in self.listeners:
             await listener.close()
-        for connection in list(self.handshaking):
-            connection.abort(ConnectionLost("the server is closing"))
+        await self._gate.close()
         for task in list(self._admitting):
             if not self.connections:
                 task.cancel()
         await asyncio.gather(*(c.close() for c in list(self.connections)), return_exceptions=True)
-        await asyncio.gather(*self._refused, return_exceptions=True)
         self._rpc.sync.shutdown()
         self._closed.set()
 

@@ -12,15 +12,16 @@ import asyncio
 import inspect
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
-from .errors import ConnectionLost, ConnectTimeout
-from .frames import Frame, Kind
+from .codecs import codec_by_name, decode_error_code
+from .errors import ConnectionLost, ConnectTimeout, ProtocolError
+from .frames import Frame, Kind, encode_frame
 from .registry import registry
 from .session import BYTES_LIKE, FLUSH_BYTES, PAUSE_INBOX, Session, SessionConfig
-from .stream import Listener, Stream
+from .stream import DISCARD, Listener, Stream
 
 log = logging.getLogger("polyrpc")
 
@@ -145,8 +146,16 @@ class Connection(Session):
 
     # --- session hooks ---------------------------------------------------
     def on_oneway(self, frame: Frame) -> None:
+        """Queue a one-way message; one whose payload cannot be decoded (too complex, or
+        not valid for its codec) is dropped with a warning, as RPC drops such a notification:
+        only that message is lost (a seq-0 ERROR would end the peer's connection)."""
+        try:
+            payload = self.decode(frame)
+        except ProtocolError as exc:
+            log.warning("one-way message from %s dropped: %s", self.peer, exc)
+            return
         size = len(frame.payload)
-        self._inbox.append((Message(self.decode(frame), frame.metadata), size))
+        self._inbox.append((Message(payload, frame.metadata), size))
         self._inbox_bytes += size
         if self._inbox_bytes > self.config.max_inbox_bytes:
             self.pause_reading(PAUSE_INBOX)
@@ -158,7 +167,12 @@ class Connection(Session):
             super().on_request(frame)
             return
         try:  # a raw payload is bytes already: both decoders hand out bytes
-            reply = handler(frame.payload if frame.codec == 0 else self.decode(frame))
+            message = frame.payload if frame.codec == 0 else self.decode(frame)
+        except ProtocolError as exc:
+            self.respond_error(frame.seq, exc, decode_error_code(exc))
+            return
+        try:
+            reply = handler(message)
         except Exception as exc:
             self.respond_error(frame.seq, exc, "handler_error")
             return
@@ -244,6 +258,79 @@ async def dial(
     return session
 
 
+MAX_HANDSHAKING = 128
+"""Default cap on connections still in the handshake (see :class:`HandshakeGate`)."""
+REFUSED_LINGER = 2.0
+"""How long a connection refused over ``max_handshaking`` may take to flush its ERROR."""
+
+
+class HandshakeGate:
+    """Caps a listening side's connections still in the handshake, the only ones an
+    unauthenticated peer can hold: a newcomer over ``limit`` is closed at once with one
+    small ERROR frame (``too_many_handshakes``), no session and no HELLO processing.
+    Shared by :class:`~polyrpc.core.endpoints.Server` and :class:`MessageListener`."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("max_handshaking must be at least 1")
+        self.limit = limit
+        self.handshaking: set[Session] = set()
+        """Connections still in the handshake."""
+        self._refused: set[asyncio.Task[None]] = set()
+
+    def admit(self, stream: Stream) -> bool:
+        """True if ``stream`` may start its handshake; else it is refused and closing."""
+        if len(self.handshaking) < self.limit:
+            return True
+        log.warning(
+            "refusing %s connection from %s: %d connections are in the handshake (max_handshaking)",
+            stream.transport_name,
+            stream.get_extra_info("peer"),
+            len(self.handshaking),
+        )
+        stream.set_receiver(DISCARD)
+        codec = codec_by_name("msgpack")
+        body = {
+            "type": "HandshakeError",
+            "message": f"the server is busy: {self.limit} connections are already "
+            "in the handshake; try again shortly",
+            "code": "too_many_handshakes",
+        }
+        try:
+            stream.write(encode_frame(Kind.ERROR, 0, codec.encode(body), codec=codec.id))
+        except ConnectionLost:
+            stream.abort()
+            return False
+        task = asyncio.get_running_loop().create_task(self._close_refused(stream))
+        self._refused.add(task)
+        task.add_done_callback(self._refused.discard)
+        return False
+
+    async def _close_refused(self, stream: Stream) -> None:
+        try:
+            await asyncio.wait_for(stream.close(), REFUSED_LINGER)
+        except (TimeoutError, ConnectionLost):
+            stream.abort()
+
+    def handshake(self, session: Session) -> Coroutine[Any, Any, bool]:
+        """Count ``session`` as handshaking from now; the coroutine runs its server side of
+        the handshake (True if admitted) and stops counting it when that ends."""
+        self.handshaking.add(session)
+        return self._handshake(session)
+
+    async def _handshake(self, session: Session) -> bool:
+        try:
+            return await session.accept_handshake()
+        finally:
+            self.handshaking.discard(session)
+
+    async def close(self) -> None:
+        """Abort the connections still in the handshake; wait for the refused ones to go."""
+        for session in list(self.handshaking):
+            session.abort(ConnectionLost("the server is closing"))
+        await asyncio.gather(*self._refused, return_exceptions=True)
+
+
 ConnectionHandler = Callable[[Connection], Awaitable[None] | None]
 
 
@@ -255,10 +342,13 @@ class MessageListener:
         config: SessionConfig,
         handler: ConnectionHandler | None,
         on_request: RequestHandler | None,
+        max_handshaking: int = MAX_HANDSHAKING,
     ) -> None:
         self.config = config
         self.handler = handler
         self.on_request = on_request
+        self.gate = HandshakeGate(max_handshaking)
+        """Caps the connections still in the handshake (``max_handshaking``)."""
         self.listener: Listener | None = None
         self.connections: set[Connection] = set()
         self._accepted: asyncio.Queue[Connection] = asyncio.Queue()
@@ -271,13 +361,16 @@ class MessageListener:
         return self.listener.url
 
     def _on_stream(self, stream: Stream) -> None:
+        if not self.gate.admit(stream):
+            return
         connection = Connection(stream, self.config, is_client=False, on_request=self.on_request)
-        task = asyncio.get_running_loop().create_task(self._admit(connection))
+        handshake = self.gate.handshake(connection)
+        task = asyncio.get_running_loop().create_task(self._admit(connection, handshake))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _admit(self, connection: Connection) -> None:
-        if not await connection.accept_handshake():
+    async def _admit(self, connection: Connection, handshake: Awaitable[bool]) -> None:
+        if not await handshake:
             return
         self.connections.add(connection)
         connection._closed.add_done_callback(lambda _: self.connections.discard(connection))
@@ -306,6 +399,7 @@ class MessageListener:
         """Stop listening and, by default, close the accepted connections gracefully."""
         if self.listener is not None:
             await self.listener.close()
+        await self.gate.close()
         if connections:
             await asyncio.gather(*(c.close() for c in list(self.connections)))
         for task in list(self._tasks):
@@ -323,12 +417,14 @@ async def listen(
     handler: ConnectionHandler | None = None,
     *,
     on_request: RequestHandler | None = None,
+    max_handshaking: int = MAX_HANDSHAKING,
     config: SessionConfig | None = None,
     **options: Any,
 ) -> MessageListener:
-    """Listen on ``url``; each connection goes to ``handler`` (or to ``accept()``)."""
+    """Listen on ``url``; each connection goes to ``handler`` (or to ``accept()``).
+    ``max_handshaking`` caps the connections still in the handshake (:class:`HandshakeGate`)."""
     cfg = make_config(config, **options)
     transport, address = registry.resolve(url)
-    listener = MessageListener(cfg, handler, on_request)
+    listener = MessageListener(cfg, handler, on_request, max_handshaking)
     listener.listener = await transport.listen(address, listener._on_stream)
     return listener

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .codecs import PayloadTooComplex
+from .codecs import PayloadTooComplex, decode_error_code
 from .eager import EagerServer, coroutine_step
 from .errors import CallTimeout, ConnectionLost, MessageTooLarge, ProtocolError, RemoteError
 from .frames import FLAG_ARG_STREAM, FLAG_STREAM, Frame, Kind, encode_frame
@@ -627,8 +627,7 @@ class RpcConnection(Session):
             self.respond_error(seq, exc, exc.code)
             return
         except ProtocolError as exc:
-            code = "bad_payload" if isinstance(exc, PayloadTooComplex) else "bad_request"
-            self.respond_error(seq, exc, code)
+            self.respond_error(seq, exc, decode_error_code(exc))
             return
         if method.kind != "async" or frame.flags or "timeout" in frame.metadata:
             self._start_call(seq, method, args, kwargs, frame)
