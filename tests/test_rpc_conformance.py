@@ -11,10 +11,15 @@ import msgpack
 import pytest
 
 import polyrpc
-from polyrpc.core.frames import HEADER_SIZE
+from polyrpc.core.frames import HEADER_SIZE, Kind, encode_frame
 from polyrpc.core.rpc import STREAM_CREDIT
 from tests.rpc_fault_services import Slow
-from tests.test_conformance import assert_newcomers_refused, hold_handshakes
+from tests.test_conformance import (
+    Recorder,
+    assert_newcomers_refused,
+    error_frames,
+    hold_handshakes,
+)
 
 
 class Arith:

@@ -11,7 +11,7 @@ import time
 import polyrpc
 from bench import budgets
 from polyrpc.core.frames import FrameDecoder, Kind
-from tests.test_rpc_conformance import error_frames
+from tests.test_conformance import error_frames
 
 MiB = 1 << 20
 STREAMS = ["tcp", "unix", "tls"]

@@ -16,7 +16,7 @@ from bench import budgets
 from polyrpc.core.endpoints import MAX_HANDSHAKING
 from polyrpc.core.frames import HEADER, MAGIC, VERSION, Kind, encode_frame
 from tests.adversarial.peers import RSS_SLACK, STREAMS, MiB, Raw, error_codes
-from tests.test_rpc_conformance import error_frames
+from tests.test_conformance import error_frames
 
 streams = pytest.mark.parametrize("over", STREAMS)
 
