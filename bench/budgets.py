@@ -1,7 +1,10 @@
-"""What a peer can cost a server: memory per idle connection, per pre-auth partial frame,
-per announced-but-unsent payload, and the decode amplification of hostile payloads.
+"""What a peer can cost a server: memory per handshaking and per idle connection, per pre-auth
+partial frame, per announced-but-unsent payload, and the decode amplification of hostile payloads.
 
-Usage: python bench/budgets.py [--connections N] [--pure-python]
+Usage: python bench/budgets.py [--transport tcp|tls|quic|...] [--connections N] [--pure-python]
+
+The per-connection numbers work for any transport; the raw-frame and decode numbers are
+measured over tcp (they are the session's, the same on every transport).
 
 Each server-side number is measured against a real ``polyrpc serve --demo`` subprocess (its
 VmRSS from /proc before and after; the clients live in this process, so the server's RSS
@@ -21,9 +24,11 @@ import resource
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -31,7 +36,9 @@ import msgpack
 import polyrpc
 from polyrpc.core.codecs import codec_by_name
 from polyrpc.core.frames import HEADER, MAGIC, VERSION, Kind, encode_frame
+from polyrpc.core.registry import registry
 from polyrpc.core.session import FEATURES
+from polyrpc.core.stream import DISCARD, Stream
 
 MiB = 1 << 20
 
@@ -60,29 +67,36 @@ _SERVE = (
 
 
 @contextlib.contextmanager
-def demo_server(pure_python: bool = False) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """A ``polyrpc serve tcp@127.0.0.1:0 --demo`` subprocess and its URL."""
+def demo_server(
+    pure_python: bool = False, scheme: str = "tcp"
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A ``polyrpc serve SCHEME@127.0.0.1:0 --demo`` subprocess and the URL clients dial
+    (with the transport's loopback certificate options)."""
     env = {**os.environ, "POLYRPC_PURE_PYTHON": "1" if pure_python else ""}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SERVE, "serve", "tcp@127.0.0.1:0", "--demo"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,  # the refused peers' log lines
-        text=True,
-        env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("serving on "):
-            raise RuntimeError(f"the server did not start: {line!r}")
-        yield proc, line.split()[-1]
-    finally:
-        proc.terminate()
+    transport = registry.get(scheme)
+    with tempfile.TemporaryDirectory() as workdir:
+        listen_url, client_options = transport.loopback_urls(Path(workdir))
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SERVE, "serve", listen_url, "--demo"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,  # the refused peers' log lines
+            text=True,
+            env=env,
+        )
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line.startswith("serving on "):
+                raise RuntimeError(f"the server did not start: {line!r}")
+            bound = transport.parse(line.split()[-1])
+            yield proc, str(bound.with_options(**client_options))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def _settled_rss(pid: int, wait: float = 1.0) -> int:
@@ -95,8 +109,10 @@ def _address(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def idle_connection_cost(connections: int = 1000, pure_python: bool = False) -> float:
-    """Server RSS bytes per idle authenticated tcp connection (after one call each)."""
+def idle_connection_cost(
+    connections: int = 1000, pure_python: bool = False, scheme: str = "tcp"
+) -> float:
+    """Server RSS bytes per idle authenticated connection (after one call each)."""
     raise_fd_limit(connections + 100)
 
     async def measure(pid: int, url: str) -> float:
@@ -114,7 +130,33 @@ def idle_connection_cost(connections: int = 1000, pure_python: bool = False) -> 
                 client.abort()
         return (after - before) / connections
 
-    with demo_server(pure_python) as (proc, url):
+    with demo_server(pure_python, scheme) as (proc, url):
+        return asyncio.run(measure(proc.pid, url))
+
+
+def handshaking_connection_cost(connections: int = 100, scheme: str = "tcp") -> float:
+    """Server RSS bytes per connection that finished the transport's handshake (TCP accept,
+    TLS, QUIC) but never sends HELLO. Keep ``connections`` under the server's
+    ``max_handshaking`` (128): those over it are refused and closed."""
+    raise_fd_limit(connections + 100)
+
+    async def measure(pid: int, url: str) -> float:
+        transport, address = registry.resolve(url)
+        before = _settled_rss(pid)
+        streams: list[Stream] = []
+        try:
+            for _ in range(connections):
+                stream = await transport.dial(address)
+                stream.set_receiver(DISCARD)
+                streams.append(stream)
+            await asyncio.sleep(1.0)  # well inside the server's 10 s handshake timeout
+            after = rss(pid)
+        finally:
+            for stream in streams:
+                stream.abort()
+        return (after - before) / connections
+
+    with demo_server(scheme=scheme) as (proc, url):
         return asyncio.run(measure(proc.pid, url))
 
 
@@ -224,20 +266,36 @@ def decode_amplification(size: int = 3 * MiB) -> dict[str, dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--transport", default="tcp", choices=registry.schemes())
     parser.add_argument("--connections", type=int, default=1000)
+    parser.add_argument(
+        "--handshaking", type=int, default=100, help="pre-HELLO connections (< 128)"
+    )
     parser.add_argument("--pure-python", action="store_true")
+    parser.add_argument(
+        "--connections-only", action="store_true", help="skip the tcp frame and decode numbers"
+    )
     args = parser.parse_args()
-    pure = args.pure_python
-    report = {
-        "idle_connection_bytes": round(idle_connection_cost(args.connections, pure)),
-        "preauth_64MiB_headers_x8": partial_frame_cost(pure_python=pure),
-        "preauth_16KiB_frames_x8": partial_frame_cost(announced=16000, sent=8000, pure_python=pure),
-        "postauth_64MiB_headers_x8": partial_frame_cost(handshake=True, pure_python=pure),
-        "postauth_64MiB_headers_1MiB_sent_x8": partial_frame_cost(
-            sent=MiB, handshake=True, pure_python=pure
+    pure, scheme = args.pure_python, args.transport
+    report: dict[str, Any] = {
+        "transport": scheme,
+        "handshaking_connection_bytes": round(
+            handshaking_connection_cost(args.handshaking, scheme)
         ),
-        "decode": decode_amplification(),
+        "idle_connection_bytes": round(idle_connection_cost(args.connections, pure, scheme)),
     }
+    if not args.connections_only:
+        report |= {
+            "preauth_64MiB_headers_x8": partial_frame_cost(pure_python=pure),
+            "preauth_16KiB_frames_x8": partial_frame_cost(
+                announced=16000, sent=8000, pure_python=pure
+            ),
+            "postauth_64MiB_headers_x8": partial_frame_cost(handshake=True, pure_python=pure),
+            "postauth_64MiB_headers_1MiB_sent_x8": partial_frame_cost(
+                sent=MiB, handshake=True, pure_python=pure
+            ),
+            "decode": decode_amplification(),
+        }
     print(json.dumps(report, indent=2))
 
 
