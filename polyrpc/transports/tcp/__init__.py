@@ -10,8 +10,8 @@ import socket
 import ssl
 import stat
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from ...core.address import PATH, Address
 from ...core.certs import self_signed_certificate
@@ -19,6 +19,7 @@ from ...core.errors import ConnectFailed, HandshakeError, InvalidAddress
 from ...core.stream import Listener, StreamHandler
 from ...core.transport import Option, Transport, boolean, existing_file, integer, text
 from .socket_stream import SocketStream, describe_ssl_error
+from .tls import tls_connect, tls_server
 
 KEEPALIVE = Option(integer(0, 86400), "TCP keepalive idle seconds (0 disables keepalive)", 30)
 BACKLOG = 1024
@@ -88,15 +89,17 @@ class TcpTransport(Transport):
             )
         loop = asyncio.get_running_loop()
         context = self._ssl_context(address, server_side=False)
-        kwargs: dict[str, Any] = {}
-        if context is not None:
-            kwargs = {"ssl": context, "server_hostname": opts.get("sni") or address.host}
+        server_hostname = opts.get("sni") or address.host
         try:
-            _, stream = await loop.create_connection(
-                self._make_stream, address.host, address.port, **kwargs
-            )
+            if context is None:
+                _, stream = await loop.create_connection(
+                    self._make_stream, address.host, address.port
+                )
+            else:
+                stream = self._make_stream()
+                await tls_connect(stream, context, server_hostname, address.host, address.port)
         except ssl.SSLError as exc:
-            message, reason = describe_ssl_error(exc, kwargs.get("server_hostname"))
+            message, reason = describe_ssl_error(exc, server_hostname)
             raise HandshakeError(f"could not connect to {address}: {message}", reason) from exc
         except OSError as exc:
             raise _connect_error(address, exc) from exc
@@ -107,12 +110,18 @@ class TcpTransport(Transport):
         opts = self.parse_options(address)
         loop = asyncio.get_running_loop()
         context = self._ssl_context(address, server_side=True)
+
+        def accepted() -> SocketStream:
+            return self._accepted(on_stream, opts["keepalive"])
+
+        factory: Callable[[], asyncio.BaseProtocol] = accepted
+        if context is not None:
+            factory = tls_server(accepted, context)
         try:
             server = await loop.create_server(
-                lambda: self._accepted(on_stream, opts["keepalive"]),
+                factory,
                 address.host,
                 address.port,
-                ssl=context,
                 backlog=BACKLOG,
                 reuse_address=True,
             )
