@@ -12,6 +12,7 @@ import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ...core.address import PATH, Address
 from ...core.certs import self_signed_certificate
@@ -19,7 +20,7 @@ from ...core.errors import ConnectFailed, HandshakeError, InvalidAddress
 from ...core.stream import Listener, StreamHandler
 from ...core.transport import Option, Transport, boolean, existing_file, integer, text
 from .socket_stream import SocketStream, describe_ssl_error
-from .tls import tls_connect, tls_server
+from .tls import lean_tls, tls_connect, tls_server
 
 KEEPALIVE = Option(integer(0, 86400), "TCP keepalive idle seconds (0 disables keepalive)", 30)
 BACKLOG = 1024
@@ -91,13 +92,16 @@ class TcpTransport(Transport):
         context = self._ssl_context(address, server_side=False)
         server_hostname = opts.get("sni") or address.host
         try:
-            if context is None:
-                _, stream = await loop.create_connection(
-                    self._make_stream, address.host, address.port
-                )
-            else:
+            if context is not None and lean_tls(loop):
                 stream = self._make_stream()
                 await tls_connect(stream, context, server_hostname, address.host, address.port)
+            else:
+                kwargs: dict[str, Any] = {}
+                if context is not None:
+                    kwargs = {"ssl": context, "server_hostname": server_hostname}
+                _, stream = await loop.create_connection(
+                    self._make_stream, address.host, address.port, **kwargs
+                )
         except ssl.SSLError as exc:
             message, reason = describe_ssl_error(exc, server_hostname)
             raise HandshakeError(f"could not connect to {address}: {message}", reason) from exc
@@ -115,13 +119,14 @@ class TcpTransport(Transport):
             return self._accepted(on_stream, opts["keepalive"])
 
         factory: Callable[[], asyncio.BaseProtocol] = accepted
-        if context is not None:
-            factory = tls_server(accepted, context)
+        if context is not None and lean_tls(loop):
+            factory, context = tls_server(accepted, context), None
         try:
             server = await loop.create_server(
                 factory,
                 address.host,
                 address.port,
+                ssl=context,
                 backlog=BACKLOG,
                 reuse_address=True,
             )
