@@ -68,11 +68,12 @@ _SERVE = (
 
 @contextlib.contextmanager
 def demo_server(
-    pure_python: bool = False, scheme: str = "tcp"
+    pure_python: bool = False, scheme: str = "tcp", loop: str = ""
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """A ``polyrpc serve SCHEME@127.0.0.1:0 --demo`` subprocess and the URL clients dial
-    (with the transport's loopback certificate options)."""
-    env = {**os.environ, "POLYRPC_PURE_PYTHON": "1" if pure_python else ""}
+    (with the transport's loopback certificate options); ``loop="asyncio"`` keeps it off
+    uvloop."""
+    env = {**os.environ, "POLYRPC_PURE_PYTHON": "1" if pure_python else "", "POLYRPC_LOOP": loop}
     transport = registry.get(scheme)
     with tempfile.TemporaryDirectory() as workdir:
         listen_url, client_options = transport.loopback_urls(Path(workdir))
@@ -110,7 +111,7 @@ def _address(url: str) -> tuple[str, int]:
 
 
 def idle_connection_cost(
-    connections: int = 1000, pure_python: bool = False, scheme: str = "tcp"
+    connections: int = 1000, pure_python: bool = False, scheme: str = "tcp", loop: str = ""
 ) -> float:
     """Server RSS bytes per idle authenticated connection (after one call each)."""
     raise_fd_limit(connections + 100)
@@ -130,11 +131,13 @@ def idle_connection_cost(
                 client.abort()
         return (after - before) / connections
 
-    with demo_server(pure_python, scheme) as (proc, url):
+    with demo_server(pure_python, scheme, loop) as (proc, url):
         return asyncio.run(measure(proc.pid, url))
 
 
-def handshaking_connection_cost(connections: int = 100, scheme: str = "tcp") -> float:
+def handshaking_connection_cost(
+    connections: int = 100, scheme: str = "tcp", loop: str = ""
+) -> float:
     """Server RSS bytes per connection that finished the transport's handshake (TCP accept,
     TLS, QUIC) but never sends HELLO. Keep ``connections`` under the server's
     ``max_handshaking`` (128): those over it are refused and closed."""
@@ -156,7 +159,7 @@ def handshaking_connection_cost(connections: int = 100, scheme: str = "tcp") -> 
                 stream.abort()
         return (after - before) / connections
 
-    with demo_server(scheme=scheme) as (proc, url):
+    with demo_server(scheme=scheme, loop=loop) as (proc, url):
         return asyncio.run(measure(proc.pid, url))
 
 
@@ -273,16 +276,23 @@ def main() -> None:
     )
     parser.add_argument("--pure-python", action="store_true")
     parser.add_argument(
+        "--loop",
+        choices=["asyncio", ""],
+        default="",
+        help="the server's loop (default: uvloop if installed)",
+    )
+    parser.add_argument(
         "--connections-only", action="store_true", help="skip the tcp frame and decode numbers"
     )
     args = parser.parse_args()
-    pure, scheme = args.pure_python, args.transport
+    pure, scheme, loop = args.pure_python, args.transport, args.loop
     report: dict[str, Any] = {
         "transport": scheme,
+        "server_loop": loop or "default",
         "handshaking_connection_bytes": round(
-            handshaking_connection_cost(args.handshaking, scheme)
+            handshaking_connection_cost(args.handshaking, scheme, loop)
         ),
-        "idle_connection_bytes": round(idle_connection_cost(args.connections, pure, scheme)),
+        "idle_connection_bytes": round(idle_connection_cost(args.connections, pure, scheme, loop)),
     }
     if not args.connections_only:
         report |= {
