@@ -51,8 +51,8 @@ transports = pytest.mark.parametrize(
 def test_a_connection_that_never_sends_hello_is_cheap(transport, loop, bound):
     """Transport handshake done (TCP accept, TLS, QUIC), no HELLO: what it costs the server."""
     cost = budgets.handshaking_connection_cost(100, transport, loop)
-    # measured: tcp ~23 KiB, tls ~52 KiB (it was ~315 KiB on asyncio's loop), quic ~96 KiB
-    # (~116 KiB while aioquic's spent handshake buffers were kept)
+    # measured: tcp ~23 KiB, tls ~52 KiB (it was ~308 KiB on asyncio's loop), quic ~94 KiB
+    # (~113 KiB while aioquic's spent handshake buffers were kept)
     assert cost < bound
 
 
@@ -61,7 +61,7 @@ def test_a_connection_that_never_sends_hello_is_cheap(transport, loop, bound):
 def test_idle_authenticated_connections_are_cheap(pure, transport, loop, bound):
     cost = budgets.idle_connection_cost(200, pure, transport, loop)
     # measured: tcp ~26 KiB (it was ~530 KiB: two 256 KiB buffers), tls ~53 KiB (it was
-    # ~315 KiB on asyncio's loop), quic ~110 KiB (it was ~131 KiB)
+    # ~308 KiB on asyncio's loop), quic ~110 KiB (it was ~128 KiB)
     assert cost < bound
 
 
