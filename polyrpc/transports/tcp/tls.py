@@ -48,6 +48,8 @@ class LeanTlsProtocol(sslproto.SSLProtocol):
         size = len(self._ssl_buffer)
         data = self._ssl_buffer_view[:nbytes]
         for start in range(0, nbytes, TLS_BIO_SLICE):
+            if self._transport is None or self._transport.is_closing():
+                break  # a fatal error in an earlier slice: the rest is not read
             self._incoming.write(data[start : start + TLS_BIO_SLICE])
             self._process_incoming()
         data.release()
