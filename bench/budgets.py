@@ -1,7 +1,8 @@
 """What a peer can cost a server: memory per handshaking and per idle connection, per pre-auth
 partial frame, per announced-but-unsent payload, and the decode amplification of hostile payloads.
 
-Usage: python bench/budgets.py [--transport tcp|tls|quic|...] [--connections N] [--pure-python]
+Usage: python bench/budgets.py [--transport tcp|tls|quic|...] [--connections N]
+       [--handshaking N] [--loop asyncio] [--pure-python] [--connections-only]
 
 The per-connection numbers work for any transport; the raw-frame and decode numbers are
 measured over tcp (they are the session's, the same on every transport).
