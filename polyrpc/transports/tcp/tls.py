@@ -3,8 +3,9 @@
 asyncio's ``SSLProtocol`` allocates (and zeroes) a 256 KiB ciphertext buffer per connection
 before the handshake even starts, and its OpenSSL memory BIO keeps the largest chunk ever
 written to it: over 300 KiB per connection, handshaking or idle. :class:`LeanTlsProtocol`
-starts with a small buffer, doubles it while reads fill it (bulk), gives it back when reads
-are small again, and feeds OpenSSL in slices so its BIO stays small. The TLS state machine
+starts with a small buffer, grows it to asyncio's size when a read fills it (data is
+queued), gives it back after a run of small reads, and feeds OpenSSL in slices so its BIO
+stays small. The TLS state machine
 itself is asyncio's, unchanged. CPython sets SSL_MODE_RELEASE_BUFFERS on every context, so
 OpenSSL's own record buffers are freed while a connection is idle.
 
@@ -26,6 +27,8 @@ TLS_READ_MAX = 256 << 10
 """The most a bulk transfer grows it to (asyncio's fixed size)."""
 TLS_BIO_SLICE = 32 << 10
 """Ciphertext handed to OpenSSL at once (its memory BIO keeps the largest such write)."""
+TLS_QUIET_READS = 16
+"""Reads in a row smaller than TLS_READ_MIN after which a grown buffer is given back."""
 
 
 def lean_tls(loop: asyncio.AbstractEventLoop) -> bool:
@@ -44,6 +47,8 @@ class LeanTlsProtocol(sslproto.SSLProtocol):
     def get_buffer(self, n: int) -> memoryview:
         return self._ssl_buffer_view
 
+    _quiet_reads = 0
+
     def buffer_updated(self, nbytes: int) -> None:
         size = len(self._ssl_buffer)
         data = self._ssl_buffer_view[:nbytes]
@@ -53,14 +58,18 @@ class LeanTlsProtocol(sslproto.SSLProtocol):
             self._incoming.write(data[start : start + TLS_BIO_SLICE])
             self._process_incoming()
         data.release()
-        if nbytes == size < TLS_READ_MAX:  # a full read: read more at a time
-            self._resize(2 * size)
-        elif nbytes < TLS_READ_MIN < size:  # the burst is over: give the memory back
-            self._resize(TLS_READ_MIN)
+        if nbytes == size < TLS_READ_MAX:  # a full read: data is queued, read it all at once
+            self._resize(TLS_READ_MAX)
+        elif size > TLS_READ_MIN:
+            # small reads in a row: the burst is over, give the memory back
+            self._quiet_reads = self._quiet_reads + 1 if nbytes < TLS_READ_MIN else 0
+            if self._quiet_reads >= TLS_QUIET_READS:
+                self._resize(TLS_READ_MIN)
 
     def _resize(self, size: int) -> None:
         self._ssl_buffer = bytearray(size)
         self._ssl_buffer_view = memoryview(self._ssl_buffer)
+        self._quiet_reads = 0
 
     def _process_incoming(self) -> None:
         """Advance the TLS state machine on the ciphertext now in the BIO (as asyncio does)."""
