@@ -1,8 +1,12 @@
-"""What a peer can cost a server: memory per idle connection, per pre-auth partial frame,
-per announced-but-unsent payload, and the decode amplification of hostile payloads.
+"""What a peer can cost a server: memory per handshaking and per idle connection, per pre-auth
+partial frame, per announced-but-unsent payload, and the decode amplification of hostile payloads.
 
-Usage: python bench/budgets.py [--connections N] [--pure-python] [--decode-only]
+Usage: python bench/budgets.py [--transport tcp|tls|quic|...] [--connections N]
+       [--handshaking N] [--loop asyncio] [--pure-python] [--connections-only] [--decode-only]
 (POLYRPC_PURE_PYTHON=1 in the environment: the decode numbers of the pure-Python scans)
+
+The per-connection numbers work for any transport; the raw-frame and decode numbers are
+measured over tcp (they are the session's, the same on every transport).
 
 Each server-side number is measured against a real ``polyrpc serve --demo`` subprocess (its
 VmRSS from /proc before and after; the clients live in this process, so the server's RSS
@@ -37,6 +41,7 @@ from polyrpc.core.codecs import codec_by_name
 from polyrpc.core.frames import HEADER, MAGIC, VERSION, Kind, encode_frame
 from polyrpc.core.registry import registry
 from polyrpc.core.session import FEATURES
+from polyrpc.core.stream import DISCARD, Stream
 
 MiB = 1 << 20
 
@@ -66,12 +71,16 @@ _SERVE = (
 
 @contextlib.contextmanager
 def serve_demo(
-    schemes: Sequence[str], pure_python: bool = False, objects: Sequence[str] = ()
+    schemes: Sequence[str],
+    pure_python: bool = False,
+    objects: Sequence[str] = (),
+    loop: str = "",
 ) -> Iterator[tuple[subprocess.Popen[str], dict[str, str]]]:
     """A ``polyrpc serve URL... --demo [--object MODULE:OBJECT...]`` subprocess listening on
     each transport in ``schemes`` (loopback, with the C or the pure-Python decoder), and the
-    URL a client dials for each (with the transport's certificate options)."""
-    env = {**os.environ, "POLYRPC_PURE_PYTHON": "1" if pure_python else ""}
+    URL a client dials for each (with the transport's certificate options); ``loop="asyncio"``
+    keeps it off uvloop."""
+    env = {**os.environ, "POLYRPC_PURE_PYTHON": "1" if pure_python else "", "POLYRPC_LOOP": loop}
     extra = [arg for spec in objects for arg in ("--object", spec)]
     with (
         tempfile.TemporaryDirectory(prefix="budgets") as workdir,
@@ -121,10 +130,12 @@ def serve_demo(
 
 
 @contextlib.contextmanager
-def demo_server(pure_python: bool = False) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """A ``polyrpc serve tcp@127.0.0.1:0 --demo`` subprocess and its URL."""
-    with serve_demo(["tcp"], pure_python) as (proc, urls):
-        yield proc, urls["tcp"]
+def demo_server(
+    pure_python: bool = False, scheme: str = "tcp", loop: str = ""
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A ``polyrpc serve SCHEME@127.0.0.1:0 --demo`` subprocess and the URL clients dial."""
+    with serve_demo([scheme], pure_python, loop=loop) as (proc, urls):
+        yield proc, urls[scheme]
 
 
 def _settled_rss(pid: int, wait: float = 1.0) -> int:
@@ -137,8 +148,10 @@ def _address(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def idle_connection_cost(connections: int = 1000, pure_python: bool = False) -> float:
-    """Server RSS bytes per idle authenticated tcp connection (after one call each)."""
+def idle_connection_cost(
+    connections: int = 1000, pure_python: bool = False, scheme: str = "tcp", loop: str = ""
+) -> float:
+    """Server RSS bytes per idle authenticated connection (after one call each)."""
     raise_fd_limit(connections + 100)
 
     async def measure(pid: int, url: str) -> float:
@@ -156,7 +169,35 @@ def idle_connection_cost(connections: int = 1000, pure_python: bool = False) -> 
                 client.abort()
         return (after - before) / connections
 
-    with demo_server(pure_python) as (proc, url):
+    with demo_server(pure_python, scheme, loop) as (proc, url):
+        return asyncio.run(measure(proc.pid, url))
+
+
+def handshaking_connection_cost(
+    connections: int = 100, scheme: str = "tcp", loop: str = ""
+) -> float:
+    """Server RSS bytes per connection that finished the transport's handshake (TCP accept,
+    TLS, QUIC) but never sends HELLO. Keep ``connections`` under the server's
+    ``max_handshaking`` (128): those over it are refused and closed."""
+    raise_fd_limit(connections + 100)
+
+    async def measure(pid: int, url: str) -> float:
+        transport, address = registry.resolve(url)
+        before = _settled_rss(pid)
+        streams: list[Stream] = []
+        try:
+            for _ in range(connections):
+                stream = await transport.dial(address)
+                stream.set_receiver(DISCARD)
+                streams.append(stream)
+            await asyncio.sleep(1.0)  # well inside the server's 10 s handshake timeout
+            after = rss(pid)
+        finally:
+            for stream in streams:
+                stream.abort()
+        return (after - before) / connections
+
+    with demo_server(scheme=scheme, loop=loop) as (proc, url):
         return asyncio.run(measure(proc.pid, url))
 
 
@@ -284,26 +325,49 @@ def decode_amplification(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--transport", default="tcp", choices=registry.schemes())
     parser.add_argument("--connections", type=int, default=1000)
+    parser.add_argument(
+        "--handshaking", type=int, default=100, help="pre-HELLO connections (< 128)"
+    )
     parser.add_argument("--pure-python", action="store_true")
+    parser.add_argument(
+        "--loop",
+        choices=["asyncio", ""],
+        default="",
+        help="the server's loop (default: uvloop if installed)",
+    )
+    parser.add_argument(
+        "--connections-only", action="store_true", help="skip the tcp frame and decode numbers"
+    )
     parser.add_argument(
         "--decode-only", action="store_true", help="only the decode amplification and times"
     )
     args = parser.parse_args()
-    pure = args.pure_python
     if args.decode_only:
         print(json.dumps(decode_amplification(), indent=2))
         return
-    report = {
-        "idle_connection_bytes": round(idle_connection_cost(args.connections, pure)),
-        "preauth_64MiB_headers_x8": partial_frame_cost(pure_python=pure),
-        "preauth_16KiB_frames_x8": partial_frame_cost(announced=16000, sent=8000, pure_python=pure),
-        "postauth_64MiB_headers_x8": partial_frame_cost(handshake=True, pure_python=pure),
-        "postauth_64MiB_headers_1MiB_sent_x8": partial_frame_cost(
-            sent=MiB, handshake=True, pure_python=pure
+    pure, scheme, loop = args.pure_python, args.transport, args.loop
+    report: dict[str, Any] = {
+        "transport": scheme,
+        "server_loop": loop or "default",
+        "handshaking_connection_bytes": round(
+            handshaking_connection_cost(args.handshaking, scheme, loop)
         ),
-        "decode": decode_amplification(),
+        "idle_connection_bytes": round(idle_connection_cost(args.connections, pure, scheme, loop)),
     }
+    if not args.connections_only:
+        report |= {
+            "preauth_64MiB_headers_x8": partial_frame_cost(pure_python=pure),
+            "preauth_16KiB_frames_x8": partial_frame_cost(
+                announced=16000, sent=8000, pure_python=pure
+            ),
+            "postauth_64MiB_headers_x8": partial_frame_cost(handshake=True, pure_python=pure),
+            "postauth_64MiB_headers_1MiB_sent_x8": partial_frame_cost(
+                sent=MiB, handshake=True, pure_python=pure
+            ),
+            "decode": decode_amplification(),
+        }
     print(json.dumps(report, indent=2))
 
 

@@ -412,6 +412,11 @@ class QuicStream(Stream):
         self.extra["mtu"] = self.connection._max_datagram_size
         self._app_space = self.connection._spaces.get(tls_epoch.ONE_RTT)
         self._crypto_sender = self.connection._crypto_streams[tls_epoch.ONE_RTT].sender
+        # aioquic keeps a 16 KiB TLS output buffer per epoch for the connection's life; the
+        # Initial and Handshake ones are never written again once the handshake is complete
+        # (TLS writes only 1-RTT messages then): ~20 KiB of RSS per connection
+        for epoch in (tls_epoch.INITIAL, tls_epoch.HANDSHAKE):
+            self.connection._crypto_buffers.pop(epoch, None)
         if self.fingerprint_check is not None:
             error = self.fingerprint_check(self)
             if error is not None:

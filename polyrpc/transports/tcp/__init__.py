@@ -10,6 +10,7 @@ import socket
 import ssl
 import stat
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from ...core.errors import ConnectFailed, HandshakeError, InvalidAddress
 from ...core.stream import Listener, StreamHandler
 from ...core.transport import Option, Transport, boolean, existing_file, integer, text
 from .socket_stream import SocketStream, describe_ssl_error
+from .tls import lean_tls, tls_connect, tls_server
 
 KEEPALIVE = Option(integer(0, 86400), "TCP keepalive idle seconds (0 disables keepalive)", 30)
 BACKLOG = 1024
@@ -88,15 +90,20 @@ class TcpTransport(Transport):
             )
         loop = asyncio.get_running_loop()
         context = self._ssl_context(address, server_side=False)
-        kwargs: dict[str, Any] = {}
-        if context is not None:
-            kwargs = {"ssl": context, "server_hostname": opts.get("sni") or address.host}
+        server_hostname = opts.get("sni") or address.host
         try:
-            _, stream = await loop.create_connection(
-                self._make_stream, address.host, address.port, **kwargs
-            )
+            if context is not None and lean_tls(loop):
+                stream = self._make_stream()
+                await tls_connect(stream, context, server_hostname, address.host, address.port)
+            else:
+                kwargs: dict[str, Any] = {}
+                if context is not None:
+                    kwargs = {"ssl": context, "server_hostname": server_hostname}
+                _, stream = await loop.create_connection(
+                    self._make_stream, address.host, address.port, **kwargs
+                )
         except ssl.SSLError as exc:
-            message, reason = describe_ssl_error(exc, kwargs.get("server_hostname"))
+            message, reason = describe_ssl_error(exc, server_hostname)
             raise HandshakeError(f"could not connect to {address}: {message}", reason) from exc
         except OSError as exc:
             raise _connect_error(address, exc) from exc
@@ -107,9 +114,16 @@ class TcpTransport(Transport):
         opts = self.parse_options(address)
         loop = asyncio.get_running_loop()
         context = self._ssl_context(address, server_side=True)
+
+        def accepted() -> SocketStream:
+            return self._accepted(on_stream, opts["keepalive"])
+
+        factory: Callable[[], asyncio.BaseProtocol] = accepted
+        if context is not None and lean_tls(loop):
+            factory, context = tls_server(accepted, context), None
         try:
             server = await loop.create_server(
-                lambda: self._accepted(on_stream, opts["keepalive"]),
+                factory,
                 address.host,
                 address.port,
                 ssl=context,
