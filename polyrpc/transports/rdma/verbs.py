@@ -12,8 +12,6 @@ import errno
 import os
 import random
 import resource
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyverbs.enums as e
@@ -27,41 +25,9 @@ from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
 from pyverbs.wr import SGE, RecvWR
 
 from ...core.errors import TransportUnavailable
+from .engine import PeerInfo
 
 SYSFS = Path("/sys/class/infiniband")
-
-HELLO = struct.Struct("!4sBBHIII16s")
-"""Connection private data: magic, version, path MTU enum, depth, bufsize, QPN, PSN, GID."""
-MAGIC = b"PRDM"
-VERSION = 1
-
-
-@dataclass
-class PeerInfo:
-    """What each side tells the other in the rdma_cm private data."""
-
-    mtu: int
-    depth: int
-    bufsize: int
-    qpn: int
-    psn: int
-    gid: bytes
-
-    def pack(self) -> bytes:
-        return HELLO.pack(
-            MAGIC, VERSION, self.mtu, self.depth, self.bufsize, self.qpn, self.psn, self.gid
-        )
-
-    @classmethod
-    def unpack(cls, data: bytes) -> PeerInfo:
-        if len(data) < HELLO.size:
-            raise ValueError(f"{len(data)} bytes of connection data, expected {HELLO.size}")
-        magic, version, mtu, depth, bufsize, qpn, psn, gid = HELLO.unpack_from(data)
-        if magic != MAGIC:
-            raise ValueError("the peer is not a polyrpc rdma endpoint (bad connection data)")
-        if version != VERSION:
-            raise ValueError(f"the peer speaks polyrpc rdma version {version}, not {VERSION}")
-        return cls(mtu, depth, bufsize, qpn, psn, gid)
 
 
 def gid_text(gid: bytes) -> str:

@@ -1,0 +1,396 @@
+"""Sans-IO core of the rdma stream: connection data, credits, send and receive slots.
+
+Everything a peer can influence once connected passes through here: the private data
+of its connection request or answer (:class:`PeerInfo`), and for every message it
+sends, the immediate data (message kind + credits returned) and the byte count. The
+core turns receive completions into deliveries and reposts, and queued bytes into
+sends, through a small device interface (:class:`Device`: post a receive, post a
+batch of sends) over two plain buffers. No verbs here, so the host test suite drives
+it with arbitrary and hostile completions (tests/test_rdma_engine.py); the stream
+(stream.py) feeds it the completions polled from the CQ and implements :class:`Device`
+with pyverbs. A peer that breaks the protocol gets a :class:`ProtocolError`, never
+unbounded state.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ...core.errors import ProtocolError
+from ...core.stream import Buffer
+
+DATA, EOF, CLOSE, CREDIT = 0, 1, 2, 3
+KIND_SHIFT = 24
+CREDIT_MASK = (1 << KIND_SHIFT) - 1
+NO_SLOT = -1
+"""Send-queue entry of a message without payload (EOF, CLOSE, credit update)."""
+MIN_DEPTH, MAX_DEPTH = 4, 4096
+MIN_BUFSIZE, MAX_BUFSIZE = 4096, 16 << 20
+
+HELLO = struct.Struct("!4sBBHIII16s")
+"""Connection private data: magic, version, path MTU enum, depth, bufsize, QPN, PSN, GID."""
+MAGIC = b"PRDM"
+VERSION = 1
+
+
+@dataclass
+class PeerInfo:
+    """What each side tells the other in the rdma_cm private data."""
+
+    mtu: int
+    depth: int
+    bufsize: int
+    qpn: int
+    psn: int
+    gid: bytes
+
+    def pack(self) -> bytes:
+        return HELLO.pack(
+            MAGIC, VERSION, self.mtu, self.depth, self.bufsize, self.qpn, self.psn, self.gid
+        )
+
+    @classmethod
+    def unpack(cls, data: bytes) -> PeerInfo:
+        """Parse and check a peer's connection data (ValueError saying what is wrong)."""
+        if len(data) < HELLO.size:
+            raise ValueError(f"{len(data)} bytes of connection data, expected {HELLO.size}")
+        magic, version, mtu, depth, bufsize, qpn, psn, gid = HELLO.unpack_from(data)
+        if magic != MAGIC:
+            raise ValueError("the peer is not a polyrpc rdma endpoint (bad connection data)")
+        if version != VERSION:
+            raise ValueError(f"the peer speaks polyrpc rdma version {version}, not {VERSION}")
+        if not MIN_DEPTH <= depth <= MAX_DEPTH:
+            raise ValueError(f"the peer announced depth {depth}, not {MIN_DEPTH}-{MAX_DEPTH}")
+        if not MIN_BUFSIZE <= bufsize <= MAX_BUFSIZE or bufsize & (bufsize - 1):
+            raise ValueError(
+                f"the peer announced bufsize {bufsize}, not a power of two "
+                f"{MIN_BUFSIZE}-{MAX_BUFSIZE}"
+            )
+        return cls(mtu, depth, bufsize, qpn, psn, gid)
+
+
+Send = tuple[int, int, int, bool, int]
+"""One SEND-with-immediate: (wr_id, offset in the send buffer, length, signaled, immediate)."""
+
+
+class Device(Protocol):
+    """What the core asks of the queue pair."""
+
+    def post_recv(self, slot: int) -> None:
+        """Post receive buffer ``slot`` again."""
+
+    def post_sends(self, batch: list[Send]) -> None:
+        """Post these sends, in order, as one chain."""
+
+
+class RdmaEngine:
+    """Credits, slots and message kinds of one connection, over plain buffers."""
+
+    def __init__(
+        self,
+        device: Device,
+        recv_buf: memoryview,
+        send_buf: memoryview,
+        depth: int,
+        bufsize: int,
+        max_send: int,
+        peer_depth: int,
+        peer_bufsize: int,
+        on_data: Callable[[memoryview], object],
+        on_eof: Callable[[], None],
+    ) -> None:
+        self._device = device
+        self._recv = recv_buf
+        self._send = send_buf
+        self.depth = depth
+        self.bufsize = bufsize
+        self.max_send = max_send
+        self._peer_depth = peer_depth
+        self._peer_bufsize = peer_bufsize
+        self._on_data = on_data
+        self._on_eof = on_eof
+        self.stopped = False
+        """Set once the connection is gone: nothing is posted any more."""
+        # flow control
+        self.credits = peer_depth
+        self._owed = 0
+        self._granted = depth  # receive buffers the peer was told about
+        self.received = 0
+        self._credit_threshold = max(1, depth // 4)
+        # sending
+        self._queue: collections.deque[memoryview | int] = collections.deque()
+        self.queued = 0
+        # Send slots are taken and freed in order (an RC completion retires every earlier
+        # send), so the free ones always run on consecutively, wrapping at the end.
+        self._free_slots = collections.deque(range(depth))
+        # Posted sends in order: (sequence number = wr_id, slot). Only every
+        # ``_signal_every``-th send asks for a completion; on RC a completion also
+        # retires every earlier send, which frees their slots (fewer wake-ups).
+        self._sq: collections.deque[tuple[int, int]] = collections.deque()
+        self._seq = 0
+        self._since_signal = 0
+        self._signal_every = max(1, min(depth, max_send) // 4)
+        self.close_seq = -1
+        self._batch: list[Send] = []
+        self.eof_queued = False
+        # receiving
+        self.paused = False
+        self._pending: collections.deque[tuple[int, int, int]] = collections.deque()
+        # Full DATA messages in consecutive receive slots are contiguous bytes: they are
+        # delivered as one run (slot, bytes, messages), so the reader copies once.
+        self._run_slot = 0
+        self._run_len = 0
+        self._run_count = 0
+        self._eof_seen = False
+        self.peer_closed = False
+        self.eof_delivered = False
+
+    # -- receiving -----------------------------------------------------------
+    def on_recv(self, slot: int, length: int, imm: int) -> None:
+        """A receive completed in ``slot`` with ``length`` bytes and immediate ``imm``."""
+        kind = imm >> KIND_SHIFT
+        returned = imm & CREDIT_MASK
+        self._check_recv(slot, length, kind, returned)
+        self.received += 1
+        self.credits += returned
+        if kind == CREDIT:
+            self._repost(slot)
+            return
+        if kind == EOF:
+            self._eof_seen = True
+        elif kind == CLOSE:
+            self.peer_closed = True
+        count = self._run_count
+        if count:
+            if (
+                kind == DATA
+                and slot == self._run_slot + count
+                and self._run_len == count * self.bufsize
+            ):
+                self._run_len += length
+                self._run_count = count + 1
+                return
+            self.deliver_run()
+        if self.paused or self._pending:
+            self._pending.append((kind, slot, length))
+        elif kind == DATA:
+            self._run_slot = slot
+            self._run_len = length
+            self._run_count = 1
+        else:
+            self._deliver(kind, slot, length)
+
+    def _check_recv(self, slot: int, length: int, kind: int, returned: int) -> None:
+        """Refuse what a correct peer never sends (before any state changes)."""
+        if not 0 <= slot < self.depth:
+            raise ProtocolError(f"receive completion for slot {slot} of {self.depth}")
+        if not 0 <= length <= self.bufsize:
+            raise ProtocolError(f"{length}-byte message for a {self.bufsize}-byte buffer")
+        if kind > CREDIT:
+            raise ProtocolError(f"unknown message kind {kind}")
+        if self.peer_closed:
+            raise ProtocolError("message after the peer's CLOSE")
+        if self._eof_seen and kind in (DATA, EOF):
+            raise ProtocolError("data after the peer's EOF")
+        if kind != DATA and length:
+            raise ProtocolError(f"{length} bytes of payload in a control message")
+        if self.received >= self._granted:
+            raise ProtocolError("the peer sent a message without a credit")
+        # our sends the peer has not seen yet hold credits too: all of them together
+        # can never exceed the peer's buffers
+        if self.credits + returned > self._peer_depth:
+            raise ProtocolError(
+                f"the peer returned {returned} credits, more than its {self._peer_depth} buffers"
+            )
+
+    def deliver_run(self) -> None:
+        """Hand the collected DATA messages to the reader as one buffer, then repost them."""
+        count = self._run_count
+        if not count:
+            return
+        slot = self._run_slot
+        self._run_count = 0
+        start = slot * self.bufsize
+        self._on_data(self._recv[start : start + self._run_len])
+        for i in range(slot, slot + count):
+            self._repost(i)
+
+    def _deliver(self, kind: int, slot: int, length: int) -> None:
+        if kind == DATA:
+            start = slot * self.bufsize
+            self._on_data(self._recv[start : start + length])
+            self._repost(slot)
+        elif kind == EOF:
+            self._repost(slot)
+            self.eof_delivered = True
+            self._on_eof()
+        elif not self.eof_delivered:  # CLOSE
+            self.eof_delivered = True
+            self._on_eof()
+
+    def _repost(self, slot: int) -> None:
+        if self.stopped:
+            return
+        self._device.post_recv(slot)
+        self._owed += 1
+
+    def resume(self) -> None:
+        """Deliver what arrived while paused, until the reader pauses again."""
+        self.paused = False
+        while self._pending and not self.paused and not self.stopped:
+            kind, slot, length = self._pending.popleft()
+            self._deliver(kind, slot, length)
+
+    @property
+    def all_delivered(self) -> bool:
+        return not self._pending and not self._run_count
+
+    def drop_received(self) -> None:
+        """Forget undelivered messages (the connection is gone)."""
+        self._pending.clear()
+        self._run_count = 0
+
+    # -- sending -------------------------------------------------------------
+    def on_send_done(self, wr_id: int) -> None:
+        """A signaled send completed: it and every earlier send free their slots."""
+        sq = self._sq
+        while sq and sq[0][0] <= wr_id:
+            _, slot = sq.popleft()
+            if slot != NO_SLOT:
+                self._free_slots.append(slot)
+
+    def post(self, kind: int, slot: int = NO_SLOT, length: int = 0, signal: bool = False) -> int:
+        """Queue one SEND-with-immediate for :meth:`flush`; returns its sequence number (wr_id)."""
+        self._seq += 1
+        wr_id = self._seq
+        self._since_signal += 1
+        if signal or self._since_signal >= self._signal_every:
+            self._since_signal = 0
+            signal = True
+        offset = slot * self.bufsize if slot != NO_SLOT else 0
+        imm = (kind << KIND_SHIFT) | self._owed
+        self._granted += self._owed
+        self._owed = 0
+        self._batch.append((wr_id, offset, length, signal, imm))
+        self.credits -= 1
+        self._sq.append((wr_id, slot))
+        return wr_id
+
+    def flush(self) -> bool:
+        """Post the queued sends as one chain; True if anything was posted."""
+        batch = self._batch
+        if not batch:
+            return False
+        self._batch = []
+        self._device.post_sends(batch)
+        return True
+
+    def write(self, buffers: Sequence[Buffer]) -> None:
+        """Queue bytes to send (:meth:`pump` sends them)."""
+        for buf in buffers:
+            if len(buf):
+                view = memoryview(buf).cast("B")
+                self._queue.append(view)
+                self.queued += len(view)
+
+    def write_eof(self) -> None:
+        """Queue an EOF after the queued bytes."""
+        self.eof_queued = True
+        self._queue.append(EOF)
+
+    @property
+    def queue_empty(self) -> bool:
+        return not self._queue
+
+    def pump(self) -> bool:
+        """Send queued bytes while credits and send slots allow, hand back owed credits, post.
+
+        True if the send queue was not empty (its size may have changed).
+        """
+        if self.stopped:
+            return False
+        had_queue = bool(self._queue)
+        if had_queue:
+            self._send_queued()
+        if self._owed:
+            self._maybe_return_credits()
+        return had_queue
+
+    def _send_queued(self) -> None:
+        """Copy queued bytes into free send slots, one message per slot, while credits allow."""
+        queue = self._queue
+        free = self._free_slots
+        size = self.bufsize
+        bufsize = min(size, self._peer_bufsize)
+        view = self._send
+        while queue and self.credits >= 2 and len(self._sq) < self.max_send:
+            head = queue[0]
+            if isinstance(head, int):  # EOF marker
+                queue.popleft()
+                self.post(EOF)
+                continue
+            if not free:
+                break
+            slot = free[0]
+            # Fill as many consecutive free slots as credits allow with one copy per chunk
+            # (far fewer, larger copies for bulk data), then post one message per slot.
+            room = bufsize
+            if self.queued > bufsize and bufsize == size:
+                run = min(len(free), self.depth - slot, self.credits - 1)
+                room = min(run, self.max_send - len(self._sq)) * bufsize
+            base = slot * size
+            filled = 0
+            while queue and filled < room and not isinstance(queue[0], int):
+                chunk = queue[0]
+                assert isinstance(chunk, memoryview)
+                take = min(len(chunk), room - filled)
+                view[base + filled : base + filled + take] = chunk[:take]
+                filled += take
+                if take == len(chunk):
+                    queue.popleft()
+                else:
+                    queue[0] = chunk[take:]
+            self.queued -= filled
+            for offset in range(0, filled, bufsize):
+                free.popleft()
+                self.post(DATA, slot, min(bufsize, filled - offset))
+                slot += 1
+
+    def _maybe_return_credits(self) -> None:
+        if self._owed == 0 or self.credits < 1 or len(self._sq) >= self.max_send:
+            return
+        peer_can_send = self._granted - self.received
+        if self._owed >= self._credit_threshold or peer_can_send <= 1:
+            self.post(CREDIT)
+
+    def send_now(self, frame: Buffer) -> bool:
+        """Send one whole frame straight into a free slot if it fits one message and
+        nothing is queued; False if it must go through :meth:`write` instead."""
+        size = len(frame)
+        if (
+            self._queue
+            or self.stopped
+            or size > self._peer_bufsize
+            or size > self.bufsize
+            or self.credits < 2
+            or not self._free_slots
+            or len(self._sq) >= self.max_send
+            or type(frame) not in (bytes, bytearray)
+        ):
+            return False
+        slot = self._free_slots.popleft()
+        base = slot * self.bufsize
+        self._send[base : base + size] = frame
+        self.post(DATA, slot, size)
+        return True
+
+    def clear(self) -> None:
+        """Drop everything queued or undelivered (the stream was released)."""
+        self.stopped = True
+        self._queue.clear()
+        self.queued = 0
+        self.drop_received()
