@@ -24,9 +24,13 @@ from polyrpc.transports.rdma.engine import (
     CREDIT,
     DATA,
     EOF,
+    GROW,
     HELLO,
+    HS_BUFSIZE,
+    HS_DEPTH,
     KIND_SHIFT,
     MAGIC,
+    NO_SLOT,
     VERSION,
     PeerInfo,
     RdmaEngine,
@@ -37,13 +41,16 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=list(
 
 
 class Side:
-    """One end of the simulated queue pair: its engine, posted receives and sends on the wire."""
+    """One end of the simulated queue pair: its engine, registered rings, posted receives and
+    the sends on the wire (the adapter's view: which buffer each work request names)."""
 
     def __init__(self, depth: int, bufsize: int, peer_depth: int, peer_bufsize: int) -> None:
         self.depth, self.bufsize = depth, bufsize
-        self.recv = bytearray(depth * bufsize)
-        self.send = bytearray(depth * bufsize)
-        self.posted: collections.deque[int] = collections.deque(range(depth))
+        self.rings = {
+            "recv": [bytearray(HS_DEPTH * HS_BUFSIZE)],
+            "send": [bytearray(HS_DEPTH * HS_BUFSIZE)],
+        }
+        self.posted: collections.deque[int] = collections.deque(range(HS_DEPTH))
         self.wire: collections.deque[Send] = collections.deque()
         self.delivered: collections.deque[tuple[int, bool]] = collections.deque()
         self.got = bytearray()
@@ -51,8 +58,8 @@ class Side:
         self.sent = bytearray()
         self.engine = RdmaEngine(
             self,
-            memoryview(self.recv),
-            memoryview(self.send),
+            memoryview(self.rings["recv"][0]),
+            memoryview(self.rings["send"][0]),
             depth,
             bufsize,
             2 * depth + 4,
@@ -65,14 +72,26 @@ class Side:
     def _eof(self) -> None:
         self.eofs += 1
 
+    def at(self, ring: str, slot: int) -> memoryview:
+        """The buffer of ``slot`` in the receive or send ring (handshake ring first)."""
+        if slot < HS_DEPTH:
+            return memoryview(self.rings[ring][0])[slot * HS_BUFSIZE : (slot + 1) * HS_BUFSIZE]
+        start = (slot - HS_DEPTH) * self.bufsize
+        return memoryview(self.rings[ring][1])[start : start + self.bufsize]
+
     def post_recv(self, slot: int) -> None:
         assert slot not in self.posted, f"slot {slot} posted twice"
         self.posted.append(slot)
 
     def post_sends(self, batch: list[Send]) -> None:
-        for wr_id, offset, length, signaled, imm in batch:
-            assert offset >= 0 and offset + length <= len(self.send)
-            self.wire.append((wr_id, offset, length, signaled, imm))
+        for send in batch:
+            assert send[1] != NO_SLOT or send[2] == 0
+            self.wire.append(send)
+
+    def grow(self) -> tuple[memoryview, memoryview]:
+        for ring in self.rings.values():
+            ring.append(bytearray(self.depth * self.bufsize))
+        return memoryview(self.rings["recv"][1]), memoryview(self.rings["send"][1])
 
     def settle(self) -> None:
         """What the stream does after handling completions: deliver, pump, post."""
@@ -96,9 +115,12 @@ class Side:
     def check(self) -> None:
         engine = self.engine
         assert engine.credits >= 0
-        assert len(self.posted) <= self.depth
-        assert engine.received - engine._granted <= 0
-        assert len(engine._pending) <= self.depth
+        assert len(self.posted) <= HS_DEPTH + self.depth
+        assert engine.received <= engine._granted
+        assert len(engine._pending) <= HS_DEPTH + self.depth
+        assert engine.registered_bytes == sum(
+            len(r) for rings in self.rings.values() for r in rings
+        )
 
 
 def deliver(src: Side, dst: Side, count: int) -> None:
@@ -106,37 +128,51 @@ def deliver(src: Side, dst: Side, count: int) -> None:
     for _ in range(count):
         if not src.wire:
             break
-        wr_id, offset, length, signaled, imm = src.wire.popleft()
+        wr_id, slot, length, signaled, imm = src.wire.popleft()
         assert dst.posted, "receiver not ready: a message was sent without a credit"
-        assert length <= dst.bufsize
-        slot = dst.posted.popleft()
-        start = slot * dst.bufsize
-        dst.recv[start : start + length] = src.send[offset : offset + length]
+        into = dst.posted.popleft()
+        target = dst.at("recv", into)
+        assert length <= len(target), "a message longer than the receive buffer it landed in"
+        if length:
+            target[:length] = src.at("send", slot)[:length]
         src.delivered.append((wr_id, signaled))
-        dst.engine.on_recv(slot, length, imm)
+        dst.engine.on_recv(into, length, imm)
     dst.settle()
 
 
+CYCLE = bytes(range(256)) * 200
+
+
 def pattern(n: int, seed: int) -> bytes:
-    return bytes((seed + i) & 0xFF for i in range(n))
+    """n bytes counting up from seed (mod 256): misplaced or repeated bytes show."""
+    start = seed & 0xFF
+    return CYCLE[start : start + n]
+
+
+def inject(me: Side, length: int, imm: int) -> None:
+    """The peer's message lands in this side's next posted receive."""
+    me.engine.on_recv(me.posted.popleft(), length, imm)
 
 
 sizes = st.sampled_from([(4, 4096), (8, 4096), (4, 8192), (16, 4096)])
 ops = st.lists(
     st.tuples(
-        st.sampled_from(["write", "send_now", "deliver", "complete", "pause", "resume", "eof"]),
+        st.sampled_from(
+            ["write", "send_now", "deliver", "complete", "pause", "resume", "eof", "grow"]
+        ),
         st.integers(0, 1),
         st.integers(0, 40000),
     ),
-    max_size=60,
+    max_size=40,
 )
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=60)
 @given(sizes, sizes, ops)
 def test_two_engines_deliver_every_byte_in_order_without_rnr(a_size, b_size, steps):
-    """Arbitrary writes, pauses, partial deliveries and EOFs: all bytes arrive, in order,
-    no receive is ever missing, and the state stays bounded throughout."""
+    """Arbitrary writes, pauses, partial deliveries, EOFs and ring growth on either side at
+    any time: all bytes arrive, in order, no message lacks a receive buffer that fits it,
+    and the state stays bounded throughout."""
     a = Side(*a_size, *b_size)
     b = Side(*b_size, *a_size)
     sides = (a, b)
@@ -158,6 +194,9 @@ def test_two_engines_deliver_every_byte_in_order_without_rnr(a_size, b_size, ste
         elif op == "resume":
             other.engine.resume()
             other.settle()
+        elif op == "grow":
+            me.engine.grow()
+            me.engine.flush()
         elif op == "eof" and not me.engine.eof_queued:
             me.engine.write_eof()
             me.settle()
@@ -181,7 +220,7 @@ def test_two_engines_deliver_every_byte_in_order_without_rnr(a_size, b_size, ste
 
 imms = st.builds(
     lambda kind, credits: (kind << KIND_SHIFT) | credits,
-    st.sampled_from([DATA, EOF, CLOSE, CREDIT]) | st.integers(0, 255),
+    st.sampled_from([DATA, EOF, CLOSE, CREDIT, GROW]) | st.integers(0, 255),
     st.integers(0, 12) | st.integers(0, (1 << KIND_SHIFT) - 1),
 )
 hostile = st.lists(st.tuples(st.integers(0, 4096) | st.integers(-5, 1 << 20), imms), max_size=80)
@@ -199,9 +238,8 @@ def test_hostile_peer_messages_are_refused_cleanly(messages, writes, paused):
     for length, imm in messages:
         if not me.posted:
             break  # the adapter would refuse the message (receiver not ready)
-        slot = me.posted.popleft()
         try:
-            me.engine.on_recv(slot, length, imm)
+            inject(me, length, imm)
         except ProtocolError as exc:
             assert str(exc)
             return  # the stream fails the connection here
@@ -241,6 +279,23 @@ def test_protocol_violations_are_named(imm, length, words):
     me.engine.credits += 2
     with pytest.raises(ProtocolError, match=words):
         me.engine.on_recv(0, length, imm)
+
+
+def test_a_handshaking_connection_registers_32_kib_until_it_grows():
+    """Before the polyrpc handshake a connection holds only its handshake rings (issue #14:
+    at most 64 KiB per handshaking connection), whatever depth and bufsize it will use."""
+    me = Side(32, 65536, 32, 65536)
+    assert me.engine.registered_bytes == 2 * HS_DEPTH * HS_BUFSIZE == 32 << 10
+    me.engine.grow()
+    assert me.engine.registered_bytes == (32 << 10) + 2 * 32 * 65536
+    me.check()
+
+
+def test_grow_twice_is_refused():
+    me = Side(4, 4096, 4, 4096)
+    inject(me, 0, GROW << KIND_SHIFT)
+    with pytest.raises(ProtocolError, match="GROW received twice"):
+        inject(me, 0, GROW << KIND_SHIFT)
 
 
 def test_data_after_close_and_sends_without_credit_are_refused():

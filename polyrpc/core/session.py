@@ -358,6 +358,7 @@ class Session:
 
     def _handshake_done(self) -> None:
         self._handshaken = True
+        self.byte_stream.handshake_done()
         # frames past the handshake limit are fine now; those that arrived behind the HELLO
         # wait in the decoder (it ends a batch at a HELLO while in handshake mode)
         self._decoder.set_max_frame(self.config.limits.max_frame)

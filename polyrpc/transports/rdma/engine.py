@@ -23,18 +23,21 @@ from typing import Protocol
 from ...core.errors import ProtocolError
 from ...core.stream import Buffer
 
-DATA, EOF, CLOSE, CREDIT = 0, 1, 2, 3
+DATA, EOF, CLOSE, CREDIT, GROW = 0, 1, 2, 3, 4
 KIND_SHIFT = 24
 CREDIT_MASK = (1 << KIND_SHIFT) - 1
 NO_SLOT = -1
 """Send-queue entry of a message without payload (EOF, CLOSE, credit update)."""
 MIN_DEPTH, MAX_DEPTH = 4, 4096
 MIN_BUFSIZE, MAX_BUFSIZE = 4096, 16 << 20
+HS_DEPTH, HS_BUFSIZE = MIN_DEPTH, MIN_BUFSIZE
+"""The handshake rings: 4 x 4 KiB each way (32 KiB registered) carry the HELLO (at most
+16 KiB) before the full rings are registered."""
 
 HELLO = struct.Struct("!4sBBHIII16s")
 """Connection private data: magic, version, path MTU enum, depth, bufsize, QPN, PSN, GID."""
 MAGIC = b"PRDM"
-VERSION = 1
+VERSION = 2
 
 
 @dataclass
@@ -74,21 +77,30 @@ class PeerInfo:
 
 
 Send = tuple[int, int, int, bool, int]
-"""One SEND-with-immediate: (wr_id, offset in the send buffer, length, signaled, immediate)."""
+"""One SEND-with-immediate: (wr_id, send slot or NO_SLOT, length, signaled, immediate)."""
 
 
 class Device(Protocol):
-    """What the core asks of the queue pair."""
+    """What the core asks of the queue pair and its registered memory."""
 
     def post_recv(self, slot: int) -> None:
-        """Post receive buffer ``slot`` again."""
+        """Post receive buffer ``slot`` (again)."""
 
     def post_sends(self, batch: list[Send]) -> None:
         """Post these sends, in order, as one chain."""
 
+    def grow(self) -> tuple[memoryview, memoryview]:
+        """Register the full receive and send rings (slots from HS_DEPTH on); their views."""
+
 
 class RdmaEngine:
-    """Credits, slots and message kinds of one connection, over plain buffers."""
+    """Credits, slots and message kinds of one connection, over plain buffers.
+
+    A connection starts with handshake rings of HS_DEPTH x HS_BUFSIZE bytes each way
+    (slots 0 to HS_DEPTH - 1); :meth:`grow` adds the full rings of ``depth`` x
+    ``bufsize`` (slots HS_DEPTH on) once the polyrpc handshake is done, retires the
+    handshake rings and tells the peer with a GROW message.
+    """
 
     def __init__(
         self,
@@ -104,8 +116,9 @@ class RdmaEngine:
         on_eof: Callable[[], None],
     ) -> None:
         self._device = device
-        self._recv = recv_buf
-        self._send = send_buf
+        self._recv_small = recv_buf
+        self._send_small = send_buf
+        self._recv_big = self._send_big = memoryview(b"")
         self.depth = depth
         self.bufsize = bufsize
         self.max_send = max_send
@@ -115,39 +128,92 @@ class RdmaEngine:
         self._on_eof = on_eof
         self.stopped = False
         """Set once the connection is gone: nothing is posted any more."""
+        self.grown = False
+        """This side's full rings are registered and posted."""
+        self._grow_due = False  # GROW waits for a credit
+        # the ring this side sends from: its first slot, slot count, slot size and buffer
+        self._ring_start, self._ring_depth, self._ring_size = 0, HS_DEPTH, HS_BUFSIZE
+        self._send = send_buf
         # flow control
-        self.credits = peer_depth
+        self.credits = HS_DEPTH
+        self._peer_limit = HS_DEPTH  # more credits than this the peer can never return
+        # Messages that still land in the peer's handshake buffers after its GROW (-1:
+        # no GROW yet); until they are used up, messages are at most HS_BUFSIZE bytes.
+        self._peer_small_left = -1
+        self._target = HS_BUFSIZE
         self._owed = 0
-        self._granted = depth  # receive buffers the peer was told about
+        self._granted = HS_DEPTH  # receive buffers the peer was told about
         self.received = 0
-        self._credit_threshold = max(1, depth // 4)
+        self._credit_threshold = 1
         # sending
         self._queue: collections.deque[memoryview | int] = collections.deque()
         self.queued = 0
         # Send slots are taken and freed in order (an RC completion retires every earlier
-        # send), so the free ones always run on consecutively, wrapping at the end.
-        self._free_slots = collections.deque(range(depth))
+        # send), so the free ones always run on consecutively, wrapping at the ring's end.
+        self._free_slots = collections.deque(range(HS_DEPTH))
         # Posted sends in order: (sequence number = wr_id, slot). Only every
         # ``_signal_every``-th send asks for a completion; on RC a completion also
         # retires every earlier send, which frees their slots (fewer wake-ups).
         self._sq: collections.deque[tuple[int, int]] = collections.deque()
         self._seq = 0
         self._since_signal = 0
-        self._signal_every = max(1, min(depth, max_send) // 4)
+        self._signal_every = 1
         self.close_seq = -1
         self._batch: list[Send] = []
         self.eof_queued = False
         # receiving
         self.paused = False
         self._pending: collections.deque[tuple[int, int, int]] = collections.deque()
-        # Full DATA messages in consecutive receive slots are contiguous bytes: they are
-        # delivered as one run (slot, bytes, messages), so the reader copies once.
+        # Full DATA messages in consecutive receive slots of one ring are contiguous
+        # bytes: they are delivered as one run (slot, bytes, messages): one copy.
         self._run_slot = 0
         self._run_len = 0
         self._run_count = 0
         self._eof_seen = False
+        self._peer_grown = False
         self.peer_closed = False
         self.eof_delivered = False
+
+    @property
+    def registered_bytes(self) -> int:
+        """Bytes of receive and send buffers this connection has registered."""
+        small = 2 * HS_DEPTH * HS_BUFSIZE
+        return small + 2 * self.depth * self.bufsize if self.grown else small
+
+    def _recv_at(self, slot: int) -> tuple[memoryview, int]:
+        """The receive buffer holding ``slot`` and the slot's offset in it."""
+        if slot < HS_DEPTH:
+            return self._recv_small, slot * HS_BUFSIZE
+        return self._recv_big, (slot - HS_DEPTH) * self.bufsize
+
+    # -- growing -------------------------------------------------------------
+    def grow(self) -> None:
+        """The handshake is done: post the full receive ring, send from the full send
+        ring, stop reposting the handshake buffers and send GROW (when a credit allows)."""
+        if self.grown or self.stopped:
+            return
+        self._recv_big, self._send_big = self._device.grow()
+        self.grown = True
+        depth = self.depth
+        self._ring_start, self._ring_depth, self._ring_size = HS_DEPTH, depth, self.bufsize
+        self._send = self._send_big
+        self._free_slots = collections.deque(range(HS_DEPTH, HS_DEPTH + depth))
+        self._signal_every = max(1, min(depth, self.max_send) // 4)
+        self._credit_threshold = max(1, depth // 4)
+        for slot in range(HS_DEPTH, HS_DEPTH + depth):
+            self._device.post_recv(slot)
+        self._granted += depth
+        self._grow_due = True
+        self.pump()
+
+    def _on_peer_grow(self) -> None:
+        """The peer posted its full ring behind the handshake buffers we hold credits for."""
+        self._peer_grown = True
+        self._peer_small_left = self.credits
+        if not self.credits:
+            self._target = self._peer_bufsize
+        self.credits += self._peer_depth
+        self._peer_limit = self.credits
 
     # -- receiving -----------------------------------------------------------
     def on_recv(self, slot: int, length: int, imm: int) -> None:
@@ -157,7 +223,9 @@ class RdmaEngine:
         self._check_recv(slot, length, kind, returned)
         self.received += 1
         self.credits += returned
-        if kind == CREDIT:
+        if kind in (CREDIT, GROW):
+            if kind == GROW:
+                self._on_peer_grow()
             self._repost(slot)
             return
         if kind == EOF:
@@ -166,10 +234,12 @@ class RdmaEngine:
             self.peer_closed = True
         count = self._run_count
         if count:
+            start = self._run_slot
             if (
                 kind == DATA
-                and slot == self._run_slot + count
-                and self._run_len == count * self.bufsize
+                and slot == start + count
+                and (slot < HS_DEPTH) == (start < HS_DEPTH)
+                and self._run_len == count * (HS_BUFSIZE if start < HS_DEPTH else self.bufsize)
             ):
                 self._run_len += length
                 self._run_count = count + 1
@@ -186,11 +256,13 @@ class RdmaEngine:
 
     def _check_recv(self, slot: int, length: int, kind: int, returned: int) -> None:
         """Refuse what a correct peer never sends (before any state changes)."""
-        if not 0 <= slot < self.depth:
-            raise ProtocolError(f"receive completion for slot {slot} of {self.depth}")
-        if not 0 <= length <= self.bufsize:
-            raise ProtocolError(f"{length}-byte message for a {self.bufsize}-byte buffer")
-        if kind > CREDIT:
+        slots = HS_DEPTH + self.depth if self.grown else HS_DEPTH
+        if not 0 <= slot < slots:
+            raise ProtocolError(f"receive completion for slot {slot} of {slots}")
+        size = HS_BUFSIZE if slot < HS_DEPTH else self.bufsize
+        if not 0 <= length <= size:
+            raise ProtocolError(f"{length}-byte message for a {size}-byte buffer")
+        if kind > GROW:
             raise ProtocolError(f"unknown message kind {kind}")
         if self.peer_closed:
             raise ProtocolError("message after the peer's CLOSE")
@@ -198,13 +270,15 @@ class RdmaEngine:
             raise ProtocolError("data after the peer's EOF")
         if kind != DATA and length:
             raise ProtocolError(f"{length} bytes of payload in a control message")
+        if kind == GROW and self._peer_grown:
+            raise ProtocolError("GROW received twice")
         if self.received >= self._granted:
             raise ProtocolError("the peer sent a message without a credit")
         # our sends the peer has not seen yet hold credits too: all of them together
         # can never exceed the peer's buffers
-        if self.credits + returned > self._peer_depth:
+        if self.credits + returned > self._peer_limit:
             raise ProtocolError(
-                f"the peer returned {returned} credits, more than its {self._peer_depth} buffers"
+                f"the peer returned {returned} credits, more than its {self._peer_limit} buffers"
             )
 
     def deliver_run(self) -> None:
@@ -214,15 +288,15 @@ class RdmaEngine:
             return
         slot = self._run_slot
         self._run_count = 0
-        start = slot * self.bufsize
-        self._on_data(self._recv[start : start + self._run_len])
+        buf, start = self._recv_at(slot)
+        self._on_data(buf[start : start + self._run_len])
         for i in range(slot, slot + count):
             self._repost(i)
 
     def _deliver(self, kind: int, slot: int, length: int) -> None:
         if kind == DATA:
-            start = slot * self.bufsize
-            self._on_data(self._recv[start : start + length])
+            buf, start = self._recv_at(slot)
+            self._on_data(buf[start : start + length])
             self._repost(slot)
         elif kind == EOF:
             self._repost(slot)
@@ -233,7 +307,7 @@ class RdmaEngine:
             self._on_eof()
 
     def _repost(self, slot: int) -> None:
-        if self.stopped:
+        if self.stopped or slot < self._ring_start:  # a retired handshake buffer
             return
         self._device.post_recv(slot)
         self._owed += 1
@@ -258,9 +332,10 @@ class RdmaEngine:
     def on_send_done(self, wr_id: int) -> None:
         """A signaled send completed: it and every earlier send free their slots."""
         sq = self._sq
+        start = self._ring_start
         while sq and sq[0][0] <= wr_id:
             _, slot = sq.popleft()
-            if slot != NO_SLOT:
+            if slot >= start:  # (NO_SLOT and retired handshake slots are below)
                 self._free_slots.append(slot)
 
     def post(self, kind: int, slot: int = NO_SLOT, length: int = 0, signal: bool = False) -> int:
@@ -271,12 +346,15 @@ class RdmaEngine:
         if signal or self._since_signal >= self._signal_every:
             self._since_signal = 0
             signal = True
-        offset = slot * self.bufsize if slot != NO_SLOT else 0
         imm = (kind << KIND_SHIFT) | self._owed
         self._granted += self._owed
         self._owed = 0
-        self._batch.append((wr_id, offset, length, signal, imm))
+        self._batch.append((wr_id, slot, length, signal, imm))
         self.credits -= 1
+        if self._peer_small_left > 0:  # this message takes one of the peer's handshake buffers
+            self._peer_small_left -= 1
+            if not self._peer_small_left:
+                self._target = self._peer_bufsize
         self._sq.append((wr_id, slot))
         return wr_id
 
@@ -307,12 +385,15 @@ class RdmaEngine:
         return not self._queue
 
     def pump(self) -> bool:
-        """Send queued bytes while credits and send slots allow, hand back owed credits, post.
+        """Send GROW, queued bytes while credits and send slots allow, owed credits.
 
         True if the send queue was not empty (its size may have changed).
         """
         if self.stopped:
             return False
+        if self._grow_due and self.credits >= 1 and len(self._sq) < self.max_send:
+            self._grow_due = False
+            self.post(GROW)
         had_queue = bool(self._queue)
         if had_queue:
             self._send_queued()
@@ -324,8 +405,9 @@ class RdmaEngine:
         """Copy queued bytes into free send slots, one message per slot, while credits allow."""
         queue = self._queue
         free = self._free_slots
-        size = self.bufsize
-        bufsize = min(size, self._peer_bufsize)
+        size = self._ring_size
+        bufsize = min(size, self._target)
+        ring_end = self._ring_start + self._ring_depth
         view = self._send
         while queue and self.credits >= 2 and len(self._sq) < self.max_send:
             head = queue[0]
@@ -338,11 +420,12 @@ class RdmaEngine:
             slot = free[0]
             # Fill as many consecutive free slots as credits allow with one copy per chunk
             # (far fewer, larger copies for bulk data), then post one message per slot.
+            # (One at a time while the size of the peer's next buffers changes.)
             room = bufsize
-            if self.queued > bufsize and bufsize == size:
-                run = min(len(free), self.depth - slot, self.credits - 1)
+            if self.queued > bufsize and bufsize == size and self._peer_small_left <= 0:
+                run = min(len(free), ring_end - slot, self.credits - 1)
                 room = min(run, self.max_send - len(self._sq)) * bufsize
-            base = slot * size
+            base = (slot - self._ring_start) * size
             filled = 0
             while queue and filled < room and not isinstance(queue[0], int):
                 chunk = queue[0]
@@ -359,6 +442,7 @@ class RdmaEngine:
                 free.popleft()
                 self.post(DATA, slot, min(bufsize, filled - offset))
                 slot += 1
+            bufsize = min(size, self._target)
 
     def _maybe_return_credits(self) -> None:
         if self._owed == 0 or self.credits < 1 or len(self._sq) >= self.max_send:
@@ -374,8 +458,9 @@ class RdmaEngine:
         if (
             self._queue
             or self.stopped
-            or size > self._peer_bufsize
-            or size > self.bufsize
+            or self._grow_due
+            or size > self._target
+            or size > self._ring_size
             or self.credits < 2
             or not self._free_slots
             or len(self._sq) >= self.max_send
@@ -383,7 +468,7 @@ class RdmaEngine:
         ):
             return False
         slot = self._free_slots.popleft()
-        base = slot * self.bufsize
+        base = (slot - self._ring_start) * self._ring_size
         self._send[base : base + size] = frame
         self.post(DATA, slot, size)
         return True

@@ -31,10 +31,10 @@ import pyverbs.enums as e
 from pyverbs.pyverbs_error import PyverbsError
 from pyverbs.wr import SGE, SendWR
 
-from ...core.errors import ConnectionLost, ProtocolError
+from ...core.errors import ConnectionLost, ProtocolError, TransportUnavailable
 from ...core.stream import Buffer, Stream
 from . import cm
-from .engine import CLOSE, PeerInfo, RdmaEngine, Send
+from .engine import CLOSE, NO_SLOT, PeerInfo, RdmaEngine, Send
 from .verbs import Resources
 
 CLOSE_TIMEOUT = 10.0
@@ -91,7 +91,7 @@ class RdmaStream(Stream):
         self._chain: list[SendWR] = []
         following = None
         for _ in range(res.max_send):
-            sge = SGE(res.send_mr.buf, 0, res.send_mr.lkey)
+            sge = SGE(res.send_keys[0][0], 0, res.send_keys[0][1])
             wr = SendWR(opcode=e.IBV_WR_SEND_WITH_IMM, num_sge=1, sg=[sge], next_wr=following)
             wr.sg_list = sge  # the WR reads this SGE object, refilled for every post
             self._sges.append(sge)
@@ -128,16 +128,35 @@ class RdmaStream(Stream):
         """Post the batch as the tail of the fixed chain of work requests."""
         chain, sges = self._chain, self._sges
         first = len(chain) - len(batch)
-        base = self._res.send_mr.buf
-        for i, (wr_id, offset, length, signaled, imm) in enumerate(batch, first):
+        keys = self._res.send_keys
+        for i, (wr_id, slot, length, signaled, imm) in enumerate(batch, first):
             sge = sges[i]
-            sge.addr = base + offset
+            sge.addr, sge.lkey = keys[slot if slot != NO_SLOT else 0]
             sge.length = length
             wr = chain[i]
             wr.wr_id = wr_id
             wr.send_flags = SIGNALED if signaled else 0
             wr.imm_data = _htonl(imm)
         self._res.qp.post_send(chain[first])
+
+    def grow(self) -> tuple[memoryview, memoryview]:
+        return self._res.grow()
+
+    def handshake_done(self) -> None:
+        """The session authenticated the peer: register the full rings, tell the peer."""
+        if self._released or self._peer_gone:
+            return
+        try:
+            self._engine.grow()
+        except TransportUnavailable as exc:
+            self._fail(ConnectionLost(str(exc)))
+            return
+        self._flush()
+
+    @property
+    def registered_bytes(self) -> int:
+        """Bytes of buffers this connection has registered (locked memory)."""
+        return self._res.registered
 
     # -- rdma_cm events ------------------------------------------------------
     def on_cm_event(self, event: cm.Event) -> None:
