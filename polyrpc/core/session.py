@@ -358,7 +358,6 @@ class Session:
 
     def _handshake_done(self) -> None:
         self._handshaken = True
-        self.byte_stream.handshake_done()
         # frames past the handshake limit are fine now; those that arrived behind the HELLO
         # wait in the decoder (it ends a batch at a HELLO while in handshake mode)
         self._decoder.set_max_frame(self.config.limits.max_frame)
@@ -366,6 +365,7 @@ class Session:
             self.loop.call_soon(self._decoder.received, 0)
         self._route_all()
         self._handshake.set_result(None)
+        self.byte_stream.handshake_done()  # last: it may fail the stream (rdma's locked memory)
 
     def _route_all(self) -> None:
         """After the handshake, while reading: the decoder resolves replies itself while

@@ -474,8 +474,14 @@ class RdmaEngine:
         return True
 
     def clear(self) -> None:
-        """Drop everything queued or undelivered (the stream was released)."""
+        """Drop everything queued or undelivered, and the links back to the owner (the
+        stream was released: freed at once, without the cyclic GC)."""
         self.stopped = True
         self._queue.clear()
         self.queued = 0
         self.drop_received()
+        self._on_data = self._on_eof = _dropped
+
+
+def _dropped(*_: object) -> None:
+    """Receives nothing: what a released connection delivers to."""

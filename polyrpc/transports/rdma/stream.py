@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ from . import cm
 from .engine import CLOSE, NO_SLOT, PeerInfo, RdmaEngine, Send
 from .verbs import Resources
 
+log = logging.getLogger("polyrpc")
 CLOSE_TIMEOUT = 10.0
 DISCONNECT_TIMEOUT = 3.0
 POLL_BATCH = 32
@@ -56,42 +58,20 @@ _WC_NAMES = {
 }
 
 
-class RdmaStream(Stream):
-    """A connected RDMA stream (RC QP, SEND/RECV with credits; the logic in :class:`RdmaEngine`)."""
+class _Verbs:
+    """The engine's device: posts to the QP, registers the full rings (no link back to the
+    stream, so a released stream is freed without the cyclic GC)."""
 
-    transport_name = "rdma"
-
-    def __init__(
-        self,
-        cm_id: cm.CmId,
-        res: Resources,
-        peer: PeerInfo,
-        extra: dict[str, Any],
-        spin_seconds: float = 0.0,
-    ):
-        super().__init__(extra)
-        self._loop = asyncio.get_running_loop()
-        self._id = cm_id
+    def __init__(self, res: Resources) -> None:
         self._res = res
-        self._engine = RdmaEngine(
-            self,
-            res.recv_view,
-            res.send_view,
-            res.depth,
-            res.bufsize,
-            res.max_send,
-            peer.depth,
-            peer.bufsize,
-            lambda data: self.receiver.data_received(data),
-            lambda: self.receiver.eof_received(),
-        )
         # A fixed linked list of send WRs (each with its own SGE) ending in NULL: a batch of
         # n sends fills the last n and posts them with one ibv_post_send (one doorbell).
         self._sges: list[SGE] = []
         self._chain: list[SendWR] = []
         following = None
+        addr, lkey = res.send_keys[0]
         for _ in range(res.max_send):
-            sge = SGE(res.send_keys[0][0], 0, res.send_keys[0][1])
+            sge = SGE(addr, 0, lkey)
             wr = SendWR(opcode=e.IBV_WR_SEND_WITH_IMM, num_sge=1, sg=[sge], next_wr=following)
             wr.sg_list = sge  # the WR reads this SGE object, refilled for every post
             self._sges.append(sge)
@@ -99,28 +79,7 @@ class RdmaStream(Stream):
             following = wr
         self._sges.reverse()
         self._chain.reverse()
-        self._spin_seconds = spin_seconds
-        self._spin_due = False
-        self._spin_skip = 0  # posts left to go without a spin after spins that found nothing
-        self._spin_backoff = 1
-        self._armed = True
-        self._close_sent: asyncio.Future[None] | None = None
-        self._flushed: asyncio.Future[None] | None = None
-        self._peer_gone = False
-        self._disconnected: asyncio.Future[None] = self._loop.create_future()
-        self._released = False
-        self.on_first_message: Callable[[], None] | None = None
-        self.write_now = self._write_now
-        """Set by the listener until the connection is known to be established."""
-        res.cq.req_notify()
-        self._loop.add_reader(res.channel_fd, self._on_completion_event)
-        # The QP took messages before the CQ was armed (the peer may send as soon as it is
-        # connected, and this process may be descheduled in between): arming signals only
-        # completions that come later, so look at the CQ once, after the owner (listener
-        # or dialer) attached its hooks.
-        self._loop.call_soon(self._poll)
 
-    # -- the engine's device ---------------------------------------------------
     def post_recv(self, slot: int) -> None:
         self._res.qp.post_recv(self._res.recv_wrs[slot])
 
@@ -142,6 +101,57 @@ class RdmaStream(Stream):
     def grow(self) -> tuple[memoryview, memoryview]:
         return self._res.grow()
 
+
+class RdmaStream(Stream):
+    """A connected RDMA stream (RC QP, SEND/RECV with credits; the logic in :class:`RdmaEngine`)."""
+
+    transport_name = "rdma"
+
+    def __init__(
+        self,
+        cm_id: cm.CmId,
+        res: Resources,
+        peer: PeerInfo,
+        extra: dict[str, Any],
+        spin_seconds: float = 0.0,
+    ):
+        super().__init__(extra)
+        self._loop = asyncio.get_running_loop()
+        self._id = cm_id
+        self._res = res
+        self._engine = RdmaEngine(
+            _Verbs(res),
+            res.recv_view,
+            res.send_view,
+            res.depth,
+            res.bufsize,
+            res.max_send,
+            peer.depth,
+            peer.bufsize,
+            lambda data: self.receiver.data_received(data),
+            lambda: self.receiver.eof_received(),
+        )
+        self._spin_seconds = spin_seconds
+        self._spin_due = False
+        self._spin_skip = 0  # posts left to go without a spin after spins that found nothing
+        self._spin_backoff = 1
+        self._armed = True
+        self._close_sent: asyncio.Future[None] | None = None
+        self._flushed: asyncio.Future[None] | None = None
+        self._peer_gone = False
+        self._disconnected: asyncio.Future[None] = self._loop.create_future()
+        self._released = False
+        self.on_first_message: Callable[[], None] | None = None
+        self.write_now = self._write_now
+        """Set by the listener until the connection is known to be established."""
+        res.cq.req_notify()
+        self._loop.add_reader(res.channel_fd, self._on_completion_event)
+        # The QP took messages before the CQ was armed (the peer may send as soon as it is
+        # connected, and this process may be descheduled in between): arming signals only
+        # completions that come later, so look at the CQ once, after the owner (listener
+        # or dialer) attached its hooks.
+        self._loop.call_soon(self._poll)
+
     def handshake_done(self) -> None:
         """The session authenticated the peer: register the full rings, tell the peer."""
         if self._released or self._peer_gone:
@@ -149,6 +159,7 @@ class RdmaStream(Stream):
         try:
             self._engine.grow()
         except TransportUnavailable as exc:
+            log.warning("rdma connection to %s dropped: %s", self.extra.get("peer"), exc)
             self._fail(ConnectionLost(str(exc)))
             return
         self._flush()
