@@ -1,7 +1,9 @@
 """RdmaStream: the stream trait over one Reliable Connected QP.
 
-Data path: each side pre-posts ``depth`` receive buffers of ``bufsize`` bytes.
-Bytes are sent as SEND-with-immediate messages of at most the peer's bufsize;
+Data path (the decisions in the sans-IO :class:`RdmaEngine`, engine.py): each side
+pre-posts small handshake receive buffers, then ``depth`` buffers of ``bufsize``
+bytes once the session's handshake is done (:meth:`RdmaStream.handshake_done`).
+Bytes are sent as SEND-with-immediate messages that fit the peer's next buffers;
 the 32-bit immediate carries the message kind and the credits being returned.
 A sender spends one credit per message and never sends without one, so the
 receiver never sees receiver-not-ready. The last credit is reserved for pure
