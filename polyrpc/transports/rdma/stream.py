@@ -164,7 +164,7 @@ class RdmaStream(Stream):
             log.warning("rdma connection to %s dropped: %s", self.extra.get("peer"), exc)
             self._fail(ConnectionLost(str(exc)))
             return
-        self._flush()
+        self._pump()  # GROW, and data that waited for the peer's handshake buffers
 
     @property
     def registered_bytes(self) -> int:
