@@ -588,8 +588,7 @@ async def test_the_locked_memory_limit_is_named_on_both_sides():
             async with polyrpc.connect(client_url(url.strip())) as client:
                 await client.call("Echo.back", 1, timeout=30)
     finally:
-        listener.stdin.close()
-        _, err = await asyncio.to_thread(listener.communicate, None, 30)
+        _, err = await asyncio.to_thread(listener.communicate, "", 30)  # (closes its stdin)
     assert "locked-memory limit (1048576 bytes" in err, err
 
 
