@@ -331,7 +331,7 @@ def test_connection_data_parser_takes_any_bytes(data):
 )
 def test_connection_data_limits(mtu, depth, bufsize, qpn, psn, gid):
     """Announced depth and bufsize are taken only within the transport's own option ranges
-    (a zero bufsize once made the sender loop forever)."""
+    (a zero bufsize once made every write raise ValueError in the sender)."""
     data = HELLO.pack(MAGIC, VERSION, mtu, depth, bufsize, qpn, psn, gid)
     valid = 4 <= depth <= 4096 and 4096 <= bufsize <= 16 << 20 and bufsize & (bufsize - 1) == 0
     if valid:
