@@ -205,17 +205,41 @@ def test_two_engines_deliver_every_byte_in_order_without_rnr(a_size, b_size, ste
     for side in sides:
         side.engine.resume()
         side.settle()
-    for _ in range(10000):
-        if not (a.wire or b.wire or a.delivered or b.delivered):
-            break
-        deliver(a, b, 50)
-        deliver(b, a, 50)
-        a.complete_sends()
-        b.complete_sends()
+    run_until_quiet(a, b)
     for me, other in ((a, b), (b, a)):
         assert me.engine.queue_empty
         assert bytes(other.got) == bytes(me.sent)
         assert other.eofs == int(me.engine.eof_queued)
+
+
+def run_until_quiet(a: Side, b: Side) -> None:
+    for _ in range(10000):
+        if not (a.wire or b.wire or a.delivered or b.delivered):
+            return
+        deliver(a, b, 50)
+        deliver(b, a, 50)
+        a.complete_sends()
+        b.complete_sends()
+
+
+@pytest.mark.parametrize("order", ["together", "writer first", "reader first"])
+def test_after_grow_the_peers_handshake_buffers_are_filled_first(order):
+    """A GROW names the full buffers posted behind the handshake ones the sender still holds
+    credits for: those credits carry messages of at most 4 KiB, the later ones up to bufsize."""
+    a = Side(8, 65536, 8, 65536)
+    b = Side(8, 65536, 8, 65536)
+    first, second = (a, b) if order != "reader first" else (b, a)
+    first.engine.grow()
+    first.engine.flush()
+    if order != "together":
+        run_until_quiet(a, b)
+    second.engine.grow()
+    second.engine.flush()
+    a.write(pattern(300_000, 0))
+    b.write(pattern(200_000, 7))
+    run_until_quiet(a, b)
+    assert bytes(b.got) == bytes(a.sent) and bytes(a.got) == bytes(b.sent)
+    assert a.engine.registered_bytes == b.engine.registered_bytes == (32 << 10) + 2 * 8 * 65536
 
 
 imms = st.builds(
