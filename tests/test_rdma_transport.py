@@ -70,7 +70,8 @@ def client_url(bound: str, extra: str = "") -> str:
 
 
 async def open_pair(listen_options: str = "", dial_options: str = ""):
-    """A listener plus one connected (client, server) stream pair with recorders."""
+    """A listener plus one connected (client, server) stream pair with recorders, both
+    with their full buffers (as the session gives them once its handshake is done)."""
     transport = registry.get("rdma")
     accepted: asyncio.Queue = asyncio.Queue()
 
@@ -87,6 +88,8 @@ async def open_pair(listen_options: str = "", dial_options: str = ""):
     mine = Recorder()
     client.set_receiver(mine)
     server, theirs = await asyncio.wait_for(accepted.get(), 10)
+    client.handshake_done()
+    server.handshake_done()
     return listener, client, mine, server, theirs
 
 
@@ -116,8 +119,9 @@ async def test_credits_stop_the_sender_without_rnr():
         payload = pattern(client.high_water + (1 << 20))
         client.write([payload])
         await asyncio.sleep(1.0)
-        # at most depth messages of bufsize can be in the peer's buffers; the rest waits here
-        assert client.write_buffer_size >= len(payload) - 8 * 4096
+        # at most depth messages of bufsize (plus the 4 handshake buffers of 4 KiB the peer
+        # posted first) can be in the peer's buffers; the rest waits here
+        assert client.write_buffer_size >= len(payload) - (8 + 4) * 4096
         assert client.writing_paused
         assert not mine.lost.is_set() and not theirs.lost.is_set()
         server.resume_reading()
@@ -479,30 +483,72 @@ async def test_wrong_device_and_bad_options_are_rejected():
         transport.parse(f"rdma@{host}:1?mtu=9000")
 
 
+class Echo:
+    """Answers with what it got."""
+
+    async def back(self, data):
+        """The argument, unchanged."""
+        return data
+
+
+async def test_handshaking_connections_register_32_kib_until_authenticated():
+    """Issue #14: before the polyrpc handshake an rdma connection registers only its
+    handshake rings (32 KiB, not 2 x depth x bufsize = 4 MiB), however long the peer stays
+    silent; once the HELLO is exchanged both sides register their full rings, and large
+    payloads flow."""
+    listen, _ = urls()
+    transport = registry.get("rdma")
+    handshake_rings = 2 * 4 * 4096
+    full = handshake_rings + 2 * 32 * 65536
+    async with polyrpc.serve(listen, Echo(), handshake_timeout=30.0) as server:
+        url = client_url(server.urls[0])
+        silent = []
+        for _ in range(3):  # peers that connect and never send HELLO
+            raw = await transport.dial(transport.parse(url))
+            raw.set_receiver(Recorder())
+            silent.append(raw)
+        for _ in range(500):
+            if len(server.handshaking) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert len(server.handshaking) == 3
+        assert [c.byte_stream.registered_bytes for c in server.handshaking] == [handshake_rings] * 3
+        async with polyrpc.connect(url) as client:
+            data = pattern(300_000)
+            assert await client.call("Echo.back", data) == data
+            (conn,) = server.connections
+            assert conn.byte_stream.registered_bytes == full
+            assert client.byte_stream.registered_bytes == full
+        assert [c.byte_stream.registered_bytes for c in server.handshaking] == [handshake_rings] * 3
+        for raw in silent:
+            raw.abort()
+
+
 LOCKED_MEMORY_PEER = textwrap.dedent(
     """
     import asyncio, resource, sys
-    from polyrpc import registry
-    from polyrpc.core.errors import TransportUnavailable
+    import polyrpc
 
     resource.setrlimit(resource.RLIMIT_MEMLOCK, (1 << 20, 1 << 20))
     role, url = sys.argv[1:3]
 
+    class Echo:
+        async def back(self, data):
+            return data
+
     async def main():
-        transport = registry.get("rdma")
         if role == "dial":
             try:
-                stream = await transport.dial(transport.parse(url))
-            except TransportUnavailable as exc:
-                print("unavailable:", exc, flush=True)
-                return
-            print("connected", flush=True)
-            stream.abort()
+                async with polyrpc.connect(url) as client:
+                    await client.call("Echo.back", 1)
+            except polyrpc.ConnectionLost as exc:
+                print("lost:", exc, flush=True)
+            else:
+                print("served", flush=True)
             return
-        listener = await transport.listen(transport.parse(url), lambda stream: stream.abort())
-        print(listener.url, flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-        await listener.close()
+        async with polyrpc.serve(url, Echo()) as server:
+            print(server.urls[0], flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
     asyncio.run(main())
     """
@@ -517,34 +563,33 @@ def locked_memory_peer(role: str, url: str) -> subprocess.Popen:
         [*drop, sys.executable, "-c", LOCKED_MEMORY_PEER, role, url],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         env=env,
         text=True,
     )
 
 
 async def test_the_locked_memory_limit_is_named_on_both_sides():
-    """Registered buffers are locked memory: a process whose RLIMIT_MEMLOCK is below a
-    connection's 2 x depth x bufsize gets TransportUnavailable saying so when it dials,
-    and when it listens, the dialer's ConnectFailed carries the listener's reason."""
+    """Registered buffers are locked memory: a process whose RLIMIT_MEMLOCK is below an
+    authenticated connection's 2 x depth x bufsize connects (the handshake rings fit), then
+    loses the connection with a ConnectionLost naming the limit when it registers its full
+    rings; a listener in that situation logs the same and the dialer's call fails."""
     listen, _ = urls()
-    transport = registry.get("rdma")
-    listener = await transport.listen(transport.parse(listen), lambda stream: stream.abort())
-    try:
-        dialer = locked_memory_peer("dial", client_url(listener.url))
+    async with polyrpc.serve(listen, Echo()) as server:
+        dialer = locked_memory_peer("dial", client_url(server.urls[0]))
         out, _ = await asyncio.to_thread(dialer.communicate, None, 60)
-        assert out.startswith("unavailable: rdma: locked-memory limit (1048576 bytes"), out
+        assert out.startswith("lost: rdma: locked-memory limit (1048576 bytes"), out
         assert "4194304 bytes of buffers" in out and "ulimit -l unlimited" in out, out
-    finally:
-        await listener.close()
 
-    server = locked_memory_peer("listen", listen)
+    listener = locked_memory_peer("listen", listen)
     try:
-        url = await asyncio.to_thread(server.stdout.readline)
-        with pytest.raises(ConnectFailed, match=r"the listener refused: rdma: locked-memory limit"):
-            await transport.dial(transport.parse(client_url(url.strip())))
+        url = await asyncio.to_thread(listener.stdout.readline)
+        with pytest.raises(polyrpc.ConnectionLost):
+            async with polyrpc.connect(client_url(url.strip())) as client:
+                await client.call("Echo.back", 1, timeout=30)
     finally:
-        server.stdin.close()
-        await asyncio.to_thread(server.wait, 30)
+        _, err = await asyncio.to_thread(listener.communicate, "", 30)  # (closes its stdin)
+    assert "locked-memory limit (1048576 bytes" in err, err
 
 
 def test_bench_rows_run_over_rdma_one_way_and_echo(tmp_path):

@@ -376,6 +376,7 @@ class Session:
             self.loop.call_soon(self._decoder.received, 0)
         self._route_all()
         self._handshake.set_result(None)
+        self.byte_stream.handshake_done()  # last: it may fail the stream (rdma's locked memory)
 
     def _route_all(self) -> None:
         """After the handshake, while reading: the decoder resolves replies itself while

@@ -148,6 +148,10 @@ class Stream(ABC):
         if isinstance(early, _EarlyBuffer):
             early.replay(receiver)
 
+    def handshake_done(self) -> None:  # noqa: B027 (a hook most transports need not use)
+        """The session authenticated the peer (polyrpc HELLO exchanged): a transport that
+        keeps a connection's buffers small until then may now give it its full ones."""
+
     @abstractmethod
     def pause_reading(self) -> None:
         """Stop delivering data (the peer's writer will eventually block)."""

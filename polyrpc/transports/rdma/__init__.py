@@ -20,6 +20,7 @@ from ...core.address import Address
 from ...core.errors import ConnectFailed, InvalidAddress, TransportUnavailable
 from ...core.stream import Listener, StreamHandler
 from ...core.transport import Option, Transport, integer, number, text
+from .engine import MAX_BUFSIZE, MAX_DEPTH, MIN_BUFSIZE, MIN_DEPTH, PeerInfo
 
 ATTEMPT_SECONDS = 4.0
 """How long the first rdma_cm connection attempt may stay silent before a fresh one is made
@@ -38,7 +39,7 @@ def _ip(value: str) -> str:
 
 
 def _power_of_two(value: str) -> int:
-    size = integer(4096, 16 << 20)(value)
+    size = integer(MIN_BUFSIZE, MAX_BUFSIZE)(value)
     if size & (size - 1):
         raise ValueError(f"{size} is not a power of two")
     return size
@@ -193,7 +194,9 @@ class RdmaTransport(Transport):
         "bufsize": Option(
             _power_of_two, "bytes per receive buffer = largest RDMA message (power of two)", 65536
         ),
-        "depth": Option(integer(4, 4096), "receive buffers posted = send credits of the peer", 32),
+        "depth": Option(
+            integer(MIN_DEPTH, MAX_DEPTH), "receive buffers posted = send credits of the peer", 32
+        ),
         "spin": Option(
             integer(0, 1_000_000),
             "microseconds to poll for the answer after a send before sleeping (0: never)",
@@ -275,7 +278,7 @@ class RdmaTransport(Transport):
     ):
         """One rdma_cm connection attempt; TimeoutError if it hears nothing in ``seconds``."""
         from . import cm
-        from .verbs import PeerInfo, Resources
+        from .verbs import Resources
 
         events: asyncio.Queue = asyncio.Queue()
         cm_id = channel.create_id(events.put_nowait)
@@ -330,7 +333,7 @@ class RdmaTransport(Transport):
         """Answer one connection request: build the QP towards the peer, accept, wait for RTU."""
         from . import cm
         from .stream import RdmaStream
-        from .verbs import PeerInfo, Resources
+        from .verbs import Resources
 
         cm_id = channel.adopt(event.id, lambda ev: None)
         res = None

@@ -1,7 +1,9 @@
 """RdmaStream: the stream trait over one Reliable Connected QP.
 
-Data path: each side pre-posts ``depth`` receive buffers of ``bufsize`` bytes.
-Bytes are sent as SEND-with-immediate messages of at most the peer's bufsize;
+Data path (the decisions in the sans-IO :class:`RdmaEngine`, engine.py): each side
+pre-posts small handshake receive buffers, then ``depth`` buffers of ``bufsize``
+bytes once the session's handshake is done (:meth:`RdmaStream.handshake_done`).
+Bytes are sent as SEND-with-immediate messages that fit the peer's next buffers;
 the 32-bit immediate carries the message kind and the credits being returned.
 A sender spends one credit per message and never sends without one, so the
 receiver never sees receiver-not-ready. The last credit is reserved for pure
@@ -21,8 +23,8 @@ peer's first message can beat the stream's creation.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
+import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -32,16 +34,13 @@ import pyverbs.enums as e
 from pyverbs.pyverbs_error import PyverbsError
 from pyverbs.wr import SGE, SendWR
 
-from ...core.errors import ConnectionLost
+from ...core.errors import ConnectionLost, ProtocolError, TransportUnavailable
 from ...core.stream import Buffer, Stream
 from . import cm
-from .verbs import PeerInfo, Resources
+from .engine import CLOSE, NO_SLOT, PeerInfo, RdmaEngine, Send
+from .verbs import Resources
 
-DATA, EOF, CLOSE, CREDIT = 0, 1, 2, 3
-KIND_SHIFT = 24
-CREDIT_MASK = (1 << KIND_SHIFT) - 1
-NO_SLOT = -1
-"""Send-queue entry of a message without payload (EOF, CLOSE, credit update)."""
+log = logging.getLogger("polyrpc")
 CLOSE_TIMEOUT = 10.0
 DISCONNECT_TIMEOUT = 3.0
 POLL_BATCH = 32
@@ -50,6 +49,7 @@ SPIN_BACKOFF_MAX = 64
 
 WC_SUCCESS = e.IBV_WC_SUCCESS
 WC_RECV = e.IBV_WC_RECV
+SIGNALED = e.IBV_SEND_SIGNALED
 _ntohl = socket.ntohl
 _htonl = socket.htonl
 
@@ -60,8 +60,52 @@ _WC_NAMES = {
 }
 
 
+class _Verbs:
+    """The engine's device: posts to the QP, registers the full rings (no link back to the
+    stream, so a released stream is freed without the cyclic GC)."""
+
+    def __init__(self, res: Resources) -> None:
+        self._res = res
+        # A fixed linked list of send WRs (each with its own SGE) ending in NULL: a batch of
+        # n sends fills the last n and posts them with one ibv_post_send (one doorbell).
+        self._sges: list[SGE] = []
+        self._chain: list[SendWR] = []
+        following = None
+        addr, lkey = res.send_keys[0]
+        for _ in range(res.max_send):
+            sge = SGE(addr, 0, lkey)
+            wr = SendWR(opcode=e.IBV_WR_SEND_WITH_IMM, num_sge=1, sg=[sge], next_wr=following)
+            wr.sg_list = sge  # the WR reads this SGE object, refilled for every post
+            self._sges.append(sge)
+            self._chain.append(wr)
+            following = wr
+        self._sges.reverse()
+        self._chain.reverse()
+
+    def post_recv(self, slot: int) -> None:
+        self._res.qp.post_recv(self._res.recv_wrs[slot])
+
+    def post_sends(self, batch: list[Send]) -> None:
+        """Post the batch as the tail of the fixed chain of work requests."""
+        chain, sges = self._chain, self._sges
+        first = len(chain) - len(batch)
+        keys = self._res.send_keys
+        for i, (wr_id, slot, length, signaled, imm) in enumerate(batch, first):
+            sge = sges[i]
+            sge.addr, sge.lkey = keys[slot if slot != NO_SLOT else 0]
+            sge.length = length
+            wr = chain[i]
+            wr.wr_id = wr_id
+            wr.send_flags = SIGNALED if signaled else 0
+            wr.imm_data = _htonl(imm)
+        self._res.qp.post_send(chain[first])
+
+    def grow(self) -> tuple[memoryview, memoryview]:
+        return self._res.grow()
+
+
 class RdmaStream(Stream):
-    """A connected RDMA stream (RC QP, SEND/RECV with credits)."""
+    """A connected RDMA stream (RC QP, SEND/RECV with credits; the logic in :class:`RdmaEngine`)."""
 
     transport_name = "rdma"
 
@@ -77,60 +121,25 @@ class RdmaStream(Stream):
         self._loop = asyncio.get_running_loop()
         self._id = cm_id
         self._res = res
-        self._peer_bufsize = peer.bufsize
-        # flow control
-        self._credits = peer.depth
-        self._owed = 0
-        self._granted = res.depth  # receive buffers the peer was told about
-        self._received = 0
-        self._credit_threshold = max(1, res.depth // 4)
-        # sending
-        self._queue: collections.deque[memoryview | int] = collections.deque()
-        self._queued = 0
-        # Send slots are taken and freed in order (an RC completion retires every earlier
-        # send), so the free ones always run on consecutively, wrapping at the end.
-        self._free_slots = collections.deque(range(res.depth))
-        # Posted sends in order: (sequence number = wr_id, slot). Only every
-        # ``_signal_every``-th send asks for a completion; on RC a completion also
-        # retires every earlier send, which frees their slots (fewer wake-ups).
-        self._sq: collections.deque[tuple[int, int]] = collections.deque()
-        self._seq = 0
-        self._since_signal = 0
-        self._signal_every = max(1, min(res.depth, res.max_send) // 4)
-        self._close_seq = -1
-        # A fixed linked list of send WRs (each with its own SGE) ending in NULL: a batch of
-        # n sends fills the last n and posts them with one ibv_post_send (one doorbell).
-        self._sges: list[SGE] = []
-        self._chain: list[SendWR] = []
-        following = None
-        for _ in range(res.max_send):
-            sge = SGE(res.send_mr.buf, 0, res.send_mr.lkey)
-            wr = SendWR(opcode=e.IBV_WR_SEND_WITH_IMM, num_sge=1, sg=[sge], next_wr=following)
-            wr.sg_list = sge  # the WR reads this SGE object, refilled for every post
-            self._sges.append(sge)
-            self._chain.append(wr)
-            following = wr
-        self._sges.reverse()
-        self._chain.reverse()
-        self._batch: list[tuple[int, int, int, int, int]] = []
+        self._engine = RdmaEngine(
+            _Verbs(res),
+            res.recv_view,
+            res.send_view,
+            res.depth,
+            res.bufsize,
+            res.max_send,
+            peer.depth,
+            peer.bufsize,
+            lambda data: self.receiver.data_received(data),
+            lambda: self.receiver.eof_received(),
+        )
         self._spin_seconds = spin_seconds
         self._spin_due = False
         self._spin_skip = 0  # posts left to go without a spin after spins that found nothing
         self._spin_backoff = 1
         self._armed = True
-        self._eof_queued = False
         self._close_sent: asyncio.Future[None] | None = None
         self._flushed: asyncio.Future[None] | None = None
-        # receiving
-        self._paused = False
-        self._pending: collections.deque[tuple[int, int, int]] = collections.deque()
-        # Full DATA messages in consecutive receive slots are contiguous bytes: they are
-        # delivered as one run (slot, bytes, messages), so the reader copies once.
-        self._run_slot = 0
-        self._run_len = 0
-        self._run_count = 0
-        self._peer_closed = False
-        self._eof_delivered = False
         self._peer_gone = False
         self._disconnected: asyncio.Future[None] = self._loop.create_future()
         self._released = False
@@ -145,6 +154,23 @@ class RdmaStream(Stream):
         # or dialer) attached its hooks.
         self._loop.call_soon(self._poll)
 
+    def handshake_done(self) -> None:
+        """The session authenticated the peer: register the full rings, tell the peer."""
+        if self._released or self._peer_gone:
+            return
+        try:
+            self._engine.grow()
+        except TransportUnavailable as exc:
+            log.warning("rdma connection to %s dropped: %s", self.extra.get("peer"), exc)
+            self._fail(ConnectionLost(str(exc)))
+            return
+        self._pump()  # GROW, and data that waited for the peer's handshake buffers
+
+    @property
+    def registered_bytes(self) -> int:
+        """Bytes of buffers this connection has registered (locked memory)."""
+        return self._res.registered
+
     # -- rdma_cm events ------------------------------------------------------
     def on_cm_event(self, event: cm.Event) -> None:
         """DISCONNECTED (peer closed, died, or answered our disconnect) and device loss."""
@@ -154,11 +180,11 @@ class RdmaStream(Stream):
             if self._released:
                 return
             self._poll()  # completions that arrived before the disconnect
-            self._peer_gone = True
+            self._gone()
             if self._closed:
                 self._wake_closer()  # close() finishes the job
                 return
-            if self._peer_closed:
+            if self._engine.peer_closed:
                 self._finish_when_delivered()
             else:
                 why = (
@@ -206,23 +232,35 @@ class RdmaStream(Stream):
 
     def _handle(self, wcs: list) -> bool:
         """Process work completions; False once the stream failed or was released."""
+        engine = self._engine
         for wc in wcs:
             if wc.status != WC_SUCCESS:
-                if self._run_count:
-                    self._deliver_run()
+                engine.deliver_run()
                 if not self._released:
                     self._wc_error(wc)
                 return False
             if wc.opcode & WC_RECV:
-                self._on_recv(wc.wr_id, wc.byte_len, _ntohl(wc.imm_data))
+                if self.on_first_message is not None:
+                    self.on_first_message()
+                try:
+                    engine.on_recv(wc.wr_id, wc.byte_len, _ntohl(wc.imm_data))
+                except ProtocolError as exc:
+                    if not self._released:
+                        self._fail(
+                            ConnectionLost(
+                                f"rdma peer {self.extra.get('peer')} broke the protocol: {exc}"
+                            )
+                        )
+                    return False
             else:
-                self._on_send_done(wc.wr_id)
+                engine.on_send_done(wc.wr_id)
+                sent = self._close_sent
+                if wc.wr_id == engine.close_seq and sent is not None and not sent.done():
+                    sent.set_result(None)
             if self._released:
                 return False
-        if self._run_count:
-            self._deliver_run()
-            return not self._released
-        return True
+        engine.deliver_run()
+        return not self._released
 
     def _spin(self) -> None:
         """After sending, poll the CQ for a short bounded time before the loop sleeps.
@@ -237,13 +275,13 @@ class RdmaStream(Stream):
         cq = self._res.cq
         clock = time.perf_counter
         deadline = clock() + self._spin_seconds
-        received = self._received
+        received = self._engine.received
         while True:
             count, wcs = cq.poll(POLL_BATCH)
             if count:
                 if not self._handle(wcs):
                     return
-                if self._received != received:
+                if self._engine.received != received:
                     self._spin_backoff = 1
                     if count == POLL_BATCH:
                         self._poll()  # the rest, then send what the completions allow
@@ -278,112 +316,16 @@ class RdmaStream(Stream):
             )
         )
 
-    def _on_send_done(self, wr_id: int) -> None:
-        sq = self._sq
-        while sq and sq[0][0] <= wr_id:
-            _, slot = sq.popleft()
-            if slot != NO_SLOT:
-                self._free_slots.append(slot)
-        sent = self._close_sent
-        if wr_id == self._close_seq and sent is not None and not sent.done():
-            sent.set_result(None)
-
-    def _on_recv(self, slot: int, length: int, imm: int) -> None:
-        if self.on_first_message is not None:
-            self.on_first_message()
-        self._received += 1
-        self._credits += imm & CREDIT_MASK
-        kind = imm >> KIND_SHIFT
-        if kind == CREDIT:
-            self._repost(slot)
-            return
-        count = self._run_count
-        if count:
-            if (
-                kind == DATA
-                and slot == self._run_slot + count
-                and self._run_len == count * self._res.bufsize
-            ):
-                self._run_len += length
-                self._run_count = count + 1
-                return
-            self._deliver_run()
-        if self._paused or self._pending:
-            self._pending.append((kind, slot, length))
-        elif kind == DATA:
-            self._run_slot = slot
-            self._run_len = length
-            self._run_count = 1
-        else:
-            self._deliver(kind, slot, length)
-
-    def _deliver_run(self) -> None:
-        """Hand the collected DATA messages to the reader as one buffer, then repost them."""
-        slot, count = self._run_slot, self._run_count
-        self._run_count = 0
-        start = slot * self._res.bufsize
-        self.receiver.data_received(self._res.recv_view[start : start + self._run_len])
-        for i in range(slot, slot + count):
-            self._repost(i)
-
-    def _deliver(self, kind: int, slot: int, length: int) -> None:
-        if kind == DATA:
-            start = slot * self._res.bufsize
-            self.receiver.data_received(self._res.recv_view[start : start + length])
-            self._repost(slot)
-        elif kind == EOF:
-            self._repost(slot)
-            self._eof_delivered = True
-            self.receiver.eof_received()
-        elif kind == CLOSE:
-            self._peer_closed = True
-            if not self._eof_delivered:
-                self._eof_delivered = True
-                self.receiver.eof_received()
-
-    def _repost(self, slot: int) -> None:
-        if self._released or self._peer_gone:
-            return
-        self._res.qp.post_recv(self._res.recv_wrs[slot])
-        self._owed += 1
+    def _gone(self) -> None:
+        """The peer is gone: nothing is posted any more."""
+        self._peer_gone = True
+        self._engine.stopped = True
 
     # -- sending ---------------------------------------------------------------
-    def _post(self, kind: int, slot: int = NO_SLOT, length: int = 0, signal: bool = False) -> int:
-        """Queue one SEND-with-immediate for :meth:`_flush`; returns its sequence number (wr_id)."""
-        self._seq += 1
-        wr_id = self._seq
-        self._since_signal += 1
-        if signal or self._since_signal >= self._signal_every:
-            self._since_signal = 0
-            flags = e.IBV_SEND_SIGNALED
-        else:
-            flags = 0
-        addr = self._res.send_mr.buf + (slot * self._res.bufsize if slot != NO_SLOT else 0)
-        imm = (kind << KIND_SHIFT) | self._owed
-        self._granted += self._owed
-        self._owed = 0
-        self._batch.append((wr_id, addr, length, flags, _htonl(imm)))
-        self._credits -= 1
-        self._sq.append((wr_id, slot))
-        return wr_id
-
     def _flush(self) -> None:
-        """Post the queued sends as one chain of work requests."""
-        batch = self._batch
-        if not batch:
+        """Post the engine's queued sends, then maybe spin for the answer."""
+        if not self._engine.flush():
             return
-        chain, sges = self._chain, self._sges
-        first = len(chain) - len(batch)
-        for i, (wr_id, addr, length, flags, imm) in enumerate(batch, first):
-            sge = sges[i]
-            sge.addr = addr
-            sge.length = length
-            wr = chain[i]
-            wr.wr_id = wr_id
-            wr.send_flags = flags
-            wr.imm_data = imm
-        batch.clear()
-        self._res.qp.post_send(chain[first])
         if self._spin_skip:
             self._spin_skip -= 1
         elif self._spin_seconds > 0 and not self._spin_due:
@@ -392,102 +334,31 @@ class RdmaStream(Stream):
 
     def _pump(self) -> None:
         """Send queued bytes while credits and send slots allow; hand back owed credits."""
-        if self._released or self._peer_gone:
-            return
-        if self._queue:
-            self._send_queued()
-        if not self._queue and self._flushed is not None and not self._flushed.done():
+        engine = self._engine
+        if engine.pump():
+            self._update_write_pressure()
+        if engine.queue_empty and self._flushed is not None and not self._flushed.done():
             self._flushed.set_result(None)
-        if self._owed:
-            self._maybe_return_credits()
-        if self._batch:
-            self._flush()
-
-    def _send_queued(self) -> None:
-        """Copy queued bytes into free send slots, one message per slot, while credits allow."""
-        res = self._res
-        queue = self._queue
-        free = self._free_slots
-        size = res.bufsize
-        bufsize = min(size, self._peer_bufsize)
-        view = res.send_view
-        while queue and self._credits >= 2 and len(self._sq) < res.max_send:
-            head = queue[0]
-            if isinstance(head, int):  # EOF marker
-                queue.popleft()
-                self._post(EOF)
-                continue
-            if not free:
-                break
-            slot = free[0]
-            # Fill as many consecutive free slots as credits allow with one copy per chunk
-            # (far fewer, larger copies for bulk data), then post one message per slot.
-            room = bufsize
-            if self._queued > bufsize and bufsize == size:
-                run = min(len(free), res.depth - slot, self._credits - 1)
-                room = min(run, res.max_send - len(self._sq)) * bufsize
-            base = slot * size
-            filled = 0
-            while queue and filled < room and not isinstance(queue[0], int):
-                chunk = queue[0]
-                take = min(len(chunk), room - filled)
-                view[base + filled : base + filled + take] = chunk[:take]
-                filled += take
-                if take == len(chunk):
-                    queue.popleft()
-                else:
-                    queue[0] = chunk[take:]
-            self._queued -= filled
-            for offset in range(0, filled, bufsize):
-                free.popleft()
-                self._post(DATA, slot, min(bufsize, filled - offset))
-                slot += 1
-        self._update_write_pressure()
-
-    def _maybe_return_credits(self) -> None:
-        if self._owed == 0 or self._credits < 1 or len(self._sq) >= self._res.max_send:
-            return
-        peer_can_send = self._granted - self._received
-        if self._owed >= self._credit_threshold or peer_can_send <= 1:
-            self._post(CREDIT)
+        self._flush()
 
     def _write_now(self, frame: Buffer) -> None:
         """Send one whole frame (the session's lone frames): straight into a free slot and
         posted when it fits one message and nothing is queued, else through :meth:`write`."""
-        res = self._res
-        size = len(frame)
-        if (
-            self._queue
-            or self._peer_gone
-            or size > self._peer_bufsize
-            or size > res.bufsize
-            or self._credits < 2
-            or not self._free_slots
-            or len(self._sq) >= res.max_send
-            or type(frame) not in (bytes, bytearray)
-        ):
+        if self._engine.send_now(frame):
+            self._flush()
+        else:
             self.write([frame])
-            return
-        slot = self._free_slots.popleft()
-        base = slot * res.bufsize
-        res.send_view[base : base + size] = frame
-        self._post(DATA, slot, size)
-        self._flush()
 
     def write(self, buffers: Sequence[Buffer], *, ordered: bool = True) -> None:
         self._check_writable()
-        if self._eof_queued:
+        if self._engine.eof_queued:
             raise ConnectionLost("rdma stream: write after write_eof")
-        for buf in buffers:
-            if len(buf):
-                view = memoryview(buf).cast("B")
-                self._queue.append(view)
-                self._queued += len(view)
+        self._engine.write(buffers)
         self._pump()
 
     @property
     def write_buffer_size(self) -> int:
-        return self._queued
+        return self._engine.queued
 
     @property
     def can_write_eof(self) -> bool:
@@ -495,29 +366,25 @@ class RdmaStream(Stream):
 
     def write_eof(self) -> None:
         self._check_writable()
-        if not self._eof_queued:
-            self._eof_queued = True
+        if not self._engine.eof_queued:
             self.write_now = None
-            self._queue.append(EOF)
+            self._engine.write_eof()
             self._pump()
 
     # -- receiving control -------------------------------------------------------
     def pause_reading(self) -> None:
-        self._paused = True
+        self._engine.paused = True
 
     def resume_reading(self) -> None:
-        if not self._paused:
+        if not self._engine.paused:
             return
-        self._paused = False
-        while self._pending and not self._paused and not self._released:
-            kind, slot, length = self._pending.popleft()
-            self._deliver(kind, slot, length)
+        self._engine.resume()
         self._pump()
-        if self._peer_gone and not self._pending and not self._released:
+        if self._peer_gone and self._engine.all_delivered and not self._released:
             self._finish_when_delivered()
 
     def _finish_when_delivered(self) -> None:
-        if self._pending:
+        if not self._engine.all_delivered:
             return  # resume_reading delivers the rest, then finishes
         self._release()
         self._connection_lost(None)
@@ -541,23 +408,23 @@ class RdmaStream(Stream):
         self._connection_lost(None)
 
     async def _send_close(self) -> None:
-        if self._queue:
+        if not self._engine.queue_empty:
             self._flushed = self._loop.create_future()
             await self._flushed
-        while self._credits < 1 and not self._peer_gone and not self._released:
+        while self._engine.credits < 1 and not self._peer_gone and not self._released:
             waiter = self._flushed = self._loop.create_future()
             self._loop.call_later(0.01, lambda w=waiter: w.done() or w.set_result(None))  # type: ignore[misc]
             await waiter
         if self._peer_gone or self._released:
             return
         self._close_sent = self._loop.create_future()
-        self._close_seq = self._post(CLOSE, signal=True)
+        self._engine.close_seq = self._engine.post(CLOSE, signal=True)
         self._flush()
         await self._close_sent
 
     def _wake_closer(self) -> None:
         """Let a pending close() stop waiting for a flush or the CLOSE acknowledgement."""
-        self._peer_gone = True
+        self._gone()
         for fut in (self._flushed, self._close_sent):
             if fut is not None and not fut.done():
                 fut.set_result(None)
@@ -580,10 +447,7 @@ class RdmaStream(Stream):
             return
         self._released = True
         self.write_now = None
-        self._queue.clear()
-        self._queued = 0
-        self._pending.clear()
-        self._run_count = 0
+        self._engine.clear()
         for fut in (self._flushed, self._close_sent):
             if fut is not None and not fut.done():
                 fut.set_exception(ConnectionLost("rdma stream closed"))

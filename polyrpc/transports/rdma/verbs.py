@@ -12,8 +12,6 @@ import errno
 import os
 import random
 import resource
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyverbs.enums as e
@@ -27,41 +25,9 @@ from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
 from pyverbs.wr import SGE, RecvWR
 
 from ...core.errors import TransportUnavailable
+from .engine import HS_BUFSIZE, HS_DEPTH, PeerInfo
 
 SYSFS = Path("/sys/class/infiniband")
-
-HELLO = struct.Struct("!4sBBHIII16s")
-"""Connection private data: magic, version, path MTU enum, depth, bufsize, QPN, PSN, GID."""
-MAGIC = b"PRDM"
-VERSION = 1
-
-
-@dataclass
-class PeerInfo:
-    """What each side tells the other in the rdma_cm private data."""
-
-    mtu: int
-    depth: int
-    bufsize: int
-    qpn: int
-    psn: int
-    gid: bytes
-
-    def pack(self) -> bytes:
-        return HELLO.pack(
-            MAGIC, VERSION, self.mtu, self.depth, self.bufsize, self.qpn, self.psn, self.gid
-        )
-
-    @classmethod
-    def unpack(cls, data: bytes) -> PeerInfo:
-        if len(data) < HELLO.size:
-            raise ValueError(f"{len(data)} bytes of connection data, expected {HELLO.size}")
-        magic, version, mtu, depth, bufsize, qpn, psn, gid = HELLO.unpack_from(data)
-        if magic != MAGIC:
-            raise ValueError("the peer is not a polyrpc rdma endpoint (bad connection data)")
-        if version != VERSION:
-            raise ValueError(f"the peer speaks polyrpc rdma version {version}, not {VERSION}")
-        return cls(mtu, depth, bufsize, qpn, psn, gid)
 
 
 def gid_text(gid: bytes) -> str:
@@ -123,21 +89,26 @@ def _comp_channel(ctx: Context) -> tuple[CompChannel, int]:
     return channel, new[0]
 
 
-def locked_memory_error(device: str, depth: int, bufsize: int) -> TransportUnavailable:
-    """Registering the buffers failed with ENOMEM: almost always the locked-memory limit."""
+def locked_memory_error(device: str, size: int, depth: int, bufsize: int) -> TransportUnavailable:
+    """Registering buffers failed with ENOMEM: almost always the locked-memory limit."""
     limit = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
     shown = "unlimited" if limit == resource.RLIM_INFINITY else f"{limit} bytes"
     return TransportUnavailable(
         f"rdma: locked-memory limit ({shown}, `ulimit -l`) too low to register "
-        f"{2 * depth * bufsize} bytes of buffers on {device} (2 x depth {depth} x bufsize "
-        f"{bufsize} per connection; registered memory is locked memory). Fix: raise the limit "
-        "(`ulimit -l unlimited`, LimitMEMLOCK=infinity for a systemd service, or a memlock "
-        "line in /etc/security/limits.conf), or use smaller buffers (?bufsize=&depth=)"
+        f"{size} bytes of buffers on {device} (2 x depth {depth} x bufsize "
+        f"{bufsize} per authenticated connection; registered memory is locked memory). Fix: "
+        "raise the limit (`ulimit -l unlimited`, LimitMEMLOCK=infinity for a systemd service, "
+        "or a memlock line in /etc/security/limits.conf), or use smaller buffers (?bufsize=&depth=)"
     )
 
 
 class Resources:
-    """The pyverbs objects of one connection; ``close`` releases all of them."""
+    """The pyverbs objects of one connection; ``close`` releases all of them.
+
+    Registered at first: the handshake rings (HS_DEPTH x HS_BUFSIZE for receiving and
+    for sending, slots 0 to HS_DEPTH - 1); :meth:`grow` adds the full rings (``depth``
+    x ``bufsize`` each, slots HS_DEPTH on) once the peer is authenticated.
+    """
 
     def __init__(self, device: str, port: int, depth: int, bufsize: int) -> None:
         self.device = device
@@ -145,6 +116,11 @@ class Resources:
         self.depth = depth
         self.bufsize = bufsize
         self.psn = random.getrandbits(24)
+        self.recv_wrs: list[RecvWR] = []
+        self.registered = 0
+        """Bytes of buffers registered for this connection."""
+        self.send_keys: list[tuple[int, int]] = []
+        """(address, lkey) of every send slot."""
         self.ctx = Context(name=device)
         try:
             self.port_attr = self.ctx.query_port(port)
@@ -153,35 +129,49 @@ class Resources:
             os.set_blocking(self.channel_fd, False)
             # Sends: depth data slots plus control messages, each bounded by the peer's credits.
             self.max_send = 2 * depth + 4
-            self.cq = CQ(self.ctx, self.max_send + depth + 4, None, self.channel, 0)
+            recvs = HS_DEPTH + depth
+            self.cq = CQ(self.ctx, self.max_send + recvs + 4, None, self.channel, 0)
             cap = QPCap(
-                max_send_wr=self.max_send, max_recv_wr=depth, max_send_sge=1, max_recv_sge=1
+                max_send_wr=self.max_send, max_recv_wr=recvs, max_send_sge=1, max_recv_sge=1
             )
             init = QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self.cq, rcq=self.cq, cap=cap)
             self.qp = QP(self.pd, init)
-            access = e.IBV_ACCESS_LOCAL_WRITE
-            try:
-                self.recv_mr = MR(self.pd, depth * bufsize, access)
-                self.send_mr = MR(self.pd, depth * bufsize, access)
-            except PyverbsRDMAError as exc:
-                if exc.error_code != errno.ENOMEM:
-                    raise
-                raise locked_memory_error(device, depth, bufsize) from None
+            self.recv_view, self.send_view = self._register("hs", HS_DEPTH, HS_BUFSIZE)
         except BaseException:
             self.close()
             raise
-        # Zero-copy views of the registered buffers (pyverbs only offers copying read/write).
-        self.recv_view = memoryview(
-            (ctypes.c_char * (depth * bufsize)).from_address(self.recv_mr.buf)
-        ).cast("B")
-        self.send_view = memoryview(
-            (ctypes.c_char * (depth * bufsize)).from_address(self.send_mr.buf)
-        ).cast("B")
-        lkey = self.recv_mr.lkey
-        self.recv_wrs = [
-            RecvWR(wr_id=i, num_sge=1, sg=[SGE(self.recv_mr.buf + i * bufsize, bufsize, lkey)])
+
+    def _register(self, name: str, depth: int, bufsize: int) -> tuple[memoryview, memoryview]:
+        """Register a receive and a send ring of depth x bufsize; zero-copy views of them."""
+        access = e.IBV_ACCESS_LOCAL_WRITE
+        size = depth * bufsize
+        try:
+            recv_mr = self.__dict__[f"{name}_recv_mr"] = MR(self.pd, size, access)
+            send_mr = self.__dict__[f"{name}_send_mr"] = MR(self.pd, size, access)
+        except PyverbsRDMAError as exc:
+            if exc.error_code != errno.ENOMEM:
+                raise
+            raise locked_memory_error(self.device, 2 * size, depth, bufsize) from None
+        lkey = recv_mr.lkey
+        self.recv_wrs += [
+            RecvWR(
+                wr_id=len(self.recv_wrs) + i,
+                num_sge=1,
+                sg=[SGE(recv_mr.buf + i * bufsize, bufsize, lkey)],
+            )
             for i in range(depth)
         ]
+        self.send_keys += [(send_mr.buf + i * bufsize, send_mr.lkey) for i in range(depth)]
+        self.registered += 2 * size
+        # pyverbs only offers copying read/write
+        return (
+            memoryview((ctypes.c_char * size).from_address(recv_mr.buf)).cast("B"),
+            memoryview((ctypes.c_char * size).from_address(send_mr.buf)).cast("B"),
+        )
+
+    def grow(self) -> tuple[memoryview, memoryview]:
+        """Register the full rings (TransportUnavailable over the locked-memory limit)."""
+        return self._register("full", self.depth, self.bufsize)
 
     @property
     def qpn(self) -> int:
@@ -245,8 +235,10 @@ class Resources:
     def close(self) -> None:
         """Release QP, CQ, completion channel, MRs, PD and the device context, in that order."""
         self.recv_view = self.send_view = None  # type: ignore[assignment]
-        for name in ("qp", "cq", "channel", "recv_mr", "send_mr", "pd", "ctx"):
+        names = ("qp", "cq", "channel", "hs_recv_mr", "hs_send_mr", "full_recv_mr", "full_send_mr")
+        for name in (*names, "pd", "ctx"):
             obj = self.__dict__.pop(name, None)
             if obj is not None:
                 obj.close()
         self.recv_wrs = []
+        self.send_keys = []
