@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from polyrpc import registry
 from polyrpc.core import codecs, frames, rpc, session
+
+ROOT = Path(__file__).parent.parent
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+"""For processes of the tests' own: they import polyrpc and tests/ as this one does."""
 
 REQUIRED = [s for s in os.environ.get("POLYRPC_REQUIRE_TRANSPORTS", "").split(",") if s]
 ONLY = [s for s in os.environ.get("POLYRPC_TEST_TRANSPORTS", "").split(",") if s]
@@ -30,6 +38,11 @@ def usable_transports() -> list[str]:
     if ONLY:
         schemes = [s for s in schemes if s in ONLY]
     return schemes
+
+
+def subprocess_schemes() -> list[str]:
+    """The usable transports a server in another process can listen on (not in-process mem)."""
+    return [scheme for scheme in usable_transports() if scheme != "mem"]
 
 
 class Endpoint:
@@ -91,3 +104,28 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, which must run everything: {reason}"
+
+
+@contextlib.contextmanager
+def serve_subprocess(endpoint: Endpoint, *args: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``polyrpc serve`` on ``endpoint``'s transport with ``args``, in a process of its own:
+    yields the process and the URL clients dial; killed on exit."""
+    with tempfile.TemporaryFile("w+") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "polyrpc.cli", "serve", endpoint.listen_url, *args],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=SUBPROCESS_ENV,
+            cwd=ROOT,
+        )
+        try:
+            assert server.stdout is not None
+            line = server.stdout.readline()
+            if not line.startswith("serving on "):
+                log.seek(0)
+                raise AssertionError(f"serve failed: {line}{log.read()[-2000:]}")
+            yield server, endpoint.client_url(line.split()[-1])
+        finally:
+            server.kill()
+            server.wait()

@@ -10,6 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.budgets import rss
+
 ROOT = Path(__file__).resolve().parents[1]
 
 BARE_SERVER = """
@@ -84,10 +86,7 @@ class ServerProcess:
 
     def rss_kib(self) -> int:
         """The server's resident set size (VmRSS from /proc), KiB."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS line")
+        return rss(self.pid) >> 10
 
     def kill(self) -> None:
         """SIGKILL: the process dies without a word to its peers."""

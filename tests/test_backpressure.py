@@ -21,6 +21,7 @@ import msgpack
 import pytest
 
 import polyrpc
+from bench.budgets import rss
 from polyrpc.core import frames
 
 NOTIFY_WINDOW = 8
@@ -177,10 +178,7 @@ sys.exit(main(["serve", "tcp@127.0.0.1:0", "--object", "test_backpressure:LOAD"]
 
 
 def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    return rss(pid) / (1 << 20)
 
 
 @contextlib.contextmanager

@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 
 import polyrpc
+from bench.budgets import rss
 from tests.chaos_client import Helper, one_call
-from tests.conftest import Endpoint, usable_transports
+from tests.conftest import ROOT, SUBPROCESS_ENV, Endpoint, serve_subprocess, subprocess_schemes
 
 CHAOS_SECONDS = 12.0
 """How long the chaos lasts on each transport."""
@@ -36,17 +37,6 @@ WORKERS = 3
 """In-process clients whose connections get aborted now and then; 3 calls at a time each."""
 RSS_BOUND = 96 << 20
 """How much the server's RSS may grow from its warmed-up size (generous)."""
-ROOT = Path(__file__).parent.parent
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-
-
-def rss(pid: int) -> int:
-    """VmRSS of process ``pid`` in bytes."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
 
 
 def fds(pid: int) -> int:
@@ -110,7 +100,7 @@ async def victims(url: str, until: float) -> int:
                     url,
                     str(rng.randrange(1 << 30)),
                     stdout=subprocess.DEVNULL,
-                    env=ENV,
+                    env=SUBPROCESS_ENV,
                     cwd=ROOT,
                 )
                 running.append(proc)
@@ -126,34 +116,11 @@ async def victims(url: str, until: float) -> int:
     return killed
 
 
-def _chaos_schemes() -> list[str]:
-    return [scheme for scheme in usable_transports() if scheme != "mem"]  # mem: in-process only
-
-
-@pytest.mark.parametrize("chaos_scheme", _chaos_schemes())
+@pytest.mark.parametrize("chaos_scheme", subprocess_schemes())
 def test_chaos(chaos_scheme, tmp_path):
     endpoint = Endpoint(chaos_scheme, tmp_path)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "polyrpc.cli",
-            "serve",
-            endpoint.listen_url,
-            "tests.rpc_fault_services:Faulty",
-            "tests.rpc_fault_services:Chaos",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=ENV,
-        cwd=ROOT,
-    )
-    try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        assert line.startswith("serving on "), f"serve failed: {line}"
-        url = endpoint.client_url(line.split()[-1])
+    services = ("tests.rpc_fault_services:Faulty", "tests.rpc_fault_services:Chaos")
+    with serve_subprocess(endpoint, *services) as (server, url):
 
         async def run() -> None:
             warm = Ledger()  # one of everything first, then the baseline
@@ -200,6 +167,3 @@ def test_chaos(chaos_scheme, tmp_path):
 
         asyncio.run(run())
         assert server.poll() is None, "the server process ended"
-    finally:
-        server.kill()
-        server.wait()

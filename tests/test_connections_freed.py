@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import polyrpc
+from bench.budgets import rss
 from polyrpc.core.session import Session
 from polyrpc.core.stream import Stream
 
@@ -93,10 +94,7 @@ WORK = Work()
 
 
 def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    return rss(pid) / (1 << 20)
 
 
 @pytest.mark.parametrize("pure_python", ["0", "1"], ids=["c", "python"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -19,11 +18,16 @@ from pathlib import Path
 import pytest
 
 import polyrpc
-from tests.conftest import Endpoint, usable_transports
+from tests.conftest import (
+    SUBPROCESS_ENV,
+    Endpoint,
+    serve_subprocess,
+    subprocess_schemes,
+    usable_transports,
+)
 from tests.rpc_fault_services import Faulty, Gated, Guarded
 from tests.test_rpc_conformance import rpc
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 FAULTY = "tests.rpc_fault_services:Faulty"
 REPLY_WITHIN = 10.0
 """Bound on waiting for any reply here: a lost reply fails the test instead of hanging it."""
@@ -87,37 +91,11 @@ async def test_system_exit_and_keyboard_interrupt_in_a_handler_end_only_that_cal
     assert len(logged) == 2 * len(cases)
 
 
-def _served_schemes() -> list[str]:
-    return [scheme for scheme in usable_transports() if scheme != "mem"]  # mem: in-process only
-
-
-@pytest.mark.parametrize("served_scheme", _served_schemes())
+@pytest.mark.parametrize("served_scheme", subprocess_schemes())
 def test_a_polyrpc_serve_process_survives_system_exit_in_handlers(served_scheme, tmp_path):
     endpoint = Endpoint(served_scheme, tmp_path)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "polyrpc.cli",
-            "serve",
-            endpoint.listen_url,
-            FAULTY,
-            "--sync-workers",
-            "1",
-            "--sync-queue",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-        cwd=Path(__file__).parent.parent,
-    )
-    try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        assert line.startswith("serving on "), f"serve failed: {line}{server.stderr.read()}"
-        url = endpoint.client_url(line.split()[-1])
+    pool = ("--sync-workers", "1", "--sync-queue", "0")
+    with serve_subprocess(endpoint, FAULTY, *pool) as (server, url):
 
         async def exercise() -> None:
             async with polyrpc.connect(url) as client:
@@ -140,9 +118,6 @@ def test_a_polyrpc_serve_process_survives_system_exit_in_handlers(served_scheme,
 
         asyncio.run(exercise())
         assert server.poll() is None, "the server process ended"
-    finally:
-        server.kill()
-        server.wait()
 
 
 async def test_a_streamed_argument_that_raises_fails_the_call_and_ends_the_handler(endpoint):
@@ -314,7 +289,7 @@ async def test_a_killed_clients_handlers_are_cancelled_at_once(killed_scheme):
                 CLIENT,
                 endpoint.client_url(server.urls[0]),
                 stdout=subprocess.PIPE,
-                env=ENV,
+                env=SUBPROCESS_ENV,
             )
             try:
                 assert client.stdout is not None
