@@ -412,11 +412,14 @@ class QuicStream(Stream):
         self.extra["mtu"] = self.connection._max_datagram_size
         self._app_space = self.connection._spaces.get(tls_epoch.ONE_RTT)
         self._crypto_sender = self.connection._crypto_streams[tls_epoch.ONE_RTT].sender
-        # aioquic keeps a 16 KiB TLS output buffer per epoch for the connection's life; the
-        # Initial and Handshake ones are never written again once the handshake is complete
-        # (TLS writes only 1-RTT messages then): ~20 KiB of RSS per connection
-        for epoch in (tls_epoch.INITIAL, tls_epoch.HANDSHAKE):
-            self.connection._crypto_buffers.pop(epoch, None)
+        # aioquic keeps a 16 KiB TLS output buffer per epoch (Initial, Handshake, 1-RTT) for
+        # the connection's life; none is written again once the handshake is complete: the
+        # server's last TLS output (Finished's reply, the session ticket) was already moved to
+        # the crypto streams' send buffers before this event, and after the handshake aioquic's
+        # TLS writes nothing (a client only reads NewSessionTicket, a server refuses any
+        # message with an alert before touching its output), and retransmissions come from the
+        # crypto streams: ~30 KiB of RSS per connection
+        self.connection._crypto_buffers.clear()
         if self.fingerprint_check is not None:
             error = self.fingerprint_check(self)
             if error is not None:
