@@ -124,6 +124,21 @@ class ReceiveCredit(Limit):
             self._value = new
 
 
+_FRAME_EPOCHS: dict[frozenset[tls_epoch], frozenset[tls_epoch]] = {}
+"""One shared copy of each set of epochs a frame type is allowed in (see _share_frame_epochs)."""
+
+
+def _share_frame_epochs(connection: QuicConnection) -> None:
+    """Point a connection's frame-handler table at shared epoch sets (~7 KiB per connection).
+
+    aioquic builds a table {frame type: (bound handler, frozenset of epochs)} in every
+    QuicConnection, with a fresh frozenset per entry (~34 of them); they are immutable and
+    only read (membership tests), so equal ones can be one object for all connections."""
+    handlers = connection._QuicConnection__frame_handlers  # type: ignore[attr-defined]
+    for frame_type, (handler, epochs) in handlers.items():
+        handlers[frame_type] = (handler, _FRAME_EPOCHS.setdefault(epochs, epochs))
+
+
 def _read_counts(data: bytes) -> tuple[int, int]:
     """The two varints of an EOF stream: units and ordered units sent before it."""
     buf = QuicBuffer(data=data[1:])
@@ -218,6 +233,7 @@ class QuicStream(Stream):
         self._channel_id: int | None = None
         self._ready: deque[tuple[list[Buffer], bool]] = deque()
         self._ready_bytes = 0
+        _share_frame_epochs(connection)
         connection._local_max_data = ReceiveCredit(
             connection._local_max_data, window, lambda: self._ready_bytes
         )
