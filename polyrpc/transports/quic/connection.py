@@ -124,6 +124,21 @@ class ReceiveCredit(Limit):
             self._value = new
 
 
+_FRAME_EPOCHS: dict[frozenset[tls_epoch], frozenset[tls_epoch]] = {}
+"""One shared copy of each set of epochs a frame type is allowed in (see _share_frame_epochs)."""
+
+
+def _share_frame_epochs(connection: QuicConnection) -> None:
+    """Point a connection's frame-handler table at shared epoch sets (~7 KiB per connection).
+
+    aioquic builds a table {frame type: (bound handler, frozenset of epochs)} in every
+    QuicConnection, with a fresh frozenset per entry (~34 of them); they are immutable and
+    only read (membership tests), so equal ones can be one object for all connections."""
+    handlers = connection._QuicConnection__frame_handlers  # type: ignore[attr-defined]
+    for frame_type, (handler, epochs) in handlers.items():
+        handlers[frame_type] = (handler, _FRAME_EPOCHS.setdefault(epochs, epochs))
+
+
 def _read_counts(data: bytes) -> tuple[int, int]:
     """The two varints of an EOF stream: units and ordered units sent before it."""
     buf = QuicBuffer(data=data[1:])
@@ -218,6 +233,7 @@ class QuicStream(Stream):
         self._channel_id: int | None = None
         self._ready: deque[tuple[list[Buffer], bool]] = deque()
         self._ready_bytes = 0
+        _share_frame_epochs(connection)
         connection._local_max_data = ReceiveCredit(
             connection._local_max_data, window, lambda: self._ready_bytes
         )
@@ -412,11 +428,14 @@ class QuicStream(Stream):
         self.extra["mtu"] = self.connection._max_datagram_size
         self._app_space = self.connection._spaces.get(tls_epoch.ONE_RTT)
         self._crypto_sender = self.connection._crypto_streams[tls_epoch.ONE_RTT].sender
-        # aioquic keeps a 16 KiB TLS output buffer per epoch for the connection's life; the
-        # Initial and Handshake ones are never written again once the handshake is complete
-        # (TLS writes only 1-RTT messages then): ~20 KiB of RSS per connection
-        for epoch in (tls_epoch.INITIAL, tls_epoch.HANDSHAKE):
-            self.connection._crypto_buffers.pop(epoch, None)
+        # aioquic keeps a 16 KiB TLS output buffer per epoch (Initial, Handshake, 1-RTT) for
+        # the connection's life; none is written again once the handshake is complete: the
+        # server's last TLS output (Finished's reply, the session ticket) was already moved to
+        # the crypto streams' send buffers before this event, and after the handshake aioquic's
+        # TLS writes nothing (a client only reads NewSessionTicket, a server refuses any
+        # message with an alert before touching its output), and retransmissions come from the
+        # crypto streams: ~30 KiB of RSS per connection
+        self.connection._crypto_buffers.clear()
         if self.fingerprint_check is not None:
             error = self.fingerprint_check(self)
             if error is not None:
