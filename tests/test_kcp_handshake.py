@@ -44,6 +44,14 @@ class Raw:
         loop = asyncio.get_running_loop()
         return HEADER.unpack(await asyncio.wait_for(loop.sock_recv(self.sock, 2048), timeout))
 
+    async def reply_for(self, conv: int, timeout: float = 2.0) -> tuple[int, ...]:
+        """The next datagram for ``conv``: sessions opened before may send keepalive probes
+        meanwhile (a slow machine takes over a second to open many)."""
+        async with asyncio.timeout(timeout):
+            while (answer := await self.reply(timeout))[0] != conv:
+                pass
+        return answer
+
     async def silent(self, wait: float = 0.2) -> bool:
         """True if nothing arrives within ``wait`` seconds."""
         try:
@@ -55,7 +63,7 @@ class Raw:
     async def cookie(self, conv: int) -> tuple[int, int]:
         """Send a bare SYN; the listener's cookie as (ts, sn)."""
         self.send(conv, SYN)
-        answer = await self.reply()
+        answer = await self.reply_for(conv)
         assert answer[:2] == (conv, COOKIE) and answer[6] == MAGIC, answer
         return answer[4], answer[5]
 
@@ -63,7 +71,7 @@ class Raw:
         """The whole handshake: SYN, COOKIE, SYN echoing it, SYNACK."""
         ts, sn = await self.cookie(conv)
         self.send(conv, SYN, ts=ts, sn=sn)
-        answer = await self.reply()
+        answer = await self.reply_for(conv)
         assert answer[:2] == (conv, SYNACK) and answer[6] == MAGIC, answer
 
     def close(self) -> None:

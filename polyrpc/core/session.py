@@ -903,10 +903,15 @@ class Session:
         if when is not None and not self._closed.done():
             self._deadline_timer = self.loop.call_at(when, self._expire_deadlines)
 
+    def _can_reply(self) -> bool:
+        """False once the stream is closing or gone: a reply then has nobody to reach (the
+        handler that made it must not fail for that, nor its task end with an error)."""
+        return not (self._gone or self._closed.done() or self.byte_stream.is_closing)
+
     def respond(self, seq: int, obj: Any, *, flags: int = 0) -> None:
         """Answer request ``seq`` with ``obj``: an ERROR frame instead if it cannot be
         encoded (``unencodable_result``) or is over the peer's limit (``result_too_large``)."""
-        if self._gone:
+        if not self._can_reply():
             return
         if isinstance(obj, BYTES_LIKE):
             payload, codec = obj, 0
@@ -931,7 +936,7 @@ class Session:
         self, seq: int, exc: BaseException, code: str, traceback_text: str | None = None
     ) -> None:
         """Answer request ``seq`` with an ERROR frame describing ``exc``."""
-        if self._closed.done():
+        if not self._can_reply():
             return
         body = self.codec.encode(error_payload(exc, code, traceback_text))
         if len(body) > self._send_check:

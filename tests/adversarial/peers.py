@@ -61,12 +61,13 @@ class Target:
         return host, int(port)
 
     async def serves(self, scheme: str = "tcp") -> float:
-        """Connect a normal client and call; the seconds it took (asserted < 2 s)."""
+        """Connect a normal client and call; the seconds it took (asserted < 5 s: served,
+        not starved, on a loaded 2-core CI machine)."""
         started = time.perf_counter()
         async with polyrpc.connect(self.urls[scheme], handshake_timeout=5) as client:
             assert await client.call("Demo.add", 2, 3, timeout=5) == 5
         elapsed = time.perf_counter() - started
-        assert elapsed < 2.0, f"{scheme} call took {elapsed:.2f}s"
+        assert elapsed < 5.0, f"{scheme} call took {elapsed:.2f}s"
         return elapsed
 
     async def settled(self, timeout: float = 15.0) -> None:
