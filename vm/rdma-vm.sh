@@ -14,7 +14,7 @@
 #   vm/rdma-vm.sh check              exit 0 if this host can build and run the VM, else say why
 #
 # Environment: POLYRPC_VM_CACHE (default /var/cache/polyrpc-vm), POLYRPC_VM_MIRROR,
-# POLYRPC_VM_TIMEOUT (seconds per VM run, default 2400), POLYRPC_VM_SMP, POLYRPC_VM_MEM,
+# POLYRPC_VM_TIMEOUT (seconds per VM run, default 3600), POLYRPC_VM_SMP, POLYRPC_VM_MEM,
 # POLYRPC_VM_OUT (a directory: the JSON files the guest wrote to /results are copied there).
 set -euo pipefail
 
@@ -23,7 +23,7 @@ REPO=$(dirname "$HERE")
 CACHE=${POLYRPC_VM_CACHE:-/var/cache/polyrpc-vm}
 MIRROR=${POLYRPC_VM_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
-VM_TIMEOUT=${POLYRPC_VM_TIMEOUT:-2400}
+VM_TIMEOUT=${POLYRPC_VM_TIMEOUT:-3600}
 VM_SMP=${POLYRPC_VM_SMP:-2}
 VM_MEM=${POLYRPC_VM_MEM:-2048}
 HOST_PY=/usr/bin/python3
