@@ -26,7 +26,7 @@
 #define KIND_RESPONSE 3
 #define KIND_ERROR 4
 #define LARGE_PAYLOAD (128 << 10)
-#define INITIAL_BUFFER (16 << 10)
+#define INITIAL_BUFFER (4 << 10)
 #define MAX_BUFFER (256 << 10)
 #define LARGE_STEP (256 << 10)
 #define KIND_HELLO 1

@@ -43,7 +43,7 @@ _method_bytes: dict[str, bytes] = {}
 
 LARGE_PAYLOAD = 128 << 10
 """Payloads at least this big are read straight into their own buffer (no copy)."""
-INITIAL_BUFFER = 16 << 10
+INITIAL_BUFFER = 4 << 10
 """The small-frame buffer's size at first and after :meth:`FrameDecoder.trim`."""
 MAX_BUFFER = 256 << 10
 """The small-frame buffer doubles while reads fill it, up to this size."""
