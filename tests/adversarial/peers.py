@@ -18,8 +18,10 @@ STREAMS = ["tcp", "unix", "tls"]
 """The byte-stream transports a raw peer speaks to directly."""
 SCHEMES = [*STREAMS, "kcp", "quic"]
 SANITIZED = "libasan" in os.environ.get("LD_PRELOAD", "")
-"""Under scripts/sanitize.sh ASan's shadow memory and quarantine inflate RSS."""
-RSS_SLACK = 4 if SANITIZED else 1
+"""Under scripts/sanitize.sh ASan's shadow memory and quarantine inflate RSS: freed blocks
+wait in its quarantine (256 MiB by default) instead of being reused, so churn shows as
+growth (300 peers reset mid-frame: +75 MiB there, +0.0 MiB without ASan)."""
+RSS_SLACK = 8 if SANITIZED else 1
 
 
 class Target:
