@@ -26,6 +26,7 @@ CONNECT_TIMEOUT = 60.0
 an impaired path (say 10% loss) a handshake can need several retransmissions."""
 
 _PATIENT: dict[str, Any] = {"timeout": CONNECT_TIMEOUT, "handshake_timeout": CONNECT_TIMEOUT}
+_PATIENT_SERVER: dict[str, Any] = {"handshake_timeout": CONNECT_TIMEOUT}
 CONNECT_OPTIONS = {"quic": "timeout", "rdma": "timeout"}
 """URL options that bound a transport's own handshake (raised to CONNECT_TIMEOUT)."""
 
@@ -127,16 +128,26 @@ class MessageTarget(Target):
     async def serve(self, workdir: Path) -> tuple[str, Callable[[], Awaitable[None]]]:
         transport = registry.get(self.scheme)
         listen_url, client_options = transport.loopback_urls(workdir)
-        listener = await listen(listen_url, _count_messages, on_request=lambda message: message)
-        return self._client_url(transport, listener.url, client_options), listener.close
+        listener = await listen(
+            self._patient(transport, listen_url),
+            _count_messages,
+            on_request=lambda message: message,
+            **_PATIENT_SERVER,
+        )
+        return self._patient(transport, listener.url, client_options), listener.close
 
-    def _client_url(self, transport: Transport, bound: str, client_options: dict[str, str]) -> str:
-        """The URL clients dial: the bound address, the transport's client options, and the
-        benchmark's connect patience where the transport has its own handshake timeout."""
+    def _patient(
+        self, transport: Transport, url: str, options: dict[str, str] | None = None
+    ) -> str:
+        """``url`` with ``options`` and the benchmark's connect patience where the transport
+        has its own handshake timeout: on both sides, since a server drops a connection still
+        in the handshake after its own timeout (quic: 5 s, which lost Initials on an impaired
+        path can exceed)."""
+        options = dict(options or {})
         option = CONNECT_OPTIONS.get(self.scheme)
         if option is not None:
-            client_options = {**client_options, option: f"{CONNECT_TIMEOUT:g}"}
-        return str(transport.parse(bound).with_options(**client_options))
+            options[option] = f"{CONNECT_TIMEOUT:g}"
+        return str(transport.parse(url).with_options(**options))
 
     async def connect(self, info: str) -> EchoClient:
         return _ConnectionClient(await dial(info, max_in_flight=1024, **_PATIENT))
@@ -195,10 +206,10 @@ class RpcTarget(MessageTarget):
     async def serve(self, workdir: Path) -> tuple[str, Callable[[], Awaitable[None]]]:
         transport = registry.get(self.scheme)
         listen_url, client_options = transport.loopback_urls(workdir)
-        server = Server()
+        server = Server(**_PATIENT_SERVER)
         server.register(EchoService(), "Echo")
-        bound = await server.start(listen_url)
-        return self._client_url(transport, bound, client_options), server.close
+        bound = await server.start(self._patient(transport, listen_url))
+        return self._patient(transport, bound, client_options), server.close
 
     async def connect(self, info: str) -> EchoClient:
         return _RpcClient(await connect(info, max_in_flight=1024, **_PATIENT))
