@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install polyrpc with its test and speed extras into it.
+# Create .venv (once) and install polyrpc into it with the extras named by $1: by default
+# test,fast (what scripts/test.sh needs); scripts/bench.sh asks for bench,fast only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -7,4 +8,4 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[test,fast]"
+.venv/bin/python -m pip install --quiet -e ".[${1:-test,fast}]"
