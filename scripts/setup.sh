@@ -7,5 +7,5 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet --upgrade pip "setuptools>=77"  # 77: SPDX license (setup.py build_ext reads pyproject)
 .venv/bin/python -m pip install --quiet -e ".[${1:-test,fast}]"
