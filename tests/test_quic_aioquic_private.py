@@ -122,7 +122,7 @@ def _instances(stream: QuicStream) -> dict[type, object]:
 def test_the_check_names_each_missing_attribute() -> None:
     instances = sample_instances()
     assert reason(instances) is None
-    del instances[QuicConnection]._loss  # type: ignore[attr-defined]
+    del instances[QuicConnection]._loss
     del instances[QuicStreamSender]._buffer_stop
     problem = reason(instances)
     assert problem is not None

@@ -136,10 +136,13 @@ def reason(instances: Mapping[type, object]) -> str | None:
     absent = missing(instances)
     if not absent:
         return None
-    return _advice(f"lacks private attributes it uses: {', '.join(map(str, absent))}")
+    return _advice(
+        f"lacks private attributes the quic transport uses: {', '.join(map(str, absent))}"
+    )
 
 
 def _advice(problem: str) -> str:
+    """``problem`` with the installed version, the tested ones and how to get one."""
     return (
         f"aioquic {version('aioquic')} {problem} (tested with aioquic{TESTED_VERSIONS}, see "
         f"polyrpc/transports/quic/aioquic_private.py); "
