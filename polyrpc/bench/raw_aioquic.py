@@ -2,8 +2,8 @@
 
 One bidirectional QUIC stream per connection, each message a 4-byte big-endian
 length plus payload, 16 MiB flow-control windows, aioquic's default socket glue
-(``aioquic.asyncio.serve``/``connect``). This is what a user gets from aioquic
-without polyrpc; the quic transport is measured against it.
+(aioquic's ``QuicServer``, as ``aioquic.asyncio.serve`` starts it, and ``connect``). This
+is what a user gets from aioquic without polyrpc; the quic transport is measured against it.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from aioquic.asyncio import connect, serve
+from aioquic.asyncio import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer
 from aioquic.quic.configuration import QuicConfiguration
 
 from ..core.certs import self_signed_certificate
@@ -100,13 +101,15 @@ class RawAioquic(Target):
         cert, key = self_signed_certificate(Path(workdir), ["localhost", "127.0.0.1"])
         configuration = _configuration(is_client=False)
         configuration.load_cert_chain(cert, key)
-        server = await serve(
-            "127.0.0.1",
-            0,
-            configuration=configuration,
-            stream_handler=lambda r, w: asyncio.ensure_future(_echo_stream(r, w)),  # type: ignore[arg-type]  # result unused
+        # what aioquic.asyncio.serve does, keeping the socket's transport: its port is public
+        transport, server = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: QuicServer(
+                configuration=configuration,
+                stream_handler=lambda r, w: asyncio.ensure_future(_echo_stream(r, w)),  # type: ignore[arg-type]  # result unused
+            ),
+            local_addr=("127.0.0.1", 0),
         )
-        port = server._transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]  # started
+        port = transport.get_extra_info("sockname")[1]
 
         async def stop() -> None:
             server.close()

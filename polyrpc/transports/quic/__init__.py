@@ -52,6 +52,7 @@ from ...core.transport import (
     text,
 )
 from ...core.udp import bind_udp
+from . import aioquic_private
 from .connection import Driver, QuicStream
 from .udp import UdpEndpoint, make_socket
 
@@ -517,7 +518,12 @@ class QuicTransport(Transport):
     description = "QUIC + TLS 1.3 (aioquic); independent calls on separate QUIC streams"
     options = OPTIONS
 
+    def unavailable_reason(self) -> str | None:
+        """Why the installed aioquic cannot serve (a private attribute it relies on is gone)."""
+        return aioquic_private.unavailable_reason()
+
     async def dial(self, address: Address) -> QuicStream:
+        self.check_available()
         opts = self.parse_options(address)
         if address.port == 0:
             raise InvalidAddress(
@@ -649,6 +655,7 @@ class QuicTransport(Transport):
         return stream
 
     async def listen(self, address: Address, on_stream: StreamHandler) -> QuicListener:
+        self.check_available()
         opts = self.parse_options(address)
         if not opts["cert"]:
             raise InvalidAddress(
