@@ -75,7 +75,8 @@ class BufferedReceiver:
     decoder's, so a socket reads straight into the decoder's buffer, with no bytes object
     per read). A transport that reads into memory checks ``isinstance(receiver,
     BufferedReceiver)`` once, in ``set_receiver``, and otherwise delivers through
-    ``data_received``. A plain class (no metaclass, no slots): the session keeps its own.
+    ``data_received``. A plain class with empty ``__slots__`` (no metaclass, no
+    ``__dict__``), so the session's slotted layout stays as it is.
     """
 
     __slots__ = ()
@@ -134,8 +135,10 @@ class Stream(ABC):
     ``resume_reading``), sending (``write``, ``write_now``, ``writing_paused``,
     ``on_write_pressure``, ``drain``), closing (``close``, ``abort``, ``is_closing``) and
     information (``transport_name``, ``extra``, ``get_extra_info``, ``handshake_done``);
-    ``send`` is ``write`` plus ``drain`` for direct users of a stream. Optional capabilities
-    are declared (see the module docstring): :class:`HalfClose` and :attr:`write_now` here,
+    ``send`` is ``write`` plus ``drain`` for direct users of a stream; ``receiver``,
+    ``high_water``, ``low_water`` and ``write_buffer_size`` serve implementations (the
+    backpressure below is computed from them). Optional capabilities are declared (see
+    the module docstring): :class:`HalfClose` and :attr:`write_now` here,
     :class:`BufferedReceiver` on the receiving side.
 
     Contract for implementers:
