@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import logging
@@ -16,6 +17,7 @@ from typing import Any
 
 from rich.console import Console
 
+from .core.address import split_scheme
 from .core.errors import PolyrpcError
 from .core.registry import registry
 
@@ -213,7 +215,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="polyrpc-dev-") as workdir:
             try:
                 for url in args.urls:
-                    url, fingerprint = _development_certificate(url, Path(workdir))
+                    transport, _ = registry.resolve(url)
+                    url, fingerprint = transport.development_listen_url(url, Path(workdir))
                     bound = await server.start(url)
                     print(f"serving on {bound}", flush=True)
                     if fingerprint:
@@ -236,15 +239,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
 
     return run(main())
-
-
-def _development_certificate(url: str, workdir: Path) -> tuple[str, str | None]:
-    """quic listeners without ?cert= get a fresh self-signed one (printed with its fingerprint)."""
-    if not url.startswith(("quic@", "quic://")):
-        return url, None
-    from .transports.quic import with_development_certificate
-
-    return with_development_certificate(url, workdir)
 
 
 def _parse_argument(text: str) -> Any:
@@ -376,18 +370,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_library_loggers() -> None:
-    """aioquic logs each failed handshake itself; the CLI prints one clear line of its own."""
-    for name in ("quic", "http3"):
-        logger = logging.getLogger(name)
-        if logger.level == logging.NOTSET:
-            logger.setLevel(logging.CRITICAL)
+def _quiet_library_loggers(args: argparse.Namespace) -> None:
+    """A transport's library may log each failure itself (aioquic: every failed handshake);
+    the CLI prints one clear line of its own, so it quiets the ``library_loggers`` of the
+    transports this command uses (bench: every one; the others load only what they use)."""
+    if args.command == "bench":
+        schemes = registry.schemes()
+    else:
+        urls = (
+            args.urls if args.command == "serve" else [args.url] if args.command == "call" else []
+        )
+        schemes = []
+        for url in urls:
+            with contextlib.suppress(PolyrpcError):  # a bad URL: the command itself reports it
+                schemes.append(split_scheme(url)[0])
+    for scheme in schemes:
+        try:
+            transport = registry.get(scheme)
+        except PolyrpcError:
+            continue  # an unknown or broken transport: the command itself reports it
+        for name in transport.library_loggers:
+            logger = logging.getLogger(name)
+            if logger.level == logging.NOTSET:
+                logger.setLevel(logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_library_loggers()
     if args.command == "serve":
         # `polyrpc serve URL module:object`: URLs have '@' or '://', objects have ':' only
         args.objects += [
@@ -398,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         args.urls = [u for u in args.urls if u not in args.objects]
         if not args.urls:
             parser.error("serve needs at least one URL")
+    _quiet_library_loggers(args)
     return args.func(args)
 
 

@@ -28,6 +28,7 @@ from polyrpc.core.frames import (
     Kind,
     encode_frame,
 )
+from polyrpc.core.stream import BufferedReceiver, HalfClose
 
 PEER = Path(__file__).with_name("peer.py")
 SIZES = [0, 1, 64 << 10, 1 << 20, 16 << 20]
@@ -78,6 +79,36 @@ class Recorder:
         await asyncio.wait([eof, lost], return_when=asyncio.FIRST_COMPLETED)
         eof.cancel()
         lost.cancel()
+
+
+class UndeclaredRecorder(Recorder):
+    """Has methods named like a BufferedReceiver's but does not declare the capability."""
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        raise AssertionError("get_buffer called on a receiver that is not a BufferedReceiver")
+
+    def buffer_updated(self, nbytes: int) -> None:
+        raise AssertionError("buffer_updated called on a receiver that is not a BufferedReceiver")
+
+
+class BufferedRecorder(Recorder, BufferedReceiver):
+    """Declares buffered receive: bytes are read into its own small buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.area = memoryview(bytearray(4096))
+        self.reads = 0
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.area
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.reads += 1
+        self.data += self.area[:nbytes]
+
+
+READS_INTO_BUFFERS = {"tcp", "tls", "unix", "kcp"}
+"""The transports that read into a BufferedReceiver's buffer (the others call data_received)."""
 
 
 def error_frames(data: bytes) -> list[dict]:
@@ -198,7 +229,8 @@ async def test_stream_eof_and_half_close(endpoint):
         mine = Recorder()
         client.set_receiver(mine)
         await client.send([b"question"])
-        if not getattr(client, "can_write_eof", True):
+        assert isinstance(client, HalfClose)  # every built-in stream declares it
+        if not client.can_write_eof:
             with pytest.raises(polyrpc.ConnectionLost, match="half-close"):
                 client.write_eof()
             await client.close()
@@ -218,6 +250,37 @@ async def test_stream_eof_and_half_close(endpoint):
         await asyncio.wait_for(mine.lost.wait(), 10)
         with pytest.raises(polyrpc.ConnectionLost):
             await client.send([b"too late"])
+        await client.close()
+    finally:
+        await listener.close()
+
+
+@pytest.mark.parametrize("make", [UndeclaredRecorder, BufferedRecorder])
+async def test_stream_delivers_to_plain_and_buffered_receivers(endpoint, make):
+    """Both receive paths carry every byte in order: ``data_received`` for a receiver that
+    does not declare BufferedReceiver (methods of the same names are not looked for), its
+    own buffer for one that does."""
+    transport = endpoint.transport
+    accepted: list = []
+
+    def on_stream(stream) -> None:
+        recorder = make()
+        stream.set_receiver(recorder)
+        accepted.append(recorder)
+
+    payload = pattern(1 << 20, seed=3)
+    listener = await transport.listen(transport.parse(endpoint.listen_url), on_stream)
+    try:
+        client = await transport.dial(transport.parse(endpoint.client_url(listener.url)))
+        client.set_receiver(Recorder())
+        await client.send([payload[:1000], payload[1000:]])
+        for _ in range(500):
+            if accepted and len(accepted[0].data) >= len(payload):
+                break
+            await asyncio.sleep(0.02)
+        assert bytes(accepted[0].data) == payload
+        if make is BufferedRecorder and endpoint.scheme in READS_INTO_BUFFERS:
+            assert accepted[0].reads > 0
         await client.close()
     finally:
         await listener.close()
@@ -543,8 +606,8 @@ async def test_garbage_peer_is_dropped_without_harm(endpoint, garbage):
         recorder = Recorder()
         raw.set_receiver(recorder)
         await raw.send([garbage])
-        if len(garbage) < 24:
-            raw.write_eof() if getattr(raw, "can_write_eof", True) else None
+        if len(garbage) < 24 and isinstance(raw, HalfClose) and raw.can_write_eof:
+            raw.write_eof()
         await asyncio.wait_for(recorder.closed_by_peer(), 15)
         assert await good.request(b"ok") == b"ok"
         await good.close()

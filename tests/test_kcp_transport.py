@@ -12,6 +12,7 @@ import pytest
 
 from polyrpc.core.errors import ConnectFailed, ConnectionLost, ConnectTimeout, InvalidAddress
 from polyrpc.core.registry import registry
+from polyrpc.core.stream import BufferedReceiver
 from polyrpc.transports.kcp import engine as kcp_engine
 
 pytestmark = pytest.mark.skipif(
@@ -307,7 +308,7 @@ async def test_an_idle_connection_gives_back_its_spare_segments():
     await listener.close()
 
 
-class BufferedCollector(Collector):
+class BufferedCollector(Collector, BufferedReceiver):
     """A receiver in asyncio's BufferedProtocol shape that hands out small buffers."""
 
     def __init__(self, stream=None) -> None:

@@ -40,7 +40,7 @@ from .frames import (
     encode_metadata,
     encode_plain,
 )
-from .stream import Buffer, Stream, fresh_error
+from .stream import Buffer, BufferedReceiver, Stream, fresh_error
 from .timeouts import DeadlineWheel
 
 log = logging.getLogger("polyrpc")
@@ -135,8 +135,12 @@ def _drop_error(exc: ProtocolError) -> None:
     """A finished connection reports no protocol errors (see Session._release)."""
 
 
-class Session:
-    """One polyrpc connection. Create with :meth:`client` / :meth:`server` helpers of subclasses."""
+class Session(BufferedReceiver):
+    """One polyrpc connection. Create with :meth:`client` / :meth:`server` helpers of subclasses.
+
+    It is its stream's receiver, a :class:`BufferedReceiver`: socket and kcp streams read
+    straight into the frame decoder's buffer.
+    """
 
     # slots: a session has more attributes than CPython's shared-key dicts hold (30),
     # so with a __dict__ every attribute access on the hot path would be a dict lookup
@@ -197,8 +201,8 @@ class Session:
         self.peer_info: dict[str, str] = {}
         self.loop = asyncio.get_running_loop()
         self._decoder = FrameDecoder(config.limits, handshake=True)
-        # the receiving side (StreamReceiver, and asyncio's BufferedProtocol for sockets,
-        # which read straight into the decoder): the decoder hands the frames to _dispatch
+        # the receiving side (StreamReceiver and BufferedReceiver, which socket and kcp
+        # streams use to read straight into the decoder): the decoder hands the frames to _dispatch
         # itself, after the handshake resolving plain replies and serving lone requests
         self._decoder.route(self._dispatch, self._protocol_failure)
         self.get_buffer: Callable[[int], memoryview] = self._decoder.get_buffer

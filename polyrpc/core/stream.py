@@ -6,6 +6,14 @@ peer or the network is slow (bounded memory). Receiving is push-style: the strea
 calls a :class:`StreamReceiver` (the frame layer), so there is no await per
 message in the hot path. Modelled on trio's ``abc.Stream`` and httpcore's
 ``AsyncNetworkStream``, with asyncio's protocol callbacks for speed.
+
+:class:`Stream` holds only what the session and the message/RPC layers call. What some
+transports offer beyond it is declared, never looked up by name:
+
+- buffered receive: a receiver that subclasses :class:`BufferedReceiver` lets a transport
+  that reads into memory (tcp, tls, unix, kcp) read straight into the receiver's buffer;
+- write-now: :attr:`Stream.write_now`, a callable or None;
+- half-close: a stream that subclasses :class:`HalfClose` offers ``write_eof``.
 """
 
 from __future__ import annotations
@@ -59,6 +67,26 @@ class StreamReceiver(Protocol):
         """The stream is gone: ``None`` after a local close, else a ConnectionLost."""
 
 
+class BufferedReceiver:
+    """Optional capability of a :class:`StreamReceiver`: bytes are read into its own buffer.
+
+    asyncio's ``BufferedProtocol`` shape. A receiver declares it by subclassing this class
+    and providing both members, as methods or attributes (the session binds its frame
+    decoder's, so a socket reads straight into the decoder's buffer, with no bytes object
+    per read). A transport that reads into memory checks ``isinstance(receiver,
+    BufferedReceiver)`` once, in ``set_receiver``, and otherwise delivers through
+    ``data_received``. A plain class with empty ``__slots__`` (no metaclass, no
+    ``__dict__``), so the session's slotted layout stays as it is.
+    """
+
+    __slots__ = ()
+
+    get_buffer: Callable[[int], memoryview]
+    """Room for the next read, given a size hint (at least one byte)."""
+    buffer_updated: Callable[[int], object]
+    """``nbytes`` were written into the last ``get_buffer``; what it returns is ignored."""
+
+
 class _EarlyBuffer:
     """Holds what arrives before the owner calls :meth:`Stream.set_receiver`."""
 
@@ -103,6 +131,16 @@ DISCARD = _Discard()
 class Stream(ABC):
     """A connected byte stream. Subclasses implement the abstract methods.
 
+    The members are what the core calls: receiving (``set_receiver``, ``pause_reading``,
+    ``resume_reading``), sending (``write``, ``write_now``, ``writing_paused``,
+    ``on_write_pressure``, ``drain``), closing (``close``, ``abort``, ``is_closing``) and
+    information (``transport_name``, ``extra``, ``get_extra_info``, ``handshake_done``);
+    ``send`` is ``write`` plus ``drain`` for direct users of a stream; ``receiver``,
+    ``high_water``, ``low_water`` and ``write_buffer_size`` serve implementations (the
+    backpressure below is computed from them). Optional capabilities are declared (see
+    the module docstring): :class:`HalfClose` and :attr:`write_now` here,
+    :class:`BufferedReceiver` on the receiving side.
+
     Contract for implementers:
     - call ``self.receiver.data_received`` / ``eof_received`` / ``connection_lost``
       (exactly one ``connection_lost``, last) from the event loop thread;
@@ -135,10 +173,13 @@ class Stream(ABC):
         self._lost: Exception | None = None
         self._closed = False
         self.write_now: Callable[[Buffer], object] | None = None
-        """A single-stream transport may offer a callable that sends one whole buffer at once
-        (the socket transports: asyncio's own ``transport.write``), so the session's lone
-        frames run no Python code of the stream. It must be None whenever :meth:`write`
-        would refuse (closing, closed, lost, after ``write_eof``)."""
+        """Optional capability: a callable that sends one whole buffer at once, or None.
+
+        A single-stream transport may set it (tcp, tls, unix: asyncio's own
+        ``transport.write``; rdma) so the session's lone frames run no Python code of the
+        stream; the session uses it in place of ``write([buffer])`` when it is not None.
+        It must be None whenever :meth:`write` would refuse (closing, closed, lost, after
+        ``write_eof``)."""
 
     # -- receiving ---------------------------------------------------------
     def set_receiver(self, receiver: StreamReceiver) -> None:
@@ -220,10 +261,6 @@ class Stream(ABC):
                 waiter.set_exception(fresh_error(exc))
                 waiter.exception()  # mark retrieved: shield() callers get it anyway
 
-    @abstractmethod
-    def write_eof(self) -> None:
-        """Half-close: the peer sees EOF after the queued data; receiving goes on."""
-
     # -- closing -----------------------------------------------------------
     @abstractmethod
     async def close(self) -> None:
@@ -276,6 +313,25 @@ class Stream(ABC):
     def __repr__(self) -> str:
         peer = self.extra.get("peer")
         return f"<{type(self).__name__} {self.transport_name} peer={peer!r}>"
+
+
+class HalfClose(ABC):
+    """Optional capability of a :class:`Stream`: half-close. A stream declares it by subclassing.
+
+    The core never half-closes (a session ends with ``close``); direct users of a stream
+    (tests, tools) may. Every built-in stream has it.
+    """
+
+    __slots__ = ()
+
+    @property
+    def can_write_eof(self) -> bool:
+        """False where this connection cannot half-close after all: ``write_eof`` raises."""
+        return True
+
+    @abstractmethod
+    def write_eof(self) -> None:
+        """Half-close: the peer sees EOF after the queued data; receiving goes on."""
 
 
 StreamHandler = Callable[[Stream], None]

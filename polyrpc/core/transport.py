@@ -95,13 +95,18 @@ class Transport(ABC):
 
     Subclasses set ``scheme``, ``description``, ``address_kind`` and ``options``
     and implement :meth:`dial` and :meth:`listen`. A transport that cannot work
-    on this machine overrides :meth:`unavailable_reason`.
+    on this machine overrides :meth:`unavailable_reason`; one with needs of its own in
+    the command line tool sets :attr:`library_loggers` or overrides
+    :meth:`development_listen_url`, so the CLI names no scheme.
     """
 
     scheme: ClassVar[str]
     description: ClassVar[str] = ""
     address_kind: ClassVar[str] = HOSTPORT
     options: ClassVar[Mapping[str, Option]] = {}
+    library_loggers: ClassVar[tuple[str, ...]] = ()
+    """Loggers of the library this transport drives that log each failure themselves: the
+    CLI, which prints one clear line of its own, quiets them."""
 
     def unavailable_reason(self) -> str | None:
         """None if usable here, else why not and how to fix it (shown by ``polyrpc transports``)."""
@@ -144,6 +149,15 @@ class Transport(ABC):
     @abstractmethod
     async def listen(self, address: Address, on_stream: StreamHandler) -> Listener:
         """Bind ``address`` (port 0: any free port) and call ``on_stream`` for each peer."""
+
+    def development_listen_url(self, url: str, workdir: Path) -> tuple[str, str | None]:
+        """The URL ``polyrpc serve`` listens on for ``url``, and a certificate fingerprint to show.
+
+        A transport that cannot listen without a certificate may add a fresh self-signed one
+        (written under ``workdir``) and return its SHA-256 fingerprint, which clients pin
+        with ``?fingerprint=``. By default the URL is used as it is (and None).
+        """
+        return url, None
 
     def loopback_urls(self, workdir: Path) -> tuple[str, dict[str, str]]:
         """A listen URL on this machine plus the options a client must add to dial it.

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...core.errors import ConnectFailed, ConnectionLost
-from ...core.stream import Buffer, Stream
+from ...core.stream import Buffer, BufferedReceiver, HalfClose, Stream, StreamReceiver
 from .engine import STAT_FIELDS, ffi, lib
 
 MAGIC = 0x50524B31  # "PRK1": a polyrpc KCP peer, handshake version 1
@@ -412,7 +412,7 @@ def _coalesce(buffers: Sequence[Buffer]) -> list[Buffer]:
     return out
 
 
-class KcpStream(Stream):
+class KcpStream(Stream, HalfClose):
     """A reliable byte stream over one KCP session (stream mode) of a :class:`Mux`."""
 
     transport_name = "kcp"
@@ -445,9 +445,8 @@ class KcpStream(Stream):
         self.config = config
         self._engine = lib.kmux_engine(mux.c, sid)
         self._paused = False
-        self._buffered_receiver = False
-        self._get_buffer: Callable[[int], Any] | None = None
-        self._buffer_updated: Callable[[int], None] | None = None
+        self._get_buffer: Callable[[int], memoryview] | None = None
+        self._buffer_updated: Callable[[int], object] | None = None
         self._deliver_scheduled = False
         self._peer_fin_sn: int | None = None
         self._peer_full_close = False
@@ -486,17 +485,18 @@ class KcpStream(Stream):
                 self._deliver_scheduled = True
                 self.mux.loop.call_soon(self._deliver)
 
-    def set_receiver(self, receiver: Any) -> None:
+    def set_receiver(self, receiver: StreamReceiver) -> None:
         super().set_receiver(receiver)
-        self._buffered_receiver = hasattr(receiver, "get_buffer")
-        self._get_buffer = receiver.get_buffer if self._buffered_receiver else None
-        self._buffer_updated = receiver.buffer_updated if self._buffered_receiver else None
+        if isinstance(receiver, BufferedReceiver):
+            self._get_buffer, self._buffer_updated = receiver.get_buffer, receiver.buffer_updated
+        else:
+            self._get_buffer = self._buffer_updated = None
 
     def _deliver(self) -> None:
         """Hand every readable byte to the receiver (until it pauses), then check for EOF.
 
-        A receiver with ``get_buffer``/``buffer_updated`` (asyncio's BufferedProtocol shape,
-        like the frame decoder) gets the bytes copied by C straight into its own buffer.
+        A :class:`BufferedReceiver` (like the session's frame decoder) gets the bytes copied
+        by C straight into its own buffer.
         """
         self._deliver_scheduled = False
         if self._gone or self._paused:

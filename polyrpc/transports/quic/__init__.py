@@ -517,6 +517,8 @@ class QuicTransport(Transport):
     scheme = "quic"
     description = "QUIC + TLS 1.3 (aioquic); independent calls on separate QUIC streams"
     options = OPTIONS
+    library_loggers = ("quic", "http3")
+    """aioquic logs each failed handshake itself."""
 
     def unavailable_reason(self) -> str | None:
         """Why the installed aioquic cannot serve (a private attribute it relies on is gone)."""
@@ -676,6 +678,10 @@ class QuicTransport(Transport):
         )
         listener.address = address.with_port(sock.getsockname()[1])
         return listener
+
+    def development_listen_url(self, url: str, workdir: Path) -> tuple[str, str | None]:
+        """A listener without ``?cert=`` gets a fresh self-signed certificate."""
+        return with_development_certificate(url, workdir)
 
     def loopback_urls(self, workdir: Path) -> tuple[str, dict[str, str]]:
         cert, key = self_signed_certificate(workdir, ["localhost", "127.0.0.1"])

@@ -36,7 +36,7 @@ from aioquic.quic.events import (
 from aioquic.tls import Epoch as tls_epoch
 
 from ...core.errors import ConnectionLost, HandshakeError
-from ...core.stream import Buffer, Stream, fresh_error
+from ...core.stream import Buffer, HalfClose, Stream, fresh_error
 
 if TYPE_CHECKING:
     from aioquic.quic.stream import QuicStreamSender
@@ -194,7 +194,7 @@ class _Feed:
         self.remaining = size
 
 
-class QuicStream(Stream):
+class QuicStream(Stream, HalfClose):
     """Stream trait over one QUIC connection (units on unidirectional QUIC streams)."""
 
     transport_name = "quic"

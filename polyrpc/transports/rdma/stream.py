@@ -35,7 +35,7 @@ from pyverbs.pyverbs_error import PyverbsError
 from pyverbs.wr import SGE, SendWR
 
 from ...core.errors import ConnectionLost, ProtocolError, TransportUnavailable
-from ...core.stream import Buffer, Stream
+from ...core.stream import Buffer, HalfClose, Stream
 from . import cm
 from .engine import CLOSE, NO_SLOT, PeerInfo, RdmaEngine, Send
 from .verbs import Resources
@@ -104,7 +104,7 @@ class _Verbs:
         return self._res.grow()
 
 
-class RdmaStream(Stream):
+class RdmaStream(Stream, HalfClose):
     """A connected RDMA stream (RC QP, SEND/RECV with credits; the logic in :class:`RdmaEngine`)."""
 
     transport_name = "rdma"
@@ -359,10 +359,6 @@ class RdmaStream(Stream):
     @property
     def write_buffer_size(self) -> int:
         return self._engine.queued
-
-    @property
-    def can_write_eof(self) -> bool:
-        return True
 
     def write_eof(self) -> None:
         self._check_writable()

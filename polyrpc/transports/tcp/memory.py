@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ...core.address import NAME, Address
 from ...core.errors import ConnectFailed, ConnectionLost
-from ...core.stream import Buffer, Listener, Stream, StreamHandler
+from ...core.stream import Buffer, HalfClose, Listener, Stream, StreamHandler
 from ...core.transport import Transport
 
 _EOF = object()
@@ -19,7 +19,7 @@ _names = itertools.count(1)
 CLOSE_TIMEOUT = 10.0
 
 
-class MemoryStream(Stream):
+class MemoryStream(Stream, HalfClose):
     """One end of an in-process pipe. Bytes sit in the writer's queue until the reader takes them."""
 
     transport_name = "mem"

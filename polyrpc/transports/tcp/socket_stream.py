@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ...core.errors import ConnectionLost
-from ...core.stream import Buffer, Stream
+from ...core.stream import Buffer, BufferedReceiver, HalfClose, Stream, StreamReceiver
 
 COALESCE_LIMIT = 16 << 10
 """Buffers smaller than this are joined into one write; larger ones are written as they are."""
@@ -21,7 +21,7 @@ READ_CHUNK = 256 << 10
 CLOSE_TIMEOUT = 10.0
 
 
-class SocketStream(Stream, asyncio.BufferedProtocol):
+class SocketStream(Stream, HalfClose, asyncio.BufferedProtocol):
     """Stream trait on top of an asyncio transport."""
 
     def __init__(
@@ -60,13 +60,13 @@ class SocketStream(Stream, asyncio.BufferedProtocol):
         if self._on_connected is not None:
             self._on_connected(self)
 
-    def set_receiver(self, receiver: Any) -> None:
+    def set_receiver(self, receiver: StreamReceiver) -> None:
         super().set_receiver(receiver)
-        if hasattr(receiver, "get_buffer"):
+        if isinstance(receiver, BufferedReceiver):
             # the receiver reads straight from the socket into its own buffers; re-setting
             # the protocol makes event loops that cache these methods (uvloop) see them
-            self.get_buffer = receiver.get_buffer  # type: ignore[method-assign]
-            self.buffer_updated = receiver.buffer_updated  # type: ignore[method-assign]
+            self.get_buffer = receiver.get_buffer  # type: ignore[method-assign,assignment]
+            self.buffer_updated = receiver.buffer_updated  # type: ignore[method-assign,assignment]
             if self._transport is not None:
                 self._transport.set_protocol(self)
 
