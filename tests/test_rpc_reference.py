@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import polyrpc
 from polyrpc.core import eager, rpc
 from tests import test_rpc_conformance as conformance
 from tests import test_rpc_faults as faults
@@ -54,3 +55,28 @@ async def test_the_reference_is_what_serves_above(tcp_endpoint, monkeypatch):
 @pytest.mark.skipif(eager.EagerServer is None, reason="the C accelerator is not built")
 async def test_connections_use_the_c_call_server_when_it_is_built(tcp_endpoint):
     assert await _call_server_in_use(tcp_endpoint) is eager.EagerServer
+
+
+class Echo:
+    async def metadata(self) -> dict:
+        return dict(polyrpc.current_context().metadata)
+
+
+async def test_a_call_with_metadata_is_served_by_the_python_path(tcp_endpoint, monkeypatch):
+    """The C call server serves only calls it fully understands: any metadata (here a key
+    nothing in polyrpc knows) goes to the Python path, which hands it to the handler."""
+    seen: list[dict[str, str]] = []
+    reference = rpc.RpcConnection.on_request
+
+    def recording(self, frame):
+        seen.append(dict(frame.metadata))
+        reference(self, frame)
+
+    monkeypatch.setattr(rpc.RpcConnection, "on_request", recording)
+    metadata = {"x-never-heard-of": "42", "user": "ann"}
+    async with conformance.rpc(tcp_endpoint, Echo()) as (_, client, _):
+        assert await client.call("Echo.metadata") == {}
+        assert await client.call("Echo.metadata", metadata=metadata) == metadata
+    assert metadata in seen
+    # the plain call is the C server's own when it is built, the reference's otherwise
+    assert ({} in seen) is (eager.EagerServer is None)

@@ -1833,7 +1833,7 @@ session_slot(PyTypeObject *type, const char *name)
 static PyObject *long_one;   /* 1 */
 static PyObject *small_zero; /* 0: the decoder's frames share CPython's small int */
 static PyObject *str_kind, *str_async, *str_func, *str_stats, *str_calls, *str_durations,
-    *str_append, *str_timeout, *str_write_now;
+    *str_append, *str_write_now;
 
 static PyObject *
 eager_fallback(EagerServerObject *self, PyObject *frame)
@@ -2093,11 +2093,9 @@ EagerServer_vectorcall(EagerServerObject *self, PyObject *const *argv, size_t na
         !PyLong_CheckExact(f->codec) || !PyDict_CheckExact(f->metadata) ||
         !PyUnicode_CheckExact(f->method))
         return eager_fallback(self, frame);
-    if (PyDict_GET_SIZE(f->metadata)) {
-        int timed = PyDict_Contains(f->metadata, str_timeout);
-        if (timed != 0)
-            return timed < 0 ? NULL : eager_fallback(self, frame);
-    }
+    /* metadata (a deadline, trace context, a key added later) is the Python path's to read */
+    if (PyDict_GET_SIZE(f->metadata))
+        return eager_fallback(self, frame);
     PyObject *method = PyDict_GetItemWithError(self->methods, f->method);
     if (method == NULL)
         return PyErr_Occurred() ? NULL : eager_fallback(self, frame);
@@ -2245,8 +2243,9 @@ EagerServer_dealloc(EagerServerObject *self)
 static PyTypeObject EagerServerType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "polyrpc.core._frames.EagerServer",
     .tp_doc = "EagerServer(connection, reference, context)\n--\n\n"
-              "Serves a connection's usual calls (an async handler that finishes in its first\n"
-              "step) in C; hands every other frame to ``reference`` (RpcConnection.on_request).",
+              "Serves a connection's usual calls (no flags, no metadata, an async handler that\n"
+              "finishes in its first step) in C; hands every other frame to ``reference``\n"
+              "(RpcConnection.on_request), so what it does not understand stays Python's.",
     .tp_basicsize = sizeof(EagerServerObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_new = EagerServer_new,
@@ -2449,10 +2448,9 @@ PyInit__frames(void)
         str_durations = PyUnicode_InternFromString("durations");
         str_append = PyUnicode_InternFromString("append");
         str_write_now = PyUnicode_InternFromString("write_now");
-        str_timeout = PyUnicode_InternFromString("timeout");
         if (!empty_str || !empty_bytes || !empty_metadata || !method_bytes_cache ||
             !str_set_result || !str_kind || !str_async || !str_func || !str_stats || !str_calls ||
-            !str_durations || !str_append || !str_write_now || !str_timeout || !long_one || !small_zero)
+            !str_durations || !str_append || !str_write_now || !long_one || !small_zero)
             return NULL;
     }
     PyObject *m = PyModule_Create(&frames_moduledef);
