@@ -2,8 +2,8 @@
 # Set up, then run every check CI runs (CI runs exactly this, through .ci/run):
 #   static    ruff (lint, format) and mypy
 #   host      the unit, conformance, RPC, interop, CLI and property suites on this machine
-#   pure      the conformance suites again with POLYRPC_PURE_PYTHON=1 (tests/adversarial
-#             covers both decoders in the host stage: its servers run with each)
+#   pure      the host suite again with POLYRPC_PURE_PYTHON=1 (the Python references instead
+#             of the C accelerators of the message core)
 #   sanitize  the C extensions built with ASan+UBSan and the suites that reach them
 #             (scripts/sanitize.sh)
 #   fuzz      coverage-guided fuzzing of the frame decoders and the KCP engine for a bounded
@@ -82,20 +82,20 @@ pytest_stage() { # stage name, then pytest's arguments (env assignments via `env
         fail "$stage" "pytest collected no tests: that is a failure"
     elif [ "$rc" -ne 0 ]; then
         fail "$stage" "pytest exit status $rc: $line"
+        # which tests: the summary is often all a reader of CI's tail gets to see
+        while IFS= read -r line; do
+            summary+=("          $line")
+        done < <(grep -E '^(FAILED|ERROR) ' "$log" | cut -c 1-300 | head -n 20)
     else
         summary+=("ok      $stage ($(($(date +%s) - start)) s): $line")
     fi
 }
 
-# suites that reach the frame decoder, the session and the transports (tests/adversarial,
-# the hostile-peer cases, runs in the host stage only: it starts its server subprocesses
-# with each decoder itself)
-CONFORMANCE=(tests/test_conformance.py tests/test_rpc_conformance.py)
-
 # the RDMA tests need an RDMA device and the netem bench test kernel netem: they run in the VM
-pytest_stage host $PY -m pytest --ignore=tests/test_rdma_transport.py \
-    --ignore=tests/test_bench_netem.py "$@"
-pytest_stage pure env POLYRPC_PURE_PYTHON=1 $PY -m pytest "${CONFORMANCE[@]}"
+HOST_SUITE=(--ignore=tests/test_rdma_transport.py --ignore=tests/test_bench_netem.py)
+pytest_stage host $PY -m pytest "${HOST_SUITE[@]}" "$@"
+# the same suite with every C accelerator of the message core replaced by its Python reference
+pytest_stage pure env POLYRPC_PURE_PYTHON=1 $PY -m pytest "${HOST_SUITE[@]}" "$@"
 
 start=$(date +%s)
 if scripts/sanitize.sh 2>&1 | tee "$LOGS/sanitize.log"; [ "${PIPESTATUS[0]}" -eq 0 ]; then
