@@ -98,6 +98,14 @@ PRIVATE_ATTRIBUTES: tuple[PrivateAttribute, ...] = (
         "congestion window and bytes in flight: how much of a large unit to hand over (_top_up)",
     ),
     PrivateAttribute(
+        QuicConnection, "_remote_max_data", "the peer's MAX_DATA: the credit that caps _top_up"
+    ),
+    PrivateAttribute(
+        QuicConnection,
+        "_remote_max_data_used",
+        "bytes sent against the peer's MAX_DATA: the credit that caps _top_up",
+    ),
+    PrivateAttribute(
         QuicStreamSender,
         "_buffer_start",
         "start of the unacknowledged bytes (write backpressure, the express channel is idle)",

@@ -55,6 +55,10 @@ JOIN_LIMIT = 64 << 10
 FEED_AHEAD = 1 << 20
 """Bytes of a large unit handed to aioquic beyond what it has sent (plus the congestion
 window's free room); the rest waits in the writer's own buffers, uncopied."""
+FEED_WINDOW_CAP = 4 << 20
+"""At most this much of the congestion window's free room is handed over too: aioquic paces
+its packets, so on a fast path the window grows well past what it sends before the next
+top-up (it reached 11 MiB on loopback) and would fill with unsent copies."""
 UNIT, CHANNEL, EOF = 0, 1, 2
 """First byte of every unidirectional stream: one unit, the ordered channel, or EOF."""
 UNIT_HEADER, CHANNEL_HEADER, EOF_HEADER = bytes([UNIT]), bytes([CHANNEL]), bytes([EOF])
@@ -757,11 +761,15 @@ class QuicStream(Stream, HalfClose):
         """Give each large unit's QUIC stream its next chunks while aioquic holds little unsent.
 
         aioquic serves streams round-robin, one frame per stream per packet; what it holds
-        unsent is kept to :data:`FEED_AHEAD` plus the congestion window's free room.
+        unsent is kept to :data:`FEED_AHEAD` plus what it may send next: the congestion
+        window's free room, no more than the peer's flow-control credit (a slow reader's
+        data cannot leave anyway) and :data:`FEED_WINDOW_CAP`.
         """
         connection = self.connection
         loss = connection._loss
-        room = FEED_AHEAD + max(0, loss.congestion_window - loss.bytes_in_flight)
+        window = loss.congestion_window - loss.bytes_in_flight
+        credit = connection._remote_max_data - connection._remote_max_data_used
+        room = FEED_AHEAD + max(0, min(window, credit, FEED_WINDOW_CAP))
         done = []
         for stream_id, feed in self._feeding.items():
             sender = feed.sender
