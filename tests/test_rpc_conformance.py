@@ -11,7 +11,7 @@ import msgpack
 import pytest
 
 import polyrpc
-from polyrpc.core.frames import HEADER_SIZE, Kind, encode_frame
+from polyrpc.core.frames import HEADER_SIZE, FrameDecoder, Kind, encode_frame
 from polyrpc.core.rpc import STREAM_CREDIT
 from tests.rpc_fault_services import Slow
 from tests.test_conformance import (
@@ -558,4 +558,34 @@ async def test_a_request_reusing_a_running_calls_seq_is_a_protocol_error(endpoin
         [body] = error_frames(recorder.data)
         assert body["code"] == "protocol_error" and "reuses the seq" in body["message"]
         await asyncio.wait_for(service.cancelled.wait(), 5)
+        raw.abort()
+
+
+async def test_a_request_with_an_unknown_codec_id_fails_alone(endpoint):
+    """The decoder checks magic, version and kind; a codec id it does not know fails only
+    that call (``bad_request``, naming the id), and the connection goes on serving."""
+    hello = encode_frame(Kind.HELLO, 0, metadata={"version": "1", "codec": "msgpack"})[0]
+    unknown = encode_frame(Kind.REQUEST, 7, b"\x92\x92\x06\x07\x80", method="Arith.mul", codec=77)
+    valid = encode_frame(Kind.REQUEST, 9, msgpack.packb([[6, 7], {}]), method="Arith.mul", codec=1)
+    async with polyrpc.serve(endpoint.listen_url, Arith()) as server:
+        raw = await endpoint.transport.dial(
+            endpoint.transport.parse(endpoint.client_url(server.urls[0]))
+        )
+        recorder = Recorder()
+        raw.set_receiver(recorder)
+        await raw.send([hello, *unknown, *valid])
+        decoder = FrameDecoder(polyrpc.Limits())
+        answers: dict[int, object] = {}
+        async with asyncio.timeout(5):
+            while len(answers) < 2:
+                await asyncio.sleep(0.01)
+                data, recorder.data = bytes(recorder.data), bytearray()
+                for frame in decoder.feed(data):
+                    if frame.kind in (Kind.RESPONSE, Kind.ERROR) and frame.seq:
+                        answers[frame.seq] = (Kind(frame.kind), msgpack.unpackb(frame.payload))
+        kind, body = answers[7]
+        assert kind == Kind.ERROR and body["code"] == "bad_request"
+        assert "unknown codec id 77" in body["message"]
+        assert answers[9] == (Kind.RESPONSE, 42)
+        assert not recorder.eof.is_set() and not recorder.lost.is_set()
         raw.abort()
