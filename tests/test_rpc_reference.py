@@ -8,13 +8,14 @@ over tcp, so the reference stays correct too.
 from __future__ import annotations
 
 import inspect
+import os
 import tempfile
 from pathlib import Path
 
 import pytest
 
 import polyrpc
-from polyrpc.core import eager, rpc
+from polyrpc.core import eager, frames, rpc
 from tests import test_rpc_conformance as conformance
 from tests import test_rpc_faults as faults
 from tests.conftest import Endpoint
@@ -52,9 +53,13 @@ async def test_the_reference_is_what_serves_above(tcp_endpoint, monkeypatch):
     assert await _call_server_in_use(tcp_endpoint) is type(rpc.RpcConnection.on_request.__get__(0))
 
 
-@pytest.mark.skipif(eager.EagerServer is None, reason="the C accelerator is not built")
-async def test_connections_use_the_c_call_server_when_it_is_built(tcp_endpoint):
-    assert await _call_server_in_use(tcp_endpoint) is eager.EagerServer
+@pytest.mark.skipif(frames.ACCELERATED is None, reason="the C accelerator is not built")
+async def test_connections_use_the_c_call_server_unless_pure_python_is_forced(tcp_endpoint):
+    forced = os.environ.get("POLYRPC_PURE_PYTHON", "") not in ("", "0")
+    assert (eager.EagerServer is None) is forced
+    reference = type(rpc.RpcConnection.on_request.__get__(0))
+    expected = reference if forced else eager.EagerServer
+    assert await _call_server_in_use(tcp_endpoint) is expected
 
 
 class Echo:
