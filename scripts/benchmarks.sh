@@ -49,8 +49,10 @@ for run in docs/bench/netem-vm-loss*.json; do
     [ -f "$run" ] && netem+=(--netem "$run")
 done
 # the rdma section is measured in the soft-RoCE VM by vm/rdma-vm.sh bench (see the file); the
-# budgets section by bench/budgets.py and the tests it names (see the file)
+# budgets section by bench/budgets.py and the tests it names (see the file); the instructions
+# section by bench/instructions.py (see the file)
 "$PY" -m polyrpc.bench.report docs/bench/loopback.json docs/bench/lossy.json \
     --targets docs/bench/targets.json --more-lossy docs/bench/lossy5.json "${netem[@]}" \
-    --section docs/bench/rdma-vm.md --section docs/bench/budgets.md --images img >docs/benchmarks.md
+    --section docs/bench/rdma-vm.md --section docs/bench/budgets.md \
+    --section docs/bench/instructions.md --images img >docs/benchmarks.md
 echo "wrote docs/benchmarks.md"

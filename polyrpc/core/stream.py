@@ -57,7 +57,7 @@ class StreamReceiver(Protocol):
     def data_received(self, data: Buffer) -> object:
         """Bytes arrived; the receiver must copy what it keeps (``data`` may be reused).
 
-        What it returns is ignored (the session's is its decoder's ``received_data``).
+        What it returns is ignored.
         """
 
     def eof_received(self) -> None:
