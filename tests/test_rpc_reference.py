@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from polyrpc.core import eager, rpc
+from polyrpc.rpc import connection, eager
 from tests import test_rpc_conformance as conformance
 from tests import test_rpc_faults as faults
 from tests.conftest import Endpoint
@@ -36,7 +36,7 @@ def tcp_endpoint():
 
 @pytest.mark.parametrize("behaviour", BEHAVIOURS, ids=lambda test: test.__name__[5:])
 async def test_on_the_python_call_server(behaviour, tcp_endpoint, monkeypatch):
-    monkeypatch.setattr(rpc, "EagerServer", None)
+    monkeypatch.setattr(connection, "EagerServer", None)
     await behaviour(tcp_endpoint)
 
 
@@ -47,8 +47,10 @@ async def _call_server_in_use(endpoint: Endpoint) -> type:
 
 
 async def test_the_reference_is_what_serves_above(tcp_endpoint, monkeypatch):
-    monkeypatch.setattr(rpc, "EagerServer", None)
-    assert await _call_server_in_use(tcp_endpoint) is type(rpc.RpcConnection.on_request.__get__(0))
+    monkeypatch.setattr(connection, "EagerServer", None)
+    assert await _call_server_in_use(tcp_endpoint) is type(
+        connection.RpcConnection.on_request.__get__(0)
+    )
 
 
 @pytest.mark.skipif(eager.EagerServer is None, reason="the C accelerator is not built")
