@@ -8,6 +8,6 @@ from setuptools import Extension, setup
 setup(
     cffi_modules=["polyrpc/transports/kcp/_build.py:ffibuilder"],
     ext_modules=[
-        Extension("polyrpc.core._frames", ["polyrpc/core/_frames.c"], optional=True),
+        Extension("polyrpc.wire._frames", ["polyrpc/wire/_frames.c"], optional=True),
     ],
 )

@@ -37,11 +37,11 @@ from typing import Any
 import msgpack
 
 import polyrpc
-from polyrpc.core.codecs import codec_by_name
-from polyrpc.core.frames import HEADER, MAGIC, VERSION, Kind, encode_frame
-from polyrpc.core.registry import registry
-from polyrpc.core.session import FEATURES
-from polyrpc.core.stream import DISCARD, Stream
+from polyrpc.session.session import FEATURES
+from polyrpc.stream.registry import registry
+from polyrpc.stream.trait import DISCARD, Stream
+from polyrpc.wire.codecs import codec_by_name
+from polyrpc.wire.frames import HEADER, MAGIC, VERSION, Kind, encode_frame
 
 MiB = 1 << 20
 

@@ -15,7 +15,7 @@ import asyncio
 import time
 
 import polyrpc
-from polyrpc.core.runtime import loop_name, run
+from polyrpc.session.runtime import loop_name, run
 
 IN_FLIGHT = 128
 PAYLOAD = b"x" * 64

@@ -21,7 +21,7 @@ import subprocess
 import sys
 
 from polyrpc.bench.rows import resolve_target
-from polyrpc.core.runtime import run
+from polyrpc.session.runtime import run
 
 PAYLOAD = b"x" * 64
 VALGRIND = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]

@@ -1,7 +1,6 @@
 """polyrpc: messages and remote calls over a transport chosen by URL."""
 
-from .core.endpoints import Client, Server, connect, serve
-from .core.errors import (
+from .errors import (
     CallTimeout,
     ConnectFailed,
     ConnectionLost,
@@ -14,11 +13,12 @@ from .core.errors import (
     RemoteError,
     TransportUnavailable,
 )
-from .core.frames import Limits
-from .core.messages import Connection, Message, MessageListener, dial, listen
-from .core.registry import registry
-from .core.rpc import CallContext, current_context
-from .core.session import SessionConfig
+from .messages import Connection, Message, MessageListener, dial, listen
+from .rpc.connection import CallContext, current_context
+from .rpc.endpoints import Client, Server, connect, serve
+from .session.session import SessionConfig
+from .stream.registry import registry
+from .wire.frames import Limits
 
 __version__ = "0.1.0"
 

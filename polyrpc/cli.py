@@ -17,9 +17,9 @@ from typing import Any
 
 from rich.console import Console
 
-from .core.address import split_scheme
-from .core.errors import PolyrpcError
-from .core.registry import registry
+from .errors import PolyrpcError
+from .stream.address import split_scheme
+from .stream.registry import registry
 
 
 def cmd_transports(args: argparse.Namespace) -> int:
@@ -192,8 +192,8 @@ def _load_object(spec: str) -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the demo service or the user's object until Ctrl-C, then shut down gracefully."""
-    from .core.endpoints import Server
-    from .core.runtime import run
+    from .rpc.endpoints import Server
+    from .session.runtime import run
 
     if not args.demo and not args.objects:
         raise SystemExit("polyrpc serve: give module:object to serve, or --demo")
@@ -251,8 +251,8 @@ def _parse_argument(text: str) -> Any:
 
 def cmd_call(args: argparse.Namespace) -> int:
     """Call one method and print its JSON result (one line per item with --stream)."""
-    from .core.endpoints import connect
-    from .core.runtime import run
+    from .rpc.endpoints import connect
+    from .session.runtime import run
 
     positional: list[Any] = []
     keywords: dict[str, Any] = {}

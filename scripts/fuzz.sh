@@ -63,7 +63,7 @@ find "$BUILD/tree" -name __pycache__ -prune -exec rm -rf {} +
 include=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 suffix=$("$PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 clang -shared -fPIC -g -O1 -fno-omit-frame-pointer -fsanitize=address,fuzzer-no-link \
-    -I"$include" polyrpc/core/_frames.c -o "$BUILD/tree/polyrpc/core/_frames$suffix" || exit 1
+    -I"$include" polyrpc/wire/_frames.c -o "$BUILD/tree/polyrpc/wire/_frames$suffix" || exit 1
 atheris_dir=$("$PY" -c "import atheris; print(atheris.path())")
 
 # each fuzzer: -max_total_time bounds the run; a crash writes its input to artifacts/

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The C extensions (the frame codec polyrpc/core/_frames.c and the KCP core's cffi module)
+# The C extensions (the frame codec polyrpc/wire/_frames.c and the KCP core's cffi module)
 # built with AddressSanitizer and UndefinedBehaviorSanitizer into a copy of the checkout
 # (build/sanitize/tree: the checkout's own builds stay as they are), then the suites that
 # reach them run against that build: conformance, frames, eager call server, KCP engine and
@@ -49,7 +49,7 @@ export LD_PRELOAD="$libasan $libubsan"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:print_summary=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 export PYTHONPATH=$TREE
-which=$("$PY" -c "from polyrpc.core import frames, _frames; from polyrpc.transports.kcp import _kcp
+which=$("$PY" -c "from polyrpc.wire import frames, _frames; from polyrpc.transports.kcp import _kcp
 print(frames.IMPLEMENTATION.name, _frames.__file__, _kcp.__file__)") || exit 1
 case "$which" in
 "c $TREE/"*" $TREE/"*) echo "sanitize: testing the instrumented build: $which" ;;

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from polyrpc import registry
-from polyrpc.core import codecs, frames, rpc, session
+from polyrpc.rpc import connection
+from polyrpc.session import session
+from polyrpc.wire import codecs, frames
 
 ROOT = Path(__file__).parent.parent
 SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -74,13 +76,13 @@ def impl(request, monkeypatch):
     Python reference."""
     if request.param == "python":
         monkeypatch.setattr(session, "FrameDecoder", frames.PYTHON.FrameDecoder)
-        monkeypatch.setattr(rpc, "EagerServer", None)
+        monkeypatch.setattr(connection, "EagerServer", None)
         monkeypatch.setattr(codecs, "scan_msgpack", codecs.msgpack_counts)
         monkeypatch.setattr(codecs, "scan_json", codecs.json_counts)
     elif frames.ACCELERATED is None:
         pytest.skip("the C accelerator is not built")
     else:
-        from polyrpc.core import _frames
+        from polyrpc.wire import _frames
 
         monkeypatch.setattr(session, "FrameDecoder", frames.ACCELERATED.FrameDecoder)
         monkeypatch.setattr(codecs, "scan_msgpack", _frames.msgpack_counts)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from polyrpc.core.errors import ProtocolError
-from polyrpc.core.frames import Implementation, Limits
+from polyrpc.errors import ProtocolError
+from polyrpc.wire.frames import Implementation, Limits
 
 # how one piece is handed over: bytes to received_data, a socket read (get_buffer, then
 # received), or the plain feed() whose frames come back to the caller

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-from polyrpc.core.registry import registry
-from polyrpc.core.stream import Stream
+from polyrpc.stream.registry import registry
+from polyrpc.stream.trait import Stream
 
 
 class Collector:

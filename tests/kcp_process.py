@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 BARE_SERVER = """
 import asyncio, sys
-from polyrpc.core.registry import registry
-from polyrpc.core.runtime import run
+from polyrpc.stream.registry import registry
+from polyrpc.session.runtime import run
 
 class Sink:
     def data_received(self, data): pass

@@ -7,8 +7,8 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from polyrpc.core.certs import self_signed_certificate
-from polyrpc.core.stream import Buffer
+from polyrpc.stream.trait import Buffer
+from polyrpc.transports._shared.certs import self_signed_certificate
 from polyrpc.transports.quic import QuicListener, QuicStream, QuicTransport
 
 TRANSPORT = QuicTransport()

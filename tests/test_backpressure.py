@@ -22,7 +22,7 @@ import pytest
 
 import polyrpc
 from bench.budgets import rss
-from polyrpc.core import frames
+from polyrpc.wire import frames
 
 NOTIFY_WINDOW = 8
 """The server's max_concurrent_calls in these tests: the window notifications share."""

@@ -382,7 +382,7 @@ async def test_rpc_stream_count_includes_notifications_that_arrive_with_the_quer
     are decoded with it, and an async call's first step runs at once, before their tasks;
     the count must still include them all (without its yield, ``received`` returned 0)."""
     from polyrpc.bench.targets import EchoService
-    from polyrpc.core.endpoints import Server, connect
+    from polyrpc.rpc.endpoints import Server, connect
 
     server = Server()
     server.register(EchoService(), "Echo")

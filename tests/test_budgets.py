@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import polyrpc
-from polyrpc.core.frames import ACCELERATED
+from polyrpc.wire.frames import ACCELERATED
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 

@@ -18,8 +18,9 @@ import msgpack
 import pytest
 
 import polyrpc
-from polyrpc.core.codecs import codec_by_id
-from polyrpc.core.frames import (
+from polyrpc.stream.trait import BufferedReceiver, HalfClose
+from polyrpc.wire.codecs import codec_by_id
+from polyrpc.wire.frames import (
     HEADER,
     HEADER_SIZE,
     MAGIC,
@@ -28,7 +29,6 @@ from polyrpc.core.frames import (
     Kind,
     encode_frame,
 )
-from polyrpc.core.stream import BufferedReceiver, HalfClose
 
 PEER = Path(__file__).with_name("peer.py")
 SIZES = [0, 1, 64 << 10, 1 << 20, 16 << 20]

@@ -20,8 +20,8 @@ import pytest
 
 import polyrpc
 from bench.budgets import rss
-from polyrpc.core.session import Session
-from polyrpc.core.stream import Stream
+from polyrpc.session.session import Session
+from polyrpc.stream.trait import Stream
 
 ROUNDS = {"tcp": 2000, "unix": 2000, "mem": 2000, "tls": 300, "quic": 100, "kcp": 200}
 """Connections opened and aborted per transport (the slower handshakes get fewer)."""

@@ -7,11 +7,11 @@ import os
 
 import pytest
 
-from polyrpc.core import eager
+from polyrpc.rpc import eager
 
 IMPLEMENTATIONS = [eager._py_coroutine_step]
 try:
-    from polyrpc.core._frames import coroutine_step as _c_step
+    from polyrpc.wire._frames import coroutine_step as _c_step
 except ImportError:  # the C accelerator is optional; the reference is always tested
     pass
 else:

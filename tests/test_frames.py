@@ -1,7 +1,7 @@
 """The frame codec and incremental decoder, sans-IO: bytes in, frames out.
 
 Codec tests run against both implementations: the pure-Python reference and the C
-accelerator (polyrpc.core._frames; build it with ``python setup.py build_ext --inplace``).
+accelerator (polyrpc.wire._frames; build it with ``python setup.py build_ext --inplace``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from polyrpc import ProtocolError
-from polyrpc.core import codecs
-from polyrpc.core import frames as frames_module
-from polyrpc.core.frames import (
+from polyrpc.session.timeouts import DeadlineWheel
+from polyrpc.wire import codecs
+from polyrpc.wire import frames as frames_module
+from polyrpc.wire.frames import (
     ACCELERATED,
     HEADER,
     HEADER_SIZE,
@@ -38,7 +39,6 @@ from polyrpc.core.frames import (
     Kind,
     Limits,
 )
-from polyrpc.core.timeouts import DeadlineWheel
 
 NOT_BUILT = "C extension not built: run python setup.py build_ext --inplace"
 both = pytest.mark.parametrize(
@@ -635,7 +635,7 @@ def test_c_frame_behaves_like_the_python_frame():
 
 @needs_c
 def test_c_module_constants_match_the_protocol():
-    from polyrpc.core import _frames
+    from polyrpc.wire import _frames
 
     assert _frames.HEADER_SIZE == HEADER_SIZE == HEADER.size
     assert _frames.VERSION == VERSION
@@ -686,15 +686,15 @@ def test_c_decoder_rejects_an_overrun_of_its_buffer():
 
 @pytest.mark.parametrize("pure", ["1", ""])
 def test_pure_python_env_var_selects_the_implementation(pure):
-    code = "from polyrpc.core import frames as f; print(f.IMPLEMENTATION.name, f.FrameDecoder.__module__)"
+    code = "from polyrpc.wire import frames as f; print(f.IMPLEMENTATION.name, f.FrameDecoder.__module__)"
     env = {**os.environ, "POLYRPC_PURE_PYTHON": pure}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     ).stdout.split()
     if pure or not ACCELERATED:
-        assert out == ["python", "polyrpc.core.frames"]
+        assert out == ["python", "polyrpc.wire.frames"]
     else:
-        assert out == ["c", "polyrpc.core._frames"]
+        assert out == ["c", "polyrpc.wire._frames"]
     assert (frames_module.FrameDecoder is PYTHON.FrameDecoder) == (
         frames_module.IMPLEMENTATION is PYTHON
     )
@@ -791,7 +791,7 @@ msgpack_values = st.recursive(
 def test_c_and_python_scans_count_alike(value, cut, noise):
     """The C scans are a stand-in for the Python ones: same counts on valid, cut short and
     random payloads, for both codecs."""
-    from polyrpc.core import _frames
+    from polyrpc.wire import _frames
 
     packed = msgpack.packb(value)
     as_json = json.dumps(value, default=repr).encode()

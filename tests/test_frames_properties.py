@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from polyrpc.core.frames import ACCELERATED, HEADER_SIZE, PYTHON, Kind, Limits
+from polyrpc.wire.frames import ACCELERATED, HEADER_SIZE, PYTHON, Kind, Limits
 from tests.frame_drive import MODES, drive
 
 needs_c = pytest.mark.skipif(not ACCELERATED, reason="C extension not built")

@@ -12,7 +12,7 @@ import struct
 
 import pytest
 
-from polyrpc.core.errors import ConnectFailed
+from polyrpc.errors import ConnectFailed
 from polyrpc.transports.kcp import engine as kcp_engine
 
 pytestmark = pytest.mark.skipif(

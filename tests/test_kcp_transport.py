@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from polyrpc.core.errors import ConnectFailed, ConnectionLost, ConnectTimeout, InvalidAddress
-from polyrpc.core.registry import registry
-from polyrpc.core.stream import BufferedReceiver
+from polyrpc.errors import ConnectFailed, ConnectionLost, ConnectTimeout, InvalidAddress
+from polyrpc.stream.registry import registry
+from polyrpc.stream.trait import BufferedReceiver
 from polyrpc.transports.kcp import engine as kcp_engine
 
 pytestmark = pytest.mark.skipif(
@@ -350,8 +350,8 @@ def test_missing_extension_is_a_clear_transport_unavailable():
                 if name == "polyrpc.transports.kcp._kcp":
                     raise ImportError("simulated: extension not built")
         sys.meta_path.insert(0, Block())
-        from polyrpc.core.errors import TransportUnavailable
-        from polyrpc.core.registry import registry
+        from polyrpc.errors import TransportUnavailable
+        from polyrpc.stream.registry import registry
         try:
             registry.resolve("kcp@127.0.0.1:9000")
         except TransportUnavailable as exc:

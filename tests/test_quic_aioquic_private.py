@@ -19,8 +19,8 @@ from aioquic.quic.stream import QuicStreamSender
 from packaging.specifiers import SpecifierSet
 from quic_helpers import Sink, dial, serving
 
-from polyrpc.core.errors import TransportUnavailable
-from polyrpc.core.registry import registry
+from polyrpc.errors import TransportUnavailable
+from polyrpc.stream.registry import registry
 from polyrpc.transports.quic import QuicStream, QuicTransport, aioquic_private
 from polyrpc.transports.quic.aioquic_private import (
     PRIVATE_ATTRIBUTES,
@@ -40,6 +40,8 @@ PRIVATE_NAME = re.compile(r"\.(_[A-Za-z]\w*)")
 RECEIVER = re.compile(r"[\w.]*(?:\(\))?$")
 PRIVATE_GETATTR = re.compile(r"getattr\([^,]+,\s*\"(_[A-Za-z]\w*)\"")
 OWN_NAME = re.compile(r"(?:\bself\.|\bdef |\bclass |^)(_[A-Za-z]\w*)\s*[:=(]", re.MULTILINE)
+RELATIVE_IMPORT = re.compile(r"\s*from \.")
+"""polyrpc's own modules (``from .._shared.udp import ...``), never aioquic's."""
 
 
 def private_names_used() -> dict[str, str]:
@@ -55,6 +57,8 @@ def private_names_used() -> dict[str, str]:
     used: dict[str, str] = {}
     for path, text in texts.items():
         for number, line in enumerate(text.splitlines(), 1):
+            if RELATIVE_IMPORT.match(line):
+                continue
             names = PRIVATE_GETATTR.findall(line)
             for match in PRIVATE_NAME.finditer(line):
                 receiver = RECEIVER.search(line[: match.start()])

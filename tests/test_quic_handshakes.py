@@ -16,7 +16,7 @@ from aioquic.quic.connection import QuicConnection
 from quic_helpers import dial, serving, until
 
 import polyrpc
-from polyrpc.core.errors import ConnectFailed
+from polyrpc.errors import ConnectFailed
 
 
 def client_initials(count: int, port: int, token: bytes = b"") -> list[bytes]:

@@ -14,9 +14,9 @@ import pytest
 from quic_helpers import Sink, dial, serving
 
 import polyrpc
-from polyrpc.core.certs import self_signed_certificate
-from polyrpc.core.errors import ConnectionLost
+from polyrpc.errors import ConnectionLost
 from polyrpc.testing.udp_relay import UdpRelay
+from polyrpc.transports._shared.certs import self_signed_certificate
 from polyrpc.transports.quic.connection import FEED_AHEAD, FEED_WINDOW_CAP
 
 UNIT = 256 << 10

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import polyrpc
-from polyrpc.core.registry import registry
+from polyrpc.stream.registry import registry
 
 try:
     registry.get("quic")

@@ -13,8 +13,8 @@ import time
 from quic_helpers import dial, serving
 
 import polyrpc
-from polyrpc.core.certs import self_signed_certificate
 from polyrpc.testing.udp_relay import UdpRelay
+from polyrpc.transports._shared.certs import self_signed_certificate
 
 
 async def test_4mib_through_loss_reorder_duplication(tmp_path) -> None:

@@ -11,9 +11,9 @@ from aioquic.asyncio import connect, serve
 from aioquic.quic.configuration import QuicConfiguration
 from quic_helpers import Server, Sink, certificate, dial, serving
 
-from polyrpc.core.certs import certificate_fingerprint
-from polyrpc.core.errors import ConnectFailed, HandshakeError, InvalidAddress
-from polyrpc.core.registry import registry
+from polyrpc.errors import ConnectFailed, HandshakeError, InvalidAddress
+from polyrpc.stream.registry import registry
+from polyrpc.transports._shared.certs import certificate_fingerprint
 from polyrpc.transports.quic import QuicTransport, with_development_certificate
 
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from polyrpc.core.errors import ProtocolError
+from polyrpc.errors import ProtocolError
 from polyrpc.transports.rdma.engine import (
     CLOSE,
     CREDIT,

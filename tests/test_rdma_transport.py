@@ -23,7 +23,7 @@ import pytest
 
 import polyrpc
 from polyrpc import registry
-from polyrpc.core.errors import ConnectFailed, InvalidAddress, TransportUnavailable
+from polyrpc.errors import ConnectFailed, InvalidAddress, TransportUnavailable
 
 IN_VM = os.environ.get("POLYRPC_IN_RDMA_VM") == "1"
 HOW = "RDMA tests need real verbs: run them in the soft-RoCE VM with `vm/rdma-vm.sh test`"

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 import polyrpc
-from polyrpc.core.registry import Registry
+from polyrpc.stream.registry import Registry
 
 
 def test_builtins_are_listed_and_usable():
@@ -26,7 +26,7 @@ def plugin_dist(tmp_path, monkeypatch):
         textwrap.dedent(
             """
             from polyrpc.transports.tcp import TcpTransport
-            from polyrpc.core.transport import Transport
+            from polyrpc.stream.transport import Transport
 
             class EchoTcp(TcpTransport):
                 scheme = "etcp"
@@ -69,7 +69,7 @@ def test_entry_point_plugins_are_found(plugin_dist):
 
 async def test_plugin_transport_carries_messages(plugin_dist, monkeypatch):
     registry = Registry()
-    monkeypatch.setattr("polyrpc.core.messages.registry", registry)
+    monkeypatch.setattr("polyrpc.messages.registry", registry)
     listener = await polyrpc.listen("etcp@127.0.0.1:0", on_request=lambda m: m * 2)
     try:
         async with await polyrpc.dial(listener.url) as conn:

@@ -11,8 +11,8 @@ import msgpack
 import pytest
 
 import polyrpc
-from polyrpc.core.frames import HEADER_SIZE, FrameDecoder, Kind, encode_frame
-from polyrpc.core.rpc import STREAM_CREDIT
+from polyrpc.rpc.connection import STREAM_CREDIT
+from polyrpc.wire.frames import HEADER_SIZE, FrameDecoder, Kind, encode_frame
 from tests.rpc_fault_services import Slow
 from tests.test_conformance import (
     Recorder,

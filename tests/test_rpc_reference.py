@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 import polyrpc
-from polyrpc.core import eager, frames, rpc
+from polyrpc.rpc import connection, eager
+from polyrpc.wire import frames
 from tests import test_rpc_conformance as conformance
 from tests import test_rpc_faults as faults
 from tests.conftest import Endpoint
@@ -38,7 +39,7 @@ def tcp_endpoint():
 
 @pytest.mark.parametrize("behaviour", BEHAVIOURS, ids=lambda test: test.__name__[5:])
 async def test_on_the_python_call_server(behaviour, tcp_endpoint, monkeypatch):
-    monkeypatch.setattr(rpc, "EagerServer", None)
+    monkeypatch.setattr(connection, "EagerServer", None)
     await behaviour(tcp_endpoint)
 
 
@@ -49,15 +50,17 @@ async def _call_server_in_use(endpoint: Endpoint) -> type:
 
 
 async def test_the_reference_is_what_serves_above(tcp_endpoint, monkeypatch):
-    monkeypatch.setattr(rpc, "EagerServer", None)
-    assert await _call_server_in_use(tcp_endpoint) is type(rpc.RpcConnection.on_request.__get__(0))
+    monkeypatch.setattr(connection, "EagerServer", None)
+    assert await _call_server_in_use(tcp_endpoint) is type(
+        connection.RpcConnection.on_request.__get__(0)
+    )
 
 
 @pytest.mark.skipif(frames.ACCELERATED is None, reason="the C accelerator is not built")
 async def test_connections_use_the_c_call_server_unless_pure_python_is_forced(tcp_endpoint):
     forced = os.environ.get("POLYRPC_PURE_PYTHON", "") not in ("", "0")
     assert (eager.EagerServer is None) is forced
-    reference = type(rpc.RpcConnection.on_request.__get__(0))
+    reference = type(connection.RpcConnection.on_request.__get__(0))
     expected = reference if forced else eager.EagerServer
     assert await _call_server_in_use(tcp_endpoint) is expected
 
@@ -71,13 +74,13 @@ async def test_a_call_with_metadata_is_served_by_the_python_path(tcp_endpoint, m
     """The C call server serves only calls it fully understands: any metadata (here a key
     nothing in polyrpc knows) goes to the Python path, which hands it to the handler."""
     seen: list[dict[str, str]] = []
-    reference = rpc.RpcConnection.on_request
+    reference = connection.RpcConnection.on_request
 
     def recording(self, frame):
         seen.append(dict(frame.metadata))
         reference(self, frame)
 
-    monkeypatch.setattr(rpc.RpcConnection, "on_request", recording)
+    monkeypatch.setattr(connection.RpcConnection, "on_request", recording)
     metadata = {"x-never-heard-of": "42", "user": "ann"}
     async with conformance.rpc(tcp_endpoint, Echo()) as (_, client, _):
         assert await client.call("Echo.metadata") == {}

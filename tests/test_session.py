@@ -10,9 +10,9 @@ import pytest
 
 import polyrpc
 from polyrpc import registry
-from polyrpc.core import session as session_module
-from polyrpc.core.codecs import codec_by_id
-from polyrpc.core.frames import FrameDecoder, Kind, encode_frame
+from polyrpc.session import session as session_module
+from polyrpc.wire.codecs import codec_by_id
+from polyrpc.wire.frames import FrameDecoder, Kind, encode_frame
 from tests.test_conformance import Recorder
 
 
@@ -112,7 +112,7 @@ def test_many_frames_per_write_when_they_queue_up():
     """Frames written in one loop turn leave as one stream write (batching)."""
     writes: list[list] = []
 
-    class RecordingStream(polyrpc.core.stream.Stream):
+    class RecordingStream(polyrpc.stream.trait.Stream):
         transport_name = "rec"
 
         def pause_reading(self): ...
@@ -128,7 +128,7 @@ def test_many_frames_per_write_when_they_queue_up():
         def abort(self): ...
 
     async def scenario():
-        from polyrpc.core.session import Session, SessionConfig
+        from polyrpc.session.session import Session, SessionConfig
 
         session = Session(RecordingStream(), SessionConfig(), is_client=True)
         session._handshake.set_result(None)

@@ -22,7 +22,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import polyrpc
 from polyrpc import ProtocolError
-from polyrpc.core.frames import (
+from polyrpc.wire.frames import (
     FLAG_ARG_STREAM,
     FLAG_REPLY,
     FLAG_STREAM,

@@ -21,7 +21,7 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic.configuration import QuicConfiguration
 
-from ..core.certs import self_signed_certificate
+from ..transports._shared.certs import self_signed_certificate
 from .targets import EchoClient, Target
 
 ALPN = "raw-echo"

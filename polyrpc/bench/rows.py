@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..core.registry import registry
+from ..stream.registry import registry
 from .targets import MessageTarget, RpcTarget, Target
 
 REFERENCES: dict[str, str] = {

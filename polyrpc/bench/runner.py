@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..core.runtime import loop_name
+from ..session.runtime import loop_name
 from .impair import Impairment, NetemPath, endpoint, redirect
 from .rows import reference_for, resolve_target
 

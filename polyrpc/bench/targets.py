@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from ..core.endpoints import Client, Server, connect
-from ..core.messages import Connection, dial, listen
-from ..core.registry import registry
-from ..core.transport import Transport
+from ..messages import Connection, dial, listen
+from ..rpc.endpoints import Client, Server, connect
+from ..stream.registry import registry
+from ..stream.transport import Transport
 
 CONNECT_TIMEOUT = 60.0
 """Seconds a benchmark client may take to connect: the bench measures steady state, and on

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..core.runtime import run
+from ..session.runtime import run
 from .impair import Impairment, run_relay
 from .rows import resolve_target
 

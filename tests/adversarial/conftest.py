@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from bench import budgets
-from polyrpc.core.frames import ACCELERATED
+from polyrpc.wire.frames import ACCELERATED
 from tests.adversarial.peers import SCHEMES, Target
 
 

@@ -10,7 +10,7 @@ import time
 
 import polyrpc
 from bench import budgets
-from polyrpc.core.frames import FrameDecoder, Kind
+from polyrpc.wire.frames import FrameDecoder, Kind
 from tests.test_conformance import error_frames
 
 MiB = 1 << 20

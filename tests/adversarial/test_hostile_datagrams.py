@@ -8,8 +8,8 @@ import asyncio
 import random
 import socket
 
-from polyrpc.core.frames import VERSION
 from polyrpc.transports.kcp.udp import RST
+from polyrpc.wire.frames import VERSION
 from tests.adversarial.peers import RSS_SLACK, MiB
 from tests.test_kcp_handshake import COOKIE, HEADER, MAGIC, SYN
 from tests.test_kcp_handshake import Raw as KcpRaw

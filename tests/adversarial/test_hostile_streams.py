@@ -13,8 +13,8 @@ import pytest
 
 import polyrpc
 from bench import budgets
-from polyrpc.core.endpoints import MAX_HANDSHAKING
-from polyrpc.core.frames import HEADER, MAGIC, VERSION, Kind, encode_frame
+from polyrpc.rpc.endpoints import MAX_HANDSHAKING
+from polyrpc.wire.frames import HEADER, MAGIC, VERSION, Kind, encode_frame
 from tests.adversarial.peers import RSS_SLACK, STREAMS, MiB, Raw, error_codes
 from tests.test_conformance import error_frames
 

@@ -16,13 +16,13 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports(include=["polyrpc.core.frames"]):
-    from polyrpc.core import frames
+with atheris.instrument_imports(include=["polyrpc.wire.frames"]):
+    from polyrpc.wire import frames
 
 from tests.frame_drive import drive
 
 if frames.ACCELERATED is None:
-    sys.exit("frames_fuzzer: the C decoder (polyrpc.core._frames) did not import")
+    sys.exit("frames_fuzzer: the C decoder (polyrpc.wire._frames) did not import")
 
 LOOP = asyncio.new_event_loop()
 LIMITS = [

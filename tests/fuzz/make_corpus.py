@@ -11,8 +11,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from polyrpc.core.frames import PYTHON, Kind
 from polyrpc.transports.kcp.engine import KcpEngine
+from polyrpc.wire.frames import PYTHON, Kind
 
 OUT = Path(__file__).resolve().parent / "corpus"
 CONV = 0x11223344

@@ -13,11 +13,11 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from ...core.address import Address
-from ...core.errors import ConnectFailed, ConnectTimeout, InvalidAddress
-from ...core.stream import Listener, StreamHandler
-from ...core.transport import Option, Transport, choice, integer, number
-from ...core.udp import bind_udp
+from ...errors import ConnectFailed, ConnectTimeout, InvalidAddress
+from ...stream.address import Address
+from ...stream.trait import Listener, StreamHandler
+from ...stream.transport import Option, Transport, choice, integer, number
+from .._shared.udp import bind_udp
 from . import engine
 
 MODES: dict[str, tuple[int, int, int, int]] = {

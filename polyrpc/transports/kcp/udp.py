@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ...core.errors import ConnectFailed, ConnectionLost
-from ...core.stream import Buffer, BufferedReceiver, HalfClose, Stream, StreamReceiver
+from ...errors import ConnectFailed, ConnectionLost
+from ...stream.trait import Buffer, BufferedReceiver, HalfClose, Stream, StreamReceiver
 from .engine import STAT_FIELDS, ffi, lib
 
 MAGIC = 0x50524B31  # "PRK1": a polyrpc KCP peer, handshake version 1

@@ -37,11 +37,10 @@ from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.tls import SessionTicket
 from cryptography.hazmat.primitives import serialization
 
-from ...core.address import Address
-from ...core.certs import certificate_fingerprint, self_signed_certificate
-from ...core.errors import ConnectFailed, HandshakeError, InvalidAddress
-from ...core.stream import DEFAULT_HIGH_WATER, Listener, StreamHandler
-from ...core.transport import (
+from ...errors import ConnectFailed, HandshakeError, InvalidAddress
+from ...stream.address import Address
+from ...stream.trait import DEFAULT_HIGH_WATER, Listener, StreamHandler
+from ...stream.transport import (
     Option,
     Transport,
     boolean,
@@ -51,7 +50,8 @@ from ...core.transport import (
     number,
     text,
 )
-from ...core.udp import bind_udp
+from .._shared.certs import certificate_fingerprint, self_signed_certificate
+from .._shared.udp import bind_udp
 from . import aioquic_private
 from .connection import Driver, QuicStream
 from .udp import UdpEndpoint, make_socket

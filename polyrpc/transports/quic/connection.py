@@ -35,8 +35,8 @@ from aioquic.quic.events import (
 )
 from aioquic.tls import Epoch as tls_epoch
 
-from ...core.errors import ConnectionLost, HandshakeError
-from ...core.stream import Buffer, HalfClose, Stream, fresh_error
+from ...errors import ConnectionLost, HandshakeError
+from ...stream.trait import Buffer, HalfClose, Stream, fresh_error
 
 if TYPE_CHECKING:
     from aioquic.quic.stream import QuicStreamSender
@@ -888,7 +888,7 @@ def _format(address: Any) -> Any:
 
 def handshake_error(event: ConnectionTerminated, stream: QuicStream) -> HandshakeError | Exception:
     """Turn a connection that ended before its handshake into a readable, classified error."""
-    from ...core.errors import ConnectFailed
+    from ...errors import ConnectFailed
 
     peer = stream.extra.get("peer")
     code, reason = event.error_code, event.reason_phrase or ""

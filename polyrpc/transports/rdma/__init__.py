@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ...core.address import Address
-from ...core.errors import ConnectFailed, InvalidAddress, TransportUnavailable
-from ...core.stream import Listener, StreamHandler
-from ...core.transport import Option, Transport, integer, number, text
+from ...errors import ConnectFailed, InvalidAddress, TransportUnavailable
+from ...stream.address import Address
+from ...stream.trait import Listener, StreamHandler
+from ...stream.transport import Option, Transport, integer, number, text
 from .engine import MAX_BUFSIZE, MAX_DEPTH, MIN_BUFSIZE, MIN_DEPTH, PeerInfo
 
 ATTEMPT_SECONDS = 4.0

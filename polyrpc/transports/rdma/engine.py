@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ...core.errors import ProtocolError
-from ...core.stream import Buffer
+from ...errors import ProtocolError
+from ...stream.trait import Buffer
 
 DATA, EOF, CLOSE, CREDIT, GROW = 0, 1, 2, 3, 4
 KIND_SHIFT = 24

@@ -34,8 +34,8 @@ import pyverbs.enums as e
 from pyverbs.pyverbs_error import PyverbsError
 from pyverbs.wr import SGE, SendWR
 
-from ...core.errors import ConnectionLost, ProtocolError, TransportUnavailable
-from ...core.stream import Buffer, HalfClose, Stream
+from ...errors import ConnectionLost, ProtocolError, TransportUnavailable
+from ...stream.trait import Buffer, HalfClose, Stream
 from . import cm
 from .engine import CLOSE, NO_SLOT, PeerInfo, RdmaEngine, Send
 from .verbs import Resources

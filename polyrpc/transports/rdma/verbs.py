@@ -24,7 +24,7 @@ from pyverbs.pyverbs_error import PyverbsRDMAError
 from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
 from pyverbs.wr import SGE, RecvWR
 
-from ...core.errors import TransportUnavailable
+from ...errors import TransportUnavailable
 from .engine import HS_BUFSIZE, HS_DEPTH, PeerInfo
 
 SYSFS = Path("/sys/class/infiniband")

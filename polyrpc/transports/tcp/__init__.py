@@ -14,11 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ...core.address import PATH, Address
-from ...core.certs import self_signed_certificate
-from ...core.errors import ConnectFailed, HandshakeError, InvalidAddress
-from ...core.stream import Listener, StreamHandler
-from ...core.transport import Option, Transport, boolean, existing_file, integer, text
+from ...errors import ConnectFailed, HandshakeError, InvalidAddress
+from ...stream.address import PATH, Address
+from ...stream.trait import Listener, StreamHandler
+from ...stream.transport import Option, Transport, boolean, existing_file, integer, text
+from .._shared.certs import self_signed_certificate
 from .socket_stream import SocketStream, describe_ssl_error
 from .tls import lean_tls, tls_connect, tls_server
 

@@ -12,8 +12,8 @@ import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ...core.errors import ConnectionLost
-from ...core.stream import Buffer, BufferedReceiver, HalfClose, Stream, StreamReceiver
+from ...errors import ConnectionLost
+from ...stream.trait import Buffer, BufferedReceiver, HalfClose, Stream, StreamReceiver
 
 COALESCE_LIMIT = 16 << 10
 """Buffers smaller than this are joined into one write; larger ones are written as they are."""

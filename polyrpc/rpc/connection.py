@@ -25,12 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .codecs import PayloadTooComplex, decode_error_code
-from .eager import EagerServer, coroutine_step
-from .errors import CallTimeout, ConnectionLost, MessageTooLarge, ProtocolError, RemoteError
-from .frames import FLAG_ARG_STREAM, FLAG_STREAM, Frame, Kind, encode_frame
-from .services import Method, ServiceRegistry
-from .session import (
+from ..errors import CallTimeout, ConnectionLost, MessageTooLarge, ProtocolError, RemoteError
+from ..session.session import (
     BYTES_LIKE,
     FLUSH_BYTES,
     PAUSE_BUSY,
@@ -38,7 +34,11 @@ from .session import (
     SessionConfig,
     result_too_large,
 )
-from .stream import Buffer, Stream
+from ..stream.trait import Buffer, Stream
+from ..wire.codecs import PayloadTooComplex, decode_error_code
+from ..wire.frames import FLAG_ARG_STREAM, FLAG_STREAM, Frame, Kind, encode_frame
+from .eager import EagerServer, coroutine_step
+from .services import Method, ServiceRegistry
 
 log = logging.getLogger("polyrpc")
 

@@ -17,8 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-from .codecs import RAW, Codec, codec_by_id, codec_by_name
-from .errors import (
+from ..errors import (
     CallTimeout,
     ConnectionLost,
     HandshakeError,
@@ -27,7 +26,9 @@ from .errors import (
     ProtocolError,
     RemoteError,
 )
-from .frames import (
+from ..stream.trait import Buffer, BufferedReceiver, Stream, fresh_error
+from ..wire.codecs import RAW, Codec, codec_by_id, codec_by_name
+from ..wire.frames import (
     FLAG_REPLY,
     HEADER_SIZE,
     MIN_PEER_MAX_FRAME,
@@ -40,7 +41,6 @@ from .frames import (
     encode_metadata,
     encode_plain,
 )
-from .stream import Buffer, BufferedReceiver, Stream, fresh_error
 from .timeouts import DeadlineWheel
 
 log = logging.getLogger("polyrpc")
@@ -745,7 +745,7 @@ class Session(BufferedReceiver):
 
     def lost_error(self) -> ConnectionLost:
         """The error to raise for operations on a closed connection (a new one each time:
-        see :func:`~polyrpc.core.stream.fresh_error`)."""
+        see :func:`~polyrpc.stream.trait.fresh_error`)."""
         reason = self.close_reason
         if isinstance(reason, ConnectionLost):
             return fresh_error(reason)

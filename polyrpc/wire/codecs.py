@@ -24,8 +24,8 @@ from typing import Any
 
 import msgpack
 
+from ..errors import ProtocolError
 from . import frames
-from .errors import ProtocolError
 
 Bytes = bytes | bytearray | memoryview
 

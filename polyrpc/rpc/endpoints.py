@@ -8,13 +8,13 @@ import time
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import Any
 
-from .frames import Limits
-from .messages import MAX_HANDSHAKING, HandshakeGate, make_config, open_session
-from .registry import registry
-from .rpc import RpcConnection, RpcOptions, SyncRunner
+from ..messages import MAX_HANDSHAKING, HandshakeGate, make_config, open_session
+from ..session.session import SessionConfig
+from ..stream.registry import registry
+from ..stream.trait import Listener, Stream
+from ..wire.frames import Limits
+from .connection import RpcConnection, RpcOptions, SyncRunner
 from .services import ServiceRegistry
-from .session import SessionConfig
-from .stream import Listener, Stream
 
 log = logging.getLogger("polyrpc")
 

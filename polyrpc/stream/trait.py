@@ -23,8 +23,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from ..errors import ConnectionLost
 from .address import Address
-from .errors import ConnectionLost
 
 Buffer = bytes | bytearray | memoryview
 

@@ -20,16 +20,18 @@ buffer is allocated for it.
 
 from __future__ import annotations
 
-import asyncio
 import operator
 import os
 import struct
 from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
+
+if TYPE_CHECKING:
+    import asyncio  # route() resolves the session's reply futures; only their type is named
 
 MAGIC = b"PR"
 VERSION = 1
@@ -579,7 +581,7 @@ class Implementation(NamedTuple):
 PYTHON = Implementation("python", Frame, FrameDecoder, encode_frame, encode_plain)
 """The pure-Python codec: the reference, and the fallback when the C one is missing."""
 ACCELERATED: Implementation | None = None
-"""The C codec (polyrpc.core._frames) when it is built, whether or not it is in use."""
+"""The C codec (polyrpc.wire._frames) when it is built, whether or not it is in use."""
 
 try:
     from . import _frames

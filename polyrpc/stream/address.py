@@ -1,7 +1,7 @@
 """Transport URLs: ``scheme@host:port?opt=v``, ``scheme://host:port``, ``unix@/path``, bare ``host:port``.
 
 Parsing here is purely syntactic; which options exist is the transport's business
-(see :meth:`polyrpc.core.transport.Transport.parse_options`).
+(see :meth:`polyrpc.stream.transport.Transport.parse_options`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl, quote, unquote
 
-from .errors import InvalidAddress
+from ..errors import InvalidAddress
 
 _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*$")
 

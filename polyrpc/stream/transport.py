@@ -1,6 +1,6 @@
 """The Transport interface and URL option declarations.
 
-A transport is registered under its scheme (see :mod:`polyrpc.core.registry`),
+A transport is registered under its scheme (see :mod:`polyrpc.stream.registry`),
 declares which URL options it accepts, and turns addresses into streams
 (:meth:`Transport.dial`) and listeners (:meth:`Transport.listen`).
 """
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..errors import InvalidAddress, TransportUnavailable
 from .address import HOSTPORT, Address, parse_address
-from .errors import InvalidAddress, TransportUnavailable
-from .stream import Listener, Stream, StreamHandler
+from .trait import Listener, Stream, StreamHandler
 
 
 @dataclass(frozen=True)

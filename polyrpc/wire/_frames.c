@@ -1,12 +1,12 @@
-/* polyrpc.core._frames: a C accelerator for the frame codec in polyrpc/core/frames.py.
+/* polyrpc.wire._frames: a C accelerator for the frame codec in polyrpc/wire/frames.py.
  *
  * The pure-Python module is the reference: this file implements the same Frame,
  * FrameDecoder, encode_plain and encode_frame with the same results and the same
  * ProtocolError messages. Rare paths (malformed metadata, error hints, unusual
  * argument types) call back into the Python helpers so the two cannot drift apart.
- * It also carries coroutine_step (reference: polyrpc/core/eager.py), which the RPC
+ * It also carries coroutine_step (reference: polyrpc/rpc/eager.py), which the RPC
  * layer uses to run a handler's first step without a task, and the payload scans
- * msgpack_counts and json_counts (reference: polyrpc/core/codecs.py).
+ * msgpack_counts and json_counts (reference: polyrpc/wire/codecs.py).
  *
  * Wire layout (little-endian, 24-byte header):
  *   0 magic "PR" | 2 version | 3 kind | 4 codec | 5 flags | 6 u16 method length
@@ -35,23 +35,23 @@
 #define U16_MAX 0xFFFFu
 #define U32_MAX 0xFFFFFFFFu
 
-static PyObject *ProtocolError;      /* polyrpc.core.errors.ProtocolError */
+static PyObject *ProtocolError;      /* polyrpc.errors.ProtocolError */
 static PyObject *empty_str;          /* "" */
 static PyObject *empty_bytes;        /* b"" */
 static PyObject *empty_metadata;     /* the shared {} of frames without metadata */
 static PyObject *method_bytes_cache; /* encoder: method str -> UTF-8 bytes */
-static PyObject *frames_module;      /* polyrpc.core.frames, imported on first use */
+static PyObject *frames_module;      /* polyrpc.wire.frames, imported on first use */
 static PyObject *invalid_state_error; /* asyncio.InvalidStateError */
 static PyObject *str_set_result;     /* "set_result" */
 
 /* ------------------------------------------------------------------ helpers */
 
-/* An attribute of polyrpc.core.frames (new reference), for the rare paths only. */
+/* An attribute of polyrpc.wire.frames (new reference), for the rare paths only. */
 static PyObject *
 py_helper(const char *name)
 {
     if (frames_module == NULL) {
-        frames_module = PyImport_ImportModule("polyrpc.core.frames");
+        frames_module = PyImport_ImportModule("polyrpc.wire.frames");
         if (frames_module == NULL)
             return NULL;
     }
@@ -269,7 +269,7 @@ static PyMethodDef Frame_methods[] = {
 };
 
 static PyTypeObject FrameType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "polyrpc.core._frames.Frame",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "polyrpc.wire._frames.Frame",
     .tp_doc = "Frame(kind, seq, method='', metadata={}, payload=b'', codec=0, flags=0)\n--\n\n"
               "One decoded frame; ``payload`` is still encoded (see ``codec``).",
     .tp_basicsize = sizeof(FrameObject),
@@ -354,7 +354,7 @@ static PyBufferProcs Window_as_buffer = {
 };
 
 static PyTypeObject WindowType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "polyrpc.core._frames._Window",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "polyrpc.wire._frames._Window",
     .tp_doc = "Internal: the decoder's writable tail, exported for get_buffer().",
     .tp_basicsize = sizeof(WindowObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -1410,7 +1410,7 @@ static PyMemberDef Decoder_members[] = {
 };
 
 static PyTypeObject DecoderType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "polyrpc.core._frames.FrameDecoder",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "polyrpc.wire._frames.FrameDecoder",
     .tp_doc = "FrameDecoder(limits=None, *, handshake=False)\n--\n\n"
               "Incremental frame parser. Feed bytes (or let a socket fill get_buffer()).\n\n"
               "Both entry points return the frames completed so far; a violation raises\n"
@@ -1784,7 +1784,7 @@ coroutine_step(PyObject *module, PyObject *coro)
 
 /* The usual RPC call served without Python code of polyrpc's own: an async handler whose
  * first step finishes, called with plain arguments. Reference: RpcConnection.on_request
- * (polyrpc/core/rpc.py), which every other call is handed to, unchanged. */
+ * (polyrpc/rpc/connection.py), which every other call is handed to, unchanged. */
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
@@ -2241,7 +2241,7 @@ EagerServer_dealloc(EagerServerObject *self)
 }
 
 static PyTypeObject EagerServerType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "polyrpc.core._frames.EagerServer",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "polyrpc.wire._frames.EagerServer",
     .tp_doc = "EagerServer(connection, reference, context)\n--\n\n"
               "Serves a connection's usual calls (no flags, no metadata, an async handler that\n"
               "finishes in its first step) in C; hands every other frame to ``reference``\n"
@@ -2257,7 +2257,7 @@ static PyTypeObject EagerServerType = {
 };
 
 /* ============================================================ payload scans */
-/* Reference: msgpack_counts and json_counts in polyrpc/core/codecs.py. Both walk a payload
+/* Reference: msgpack_counts and json_counts in polyrpc/wire/codecs.py. Both walk a payload
  * once without building any object and return the counts that codecs.container_bytes turns
  * into the bytes its arrays and maps would take, so an amplifying payload is refused before
  * it is decoded. A malformed or truncated item ends the walk (the decoder reports it). */
@@ -2406,8 +2406,8 @@ static PyMethodDef module_methods[] = {
 
 static struct PyModuleDef frames_moduledef = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "polyrpc.core._frames",
-    .m_doc = "C implementation of polyrpc.core.frames' codec (Frame, FrameDecoder, encoders).",
+    .m_name = "polyrpc.wire._frames",
+    .m_doc = "C implementation of polyrpc.wire.frames' codec (Frame, FrameDecoder, encoders).",
     .m_size = -1,
     .m_methods = module_methods,
 };
@@ -2426,7 +2426,7 @@ PyInit__frames(void)
         Py_DECREF(asyncio);
         if (invalid_state_error == NULL)
             return NULL;
-        PyObject *errors = PyImport_ImportModule("polyrpc.core.errors");
+        PyObject *errors = PyImport_ImportModule("polyrpc.errors");
         if (errors == NULL)
             return NULL;
         ProtocolError = PyObject_GetAttrString(errors, "ProtocolError");

@@ -31,7 +31,7 @@ class RemoteError(PolyrpcError):
     """The remote side reported an error while handling a request.
 
     ``type_name`` is the remote exception's class name, ``code`` a stable error code
-    (see polyrpc.core.errors.ErrorCode) and ``remote_traceback`` is set only when the
+    (see polyrpc.errors.ErrorCode) and ``remote_traceback`` is set only when the
     server opted in to sending tracebacks.
     """
 

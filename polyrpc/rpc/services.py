@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import RemoteError
+from ..errors import RemoteError
 
 LATENCY_SAMPLES = 2048
 """Recent call durations kept per method for the p50/p99 in ``_sys.stats``."""

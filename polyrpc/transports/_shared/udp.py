@@ -6,8 +6,8 @@ import asyncio
 import socket
 from collections.abc import Callable
 
-from .address import Address
-from .errors import ConnectFailed
+from ...errors import ConnectFailed
+from ...stream.address import Address
 
 
 async def bind_udp(address: Address, make_socket: Callable[[int], socket.socket]) -> socket.socket:

@@ -10,8 +10,8 @@ import importlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
+from ..errors import InvalidAddress, TransportUnavailable
 from .address import split_scheme
-from .errors import InvalidAddress, TransportUnavailable
 from .transport import Transport
 
 ENTRY_POINT_GROUP = "polyrpc.transports"
@@ -20,7 +20,7 @@ BUILTIN: dict[str, str] = {
     "tcp": "polyrpc.transports.tcp:TcpTransport",
     "tls": "polyrpc.transports.tcp:TlsTransport",
     "unix": "polyrpc.transports.tcp:UnixTransport",
-    "mem": "polyrpc.transports.tcp.memory:MemoryTransport",
+    "mem": "polyrpc.transports.mem:MemoryTransport",
     "quic": "polyrpc.transports.quic:QuicTransport",
     "kcp": "polyrpc.transports.kcp:KcpTransport",
     "rdma": "polyrpc.transports.rdma:RdmaTransport",

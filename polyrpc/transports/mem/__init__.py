@@ -8,10 +8,10 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
-from ...core.address import NAME, Address
-from ...core.errors import ConnectFailed, ConnectionLost
-from ...core.stream import Buffer, HalfClose, Listener, Stream, StreamHandler
-from ...core.transport import Transport
+from ...errors import ConnectFailed, ConnectionLost
+from ...stream.address import NAME, Address
+from ...stream.trait import Buffer, HalfClose, Listener, Stream, StreamHandler
+from ...stream.transport import Transport
 
 _EOF = object()
 _listeners: dict[str, MemoryListener] = {}

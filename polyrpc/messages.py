@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
-from .codecs import codec_by_name, decode_error_code
 from .errors import ConnectionLost, ConnectTimeout, ProtocolError
-from .frames import Frame, Kind, encode_frame
-from .registry import registry
-from .session import BYTES_LIKE, FLUSH_BYTES, PAUSE_INBOX, Session, SessionConfig
-from .stream import DISCARD, Listener, Stream
+from .session.session import BYTES_LIKE, FLUSH_BYTES, PAUSE_INBOX, Session, SessionConfig
+from .stream.registry import registry
+from .stream.trait import DISCARD, Listener, Stream
+from .wire.codecs import codec_by_name, decode_error_code
+from .wire.frames import Frame, Kind, encode_frame
 
 log = logging.getLogger("polyrpc")
 
@@ -268,7 +268,7 @@ class HandshakeGate:
     """Caps a listening side's connections still in the handshake, the only ones an
     unauthenticated peer can hold: a newcomer over ``limit`` is closed at once with one
     small ERROR frame (``too_many_handshakes``), no session and no HELLO processing.
-    Shared by :class:`~polyrpc.core.endpoints.Server` and :class:`MessageListener`."""
+    Shared by :class:`~polyrpc.rpc.endpoints.Server` and :class:`MessageListener`."""
 
     def __init__(self, limit: int) -> None:
         if limit < 1:

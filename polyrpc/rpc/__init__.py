@@ -1,0 +1,2 @@
+"""Remote calls over the message API: dispatch, services, proxies, streaming, and the
+Client/Server endpoints."""
