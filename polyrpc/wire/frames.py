@@ -1,4 +1,7 @@
-"""The polyrpc frame format and a sans-IO incremental decoder.
+"""The polyrpc frame format and an incremental decoder fed bytes, with no I/O of its own.
+
+Not yet wholly sans-IO: ``FrameDecoder.route()`` resolves the session's reply futures and
+calls its handlers (session logic in the wire layer, to move with the sans-IO session).
 
 Layout (little-endian; see docs/protocol.md)::
 
