@@ -53,8 +53,8 @@ TRANSPORT_INVALID_TOKEN = 0xB
 JOIN_LIMIT = 64 << 10
 """Writes smaller than this are joined into one buffer before aioquic copies them."""
 FEED_AHEAD = 1 << 20
-"""Bytes of a large unit handed to aioquic beyond what it has sent (plus the congestion
-window's free room); the rest waits in the writer's own buffers, uncopied."""
+"""Bytes of a large unit handed to aioquic beyond what it has sent (plus what it may send
+next: see QuicStream._top_up); the rest waits in the writer's own buffers, uncopied."""
 FEED_WINDOW_CAP = 4 << 20
 """At most this much of the congestion window's free room is handed over too: aioquic paces
 its packets, so on a fast path the window grows well past what it sends before the next
