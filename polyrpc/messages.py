@@ -280,6 +280,8 @@ class HandshakeGate:
 
     def admit(self, stream: Stream) -> bool:
         """True if ``stream`` may start its handshake; else it is refused and closing."""
+        if len(self.handshaking) >= self.limit:
+            self.forget_gone()
         if len(self.handshaking) < self.limit:
             return True
         log.warning(
@@ -305,6 +307,11 @@ class HandshakeGate:
         self._refused.add(task)
         task.add_done_callback(self._refused.discard)
         return False
+
+    def forget_gone(self) -> None:
+        """Stop counting connections already lost: one lost mid-handshake stays in
+        ``handshaking`` until its handshake task unwinds, a few loop turns later."""
+        self.handshaking.difference_update([s for s in self.handshaking if s.is_closed])
 
     async def _close_refused(self, stream: Stream) -> None:
         try:

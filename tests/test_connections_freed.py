@@ -20,8 +20,11 @@ import pytest
 
 import polyrpc
 from bench.budgets import rss
+from polyrpc.errors import ConnectionLost
 from polyrpc.session.session import Session
+from polyrpc.stream.registry import registry
 from polyrpc.stream.trait import Stream
+from tests.test_conformance import HELLO, Recorder
 
 ROUNDS = {"tcp": 2000, "unix": 2000, "mem": 2000, "tls": 300, "quic": 100, "kcp": 200}
 """Connections opened and aborted per transport (the slower handshakes get fewer)."""
@@ -125,3 +128,58 @@ async def test_a_real_server_without_gc_keeps_flat_rss(kind, pure_python, tmp_pa
     finally:
         proc.kill()
         proc.wait()
+
+
+class _Served:
+    """Arith-like service for the slot tests."""
+
+    async def add(self, a: int, b: int) -> int:
+        return a + b
+
+
+@pytest.mark.parametrize("side", ["rpc", "messages"])
+async def test_a_slot_is_free_the_moment_its_connection_is_gone(side):
+    """A connection lost mid-handshake (or after it) is counted until its task wakes, a few
+    loop turns later; a newcomer in between must not be refused for it. mem@ dials
+    synchronously, so the newcomer arrives in the same loop turn as the loss."""
+    if side == "rpc":
+        server = await polyrpc.serve(
+            "mem@0", _Served(), max_handshaking=1, max_connections=2, handshake_timeout=30
+        )
+        url, handshaking = server.urls[0], server.handshaking
+    else:
+        server = await polyrpc.listen("mem@0", max_handshaking=1, handshake_timeout=30)
+        url, handshaking = server.url, server.gate.handshaking
+    transport, address = registry.resolve(url)
+    try:
+        silent = await transport.dial(address)
+        silent.set_receiver(Recorder())
+        await silent.send([HELLO[:10]])
+        for _ in range(100):
+            if handshaking:
+                break
+            await asyncio.sleep(0.01)
+        (stuck,) = handshaking
+        stuck.abort(ConnectionLost("the peer vanished"))
+        newcomer = await transport.dial(address)  # no loop turn since the abort
+        newcomer.set_receiver(recorder := Recorder())
+        assert not recorder.lost.is_set() and not recorder.data, "refused for a gone peer"
+        assert len(handshaking) == 1 and next(iter(handshaking)) is not stuck
+        newcomer.abort()
+        if side == "rpc":  # max_connections: two served, one lost, a third arrives
+            clients = [await polyrpc.connect(url) for _ in range(2)]
+            gone = next(c for c in server.connections if c.peer_info)
+            gone.abort(ConnectionLost("the peer vanished"))
+            third = await transport.dial(address)
+            third.set_receiver(recorder := Recorder())
+            await third.send([HELLO])  # a refusal is decided at accept, said to the HELLO
+            for _ in range(200):
+                if recorder.data:
+                    break
+                await asyncio.sleep(0.01)
+            assert recorder.data and b"too_many_connections" not in recorder.data
+            third.abort()
+            for client in clients:
+                client.abort()
+    finally:
+        await server.close()

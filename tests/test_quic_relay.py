@@ -87,6 +87,10 @@ async def test_session_echo_through_lossy_relay(tmp_path) -> None:
         await listener.close()
 
 
+SMALL_UNIT = b"s" * 100
+"""The small unit written next to the bulk (the bulk is random bytes: never equal to it)."""
+
+
 class _Arrivals:
     """A receiver noting when the small unit and the end of the big one arrive."""
 
@@ -99,7 +103,9 @@ class _Arrivals:
 
     def data_received(self, data) -> None:
         self.got += len(data)
-        if len(data) == 100:
+        # by content: the big unit is delivered in stream-frame pieces, and a piece of it
+        # may be 100 bytes long too (it once set small_at as the big one was delivered)
+        if self.small_at is None and data == SMALL_UNIT:
             self.small_at = time.perf_counter()
         if self.got >= self.total:
             self.done_at = time.perf_counter()
@@ -127,13 +133,13 @@ async def _small_next_to_bulk(tmp_path, relay_options: dict | None) -> tuple[flo
             client.write([b"warm"])
             stream, sink = await server.first()
             await sink.wait_for(4)
-            arrivals = _Arrivals(len(big) + 100)
+            arrivals = _Arrivals(len(big) + len(SMALL_UNIT))
             stream.set_receiver(arrivals)
             started = time.perf_counter()
             client.write([big], ordered=False)
             await asyncio.sleep(0.05)
             small_sent = time.perf_counter()
-            client.write([b"s" * 100], ordered=False)
+            client.write([SMALL_UNIT], ordered=False)
             await asyncio.wait_for(arrivals.done.wait(), 120)
             client.abort()
     assert arrivals.small_at is not None

@@ -170,6 +170,10 @@ class Server:
             return
         connection = RpcConnection(stream, self.config, is_client=False, options=self._rpc)
         if len(self.connections) + len(self.handshaking) >= self.max_connections:
+            # one gone stays in these sets until its task wakes; it must not refuse a newcomer
+            self._gate.forget_gone()
+            self.connections.difference_update([c for c in self.connections if c.is_closed])
+        if len(self.connections) + len(self.handshaking) >= self.max_connections:
             log.warning(
                 "refusing %s connection from %s: max_connections",
                 stream.transport_name,
