@@ -1,19 +1,23 @@
 """Instructions per round trip, counted by valgrind in each process: a noise-free cost measure.
 
-Usage: python bench/instructions.py [ROW ...] [--calls N]   (default rows: raw-asyncio tcp tcp/rpc)
+Usage: python bench/instructions.py [ROW ...] [--calls N] [--in-flight K]
+(default rows: raw-asyncio tcp tcp/rpc)
 
 Wall-clock latency on a shared machine moves with the neighbours' load; the number of
 user-space instructions a process executes per round trip does not. For each row this
 runs the bench's echo server and a client doing N and then 3N one-call-in-flight round
 trips (64-byte payload), once with the client and once with the server under
 ``valgrind --tool=callgrind``, and divides the difference by 2N, so start-up and
-connection setup cancel out. Kernel time (the loopback, the wake-ups) is not counted:
+connection setup cancel out. With ``--in-flight K`` each round trip is K calls started
+together (the bench's rate workload has 128), and the count is per call: the batching
+paths, which one call in flight never takes. Kernel time (the loopback, the wake-ups) is not counted:
 it is about the same for every row. Needs valgrind (``apt-get install valgrind``).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
 import shutil
@@ -27,18 +31,22 @@ PAYLOAD = b"x" * 64
 VALGRIND = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
 
 
-async def _client(row: str, info: str, calls: int) -> None:
+async def _client(row: str, info: str, rounds: int, in_flight: int) -> None:
     client = await resolve_target(row).connect(info)
-    for _ in range(calls):
-        await client.echo(PAYLOAD)
+    if in_flight == 1:
+        for _ in range(rounds):
+            await client.echo(PAYLOAD)
+    else:
+        for _ in range(rounds):
+            await asyncio.gather(*[client.echo(PAYLOAD) for _ in range(in_flight)])
     await client.close()
 
 
-def _count(row: str, side: str, calls: int) -> int:
-    """Instructions the ``side`` process executed in a run of ``calls`` round trips."""
+def _count(row: str, side: str, rounds: int, in_flight: int) -> int:
+    """Instructions the ``side`` process executed in a run of ``rounds`` round trips."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}  # the same dict layouts in every run
     server_cmd = [sys.executable, "-m", "polyrpc.bench.worker", "serve", row]
-    client_cmd = [sys.executable, __file__, "--client", row, "", str(calls)]
+    client_cmd = [sys.executable, __file__, "--client", row, "", str(rounds), str(in_flight)]
     server = subprocess.Popen(
         (VALGRIND if side == "server" else []) + server_cmd,
         env=env,
@@ -48,7 +56,7 @@ def _count(row: str, side: str, calls: int) -> int:
         text=True,
     )
     assert server.stdout is not None
-    client_cmd[-2] = server.stdout.readline().strip()
+    client_cmd[-3] = server.stdout.readline().strip()
     client = subprocess.run(
         (VALGRIND if side == "client" else []) + client_cmd, env=env, capture_output=True, text=True
     )
@@ -62,33 +70,38 @@ def _count(row: str, side: str, calls: int) -> int:
     return int(found.group(1))
 
 
-def per_round_trip(row: str, calls: int) -> tuple[float, float]:
-    """(client, server) instructions per round trip."""
-    client = (_count(row, "client", 3 * calls) - _count(row, "client", calls)) / (2 * calls)
-    server = (_count(row, "server", 3 * calls) - _count(row, "server", calls)) / (2 * calls)
-    return client, server
+def per_call(row: str, rounds: int, in_flight: int = 1) -> tuple[float, float]:
+    """(client, server) instructions per call: per round trip when ``in_flight`` is 1."""
+    calls = 2 * rounds * in_flight
+    client = _count(row, "client", 3 * rounds, in_flight) - _count(row, "client", rounds, in_flight)
+    server = _count(row, "server", 3 * rounds, in_flight) - _count(row, "server", rounds, in_flight)
+    return client / calls, server / calls
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", nargs="*", default=["raw-asyncio", "tcp", "tcp/rpc"])
     parser.add_argument("--calls", type=int, default=300, help="N (the runs do N and 3N)")
+    parser.add_argument(
+        "--in-flight", type=int, default=1, help="K calls started together per round trip"
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("bench/instructions.py needs valgrind: apt-get install valgrind")
     first = None
+    unit = "round trip" if args.in_flight == 1 else f"call ({args.in_flight} in flight)"
     for row in args.rows:
-        client, server = per_round_trip(row, args.calls)
+        client, server = per_call(row, args.calls, args.in_flight)
         total = client + server
         first = first or total
         print(
             f"{row:14} client {client:8,.0f}  server {server:8,.0f}  "
-            f"total {total:8,.0f} instructions per round trip  ({total / first:.2f}x {args.rows[0]})"
+            f"total {total:8,.0f} instructions per {unit}  ({total / first:.2f}x {args.rows[0]})"
         )
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--client"]:
-        run(_client(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+        run(_client(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])))
     else:
         main()
