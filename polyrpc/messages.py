@@ -47,7 +47,7 @@ class Connection(Session):
     """A polyrpc connection used for plain messages and request/reply."""
 
     __slots__ = (
-        "_handlers_running",
+        "_handlers",
         "_inbox",
         "_inbox_bytes",
         "_inbox_waiter",
@@ -67,7 +67,7 @@ class Connection(Session):
         self._inbox: deque[tuple[Message, int]] = deque()
         self._inbox_bytes = 0
         self._inbox_waiter: asyncio.Future[None] | None = None
-        self._handlers_running = 0
+        self._handlers: set[asyncio.Task[None]] = set()
         super().__init__(stream, config, is_client=is_client)
 
     # --- sending ---------------------------------------------------------
@@ -177,8 +177,9 @@ class Connection(Session):
             self.respond_error(frame.seq, exc, "handler_error")
             return
         if hasattr(reply, "__await__"):
-            self._handlers_running += 1
-            self.loop.create_task(self._finish_request(frame.seq, reply))
+            task = self.loop.create_task(self._finish_request(frame.seq, reply))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
         else:
             self.respond(frame.seq, reply)
 
@@ -189,11 +190,9 @@ class Connection(Session):
             self.respond_error(seq, exc, "handler_error")
         else:
             self.respond(seq, value)
-        finally:
-            self._handlers_running -= 1
 
-    def active_incoming(self) -> int:
-        return self._handlers_running
+    def incoming_tasks(self) -> set[asyncio.Task[None]]:
+        return self._handlers
 
     def on_eof(self) -> None:
         self._wake_receiver()

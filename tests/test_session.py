@@ -82,6 +82,68 @@ async def test_timeouts_share_one_timer():
         await listener.close(connections=False)
 
 
+@pytest.mark.parametrize("side", ["client", "server"])
+async def test_graceful_close_is_woken_by_the_work_not_a_timer(side, monkeypatch):
+    """A close waiting for a reply (client) or a running handler (server) schedules no timer
+    that fires meanwhile (only long limits such as close_timeout): the work ending wakes it,
+    and it returns a few turns later."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(message):
+        started.set()
+        await release.wait()
+        return message
+
+    quiet = {"heartbeat_interval": 0, "idle_timeout": 0, "close_timeout": 30}
+    listener = await polyrpc.listen("mem@0", on_request=slow, **quiet)
+    try:
+        conn = await polyrpc.dial(listener.url, **quiet)
+        reply = asyncio.create_task(conn.request("late"))
+        await started.wait()
+        closing_side = conn if side == "client" else next(iter(listener.connections))
+        loop = asyncio.get_running_loop()
+        delays: list[float] = []
+        schedule = loop.call_at
+
+        def counting_call_at(when, callback, *args, **kwargs):
+            delays.append(when - loop.time())
+            return schedule(when, callback, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "call_at", counting_call_at)
+        closing = asyncio.create_task(closing_side.close())
+        for _ in range(20):  # turns enough for a polling close to schedule its timers
+            await asyncio.sleep(0)
+        assert not closing.done()
+        release.set()
+        turns = 0
+        while not closing.done():
+            await asyncio.sleep(0)
+            turns += 1
+        monkeypatch.undo()
+        assert await reply == "late"
+        assert delays and min(delays) > 5, delays  # close_timeout's give-up is among them
+        assert turns < 20
+    finally:
+        await listener.close()
+
+
+async def test_graceful_close_gives_up_after_close_timeout():
+    """Work that never ends holds a close only for close_timeout; then the connection is
+    aborted and the request in flight fails."""
+    listener = await polyrpc.listen("mem@0", on_request=lambda m: asyncio.Event().wait())
+    try:
+        conn = await polyrpc.dial(listener.url, close_timeout=0.2)
+        stuck = asyncio.create_task(conn.request("never answered"))
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        await asyncio.wait_for(conn.close(), 5)
+        assert 0.15 < time.monotonic() - started < 2
+        with pytest.raises(polyrpc.ConnectionLost, match="graceful close timed out"):
+            await stuck
+    finally:
+        await listener.close(connections=False)
+
+
 async def test_wrong_peer_gets_a_clear_handshake_error():
     """A server answering with frames that are not HELLO is reported as not polyrpc."""
 

@@ -1009,8 +1009,9 @@ class RpcConnection(Session):
         call = self._incoming.get(seq)
         return call.args_stream if call is not None else None
 
-    def active_incoming(self) -> int:
-        return len(self._incoming) + len(self._tasks)
+    def incoming_tasks(self) -> list[asyncio.Future[Any]]:
+        calls = [call.task for call in self._incoming.values() if call.task is not None]
+        return calls + list(self._tasks)
 
     def on_abandoned(self) -> None:
         """The peer went away without a goodbye: its calls and notifications stop now."""
