@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from .errors import ConnectionLost, ConnectTimeout, ProtocolError
-from .session.session import BYTES_LIKE, FLUSH_BYTES, PAUSE_INBOX, Session, SessionConfig
+from .session.session import PAUSE_INBOX, Session, SessionConfig
 from .stream.registry import registry
 from .stream.trait import DISCARD, Listener, Stream
 from .wire.codecs import codec_by_name, decode_error_code
@@ -85,16 +85,7 @@ class Connection(Session):
         metadata: dict[str, str] | None = None,
     ) -> Any:
         """Send ``message`` as a request and return the peer's reply."""
-        if len(self._pending) >= self._max_in_flight:
-            await self.wait_for_slot()
-        if (
-            self.byte_stream.writing_paused
-            and isinstance(message, BYTES_LIKE)
-            and len(message) >= FLUSH_BYTES
-        ):
-            # a big request waits for room before it queues; a small one never waits behind it
-            await self.wait_writable()
-        seq, future = self.begin_request(message, "", metadata, timeout)
+        seq, future = await self.send_request(message, "", metadata, timeout)
         # no wait for the stream to drain once written (as in RpcConnection.call)
         try:
             frame = await future

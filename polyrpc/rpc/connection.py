@@ -28,7 +28,6 @@ from typing import Any
 from ..errors import CallTimeout, ConnectionLost, MessageTooLarge, ProtocolError, RemoteError
 from ..session.session import (
     BYTES_LIKE,
-    FLUSH_BYTES,
     PAUSE_BUSY,
     Session,
     SessionConfig,
@@ -467,9 +466,7 @@ class RpcConnection(Session):
             metadata = {**(metadata or {}), "argstream": str(streamed)}
             flags |= FLAG_ARG_STREAM
         payload, codec = self._encode_call(args, kwargs)
-        if len(self._pending) >= self._max_in_flight:
-            await self.wait_for_slot()
-        seq, future = self.begin_request(payload, method, metadata, timeout, flags, codec)
+        seq, future = await self.send_request(payload, method, metadata, timeout, flags, codec)
         sender = None
         if streamed is not None:
             state = _IncomingCall()
@@ -536,11 +533,7 @@ class RpcConnection(Session):
         if streamed:
             seq, future, _ = await self._send_call(method, args, kwargs, timeout, metadata)
         else:
-            if self.byte_stream.writing_paused and len(payload) >= FLUSH_BYTES:
-                # a big call waits for room before it queues; a small one never waits behind it
-                await self.wait_writable()
-            if len(self._pending) >= self._max_in_flight:
-                await self.wait_for_slot()
+            await self.wait_to_request(len(payload))
             if timeout is not None or metadata or not self._accepting:
                 seq, future = self.begin_request(payload, method, metadata, timeout, 0, codec)
             else:  # begin_request's work, kept inline for the usual call: calling begin_request

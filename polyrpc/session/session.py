@@ -770,6 +770,29 @@ class Session(BufferedReceiver):
             except ConnectionLost:
                 raise self.lost_error() from None
 
+    async def wait_to_request(self, size: int = 0) -> None:
+        """Wait until a request of ``size`` payload bytes may be written: a big one first waits
+        for room in the stream (a small one never waits behind it), then any for a slot in the
+        window, last, so that nothing awaits between the free slot and the write."""
+        if self.byte_stream.writing_paused and size >= FLUSH_BYTES:
+            await self.wait_writable()
+        if len(self._pending) >= self._max_in_flight:
+            await self.wait_for_slot()
+
+    async def send_request(
+        self,
+        obj: Any,
+        method: str = "",
+        metadata: dict[str, str] | None = None,
+        timeout: float | None = None,
+        flags: int = 0,
+        codec: int | None = None,
+    ) -> tuple[int, asyncio.Future[Frame]]:
+        """:meth:`begin_request` once :meth:`wait_to_request` lets it; returns (seq, reply future)."""
+        size = len(obj) if codec is not None or isinstance(obj, BYTES_LIKE) else 0
+        await self.wait_to_request(size)
+        return self.begin_request(obj, method, metadata, timeout, flags, codec)
+
     def begin_request(
         self,
         obj: Any,
@@ -779,7 +802,8 @@ class Session(BufferedReceiver):
         flags: int = 0,
         codec: int | None = None,
     ) -> tuple[int, asyncio.Future[Frame]]:
-        """Write a REQUEST now (the caller checked the window); returns (seq, reply future).
+        """Write a REQUEST now (the caller waited for the window: :meth:`send_request` does
+        both); returns (seq, reply future).
 
         ``codec``: ``obj`` is already a payload encoded with the codec of this id.
         """
