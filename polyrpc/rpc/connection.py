@@ -451,15 +451,12 @@ class RpcConnection(Session):
         timeout: float | None,
         metadata: dict[str, str] | None,
         flags: int = 0,
+        first_streamed: int | None = None,
     ) -> tuple[int, asyncio.Future[Frame], asyncio.Task[None] | None]:
-        """Start a call; a streamed argument (an async iterable) gets a sender task."""
-        streamed = None
+        """Start a call; a streamed argument (an async iterable) gets a sender task.
+        ``first_streamed``: its index, when the caller's scan of ``args`` stopped there."""
+        streamed = _streamed_argument(args, first_streamed)
         source: Any = None
-        for index, arg in enumerate(args):
-            if hasattr(arg, "__aiter__"):
-                if streamed is not None:
-                    raise TypeError("only one argument may be an async iterable (streamed)")
-                streamed = index
         if streamed is not None:
             source = args[streamed]
             args = (*args[:streamed], None, *args[streamed + 1 :])
@@ -512,7 +509,7 @@ class RpcConnection(Session):
         # _encode_call, kept inline: calling it costs 1,424 more instructions per tcp/rpc round
         # trip (+4.2%), which with the shared write path would take this path past the 5%
         # the restructure may cost (bench/instructions.py, #19)
-        streamed = False
+        streamed: int | None = None
         if (
             len(args) == 1
             and not kwargs
@@ -521,17 +518,19 @@ class RpcConnection(Session):
         ):
             payload, codec = args[0], 0
         else:
-            for arg in args:
+            for index, arg in enumerate(args):
                 if hasattr(arg, "__aiter__"):  # a streamed argument: _send_call starts its sender
-                    streamed, payload, codec = True, b"", 0  # _send_call encodes the call itself
+                    streamed, payload, codec = index, b"", 0  # _send_call encodes the call itself
                     break
             else:
                 try:
                     payload, codec = self._encode_unchecked((args, kwargs)), self._codec_id
                 except Exception as exc:
                     raise _unsendable(exc) from None
-        if streamed:
-            seq, future, _ = await self._send_call(method, args, kwargs, timeout, metadata)
+        if streamed is not None:
+            seq, future, _ = await self._send_call(
+                method, args, kwargs, timeout, metadata, first_streamed=streamed
+            )
         else:
             await self.wait_to_request(len(payload))
             if timeout is not None or metadata or not self._accepting:
@@ -1025,6 +1024,17 @@ class RpcConnection(Session):
         for state in self._arg_senders.values():
             if state.credit_event is not None:
                 state.credit_event.set()
+
+
+def _streamed_argument(args: tuple, first: int | None = None) -> int | None:
+    """The index of the argument to stream (an async iterable), None if there is none; only
+    one may be. ``first``: that index when a scan found it already (only the rest is looked at)."""
+    for index in range(0 if first is None else first + 1, len(args)):
+        if hasattr(args[index], "__aiter__"):
+            if first is not None:
+                raise TypeError("only one argument may be an async iterable (streamed)")
+            first = index
+    return first
 
 
 def _task_cancelling() -> bool:
