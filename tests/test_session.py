@@ -46,11 +46,13 @@ async def test_heartbeats_keep_an_idle_connection_alive():
 
 
 async def test_window_bounds_requests_in_flight():
-    release = asyncio.Event()
+    release, window_full = asyncio.Event(), asyncio.Event()
     seen: list[int] = []
 
     async def slow(message):
         seen.append(message)
+        if len(seen) == 4:
+            window_full.set()
         await release.wait()
         return message
 
@@ -58,7 +60,7 @@ async def test_window_bounds_requests_in_flight():
     try:
         conn = await polyrpc.dial(listener.url, max_in_flight=4)
         calls = [asyncio.create_task(conn.request(i)) for i in range(10)]
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(window_full.wait(), 5)  # every call has tried to send by now
         assert conn.in_flight == 4 and len(seen) == 4
         release.set()
         assert await asyncio.gather(*calls) == list(range(10))
@@ -72,7 +74,8 @@ async def test_timeouts_share_one_timer():
     try:
         conn = await polyrpc.dial(listener.url, max_in_flight=500)
         calls = [asyncio.create_task(conn.request(i, timeout=0.2)) for i in range(300)]
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # one turn: each call's task has written its request
+        assert conn.in_flight == 300
         timers = [h for h in conn.loop._scheduled if not h.cancelled()]
         assert sum(1 for h in timers if "expire_deadlines" in repr(h)) == 1
         results = await asyncio.gather(*calls, return_exceptions=True)
