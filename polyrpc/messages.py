@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from .errors import ConnectionLost, ConnectTimeout, ProtocolError
-from .session.session import PAUSE_INBOX, Session, SessionConfig
+from .session.session import BYTES_LIKE, PAUSE_INBOX, Session, SessionConfig
 from .stream.registry import registry
 from .stream.trait import DISCARD, Listener, Stream
 from .wire.codecs import codec_by_name, decode_error_code
@@ -85,7 +85,10 @@ class Connection(Session):
         metadata: dict[str, str] | None = None,
     ) -> Any:
         """Send ``message`` as a request and return the peer's reply."""
-        seq, future = await self.send_request(message, "", metadata, timeout)
+        waiting = self.wait_before_request(len(message) if isinstance(message, BYTES_LIKE) else 0)
+        if waiting is not None:
+            await waiting
+        seq, future = self.begin_request(message, "", metadata, timeout)
         # no wait for the stream to drain once written (as in RpcConnection.call)
         try:
             frame = await future

@@ -463,7 +463,10 @@ class RpcConnection(Session):
             metadata = {**(metadata or {}), "argstream": str(streamed)}
             flags |= FLAG_ARG_STREAM
         payload, codec = self._encode_call(args, kwargs)
-        seq, future = await self.send_request(payload, method, metadata, timeout, flags, codec)
+        waiting = self.wait_before_request(len(payload))
+        if waiting is not None:
+            await waiting
+        seq, future = self.begin_request(payload, method, metadata, timeout, flags, codec)
         sender = None
         if streamed is not None:
             state = _IncomingCall()
@@ -532,7 +535,9 @@ class RpcConnection(Session):
                 method, args, kwargs, timeout, metadata, first_streamed=streamed
             )
         else:
-            await self.wait_to_request(len(payload))
+            waiting = self.wait_before_request(len(payload))
+            if waiting is not None:
+                await waiting
             if timeout is not None or metadata or not self._accepting:
                 seq, future = self.begin_request(payload, method, metadata, timeout, 0, codec)
             else:  # begin_request's work, kept inline for the usual call: calling begin_request
