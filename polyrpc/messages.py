@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from .errors import ConnectionLost, ConnectTimeout, ProtocolError
-from .session.session import BYTES_LIKE, FLUSH_BYTES, PAUSE_INBOX, Session, SessionConfig
+from .session.session import BYTES_LIKE, PAUSE_INBOX, Session, SessionConfig
 from .stream.registry import registry
 from .stream.trait import DISCARD, Listener, Stream
 from .wire.codecs import codec_by_name, decode_error_code
@@ -47,7 +47,7 @@ class Connection(Session):
     """A polyrpc connection used for plain messages and request/reply."""
 
     __slots__ = (
-        "_handlers_running",
+        "_handlers",
         "_inbox",
         "_inbox_bytes",
         "_inbox_waiter",
@@ -67,7 +67,7 @@ class Connection(Session):
         self._inbox: deque[tuple[Message, int]] = deque()
         self._inbox_bytes = 0
         self._inbox_waiter: asyncio.Future[None] | None = None
-        self._handlers_running = 0
+        self._handlers: set[asyncio.Task[None]] = set()
         super().__init__(stream, config, is_client=is_client)
 
     # --- sending ---------------------------------------------------------
@@ -85,15 +85,9 @@ class Connection(Session):
         metadata: dict[str, str] | None = None,
     ) -> Any:
         """Send ``message`` as a request and return the peer's reply."""
-        if len(self._pending) >= self._max_in_flight:
-            await self.wait_for_slot()
-        if (
-            self.byte_stream.writing_paused
-            and isinstance(message, BYTES_LIKE)
-            and len(message) >= FLUSH_BYTES
-        ):
-            # a big request waits for room before it queues; a small one never waits behind it
-            await self.wait_writable()
+        waiting = self.wait_before_request(len(message) if isinstance(message, BYTES_LIKE) else 0)
+        if waiting is not None:
+            await waiting
         seq, future = self.begin_request(message, "", metadata, timeout)
         # no wait for the stream to drain once written (as in RpcConnection.call)
         try:
@@ -177,8 +171,9 @@ class Connection(Session):
             self.respond_error(frame.seq, exc, "handler_error")
             return
         if hasattr(reply, "__await__"):
-            self._handlers_running += 1
-            self.loop.create_task(self._finish_request(frame.seq, reply))
+            task = self.loop.create_task(self._finish_request(frame.seq, reply))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
         else:
             self.respond(frame.seq, reply)
 
@@ -189,11 +184,9 @@ class Connection(Session):
             self.respond_error(seq, exc, "handler_error")
         else:
             self.respond(seq, value)
-        finally:
-            self._handlers_running -= 1
 
-    def active_incoming(self) -> int:
-        return self._handlers_running
+    def incoming_tasks(self) -> set[asyncio.Task[None]]:
+        return self._handlers
 
     def on_eof(self) -> None:
         self._wake_receiver()

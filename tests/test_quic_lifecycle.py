@@ -17,7 +17,7 @@ import polyrpc
 from polyrpc.errors import ConnectionLost
 from polyrpc.testing.udp_relay import UdpRelay
 from polyrpc.transports._shared.certs import self_signed_certificate
-from polyrpc.transports.quic.connection import FEED_AHEAD, FEED_WINDOW_CAP
+from polyrpc.transports.quic.connection import FEED_AHEAD, FEED_WINDOW_CAP, Driver
 
 UNIT = 256 << 10
 WINDOW = 512 << 10
@@ -244,3 +244,24 @@ async def test_a_large_unit_is_handed_to_aioquic_in_chunks(tmp_path) -> None:
         assert largest < 24 << 20
         assert unsent <= FEED_AHEAD + FEED_WINDOW_CAP
         await client.close()
+
+
+def test_an_endpoint_that_cannot_send_cannot_be_made():
+    """Driver is an abstract base: an endpoint missing send (or a routing hook) fails when it
+    is made, not at its first datagram."""
+
+    class Silent(Driver):
+        def cid_issued(self, cid, stream):
+            pass
+
+        def cid_retired(self, cid):
+            pass
+
+        def finished(self, stream):
+            pass
+
+        def established(self, stream):
+            pass
+
+    with pytest.raises(TypeError, match="send"):
+        Silent()

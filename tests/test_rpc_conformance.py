@@ -74,6 +74,9 @@ class Streams:
     async def total(self, numbers) -> int:
         return sum([n async for n in numbers])
 
+    async def scaled_total(self, factor: int, numbers) -> int:
+        return factor * sum([n async for n in numbers])
+
     async def fail_after(self, n: int):
         for i in range(n):
             yield i
@@ -272,6 +275,22 @@ async def test_streaming_an_argument_to_the_server(endpoint):
                 yield i
 
         assert await client.call("Streams.total", numbers()) == sum(range(1000))
+
+
+async def test_one_argument_streams_wherever_it_stands(endpoint):
+    async def numbers(n):
+        for i in range(n):
+            yield i
+
+    async with rpc(endpoint, Streams()) as (_, client, _):
+        assert await client.call("Streams.scaled_total", 3, numbers(10)) == 3 * sum(range(10))
+        with pytest.raises(TypeError, match="only one argument"):
+            await client.call("Streams.scaled_total", numbers(1), numbers(2))
+        with pytest.raises(TypeError, match="only one argument"):
+            async for _ in client.stream("Streams.count", numbers(1), numbers(2)):
+                pass
+        assert not client._pending  # nothing was sent for the refused calls
+        assert await client.call("Streams.total", numbers(4)) == sum(range(4))
 
 
 async def test_token_is_checked_at_hello(endpoint):

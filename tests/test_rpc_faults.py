@@ -143,8 +143,8 @@ async def test_a_streamed_argument_that_raises_fails_the_call_and_ends_the_handl
             # before the task's first step) and it holds nothing for the call
             (connection,) = server.connections
             async with asyncio.timeout(REPLY_WITHIN):
-                while connection.active_incoming():
-                    await asyncio.sleep(0.01)
+                while handlers := connection.incoming_tasks():
+                    await asyncio.wait(handlers)
             assert guarded.cancelled.is_set() or not guarded.started.is_set()
         assert not client._pending  # nothing left behind
         assert await client.call("Guarded.wait", 0) == "done"

@@ -46,11 +46,13 @@ async def test_heartbeats_keep_an_idle_connection_alive():
 
 
 async def test_window_bounds_requests_in_flight():
-    release = asyncio.Event()
+    release, window_full = asyncio.Event(), asyncio.Event()
     seen: list[int] = []
 
     async def slow(message):
         seen.append(message)
+        if len(seen) == 4:
+            window_full.set()
         await release.wait()
         return message
 
@@ -58,7 +60,7 @@ async def test_window_bounds_requests_in_flight():
     try:
         conn = await polyrpc.dial(listener.url, max_in_flight=4)
         calls = [asyncio.create_task(conn.request(i)) for i in range(10)]
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(window_full.wait(), 5)  # every call has tried to send by now
         assert conn.in_flight == 4 and len(seen) == 4
         release.set()
         assert await asyncio.gather(*calls) == list(range(10))
@@ -72,12 +74,75 @@ async def test_timeouts_share_one_timer():
     try:
         conn = await polyrpc.dial(listener.url, max_in_flight=500)
         calls = [asyncio.create_task(conn.request(i, timeout=0.2)) for i in range(300)]
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # one turn: each call's task has written its request
+        assert conn.in_flight == 300
         timers = [h for h in conn.loop._scheduled if not h.cancelled()]
         assert sum(1 for h in timers if "expire_deadlines" in repr(h)) == 1
         results = await asyncio.gather(*calls, return_exceptions=True)
         assert all(isinstance(r, polyrpc.CallTimeout) for r in results)
         conn.abort()
+    finally:
+        await listener.close(connections=False)
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+async def test_graceful_close_is_woken_by_the_work_not_a_timer(side, monkeypatch):
+    """A close waiting for a reply (client) or a running handler (server) schedules no timer
+    that fires meanwhile (only long limits such as close_timeout): the work ending wakes it,
+    and it returns a few turns later."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(message):
+        started.set()
+        await release.wait()
+        return message
+
+    quiet = {"heartbeat_interval": 0, "idle_timeout": 0, "close_timeout": 30}
+    listener = await polyrpc.listen("mem@0", on_request=slow, **quiet)
+    try:
+        conn = await polyrpc.dial(listener.url, **quiet)
+        reply = asyncio.create_task(conn.request("late"))
+        await started.wait()
+        closing_side = conn if side == "client" else next(iter(listener.connections))
+        loop = asyncio.get_running_loop()
+        delays: list[float] = []
+        schedule = loop.call_at
+
+        def counting_call_at(when, callback, *args, **kwargs):
+            delays.append(when - loop.time())
+            return schedule(when, callback, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "call_at", counting_call_at)
+        closing = asyncio.create_task(closing_side.close())
+        for _ in range(20):  # turns enough for a polling close to schedule its timers
+            await asyncio.sleep(0)
+        assert not closing.done()
+        release.set()
+        turns = 0
+        while not closing.done():
+            await asyncio.sleep(0)
+            turns += 1
+        monkeypatch.undo()
+        assert await reply == "late"
+        assert delays and min(delays) > 5, delays  # close_timeout's give-up is among them
+        assert turns < 20
+    finally:
+        await listener.close()
+
+
+async def test_graceful_close_gives_up_after_close_timeout():
+    """Work that never ends holds a close only for close_timeout; then the connection is
+    aborted and the request in flight fails."""
+    listener = await polyrpc.listen("mem@0", on_request=lambda m: asyncio.Event().wait())
+    try:
+        conn = await polyrpc.dial(listener.url, close_timeout=0.2)
+        stuck = asyncio.create_task(conn.request("never answered"))
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        await asyncio.wait_for(conn.close(), 5)
+        assert 0.15 < time.monotonic() - started < 2
+        with pytest.raises(polyrpc.ConnectionLost, match="graceful close timed out"):
+            await stuck
     finally:
         await listener.close(connections=False)
 

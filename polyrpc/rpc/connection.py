@@ -28,7 +28,6 @@ from typing import Any
 from ..errors import CallTimeout, ConnectionLost, MessageTooLarge, ProtocolError, RemoteError
 from ..session.session import (
     BYTES_LIKE,
-    FLUSH_BYTES,
     PAUSE_BUSY,
     Session,
     SessionConfig,
@@ -452,23 +451,21 @@ class RpcConnection(Session):
         timeout: float | None,
         metadata: dict[str, str] | None,
         flags: int = 0,
+        first_streamed: int | None = None,
     ) -> tuple[int, asyncio.Future[Frame], asyncio.Task[None] | None]:
-        """Start a call; a streamed argument (an async iterable) gets a sender task."""
-        streamed = None
+        """Start a call; a streamed argument (an async iterable) gets a sender task.
+        ``first_streamed``: its index, when the caller's scan of ``args`` stopped there."""
+        streamed = _streamed_argument(args, first_streamed)
         source: Any = None
-        for index, arg in enumerate(args):
-            if hasattr(arg, "__aiter__"):
-                if streamed is not None:
-                    raise TypeError("only one argument may be an async iterable (streamed)")
-                streamed = index
         if streamed is not None:
             source = args[streamed]
             args = (*args[:streamed], None, *args[streamed + 1 :])
             metadata = {**(metadata or {}), "argstream": str(streamed)}
             flags |= FLAG_ARG_STREAM
         payload, codec = self._encode_call(args, kwargs)
-        if len(self._pending) >= self._max_in_flight:
-            await self.wait_for_slot()
+        waiting = self.wait_before_request(len(payload))
+        if waiting is not None:
+            await waiting
         seq, future = self.begin_request(payload, method, metadata, timeout, flags, codec)
         sender = None
         if streamed is not None:
@@ -515,7 +512,7 @@ class RpcConnection(Session):
         # _encode_call, kept inline: calling it costs 1,424 more instructions per tcp/rpc round
         # trip (+4.2%), which with the shared write path would take this path past the 5%
         # the restructure may cost (bench/instructions.py, #19)
-        streamed = False
+        streamed: int | None = None
         if (
             len(args) == 1
             and not kwargs
@@ -524,23 +521,23 @@ class RpcConnection(Session):
         ):
             payload, codec = args[0], 0
         else:
-            for arg in args:
+            for index, arg in enumerate(args):
                 if hasattr(arg, "__aiter__"):  # a streamed argument: _send_call starts its sender
-                    streamed, payload, codec = True, b"", 0  # _send_call encodes the call itself
+                    streamed, payload, codec = index, b"", 0  # _send_call encodes the call itself
                     break
             else:
                 try:
                     payload, codec = self._encode_unchecked((args, kwargs)), self._codec_id
                 except Exception as exc:
                     raise _unsendable(exc) from None
-        if streamed:
-            seq, future, _ = await self._send_call(method, args, kwargs, timeout, metadata)
+        if streamed is not None:
+            seq, future, _ = await self._send_call(
+                method, args, kwargs, timeout, metadata, first_streamed=streamed
+            )
         else:
-            if self.byte_stream.writing_paused and len(payload) >= FLUSH_BYTES:
-                # a big call waits for room before it queues; a small one never waits behind it
-                await self.wait_writable()
-            if len(self._pending) >= self._max_in_flight:
-                await self.wait_for_slot()
+            waiting = self.wait_before_request(len(payload))
+            if waiting is not None:
+                await waiting
             if timeout is not None or metadata or not self._accepting:
                 seq, future = self.begin_request(payload, method, metadata, timeout, 0, codec)
             else:  # begin_request's work, kept inline for the usual call: calling begin_request
@@ -1009,8 +1006,9 @@ class RpcConnection(Session):
         call = self._incoming.get(seq)
         return call.args_stream if call is not None else None
 
-    def active_incoming(self) -> int:
-        return len(self._incoming) + len(self._tasks)
+    def incoming_tasks(self) -> list[asyncio.Future[Any]]:
+        calls = [call.task for call in self._incoming.values() if call.task is not None]
+        return calls + list(self._tasks)
 
     def on_abandoned(self) -> None:
         """The peer went away without a goodbye: its calls and notifications stop now."""
@@ -1031,6 +1029,17 @@ class RpcConnection(Session):
         for state in self._arg_senders.values():
             if state.credit_event is not None:
                 state.credit_event.set()
+
+
+def _streamed_argument(args: tuple, first: int | None = None) -> int | None:
+    """The index of the argument to stream (an async iterable), None if there is none; only
+    one may be. ``first``: that index when a scan found it already (only the rest is looked at)."""
+    for index in range(0 if first is None else first + 1, len(args)):
+        if hasattr(args[index], "__aiter__"):
+            if first is not None:
+                raise TypeError("only one argument may be an async iterable (streamed)")
+            first = index
+    return first
 
 
 def _task_cancelling() -> bool:

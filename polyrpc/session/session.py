@@ -13,7 +13,7 @@ import hmac
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -673,9 +673,9 @@ class Session(BufferedReceiver):
     def on_closed(self, exc: Exception | None) -> None:
         """The connection is gone (``exc`` None after a clean local close)."""
 
-    def active_incoming(self) -> int:
-        """Requests from the peer still being handled (graceful close waits for them)."""
-        return 0
+    def incoming_tasks(self) -> Collection[asyncio.Future[Any]]:
+        """The tasks handling the peer's requests now (graceful close waits for them)."""
+        return ()
 
     # ------------------------------------------------------------ send side
     def encode(self, obj: Any) -> tuple[Buffer, int]:
@@ -770,6 +770,27 @@ class Session(BufferedReceiver):
             except ConnectionLost:
                 raise self.lost_error() from None
 
+    def wait_before_request(self, size: int) -> Awaitable[None] | None:
+        """What a request of ``size`` payload bytes must await before it is written, None
+        when it may go now. The usual case makes no coroutine: awaiting one on every request
+        (then begin_request in a coroutine of its own) cost the tcp row 2,776 instructions
+        per round trip, +7.5%; this way 813, +2.2% (tcp/rpc: 513, +1.5%; bench/instructions.py,
+        #19)."""
+        if len(self._pending) >= self._max_in_flight or (
+            self.byte_stream.writing_paused and size >= FLUSH_BYTES
+        ):
+            return self._wait_before_request(size)
+        return None
+
+    async def _wait_before_request(self, size: int) -> None:
+        """A big request first waits for room in the stream (a small one never waits behind
+        it), then any for a slot in the window, last: nothing awaits between the free slot
+        and the write that follows."""
+        if self.byte_stream.writing_paused and size >= FLUSH_BYTES:
+            await self.wait_writable()
+        if len(self._pending) >= self._max_in_flight:
+            await self.wait_for_slot()
+
     def begin_request(
         self,
         obj: Any,
@@ -779,7 +800,8 @@ class Session(BufferedReceiver):
         flags: int = 0,
         codec: int | None = None,
     ) -> tuple[int, asyncio.Future[Frame]]:
-        """Write a REQUEST now (the caller checked the window); returns (seq, reply future).
+        """Write a REQUEST now (the caller awaited :meth:`wait_before_request`); returns
+        (seq, reply future).
 
         ``codec``: ``obj`` is already a payload encoded with the codec of this id.
         """
@@ -1039,12 +1061,11 @@ class Session(BufferedReceiver):
             try:
                 if self._handshake.done() and not self._peer_closing:
                     self._write(encode_frame(_GOAWAY, 0))
-                deadline = self.loop.time() + self.config.close_timeout
-                while (self._pending or self.active_incoming()) and not self._closed.done():
-                    if self.loop.time() > deadline:
-                        self.abort(ConnectionLost("graceful close timed out; connection aborted"))
-                        break
-                    await asyncio.sleep(0.005)
+                give_up = self.loop.call_later(self.config.close_timeout, self._close_timed_out)
+                try:
+                    await self._wait_in_flight()
+                finally:
+                    give_up.cancel()
                 if self._out:
                     self._flush()
                 if not self._closed.done():
@@ -1052,6 +1073,30 @@ class Session(BufferedReceiver):
             except ConnectionLost:
                 pass
         await asyncio.shield(self._closed)
+
+    def _close_timed_out(self) -> None:
+        self.abort(ConnectionLost("graceful close timed out; connection aborted"))
+
+    async def _wait_in_flight(self) -> None:
+        """Wait until no request is in flight either way, or the connection is gone: woken by
+        each reply, each ended handler and the connection's end, never by a timer."""
+        while self._slot_waiters:
+            self._wake_slot()  # callers waiting for room fail now: nothing new goes out
+        while not self._closed.done():
+            handlers = self.incoming_tasks()
+            if not (self._pending or handlers):
+                return
+            # while anyone waits in _slot_waiters every reply goes through _dispatch, whose
+            # _wake_slot then wakes this waiter (the only one: no caller waits once closing)
+            reply = self.loop.create_future()
+            self._slot_waiters.append(reply)
+            try:
+                await asyncio.wait(
+                    [reply, self._closed, *handlers], return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                if not reply.done():
+                    self._slot_waiters.remove(reply)
 
     def abort(self, exc: Exception | None = None) -> None:
         """Drop the connection now; pending operations fail with ConnectionLost."""

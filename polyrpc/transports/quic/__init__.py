@@ -225,6 +225,15 @@ class _ClientDriver(Driver):
         if self.endpoint is not None:
             self.endpoint.send(datagrams)
 
+    def cid_issued(self, cid: bytes, stream: QuicStream) -> None:
+        """Nothing to route: the socket carries this one connection."""
+
+    def cid_retired(self, cid: bytes) -> None:
+        """Nothing to route: the socket carries this one connection."""
+
+    def established(self, stream: QuicStream) -> None:
+        """Nothing to hand over: the dialer awaits the stream's handshake itself."""
+
     def datagrams(self, batch: list[tuple[bytes, Any]]) -> None:
         stream = self.stream
         if stream is None:

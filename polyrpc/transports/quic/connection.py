@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -72,22 +73,26 @@ REFUSAL_PROBE_DELAY = 0.05
 """Seconds between the probes that confirm a refusal."""
 
 
-class Driver:
+class Driver(ABC):
     """What a QuicStream needs from its endpoint (client socket or listener)."""
 
+    @abstractmethod
     def send(self, datagrams: list[tuple[bytes, Any]]) -> None:
         """Put datagrams on the wire."""
-        raise NotImplementedError
 
+    @abstractmethod
     def cid_issued(self, cid: bytes, stream: QuicStream) -> None:
         """Route datagrams for ``cid`` to ``stream``."""
 
+    @abstractmethod
     def cid_retired(self, cid: bytes) -> None:
         """Stop routing ``cid``."""
 
+    @abstractmethod
     def finished(self, stream: QuicStream) -> None:
         """The connection is over; release its routes (and the socket of a client)."""
 
+    @abstractmethod
     def established(self, stream: QuicStream) -> None:
         """The handshake completed (a listener hands the stream to its handler)."""
 
