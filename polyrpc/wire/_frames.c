@@ -1805,35 +1805,28 @@ typedef struct {
     PyObject *continue_call;     /* connection._continue_eagerly: a handler that suspended */
     PyObject *pending;           /* connection._pending */
     PyObject *decoder;           /* connection._decoder, when it is this module's */
-    /* offsets of the connection's __slots__ read on every reply (see session_slot) */
-    Py_ssize_t gone_at, in_receive_at, flush_handle_at, bytes_out_at, byte_stream_at,
-        send_check_at;
 } EagerServerObject;
-
-/* Where the __slots__ member ``name`` of ``type`` lives in its instances (-1, exception set,
- * if it is not one): reading the slot there costs a load, not an attribute lookup. */
-static Py_ssize_t
-session_slot(PyTypeObject *type, const char *name)
-{
-    PyObject *descr = PyObject_GetAttrString((PyObject *)type, name);
-    if (descr == NULL)
-        return -1;
-    Py_ssize_t offset = -1;
-    if (Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
-        ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX)
-        offset = ((PyMemberDescrObject *)descr)->d_member->offset;
-    else
-        PyErr_Format(PyExc_TypeError, "EagerServer: %s is not a __slots__ member", name);
-    Py_DECREF(descr);
-    return offset;
-}
-
-#define SLOT(obj, offset) (*(PyObject **)((char *)(obj) + (offset)))
 
 static PyObject *long_one;   /* 1 */
 static PyObject *small_zero; /* 0: the decoder's frames share CPython's small int */
 static PyObject *str_kind, *str_async, *str_func, *str_stats, *str_calls, *str_durations,
     *str_append, *str_write_now;
+/* the session attributes a reply reads (and bytes_out, which it also writes), by name:
+ * the session owns them, this reads them as any Python caller would */
+static PyObject *str_gone, *str_in_receive, *str_flush_handle, *str_bytes_out, *str_byte_stream,
+    *str_send_check;
+
+/* conn.<name>, or NULL without an exception when the session has no such attribute (yet). */
+static PyObject *
+session_attribute(PyObject *conn, PyObject *name)
+{
+    PyObject *value;
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyObject_GetOptionalAttr(conn, name, &value) < 0 ? NULL : value;
+#else
+    return _PyObject_LookupAttr(conn, name, &value) < 0 ? NULL : value;
+#endif
+}
 
 static PyObject *
 eager_fallback(EagerServerObject *self, PyObject *frame)
@@ -1932,31 +1925,40 @@ static int
 eager_send_now(EagerServerObject *self, PyObject *buffers)
 {
     PyObject *conn = self->connection;
-    PyObject *in_receive = SLOT(conn, self->in_receive_at);
-    PyObject *bytes_out = SLOT(conn, self->bytes_out_at);
-    PyObject *stream = SLOT(conn, self->byte_stream_at);
     if (self->decoder == NULL || !((DecoderObject *)self->decoder)->serving_one ||
-        in_receive != Py_False || SLOT(conn, self->flush_handle_at) != Py_None ||
-        PyDict_GET_SIZE(self->pending) > 1 || PyList_GET_SIZE(buffers) != 1 ||
-        bytes_out == NULL || !PyLong_CheckExact(bytes_out) || stream == NULL)
+        PyDict_GET_SIZE(self->pending) > 1 || PyList_GET_SIZE(buffers) != 1)
         return 0;
-    PyObject *write_now = PyObject_GetAttr(stream, str_write_now);
+    PyObject *in_receive = session_attribute(conn, str_in_receive);
+    if (in_receive != Py_False) {
+        Py_XDECREF(in_receive);
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    Py_DECREF(in_receive);
+    PyObject *flush_handle = session_attribute(conn, str_flush_handle);
+    if (flush_handle != Py_None) {
+        Py_XDECREF(flush_handle);
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    Py_DECREF(flush_handle);
+    PyObject *stream = session_attribute(conn, str_byte_stream);
+    PyObject *write_now = stream ? PyObject_GetAttr(stream, str_write_now) : NULL;
+    Py_XDECREF(stream);
     if (write_now == NULL)
-        return -1;
-    if (write_now == Py_None) {
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *bytes_out = write_now != Py_None ? session_attribute(conn, str_bytes_out) : NULL;
+    if (bytes_out == NULL || !PyLong_CheckExact(bytes_out)) {
         Py_DECREF(write_now);
-        return 0;
+        Py_XDECREF(bytes_out);
+        return PyErr_Occurred() ? -1 : 0;
     }
     PyObject *frame = PyList_GET_ITEM(buffers, 0);
     PyObject *size = PyLong_FromSsize_t(PyObject_Length(frame));
     PyObject *total = size ? PyNumber_Add(bytes_out, size) : NULL;
     Py_XDECREF(size);
-    if (total == NULL) {
-        Py_DECREF(write_now);
-        return -1;
-    }
-    Py_SETREF(SLOT(conn, self->bytes_out_at), total);
-    PyObject *r = PyObject_CallOneArg(write_now, frame);
+    Py_DECREF(bytes_out);
+    int stored = total ? PyObject_SetAttr(conn, str_bytes_out, total) : -1;
+    Py_XDECREF(total);
+    PyObject *r = stored == 0 ? PyObject_CallOneArg(write_now, frame) : NULL;
     Py_DECREF(write_now);
     Py_XDECREF(r);
     return r == NULL ? -1 : 1;
@@ -1967,10 +1969,13 @@ eager_send_now(EagerServerObject *self, PyObject *buffers)
 static int
 eager_fits(EagerServerObject *self, Py_ssize_t size)
 {
-    PyObject *bound = SLOT(self->connection, self->send_check_at);
-    if (bound == NULL || !PyLong_CheckExact(bound))
-        return 0;
+    PyObject *bound = session_attribute(self->connection, str_send_check);
+    if (bound == NULL || !PyLong_CheckExact(bound)) {
+        Py_XDECREF(bound);
+        return PyErr_Occurred() ? -1 : 0;
+    }
     Py_ssize_t limit = PyLong_AsSsize_t(bound);
+    Py_DECREF(bound);
     if (limit == -1 && PyErr_Occurred())
         return -1;
     return size <= limit;
@@ -1982,9 +1987,14 @@ static PyObject *
 eager_reply(EagerServerObject *self, PyObject *seq, PyObject *result)
 {
     int fits = PyBytes_CheckExact(result) ? eager_fits(self, PyBytes_GET_SIZE(result)) : 0;
+    if (fits > 0) { /* a session that is gone answers through respond() */
+        PyObject *gone = session_attribute(self->connection, str_gone);
+        fits = gone == Py_False ? 1 : gone == NULL && PyErr_Occurred() ? -1 : 0;
+        Py_XDECREF(gone);
+    }
     if (fits < 0)
         return NULL;
-    if (fits && SLOT(self->connection, self->gone_at) == Py_False) {
+    if (fits) {
         int ok;
         PyObject *kind = PyLong_FromLong(KIND_RESPONSE);
         PyObject *buffers = plain(kind, seq, result, NULL, NULL, &ok);
@@ -2160,16 +2170,6 @@ EagerServer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         self->decoder = decoder;
     else
         Py_XDECREF(decoder); /* a pure-Python decoder: replies always go through _write */
-    PyTypeObject *kind = Py_TYPE(connection);
-    if (!PyErr_Occurred() && ((self->gone_at = session_slot(kind, "_gone")) < 0 ||
-                              (self->in_receive_at = session_slot(kind, "_in_receive")) < 0 ||
-                              (self->flush_handle_at = session_slot(kind, "_flush_handle")) < 0 ||
-                              (self->bytes_out_at = session_slot(kind, "bytes_out")) < 0 ||
-                              (self->byte_stream_at = session_slot(kind, "byte_stream")) < 0 ||
-                              (self->send_check_at = session_slot(kind, "_send_check")) < 0)) {
-        Py_DECREF(self);
-        return NULL;
-    }
     self->perf_counter = time_module ? PyObject_GetAttrString(time_module, "perf_counter") : NULL;
     Py_XDECREF(time_module);
     if (max_calls != NULL)
@@ -2448,6 +2448,15 @@ PyInit__frames(void)
         str_durations = PyUnicode_InternFromString("durations");
         str_append = PyUnicode_InternFromString("append");
         str_write_now = PyUnicode_InternFromString("write_now");
+        str_gone = PyUnicode_InternFromString("_gone");
+        str_in_receive = PyUnicode_InternFromString("_in_receive");
+        str_flush_handle = PyUnicode_InternFromString("_flush_handle");
+        str_bytes_out = PyUnicode_InternFromString("bytes_out");
+        str_byte_stream = PyUnicode_InternFromString("byte_stream");
+        str_send_check = PyUnicode_InternFromString("_send_check");
+        if (!str_gone || !str_in_receive || !str_flush_handle || !str_bytes_out ||
+            !str_byte_stream || !str_send_check)
+            return NULL;
         if (!empty_str || !empty_bytes || !empty_metadata || !method_bytes_cache ||
             !str_set_result || !str_kind || !str_async || !str_func || !str_stats || !str_calls ||
             !str_durations || !str_append || !str_write_now || !long_one || !small_zero)
