@@ -5,11 +5,16 @@ importing it would fail or cycle. Imports under ``if TYPE_CHECKING:`` obey the s
 table; they are exempt only from the no-asyncio rule, because wire's FrameDecoder.route()
 resolves the session's reply futures and names their type (asyncio.Future) in annotations
 without running asyncio code.
+
+The C files (extensions and their headers) are held to the same table: every module they
+import (``PyImport_ImportModule``, ``PyCapsule_Import``) and every polyrpc header they
+include, and wire's C code imports no asyncio either.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,8 +156,47 @@ def violations(path: Path, source: str) -> list[str]:
     return found
 
 
+C_IMPORT = re.compile(r'\b(PyImport_ImportModule|PyCapsule_Import)\(\s*"([^"]+)"')
+C_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+def all_c_files() -> list[Path]:
+    return sorted([*PACKAGE_ROOT.rglob("*.c"), *PACKAGE_ROOT.rglob("*.h")])
+
+
+def c_imported_modules(path: Path, source: str) -> Iterator[tuple[int, str]]:
+    """(line, dotted module) for every module a C file imports by name and every polyrpc
+    header it includes (as the module named by the header's path). A capsule's name is
+    ``module.attribute``: the module is what it imports."""
+    for found in C_IMPORT.finditer(source):
+        line = source.count("\n", 0, found.start()) + 1
+        function, name = found.groups()
+        yield line, name.rsplit(".", 1)[0] if function == "PyCapsule_Import" else name
+    for found in C_INCLUDE.finditer(source):
+        header = (path.parent / found.group(1)).resolve()
+        if header.is_relative_to(PACKAGE_ROOT):
+            yield source.count("\n", 0, found.start()) + 1, module_name(header)
+
+
+def c_violations(path: Path, source: str) -> list[str]:
+    """Every import or include in the C ``source`` (the text of ``path``) its layer may not make."""
+    own_layer = layer_of(module_name(path))
+    assert own_layer is not None
+    allowed = MAY_IMPORT[own_layer] | {own_layer}
+    found = []
+    for line, target in c_imported_modules(path, source):
+        where = f"{path.relative_to(PACKAGE_ROOT.parent)}:{line}"
+        if own_layer in NO_ASYNCIO and target.split(".")[0] == "asyncio":
+            found.append(f"{where}: the {own_layer} layer's C code imports asyncio")
+        target_layer = layer_of(target)
+        if target_layer is not None and target_layer not in allowed:
+            found.append(f"{where}: {own_layer} imports {target} ({target_layer})")
+    return found
+
+
 def test_every_module_belongs_to_a_layer():
-    unplaced = [str(path) for path in all_modules() if layer_of(module_name(path)) is None]
+    paths = [*all_modules(), *all_c_files()]
+    unplaced = [str(path) for path in paths if layer_of(module_name(path)) is None]
     assert not unplaced, f"add their folders to LAYER_OF_PREFIX and MAY_IMPORT: {unplaced}"
     assert layer_of("polyrpc.core.session") is None  # what a module in a new folder would get
 
@@ -194,3 +238,40 @@ def test_type_checking_imports_obey_the_layers_too():
     added = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..rpc import endpoints\n"
     found = violations(path, path.read_text() + "\n" + added)
     assert len(found) == 1 and "session imports polyrpc.rpc.endpoints" in found[0], found
+
+
+def test_c_code_imports_only_the_layers_below():
+    assert any(path.name == "_frames.c" for path in all_c_files())  # the check sees the C code
+    found = [v for path in all_c_files() for v in c_violations(path, path.read_text())]
+    assert not found, "\n".join(found)
+
+
+def test_c_code_sees_what_it_imports():
+    """The call server reaches the codec through its header and capsule: both are seen."""
+    path = PACKAGE_ROOT / "rpc" / "_callserver.c"
+    imported = {target for _, target in c_imported_modules(path, path.read_text())}
+    assert {"polyrpc.wire._frames", "time"} <= imported, imported
+
+
+@pytest.mark.parametrize(
+    ("module", "added", "expected"),
+    [
+        (
+            "wire/_frames.c",
+            'PyImport_ImportModule("asyncio");',
+            "wire layer's C code imports asyncio",
+        ),
+        ("wire/_frames.c", 'PyImport_ImportModule("polyrpc.session.session");', "wire imports"),
+        ("wire/_frames.h", '#include "../rpc/other.h"', "wire imports polyrpc.rpc.other (rpc)"),
+        (
+            "wire/_frames.c",
+            'PyCapsule_Import("polyrpc.rpc._callserver._C_API", 0);',
+            "wire imports",
+        ),
+    ],
+)
+def test_a_wrong_c_import_is_reported(module, added, expected):
+    """The C check catches a forbidden import added to a real C file."""
+    path = PACKAGE_ROOT / module
+    found = c_violations(path, path.read_text() + "\n" + added + "\n")
+    assert len(found) == 1 and expected in found[0], found

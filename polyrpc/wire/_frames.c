@@ -43,8 +43,8 @@ static PyObject *empty_bytes;        /* b"" */
 static PyObject *empty_metadata;     /* the shared {} of frames without metadata */
 static PyObject *method_bytes_cache; /* encoder: method str -> UTF-8 bytes */
 static PyObject *frames_module;      /* polyrpc.wire.frames, imported on first use */
-static PyObject *invalid_state_error; /* asyncio.InvalidStateError */
 static PyObject *str_set_result;     /* "set_result" */
+static PyObject *str_done;           /* "done" */
 
 /* ------------------------------------------------------------------ helpers */
 
@@ -1101,15 +1101,28 @@ decoder_resolve(DecoderObject *d, PyObject *frame)
     Py_INCREF(future);
     int rc = PyDict_DelItem(d->replies, f->seq);
     PyObject *r = rc < 0 ? NULL : PyObject_CallMethodOneArg(future, str_set_result, frame);
+    int done = 0; /* set_result failed: fine if the future was done already (cancelled),
+                   * nobody waits for the reply; asked only then, so replies cost no done() */
+    if (r == NULL && rc == 0) {
+        PyObject *type, *exc, *tb;
+        PyErr_Fetch(&type, &exc, &tb);
+        PyObject *was_done = PyObject_CallMethodNoArgs(future, str_done);
+        done = was_done == NULL ? -1 : PyObject_IsTrue(was_done);
+        Py_XDECREF(was_done);
+        if (done == 0)
+            PyErr_Restore(type, exc, tb);
+        else {
+            Py_XDECREF(type);
+            Py_XDECREF(exc);
+            Py_XDECREF(tb);
+        }
+    }
     Py_DECREF(future);
-    if (r != NULL) {
-        Py_DECREF(r);
+    if (r != NULL || done > 0) {
+        Py_XDECREF(r);
         return 1;
     }
-    if (rc < 0 || !PyErr_ExceptionMatches(invalid_state_error))
-        return -1;
-    PyErr_Clear(); /* the future was done already (cancelled): nobody waits for the reply */
-    return 1;
+    return -1;
 }
 
 /* Deliver completed frames (consumed) as route() says; a NULL list means the decoder
@@ -1933,13 +1946,6 @@ PyInit__frames(void)
         PyType_Ready(&DecoderType) < 0)
         return NULL;
     if (ProtocolError == NULL) {
-        PyObject *asyncio = PyImport_ImportModule("asyncio");
-        if (asyncio == NULL)
-            return NULL;
-        invalid_state_error = PyObject_GetAttrString(asyncio, "InvalidStateError");
-        Py_DECREF(asyncio);
-        if (invalid_state_error == NULL)
-            return NULL;
         PyObject *errors = PyImport_ImportModule("polyrpc.errors");
         if (errors == NULL)
             return NULL;
@@ -1952,8 +1958,9 @@ PyInit__frames(void)
         empty_metadata = PyDict_New();
         method_bytes_cache = PyDict_New();
         str_set_result = PyUnicode_InternFromString("set_result");
+        str_done = PyUnicode_InternFromString("done");
         if (!empty_str || !empty_bytes || !empty_metadata || !method_bytes_cache ||
-            !str_set_result)
+            !str_set_result || !str_done)
             return NULL;
     }
     PyObject *m = PyModule_Create(&frames_moduledef);
