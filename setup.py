@@ -15,9 +15,15 @@ setup(
             optional=True,
         ),
         Extension(
+            "polyrpc.session._routing",
+            ["polyrpc/session/_routing.c"],
+            depends=["polyrpc/wire/_frames.h", "polyrpc/session/_routing.h"],
+            optional=True,
+        ),
+        Extension(
             "polyrpc.rpc._callserver",
             ["polyrpc/rpc/_callserver.c"],
-            depends=["polyrpc/wire/_frames.h"],
+            depends=["polyrpc/wire/_frames.h", "polyrpc/session/_routing.h"],
             optional=True,
         ),
     ],

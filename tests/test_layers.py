@@ -1,10 +1,8 @@
 """Import direction between the layer folders of polyrpc/ (the map atop docs/architecture.md).
 
 Every module is parsed with ``ast``, never imported, so a wrong import is reported even where
-importing it would fail or cycle. Imports under ``if TYPE_CHECKING:`` obey the same layer
-table; they are exempt only from the no-asyncio rule, because wire's FrameDecoder.route()
-resolves the session's reply futures and names their type (asyncio.Future) in annotations
-without running asyncio code.
+importing it would fail or cycle. Imports under ``if TYPE_CHECKING:`` obey the same table,
+the no-asyncio rule included.
 
 The C files (extensions and their headers) are held to the same table: every module they
 import (``PyImport_ImportModule``, ``PyCapsule_Import``) and every polyrpc header they
@@ -88,18 +86,9 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def is_type_checking_block(node: ast.AST) -> bool:
-    """``if TYPE_CHECKING:`` or ``if typing.TYPE_CHECKING:``."""
-    if not isinstance(node, ast.If):
-        return False
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
-def imported_modules(path: Path, tree: ast.Module) -> Iterator[tuple[int, str, bool]]:
-    """(line, absolute module, for type checking only) for every import anywhere in the module.
+def imported_modules(path: Path, tree: ast.Module) -> Iterator[tuple[int, str]]:
+    """(line, absolute module) for every import anywhere in the module (``if TYPE_CHECKING:``
+    blocks included).
 
     ``from package import name`` yields ``package.name`` when the package is a folder, since
     the name is then usually a submodule and its layer is the one that matters (a name that
@@ -107,12 +96,10 @@ def imported_modules(path: Path, tree: ast.Module) -> Iterator[tuple[int, str, b
     package = module_name(path).split(".")
     if path.name != "__init__.py":
         package.pop()
-    pending: list[tuple[ast.AST, bool]] = [(tree, False)]
-    while pending:
-        node, type_only = pending.pop()
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                yield node.lineno, alias.name, type_only
+                yield node.lineno, alias.name
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[: len(package) - node.level + 1]
@@ -122,15 +109,9 @@ def imported_modules(path: Path, tree: ast.Module) -> Iterator[tuple[int, str, b
             target_folder = PACKAGE_ROOT.parent.joinpath(*target.split("."))
             if target.startswith("polyrpc") and target_folder.is_dir():
                 for alias in node.names:
-                    yield node.lineno, f"{target}.{alias.name}", type_only
+                    yield node.lineno, f"{target}.{alias.name}"
             else:
-                yield node.lineno, target, type_only
-        elif is_type_checking_block(node):
-            assert isinstance(node, ast.If)
-            pending.extend((child, True) for child in node.body)
-            pending.extend((child, type_only) for child in node.orelse)
-        else:
-            pending.extend((child, type_only) for child in ast.iter_child_nodes(node))
+                yield node.lineno, target
 
 
 def all_modules() -> list[Path]:
@@ -144,9 +125,9 @@ def violations(path: Path, source: str) -> list[str]:
     allowed = MAY_IMPORT[own_layer] | {own_layer}
     found = []
     tree = ast.parse(source, filename=str(path))
-    for line, target, type_only in imported_modules(path, tree):
+    for line, target in imported_modules(path, tree):
         where = f"{path.relative_to(PACKAGE_ROOT.parent)}:{line}"
-        if own_layer in NO_ASYNCIO and not type_only and target.split(".")[0] == "asyncio":
+        if own_layer in NO_ASYNCIO and target.split(".")[0] == "asyncio":
             found.append(f"{where}: the {own_layer} layer imports asyncio")
         target_layer = layer_of(target)
         if target_layer is None and target.split(".")[0] == "polyrpc":

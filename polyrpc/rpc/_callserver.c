@@ -4,17 +4,20 @@
  * task; EagerServer (reference: RpcConnection.on_request in polyrpc/rpc/connection.py)
  * serves a connection's usual calls and hands every other frame to that reference.
  * It reads frames and encodes replies through the frame codec's C API (polyrpc/wire/
- * _frames.h) and the session's state through its attributes, by name.
+ * _frames.h), asks the session's routing decoder whether it serves a lone request
+ * (polyrpc/session/_routing.h) and reads the session's state through its attributes.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stddef.h>
 
+#include "../session/_routing.h"
 #include "../wire/_frames.h"
 
 #define KIND_RESPONSE 3 /* polyrpc.wire.frames.Kind.RESPONSE */
 
-static const PolyrpcFramesCAPI *frames; /* the codec's C API */
+static const PolyrpcFramesCAPI *frames;   /* the codec's C API */
+static const PolyrpcRoutingCAPI *routing; /* the session's routing decoder's C API */
 
 /* ============================================================ coroutine_step */
 
@@ -182,7 +185,7 @@ static int
 eager_send_now(EagerServerObject *self, PyObject *buffers)
 {
     PyObject *conn = self->connection;
-    if (self->decoder == NULL || frames->serving_one(self->decoder) != 1 ||
+    if (self->decoder == NULL || routing->serving_one(self->decoder) != 1 ||
         PyDict_GET_SIZE(self->pending) > 1 || PyList_GET_SIZE(buffers) != 1)
         return 0;
     PyObject *in_receive = session_attribute(conn, str_in_receive);
@@ -421,7 +424,7 @@ EagerServer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->continue_call = PyObject_GetAttrString(connection, "_continue_eagerly");
     self->pending = PyObject_GetAttrString(connection, "_pending");
     PyObject *decoder = PyObject_GetAttrString(connection, "_decoder");
-    if (decoder != NULL && frames->serving_one(decoder) >= 0)
+    if (decoder != NULL && routing->serving_one(decoder) >= 0)
         self->decoder = decoder;
     else
         Py_XDECREF(decoder); /* a pure-Python decoder: replies always go through _write */
@@ -529,9 +532,10 @@ PyInit__callserver(void)
 {
     if (PyType_Ready(&EagerServerType) < 0)
         return NULL;
-    if (frames == NULL) {
+    if (routing == NULL) { /* set last: a failed import is tried again in full */
         frames = polyrpc_frames_import();
-        if (frames == NULL)
+        const PolyrpcRoutingCAPI *routing_api = frames ? polyrpc_routing_import() : NULL;
+        if (routing_api == NULL)
             return NULL;
         long_one = PyLong_FromLong(1);
         small_zero = PyLong_FromLong(0);
@@ -555,6 +559,7 @@ PyInit__callserver(void)
             !str_write_now || !str_gone || !str_in_receive || !str_flush_handle ||
             !str_bytes_out || !str_byte_stream || !str_send_check)
             return NULL;
+        routing = routing_api;
     }
     PyObject *m = PyModule_Create(&callserver_moduledef);
     if (m == NULL)

@@ -43,8 +43,6 @@ static PyObject *empty_bytes;        /* b"" */
 static PyObject *empty_metadata;     /* the shared {} of frames without metadata */
 static PyObject *method_bytes_cache; /* encoder: method str -> UTF-8 bytes */
 static PyObject *frames_module;      /* polyrpc.wire.frames, imported on first use */
-static PyObject *str_set_result;     /* "set_result" */
-static PyObject *str_done;           /* "done" */
 
 /* ------------------------------------------------------------------ helpers */
 
@@ -279,37 +277,6 @@ static PyTypeObject FrameType = {
 
 /* ============================================================== FrameDecoder */
 
-typedef struct WindowObject WindowObject;
-
-typedef struct {
-    PyObject_HEAD
-    PyObject *limits;
-    int64_t max_frame, max_metadata, max_method; /* the frame limit now; cached from limits */
-    PyObject *max_frame_obj;                     /* the frame limit as given (for messages) */
-    char handshaking; /* handshake mode: see the type's doc and set_max_frame() */
-    char after_hello; /* handshake mode saw a HELLO: later bytes wait for set_max_frame */
-    char grow;        /* the last read filled the offered space: double the buffer next */
-    PyObject *buf;                               /* bytearray of small frames */
-    Py_ssize_t start, end;                       /* unparsed bytes are buf[start:end] */
-    Py_ssize_t offered;                          /* free bytes the last get_buffer offered */
-    Py_ssize_t want; /* bytes of a pending frame to hold from start (get_buffer makes room) */
-    PyObject *large; /* bytes of a big payload being filled (not yet seen by anyone), or NULL;
-                      * its size is what is allocated so far, it grows to large_size */
-    Py_ssize_t large_filled, large_size;
-    PyObject *large_frame;  /* the frame whose payload ``large`` is */
-    PyObject *methods;      /* method-name cache: raw bytes -> str */
-    PyObject *last_raw;     /* the most recent method cache hit, to skip the lookup */
-    PyObject *last_method;
-    PyObject *broken;       /* the ProtocolError that broke the decoder, or NULL */
-    WindowObject *window;   /* exports the writable tail for get_buffer */
-    unsigned long long bytes_received;
-    /* routing for received(): see route() */
-    PyObject *on_frames, *on_error; /* callables, NULL until route() */
-    PyObject *replies;              /* dict seq -> future, or NULL */
-    PyObject *hold;                 /* a sized object: while non-empty, replies go to on_frames */
-    PyObject *on_request;           /* callable for a REQUEST that arrives alone, or NULL */
-    char serving_one;               /* true while on_request serves such a lone request */
-} DecoderObject;
 
 /* get_buffer returns memoryview(window): the window's buffer export forwards to the
  * bytearray being filled (so the view holds a real export of it and blocks resizing),
@@ -494,11 +461,6 @@ Decoder_traverse(DecoderObject *d, visitproc visit, void *arg)
     Py_VISIT(d->last_raw);
     Py_VISIT(d->last_method);
     Py_VISIT(d->broken);
-    Py_VISIT(d->on_frames);
-    Py_VISIT(d->on_error);
-    Py_VISIT(d->replies);
-    Py_VISIT(d->hold);
-    Py_VISIT(d->on_request);
     return 0;
 }
 
@@ -514,11 +476,6 @@ Decoder_clear(DecoderObject *d)
     Py_CLEAR(d->last_raw);
     Py_CLEAR(d->last_method);
     Py_CLEAR(d->broken);
-    Py_CLEAR(d->on_frames);
-    Py_CLEAR(d->on_error);
-    Py_CLEAR(d->replies);
-    Py_CLEAR(d->hold);
-    Py_CLEAR(d->on_request);
     return 0;
 }
 
@@ -1049,178 +1006,6 @@ Decoder_buffer_updated(DecoderObject *d, PyObject *arg)
     return decoder_filled(d, arg, "buffer_updated");
 }
 
-PyDoc_STRVAR(route_doc,
-             "route(on_frames, on_error, replies=None, hold=None, on_request=None)\n--\n\n"
-             "Where received() and received_data() deliver: a batch's leading RESPONSE and\n"
-             "ERROR frames that answer a future in ``replies`` resolve it here (while ``hold``\n"
-             "is empty); a REQUEST left alone goes to on_request(frame) with serving_one set;\n"
-             "other frames go to on_frames(list) in order, a ProtocolError to on_error(exc).");
-
-static PyObject *
-Decoder_route(DecoderObject *d, PyObject *args, PyObject *kwds)
-{
-    static char *kwlist[] = {"on_frames", "on_error", "replies", "hold", "on_request", NULL};
-    PyObject *on_frames, *on_error, *replies = Py_None, *hold = Py_None, *on_request = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOO:route", kwlist, &on_frames, &on_error,
-                                     &replies, &hold, &on_request))
-        return NULL;
-    if (!PyCallable_Check(on_frames) || !PyCallable_Check(on_error) ||
-        (on_request != Py_None && !PyCallable_Check(on_request))) {
-        PyErr_SetString(PyExc_TypeError,
-                        "route(): on_frames, on_error and on_request must be callable");
-        return NULL;
-    }
-    if (replies != Py_None && !PyDict_CheckExact(replies)) {
-        PyErr_SetString(PyExc_TypeError, "route(): replies must be a dict or None");
-        return NULL;
-    }
-    Py_XSETREF(d->on_frames, Py_NewRef(on_frames));
-    Py_XSETREF(d->on_error, Py_NewRef(on_error));
-    Py_XSETREF(d->replies, replies == Py_None ? NULL : Py_NewRef(replies));
-    Py_XSETREF(d->hold, hold == Py_None ? NULL : Py_NewRef(hold));
-    Py_XSETREF(d->on_request, on_request == Py_None ? NULL : Py_NewRef(on_request));
-    Py_RETURN_NONE;
-}
-
-/* Resolve the reply future ``frame`` answers, if routing may: 1 if done, 0 if not, -1 error. */
-static int
-decoder_resolve(DecoderObject *d, PyObject *frame)
-{
-    FrameObject *f = (FrameObject *)frame;
-    long kind = PyLong_AsLong(f->kind);
-    if (kind != KIND_RESPONSE && kind != KIND_ERROR)
-        return 0;
-    if (d->hold != NULL) {
-        Py_ssize_t held = PyObject_Size(d->hold);
-        if (held != 0)
-            return held < 0 ? -1 : 0;
-    }
-    PyObject *future = PyDict_GetItemWithError(d->replies, f->seq);
-    if (future == NULL)
-        return PyErr_Occurred() ? -1 : 0;
-    Py_INCREF(future);
-    int rc = PyDict_DelItem(d->replies, f->seq);
-    PyObject *r = rc < 0 ? NULL : PyObject_CallMethodOneArg(future, str_set_result, frame);
-    int done = 0; /* set_result failed: fine if the future was done already (cancelled),
-                   * nobody waits for the reply; asked only then, so replies cost no done() */
-    if (r == NULL && rc == 0) {
-        PyObject *type, *exc, *tb;
-        PyErr_Fetch(&type, &exc, &tb);
-        PyObject *was_done = PyObject_CallMethodNoArgs(future, str_done);
-        done = was_done == NULL ? -1 : PyObject_IsTrue(was_done);
-        Py_XDECREF(was_done);
-        if (done == 0)
-            PyErr_Restore(type, exc, tb);
-        else {
-            Py_XDECREF(type);
-            Py_XDECREF(exc);
-            Py_XDECREF(tb);
-        }
-    }
-    Py_DECREF(future);
-    if (r != NULL || done > 0) {
-        Py_XDECREF(r);
-        return 1;
-    }
-    return -1;
-}
-
-/* Deliver completed frames (consumed) as route() says; a NULL list means the decoder
- * failed: a ProtocolError goes to on_error, anything else propagates. */
-static PyObject *
-decoder_deliver(DecoderObject *d, PyObject *frames)
-{
-    if (frames == NULL) {
-        if (!PyErr_ExceptionMatches(ProtocolError))
-            return NULL;
-        PyObject *type, *exc, *tb;
-        PyErr_Fetch(&type, &exc, &tb);
-        PyErr_NormalizeException(&type, &exc, &tb);
-        Py_XDECREF(type);
-        Py_XDECREF(tb);
-        PyObject *on_error = Py_NewRef(d->on_error); /* the callee may route() elsewhere */
-        PyObject *r = PyObject_CallOneArg(on_error, exc);
-        Py_DECREF(on_error);
-        Py_XDECREF(exc);
-        return r;
-    }
-    Py_ssize_t n = PyList_GET_SIZE(frames), i = 0;
-    if (d->replies != NULL) {
-        for (; i < n; i++) {
-            int resolved = decoder_resolve(d, PyList_GET_ITEM(frames, i));
-            if (resolved < 0) {
-                Py_DECREF(frames);
-                return NULL;
-            }
-            if (!resolved)
-                break;
-        }
-    }
-    if (i == n) {
-        Py_DECREF(frames);
-        Py_RETURN_NONE;
-    }
-    PyObject *last = PyList_GET_ITEM(frames, n - 1);
-    if (i == n - 1 && d->on_request != NULL &&
-        PyLong_AsLong(((FrameObject *)last)->kind) == KIND_REQUEST) {
-        Py_INCREF(last);
-        Py_DECREF(frames);
-        d->serving_one = 1;
-        PyObject *on_request = Py_NewRef(d->on_request); /* the callee may route() elsewhere */
-        PyObject *r = PyObject_CallOneArg(on_request, last);
-        Py_DECREF(on_request);
-        d->serving_one = 0;
-        Py_DECREF(last);
-        return r == NULL ? decoder_deliver(d, NULL) : r;
-    }
-    if (i) {
-        Py_SETREF(frames, PyList_GetSlice(frames, i, n));
-        if (frames == NULL)
-            return NULL;
-    }
-    PyObject *on_frames = Py_NewRef(d->on_frames); /* the callee may route() elsewhere */
-    PyObject *r = PyObject_CallOneArg(on_frames, frames);
-    Py_DECREF(on_frames);
-    Py_DECREF(frames);
-    return r;
-}
-
-static int
-decoder_routed(DecoderObject *d, const char *name)
-{
-    if (d->on_frames != NULL)
-        return 0;
-    PyErr_Format(PyExc_RuntimeError, "FrameDecoder.%s() needs route() first", name);
-    return -1;
-}
-
-PyDoc_STRVAR(received_doc,
-             "received(nbytes)\n--\n\n"
-             "buffer_updated() for a socket: the completed frames are delivered as route() says.");
-
-static PyObject *
-Decoder_received(DecoderObject *d, PyObject *arg)
-{
-    if (decoder_routed(d, "received") < 0)
-        return NULL;
-    return decoder_deliver(d, decoder_filled(d, arg, "received"));
-}
-
-PyDoc_STRVAR(received_data_doc,
-             "received_data(data)\n--\n\n"
-             "feed() for a stream that hands over bytes: the frames are delivered as route() says.");
-
-static PyObject *
-Decoder_feed(DecoderObject *d, PyObject *data);
-
-static PyObject *
-Decoder_received_data(DecoderObject *d, PyObject *data)
-{
-    if (decoder_routed(d, "received_data") < 0)
-        return NULL;
-    return decoder_deliver(d, Decoder_feed(d, data));
-}
-
 PyDoc_STRVAR(feed_doc, "feed(data)\n--\n\nAdd received bytes; return the frames they complete.");
 
 static PyObject *
@@ -1400,16 +1185,6 @@ static PyMethodDef Decoder_methods[] = {
     {"feed", (PyCFunction)Decoder_feed, METH_O, feed_doc},
     {"set_max_frame", (PyCFunction)Decoder_set_max_frame, METH_O, set_max_frame_doc},
     {"trim", (PyCFunction)Decoder_trim, METH_NOARGS, trim_doc},
-    {"route", (PyCFunction)(void (*)(void))Decoder_route, METH_VARARGS | METH_KEYWORDS, route_doc},
-    {"received", (PyCFunction)Decoder_received, METH_O, received_doc},
-    {"received_data", (PyCFunction)Decoder_received_data, METH_O, received_data_doc},
-    {NULL},
-};
-
-static PyMemberDef Decoder_members[] = {
-    {"serving_one", T_BOOL, offsetof(DecoderObject, serving_one), 0,
-     "True while route()'s on_request serves a request that arrived alone (its reply can\n"
-     "go out at once: there is nothing to batch it with)."},
     {NULL},
 };
 
@@ -1422,7 +1197,7 @@ static PyTypeObject DecoderType = {
               "With handshake=True no frame larger than limits.max_handshake_frame is\n"
               "accepted, reads do not grow the buffer, and decoding stops after a HELLO:\n"
               "the bytes after it are kept until set_max_frame() ends the mode (then\n"
-              "received(0) decodes them).",
+              "buffer_updated(0) decodes them).",
     .tp_basicsize = sizeof(DecoderObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_new = Decoder_new,
@@ -1431,7 +1206,6 @@ static PyTypeObject DecoderType = {
     .tp_traverse = (traverseproc)Decoder_traverse,
     .tp_clear = (inquiry)Decoder_clear,
     .tp_methods = Decoder_methods,
-    .tp_members = Decoder_members,
     .tp_getset = Decoder_getset,
 };
 
@@ -1927,16 +1701,25 @@ api_encode_plain(PyObject *kind, PyObject *seq, PyObject *payload, int *ok)
     return plain(kind, seq, payload, NULL, NULL, ok);
 }
 
-static int
-api_serving_one(PyObject *decoder)
+static PyObject *
+api_filled(PyObject *decoder, PyObject *nbytes, const char *name)
 {
-    return Py_IS_TYPE(decoder, &DecoderType) ? ((DecoderObject *)decoder)->serving_one : -1;
+    return decoder_filled((DecoderObject *)decoder, nbytes, name);
+}
+
+static PyObject *
+api_feed(PyObject *decoder, PyObject *data)
+{
+    return Decoder_feed((DecoderObject *)decoder, data);
 }
 
 static PolyrpcFramesCAPI frames_c_api = {
     .frame_type = &FrameType,
+    .decoder_type = &DecoderType,
+    .protocol_error = &ProtocolError,
     .encode_plain = api_encode_plain,
-    .serving_one = api_serving_one,
+    .filled = api_filled,
+    .feed = api_feed,
 };
 
 PyMODINIT_FUNC
@@ -1957,10 +1740,7 @@ PyInit__frames(void)
         empty_bytes = PyBytes_FromStringAndSize("", 0);
         empty_metadata = PyDict_New();
         method_bytes_cache = PyDict_New();
-        str_set_result = PyUnicode_InternFromString("set_result");
-        str_done = PyUnicode_InternFromString("done");
-        if (!empty_str || !empty_bytes || !empty_metadata || !method_bytes_cache ||
-            !str_set_result || !str_done)
+        if (!empty_str || !empty_bytes || !empty_metadata || !method_bytes_cache)
             return NULL;
     }
     PyObject *m = PyModule_Create(&frames_moduledef);
