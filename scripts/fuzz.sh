@@ -2,8 +2,8 @@
 # Coverage-guided fuzzing for a bounded time (CI runs it from scripts/test.sh):
 #   kcp_input_fuzzer   libFuzzer on the KCP engine (tests/fuzz/kcp_input_fuzzer.c), clang with
 #                      AddressSanitizer and UndefinedBehaviorSanitizer
-#   frames_fuzzer      atheris on the C and pure-Python frame decoders side by side
-#                      (tests/fuzz/frames_fuzzer.py), the C one built with AddressSanitizer
+#   frames_fuzzer      atheris on the C and pure-Python frame decoders with their routing side
+#                      by side (tests/fuzz/frames_fuzzer.py), the C ones built with AddressSanitizer
 # Usage: scripts/fuzz.sh [seconds per fuzzer, default 60]. Fails on any crash, leak, hang or
 # C/Python difference and prints the reproducer. Seeds: tests/fuzz/corpus/ (new inputs are
 # kept in build/fuzz/corpus/, not committed). Needs clang and libFuzzer: installed with apt
@@ -56,14 +56,17 @@ clang -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined \
     tests/fuzz/kcp_input_fuzzer.c polyrpc/transports/kcp/kcp_engine.c \
     -o "$BUILD/kcp_input_fuzzer" || exit 1
 
-# the frame decoder: a copy of the package whose C extension is built with ASan and
-# libFuzzer's coverage hooks (atheris's preloaded runtime provides both)
+# the frame decoder: a copy of the package whose codec and routing C extensions are built with
+# ASan and libFuzzer's coverage hooks (atheris's preloaded runtime provides both)
 cp -r polyrpc "$BUILD/tree/"
 find "$BUILD/tree" -name __pycache__ -prune -exec rm -rf {} +
 include=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 suffix=$("$PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 clang -shared -fPIC -g -O1 -fno-omit-frame-pointer -fsanitize=address,fuzzer-no-link \
     -I"$include" polyrpc/wire/_frames.c -o "$BUILD/tree/polyrpc/wire/_frames$suffix" || exit 1
+clang -shared -fPIC -g -O1 -fno-omit-frame-pointer -fsanitize=address,fuzzer-no-link \
+    -I"$include" polyrpc/session/_routing.c \
+    -o "$BUILD/tree/polyrpc/session/_routing$suffix" || exit 1
 atheris_dir=$("$PY" -c "import atheris; print(atheris.path())")
 
 # each fuzzer: -max_total_time bounds the run; a crash writes its input to artifacts/

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The C extensions (the frame codec polyrpc/wire/_frames.c and the KCP core's cffi module)
-# built with AddressSanitizer and UndefinedBehaviorSanitizer into a copy of the checkout
-# (build/sanitize/tree: the checkout's own builds stay as they are), then the suites that
-# reach them run against that build: conformance, frames, eager call server, KCP engine and
-# transport, the property tests, and tests/adversarial when it exists. Any sanitizer report
-# fails the run. Extra arguments replace the list of tests. CI runs it from scripts/test.sh.
+# The C extensions (the frame codec polyrpc/wire/_frames.c, the session's routing decoder
+# polyrpc/session/_routing.c, the RPC call server polyrpc/rpc/_callserver.c and the KCP
+# core's cffi module) built with AddressSanitizer and UndefinedBehaviorSanitizer into a copy
+# of the checkout (build/sanitize/tree: the checkout's own builds stay as they are), then
+# the suites that reach them run against that build: conformance, frames, routing, eager
+# call server, KCP engine and transport, the property tests, and tests/adversarial when it
+# exists. Any sanitizer report fails the run. Extra arguments replace the list of tests. CI
+# runs it from scripts/test.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -36,7 +38,8 @@ if [ $# -gt 0 ]; then
     tests=("$@")
 else
     tests=(tests/test_conformance.py tests/test_rpc_conformance.py tests/test_frames.py
-        tests/test_eager.py tests/test_kcp_engine.py tests/test_kcp_transport.py)
+        tests/test_routing.py tests/test_eager.py tests/test_kcp_engine.py
+        tests/test_kcp_transport.py)
     for f in tests/test_*_properties.py; do [ -e "$f" ] && tests+=("$f"); done
     [ -d tests/adversarial ] && tests+=(tests/adversarial)
 fi
@@ -49,10 +52,12 @@ export LD_PRELOAD="$libasan $libubsan"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:print_summary=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 export PYTHONPATH=$TREE
-which=$("$PY" -c "from polyrpc.wire import frames, _frames; from polyrpc.transports.kcp import _kcp
-print(frames.IMPLEMENTATION.name, _frames.__file__, _kcp.__file__)") || exit 1
+which=$("$PY" -c "from polyrpc.wire import frames, _frames; from polyrpc.session import _routing
+from polyrpc.rpc import _callserver; from polyrpc.transports.kcp import _kcp
+print(frames.IMPLEMENTATION.name, _frames.__file__, _routing.__file__, _callserver.__file__,
+      _kcp.__file__)") || exit 1
 case "$which" in
-"c $TREE/"*" $TREE/"*) echo "sanitize: testing the instrumented build: $which" ;;
+"c $TREE/"*" $TREE/"*" $TREE/"*" $TREE/"*) echo "sanitize: testing the instrumented build: $which" ;;
 *) echo "sanitize: the instrumented build is not the one imported: $which" >&2; exit 1 ;;
 esac
 "$PY" -m pytest -p no:cacheprovider "${tests[@]}"

@@ -12,6 +12,7 @@ import asyncio
 from typing import Any
 
 from polyrpc.errors import ProtocolError
+from polyrpc.session import routing
 from polyrpc.wire.frames import Implementation, Limits
 
 # how one piece is handed over: bytes to received_data, a socket read (get_buffer, then
@@ -46,7 +47,7 @@ def drive(
     lone-request handler, a batch handler and an error handler. Returns what happened."""
     events: list[tuple] = []
     futures = {seq: loop.create_future() for seq in reply_seqs}
-    decoder = impl.FrameDecoder(limits)
+    decoder = routing.for_codec(impl)(limits)
 
     def on_request(frame: Any) -> None:
         events.append(("request", describe(frame), decoder.serving_one))

@@ -11,7 +11,7 @@ from polyrpc.rpc import eager
 
 IMPLEMENTATIONS = [eager._py_coroutine_step]
 try:
-    from polyrpc.wire._frames import coroutine_step as _c_step
+    from polyrpc.rpc._callserver import coroutine_step as _c_step
 except ImportError:  # the C accelerator is optional; the reference is always tested
     pass
 else:

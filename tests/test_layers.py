@@ -1,15 +1,18 @@
 """Import direction between the layer folders of polyrpc/ (the map atop docs/architecture.md).
 
 Every module is parsed with ``ast``, never imported, so a wrong import is reported even where
-importing it would fail or cycle. Imports under ``if TYPE_CHECKING:`` obey the same layer
-table; they are exempt only from the no-asyncio rule, because wire's FrameDecoder.route()
-resolves the session's reply futures and names their type (asyncio.Future) in annotations
-without running asyncio code.
+importing it would fail or cycle. Imports under ``if TYPE_CHECKING:`` obey the same table,
+the no-asyncio rule included.
+
+The C files (extensions and their headers) are held to the same table: every module they
+import (``PyImport_ImportModule``, ``PyCapsule_Import``) and every polyrpc header they
+include, and wire's C code imports no asyncio either.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,18 +86,9 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def is_type_checking_block(node: ast.AST) -> bool:
-    """``if TYPE_CHECKING:`` or ``if typing.TYPE_CHECKING:``."""
-    if not isinstance(node, ast.If):
-        return False
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
-def imported_modules(path: Path, tree: ast.Module) -> Iterator[tuple[int, str, bool]]:
-    """(line, absolute module, for type checking only) for every import anywhere in the module.
+def imported_modules(path: Path, tree: ast.Module) -> Iterator[tuple[int, str]]:
+    """(line, absolute module) for every import anywhere in the module (``if TYPE_CHECKING:``
+    blocks included).
 
     ``from package import name`` yields ``package.name`` when the package is a folder, since
     the name is then usually a submodule and its layer is the one that matters (a name that
@@ -102,12 +96,10 @@ def imported_modules(path: Path, tree: ast.Module) -> Iterator[tuple[int, str, b
     package = module_name(path).split(".")
     if path.name != "__init__.py":
         package.pop()
-    pending: list[tuple[ast.AST, bool]] = [(tree, False)]
-    while pending:
-        node, type_only = pending.pop()
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                yield node.lineno, alias.name, type_only
+                yield node.lineno, alias.name
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[: len(package) - node.level + 1]
@@ -117,15 +109,9 @@ def imported_modules(path: Path, tree: ast.Module) -> Iterator[tuple[int, str, b
             target_folder = PACKAGE_ROOT.parent.joinpath(*target.split("."))
             if target.startswith("polyrpc") and target_folder.is_dir():
                 for alias in node.names:
-                    yield node.lineno, f"{target}.{alias.name}", type_only
+                    yield node.lineno, f"{target}.{alias.name}"
             else:
-                yield node.lineno, target, type_only
-        elif is_type_checking_block(node):
-            assert isinstance(node, ast.If)
-            pending.extend((child, True) for child in node.body)
-            pending.extend((child, type_only) for child in node.orelse)
-        else:
-            pending.extend((child, type_only) for child in ast.iter_child_nodes(node))
+                yield node.lineno, target
 
 
 def all_modules() -> list[Path]:
@@ -139,9 +125,9 @@ def violations(path: Path, source: str) -> list[str]:
     allowed = MAY_IMPORT[own_layer] | {own_layer}
     found = []
     tree = ast.parse(source, filename=str(path))
-    for line, target, type_only in imported_modules(path, tree):
+    for line, target in imported_modules(path, tree):
         where = f"{path.relative_to(PACKAGE_ROOT.parent)}:{line}"
-        if own_layer in NO_ASYNCIO and not type_only and target.split(".")[0] == "asyncio":
+        if own_layer in NO_ASYNCIO and target.split(".")[0] == "asyncio":
             found.append(f"{where}: the {own_layer} layer imports asyncio")
         target_layer = layer_of(target)
         if target_layer is None and target.split(".")[0] == "polyrpc":
@@ -151,8 +137,47 @@ def violations(path: Path, source: str) -> list[str]:
     return found
 
 
+C_IMPORT = re.compile(r'\b(PyImport_ImportModule|PyCapsule_Import)\(\s*"([^"]+)"')
+C_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+def all_c_files() -> list[Path]:
+    return sorted([*PACKAGE_ROOT.rglob("*.c"), *PACKAGE_ROOT.rglob("*.h")])
+
+
+def c_imported_modules(path: Path, source: str) -> Iterator[tuple[int, str]]:
+    """(line, dotted module) for every module a C file imports by name and every polyrpc
+    header it includes (as the module named by the header's path). A capsule's name is
+    ``module.attribute``: the module is what it imports."""
+    for found in C_IMPORT.finditer(source):
+        line = source.count("\n", 0, found.start()) + 1
+        function, name = found.groups()
+        yield line, name.rsplit(".", 1)[0] if function == "PyCapsule_Import" else name
+    for found in C_INCLUDE.finditer(source):
+        header = (path.parent / found.group(1)).resolve()
+        if header.is_relative_to(PACKAGE_ROOT):
+            yield source.count("\n", 0, found.start()) + 1, module_name(header)
+
+
+def c_violations(path: Path, source: str) -> list[str]:
+    """Every import or include in the C ``source`` (the text of ``path``) its layer may not make."""
+    own_layer = layer_of(module_name(path))
+    assert own_layer is not None
+    allowed = MAY_IMPORT[own_layer] | {own_layer}
+    found = []
+    for line, target in c_imported_modules(path, source):
+        where = f"{path.relative_to(PACKAGE_ROOT.parent)}:{line}"
+        if own_layer in NO_ASYNCIO and target.split(".")[0] == "asyncio":
+            found.append(f"{where}: the {own_layer} layer's C code imports asyncio")
+        target_layer = layer_of(target)
+        if target_layer is not None and target_layer not in allowed:
+            found.append(f"{where}: {own_layer} imports {target} ({target_layer})")
+    return found
+
+
 def test_every_module_belongs_to_a_layer():
-    unplaced = [str(path) for path in all_modules() if layer_of(module_name(path)) is None]
+    paths = [*all_modules(), *all_c_files()]
+    unplaced = [str(path) for path in paths if layer_of(module_name(path)) is None]
     assert not unplaced, f"add their folders to LAYER_OF_PREFIX and MAY_IMPORT: {unplaced}"
     assert layer_of("polyrpc.core.session") is None  # what a module in a new folder would get
 
@@ -194,3 +219,40 @@ def test_type_checking_imports_obey_the_layers_too():
     added = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..rpc import endpoints\n"
     found = violations(path, path.read_text() + "\n" + added)
     assert len(found) == 1 and "session imports polyrpc.rpc.endpoints" in found[0], found
+
+
+def test_c_code_imports_only_the_layers_below():
+    assert any(path.name == "_frames.c" for path in all_c_files())  # the check sees the C code
+    found = [v for path in all_c_files() for v in c_violations(path, path.read_text())]
+    assert not found, "\n".join(found)
+
+
+def test_c_code_sees_what_it_imports():
+    """The call server reaches the codec through its header and capsule: both are seen."""
+    path = PACKAGE_ROOT / "rpc" / "_callserver.c"
+    imported = {target for _, target in c_imported_modules(path, path.read_text())}
+    assert {"polyrpc.wire._frames", "time"} <= imported, imported
+
+
+@pytest.mark.parametrize(
+    ("module", "added", "expected"),
+    [
+        (
+            "wire/_frames.c",
+            'PyImport_ImportModule("asyncio");',
+            "wire layer's C code imports asyncio",
+        ),
+        ("wire/_frames.c", 'PyImport_ImportModule("polyrpc.session.session");', "wire imports"),
+        ("wire/_frames.h", '#include "../rpc/other.h"', "wire imports polyrpc.rpc.other (rpc)"),
+        (
+            "wire/_frames.c",
+            'PyCapsule_Import("polyrpc.rpc._callserver._C_API", 0);',
+            "wire imports",
+        ),
+    ],
+)
+def test_a_wrong_c_import_is_reported(module, added, expected):
+    """The C check catches a forbidden import added to a real C file."""
+    path = PACKAGE_ROOT / module
+    found = c_violations(path, path.read_text() + "\n" + added + "\n")
+    assert len(found) == 1 and expected in found[0], found

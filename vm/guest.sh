@@ -44,7 +44,8 @@ build_extensions() {
     cd /project || return 1
     python3 setup.py -q build_ext --inplace --force --build-temp /tmp/build-ext \
         >/tmp/build-ext.log 2>&1 || { tail -n 20 /tmp/build-ext.log; return 1; }
-    python3 -c 'import polyrpc.wire._frames, polyrpc.transports.kcp._kcp' || return 1
+    python3 -c 'import polyrpc.wire._frames, polyrpc.session._routing, polyrpc.rpc._callserver
+import polyrpc.transports.kcp._kcp' || return 1
 }
 
 log "kernel $(uname -r), $(nproc) cpu(s)"

@@ -1,7 +1,7 @@
 """Stepping a handler's coroutine by hand, so a call that never waits needs no task.
 
-``coroutine_step`` is the pure-Python reference; the C accelerator
-(polyrpc.wire._frames) provides the same function without raising StopIteration
+``coroutine_step`` is the pure-Python reference; the RPC layer's C accelerator
+(polyrpc.rpc._callserver) provides the same function without raising StopIteration
 for every finished call, and ``EagerServer``, which serves a connection's usual calls
 (reference: ``RpcConnection.on_request``). ``POLYRPC_PURE_PYTHON=1`` forces the
 references.
@@ -26,7 +26,7 @@ def _select() -> tuple[Callable[[Coroutine[Any, Any, Any]], tuple[bool, Any]], A
     if os.environ.get("POLYRPC_PURE_PYTHON", "") not in ("", "0"):
         return _py_coroutine_step, None
     try:
-        from ..wire._frames import EagerServer, coroutine_step
+        from ._callserver import EagerServer, coroutine_step
     except ImportError:
         return _py_coroutine_step, None
     return coroutine_step, EagerServer

@@ -34,13 +34,13 @@ from ..wire.frames import (
     MIN_PEER_MAX_FRAME,
     VERSION,
     Frame,
-    FrameDecoder,
     Kind,
     Limits,
     encode_frame,
     encode_metadata,
     encode_plain,
 )
+from .routing import RoutingDecoder
 from .timeouts import DeadlineWheel
 
 log = logging.getLogger("polyrpc")
@@ -199,7 +199,7 @@ class Session(BufferedReceiver):
         self.peer_features: set[str] = set()
         self.peer_info: dict[str, str] = {}
         self.loop = asyncio.get_running_loop()
-        self._decoder = FrameDecoder(config.limits, handshake=True)
+        self._decoder = RoutingDecoder(config.limits, handshake=True)
         # the receiving side (StreamReceiver and BufferedReceiver, which socket and kcp
         # streams use to read straight into the decoder): the decoder hands the frames to _dispatch
         # itself, after the handshake resolving plain replies and serving lone requests

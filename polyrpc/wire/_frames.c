@@ -4,9 +4,9 @@
  * FrameDecoder, encode_plain and encode_frame with the same results and the same
  * ProtocolError messages. Rare paths (malformed metadata, error hints, unusual
  * argument types) call back into the Python helpers so the two cannot drift apart.
- * It also carries coroutine_step (reference: polyrpc/rpc/eager.py), which the RPC
- * layer uses to run a handler's first step without a task, and the payload scans
- * msgpack_counts and json_counts (reference: polyrpc/wire/codecs.py).
+ * It also carries the payload scans msgpack_counts and json_counts (reference:
+ * polyrpc/wire/codecs.py), and exports Frame, the decoder and the plain encoder to the
+ * other layers' C code through the capsule described in _frames.h.
  *
  * Wire layout (little-endian, 24-byte header):
  *   0 magic "PR" | 2 version | 3 kind | 4 codec | 5 flags | 6 u16 method length
@@ -17,6 +17,8 @@
 #include <structmember.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "_frames.h"
 
 #define HEADER_SIZE 24
 #define FRAME_VERSION 1
@@ -41,8 +43,6 @@ static PyObject *empty_bytes;        /* b"" */
 static PyObject *empty_metadata;     /* the shared {} of frames without metadata */
 static PyObject *method_bytes_cache; /* encoder: method str -> UTF-8 bytes */
 static PyObject *frames_module;      /* polyrpc.wire.frames, imported on first use */
-static PyObject *invalid_state_error; /* asyncio.InvalidStateError */
-static PyObject *str_set_result;     /* "set_result" */
 
 /* ------------------------------------------------------------------ helpers */
 
@@ -101,17 +101,6 @@ wr64(unsigned char *p, uint64_t v)
 }
 
 /* ===================================================================== Frame */
-
-typedef struct {
-    PyObject_HEAD
-    PyObject *kind;
-    PyObject *seq;
-    PyObject *method;
-    PyObject *metadata;
-    PyObject *payload;
-    PyObject *codec;
-    PyObject *flags;
-} FrameObject;
 
 static PyTypeObject FrameType;
 
@@ -288,37 +277,6 @@ static PyTypeObject FrameType = {
 
 /* ============================================================== FrameDecoder */
 
-typedef struct WindowObject WindowObject;
-
-typedef struct {
-    PyObject_HEAD
-    PyObject *limits;
-    int64_t max_frame, max_metadata, max_method; /* the frame limit now; cached from limits */
-    PyObject *max_frame_obj;                     /* the frame limit as given (for messages) */
-    char handshaking; /* handshake mode: see the type's doc and set_max_frame() */
-    char after_hello; /* handshake mode saw a HELLO: later bytes wait for set_max_frame */
-    char grow;        /* the last read filled the offered space: double the buffer next */
-    PyObject *buf;                               /* bytearray of small frames */
-    Py_ssize_t start, end;                       /* unparsed bytes are buf[start:end] */
-    Py_ssize_t offered;                          /* free bytes the last get_buffer offered */
-    Py_ssize_t want; /* bytes of a pending frame to hold from start (get_buffer makes room) */
-    PyObject *large; /* bytes of a big payload being filled (not yet seen by anyone), or NULL;
-                      * its size is what is allocated so far, it grows to large_size */
-    Py_ssize_t large_filled, large_size;
-    PyObject *large_frame;  /* the frame whose payload ``large`` is */
-    PyObject *methods;      /* method-name cache: raw bytes -> str */
-    PyObject *last_raw;     /* the most recent method cache hit, to skip the lookup */
-    PyObject *last_method;
-    PyObject *broken;       /* the ProtocolError that broke the decoder, or NULL */
-    WindowObject *window;   /* exports the writable tail for get_buffer */
-    unsigned long long bytes_received;
-    /* routing for received(): see route() */
-    PyObject *on_frames, *on_error; /* callables, NULL until route() */
-    PyObject *replies;              /* dict seq -> future, or NULL */
-    PyObject *hold;                 /* a sized object: while non-empty, replies go to on_frames */
-    PyObject *on_request;           /* callable for a REQUEST that arrives alone, or NULL */
-    char serving_one;               /* true while on_request serves such a lone request */
-} DecoderObject;
 
 /* get_buffer returns memoryview(window): the window's buffer export forwards to the
  * bytearray being filled (so the view holds a real export of it and blocks resizing),
@@ -503,11 +461,6 @@ Decoder_traverse(DecoderObject *d, visitproc visit, void *arg)
     Py_VISIT(d->last_raw);
     Py_VISIT(d->last_method);
     Py_VISIT(d->broken);
-    Py_VISIT(d->on_frames);
-    Py_VISIT(d->on_error);
-    Py_VISIT(d->replies);
-    Py_VISIT(d->hold);
-    Py_VISIT(d->on_request);
     return 0;
 }
 
@@ -523,11 +476,6 @@ Decoder_clear(DecoderObject *d)
     Py_CLEAR(d->last_raw);
     Py_CLEAR(d->last_method);
     Py_CLEAR(d->broken);
-    Py_CLEAR(d->on_frames);
-    Py_CLEAR(d->on_error);
-    Py_CLEAR(d->replies);
-    Py_CLEAR(d->hold);
-    Py_CLEAR(d->on_request);
     return 0;
 }
 
@@ -1058,165 +1006,6 @@ Decoder_buffer_updated(DecoderObject *d, PyObject *arg)
     return decoder_filled(d, arg, "buffer_updated");
 }
 
-PyDoc_STRVAR(route_doc,
-             "route(on_frames, on_error, replies=None, hold=None, on_request=None)\n--\n\n"
-             "Where received() and received_data() deliver: a batch's leading RESPONSE and\n"
-             "ERROR frames that answer a future in ``replies`` resolve it here (while ``hold``\n"
-             "is empty); a REQUEST left alone goes to on_request(frame) with serving_one set;\n"
-             "other frames go to on_frames(list) in order, a ProtocolError to on_error(exc).");
-
-static PyObject *
-Decoder_route(DecoderObject *d, PyObject *args, PyObject *kwds)
-{
-    static char *kwlist[] = {"on_frames", "on_error", "replies", "hold", "on_request", NULL};
-    PyObject *on_frames, *on_error, *replies = Py_None, *hold = Py_None, *on_request = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOO:route", kwlist, &on_frames, &on_error,
-                                     &replies, &hold, &on_request))
-        return NULL;
-    if (!PyCallable_Check(on_frames) || !PyCallable_Check(on_error) ||
-        (on_request != Py_None && !PyCallable_Check(on_request))) {
-        PyErr_SetString(PyExc_TypeError,
-                        "route(): on_frames, on_error and on_request must be callable");
-        return NULL;
-    }
-    if (replies != Py_None && !PyDict_CheckExact(replies)) {
-        PyErr_SetString(PyExc_TypeError, "route(): replies must be a dict or None");
-        return NULL;
-    }
-    Py_XSETREF(d->on_frames, Py_NewRef(on_frames));
-    Py_XSETREF(d->on_error, Py_NewRef(on_error));
-    Py_XSETREF(d->replies, replies == Py_None ? NULL : Py_NewRef(replies));
-    Py_XSETREF(d->hold, hold == Py_None ? NULL : Py_NewRef(hold));
-    Py_XSETREF(d->on_request, on_request == Py_None ? NULL : Py_NewRef(on_request));
-    Py_RETURN_NONE;
-}
-
-/* Resolve the reply future ``frame`` answers, if routing may: 1 if done, 0 if not, -1 error. */
-static int
-decoder_resolve(DecoderObject *d, PyObject *frame)
-{
-    FrameObject *f = (FrameObject *)frame;
-    long kind = PyLong_AsLong(f->kind);
-    if (kind != KIND_RESPONSE && kind != KIND_ERROR)
-        return 0;
-    if (d->hold != NULL) {
-        Py_ssize_t held = PyObject_Size(d->hold);
-        if (held != 0)
-            return held < 0 ? -1 : 0;
-    }
-    PyObject *future = PyDict_GetItemWithError(d->replies, f->seq);
-    if (future == NULL)
-        return PyErr_Occurred() ? -1 : 0;
-    Py_INCREF(future);
-    int rc = PyDict_DelItem(d->replies, f->seq);
-    PyObject *r = rc < 0 ? NULL : PyObject_CallMethodOneArg(future, str_set_result, frame);
-    Py_DECREF(future);
-    if (r != NULL) {
-        Py_DECREF(r);
-        return 1;
-    }
-    if (rc < 0 || !PyErr_ExceptionMatches(invalid_state_error))
-        return -1;
-    PyErr_Clear(); /* the future was done already (cancelled): nobody waits for the reply */
-    return 1;
-}
-
-/* Deliver completed frames (consumed) as route() says; a NULL list means the decoder
- * failed: a ProtocolError goes to on_error, anything else propagates. */
-static PyObject *
-decoder_deliver(DecoderObject *d, PyObject *frames)
-{
-    if (frames == NULL) {
-        if (!PyErr_ExceptionMatches(ProtocolError))
-            return NULL;
-        PyObject *type, *exc, *tb;
-        PyErr_Fetch(&type, &exc, &tb);
-        PyErr_NormalizeException(&type, &exc, &tb);
-        Py_XDECREF(type);
-        Py_XDECREF(tb);
-        PyObject *on_error = Py_NewRef(d->on_error); /* the callee may route() elsewhere */
-        PyObject *r = PyObject_CallOneArg(on_error, exc);
-        Py_DECREF(on_error);
-        Py_XDECREF(exc);
-        return r;
-    }
-    Py_ssize_t n = PyList_GET_SIZE(frames), i = 0;
-    if (d->replies != NULL) {
-        for (; i < n; i++) {
-            int resolved = decoder_resolve(d, PyList_GET_ITEM(frames, i));
-            if (resolved < 0) {
-                Py_DECREF(frames);
-                return NULL;
-            }
-            if (!resolved)
-                break;
-        }
-    }
-    if (i == n) {
-        Py_DECREF(frames);
-        Py_RETURN_NONE;
-    }
-    PyObject *last = PyList_GET_ITEM(frames, n - 1);
-    if (i == n - 1 && d->on_request != NULL &&
-        PyLong_AsLong(((FrameObject *)last)->kind) == KIND_REQUEST) {
-        Py_INCREF(last);
-        Py_DECREF(frames);
-        d->serving_one = 1;
-        PyObject *on_request = Py_NewRef(d->on_request); /* the callee may route() elsewhere */
-        PyObject *r = PyObject_CallOneArg(on_request, last);
-        Py_DECREF(on_request);
-        d->serving_one = 0;
-        Py_DECREF(last);
-        return r == NULL ? decoder_deliver(d, NULL) : r;
-    }
-    if (i) {
-        Py_SETREF(frames, PyList_GetSlice(frames, i, n));
-        if (frames == NULL)
-            return NULL;
-    }
-    PyObject *on_frames = Py_NewRef(d->on_frames); /* the callee may route() elsewhere */
-    PyObject *r = PyObject_CallOneArg(on_frames, frames);
-    Py_DECREF(on_frames);
-    Py_DECREF(frames);
-    return r;
-}
-
-static int
-decoder_routed(DecoderObject *d, const char *name)
-{
-    if (d->on_frames != NULL)
-        return 0;
-    PyErr_Format(PyExc_RuntimeError, "FrameDecoder.%s() needs route() first", name);
-    return -1;
-}
-
-PyDoc_STRVAR(received_doc,
-             "received(nbytes)\n--\n\n"
-             "buffer_updated() for a socket: the completed frames are delivered as route() says.");
-
-static PyObject *
-Decoder_received(DecoderObject *d, PyObject *arg)
-{
-    if (decoder_routed(d, "received") < 0)
-        return NULL;
-    return decoder_deliver(d, decoder_filled(d, arg, "received"));
-}
-
-PyDoc_STRVAR(received_data_doc,
-             "received_data(data)\n--\n\n"
-             "feed() for a stream that hands over bytes: the frames are delivered as route() says.");
-
-static PyObject *
-Decoder_feed(DecoderObject *d, PyObject *data);
-
-static PyObject *
-Decoder_received_data(DecoderObject *d, PyObject *data)
-{
-    if (decoder_routed(d, "received_data") < 0)
-        return NULL;
-    return decoder_deliver(d, Decoder_feed(d, data));
-}
-
 PyDoc_STRVAR(feed_doc, "feed(data)\n--\n\nAdd received bytes; return the frames they complete.");
 
 static PyObject *
@@ -1396,16 +1185,6 @@ static PyMethodDef Decoder_methods[] = {
     {"feed", (PyCFunction)Decoder_feed, METH_O, feed_doc},
     {"set_max_frame", (PyCFunction)Decoder_set_max_frame, METH_O, set_max_frame_doc},
     {"trim", (PyCFunction)Decoder_trim, METH_NOARGS, trim_doc},
-    {"route", (PyCFunction)(void (*)(void))Decoder_route, METH_VARARGS | METH_KEYWORDS, route_doc},
-    {"received", (PyCFunction)Decoder_received, METH_O, received_doc},
-    {"received_data", (PyCFunction)Decoder_received_data, METH_O, received_data_doc},
-    {NULL},
-};
-
-static PyMemberDef Decoder_members[] = {
-    {"serving_one", T_BOOL, offsetof(DecoderObject, serving_one), 0,
-     "True while route()'s on_request serves a request that arrived alone (its reply can\n"
-     "go out at once: there is nothing to batch it with)."},
     {NULL},
 };
 
@@ -1418,7 +1197,7 @@ static PyTypeObject DecoderType = {
               "With handshake=True no frame larger than limits.max_handshake_frame is\n"
               "accepted, reads do not grow the buffer, and decoding stops after a HELLO:\n"
               "the bytes after it are kept until set_max_frame() ends the mode (then\n"
-              "received(0) decodes them).",
+              "buffer_updated(0) decodes them).",
     .tp_basicsize = sizeof(DecoderObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_new = Decoder_new,
@@ -1427,7 +1206,6 @@ static PyTypeObject DecoderType = {
     .tp_traverse = (traverseproc)Decoder_traverse,
     .tp_clear = (inquiry)Decoder_clear,
     .tp_methods = Decoder_methods,
-    .tp_members = Decoder_members,
     .tp_getset = Decoder_getset,
 };
 
@@ -1760,502 +1538,6 @@ delegate:
     return delegate("_py_encode_frame", args, nargs, kwnames);
 }
 
-/* ============================================================ coroutine_step */
-
-PyDoc_STRVAR(coroutine_step_doc,
-             "coroutine_step(coro)\n--\n\n"
-             "Send None into ``coro``: (True, its result) if it finished, (False, what it\n"
-             "yielded) if it suspended; its exceptions propagate. coro.send(None) without\n"
-             "the cost of a StopIteration per finished call.");
-
-static PyObject *
-coroutine_step(PyObject *module, PyObject *coro)
-{
-    PyObject *value;
-    PySendResult status = PyIter_Send(coro, Py_None, &value);
-    if (status == PYGEN_ERROR)
-        return NULL;
-    PyObject *pair = PyTuple_Pack(2, status == PYGEN_RETURN ? Py_True : Py_False, value);
-    Py_DECREF(value);
-    return pair;
-}
-
-/* ============================================================== EagerServer */
-
-/* The usual RPC call served without Python code of polyrpc's own: an async handler whose
- * first step finishes, called with plain arguments. Reference: RpcConnection.on_request
- * (polyrpc/rpc/connection.py), which every other call is handed to, unchanged. */
-typedef struct {
-    PyObject_HEAD
-    vectorcallfunc vectorcall;
-    PyObject *connection;        /* the RpcConnection: the call context's first item */
-    PyObject *reference;         /* the Python on_request: serves what this does not */
-    PyObject *methods;           /* dict: name -> Method */
-    PyObject *known;             /* dict: name -> (Method, func, stats, stats.durations.append)
-                                  * for async methods, checked against ``methods`` */
-    PyObject *incoming;          /* dict: calls still running; its size is checked */
-    Py_ssize_t max_calls;
-    long codec_id;
-    PyObject *decode;            /* the session codec's unchecked decode */
-    PyObject *context;           /* the ContextVar holding (connection, frame, started) */
-    PyObject *perf_counter;      /* time.perf_counter */
-    PyObject *write;             /* connection._write */
-    PyObject *respond;           /* connection.respond: results that are not bytes */
-    PyObject *report_failure;    /* connection._report_failure */
-    PyObject *continue_call;     /* connection._continue_eagerly: a handler that suspended */
-    PyObject *pending;           /* connection._pending */
-    PyObject *decoder;           /* connection._decoder, when it is this module's */
-    /* offsets of the connection's __slots__ read on every reply (see session_slot) */
-    Py_ssize_t gone_at, in_receive_at, flush_handle_at, bytes_out_at, byte_stream_at,
-        send_check_at;
-} EagerServerObject;
-
-/* Where the __slots__ member ``name`` of ``type`` lives in its instances (-1, exception set,
- * if it is not one): reading the slot there costs a load, not an attribute lookup. */
-static Py_ssize_t
-session_slot(PyTypeObject *type, const char *name)
-{
-    PyObject *descr = PyObject_GetAttrString((PyObject *)type, name);
-    if (descr == NULL)
-        return -1;
-    Py_ssize_t offset = -1;
-    if (Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
-        ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX)
-        offset = ((PyMemberDescrObject *)descr)->d_member->offset;
-    else
-        PyErr_Format(PyExc_TypeError, "EagerServer: %s is not a __slots__ member", name);
-    Py_DECREF(descr);
-    return offset;
-}
-
-#define SLOT(obj, offset) (*(PyObject **)((char *)(obj) + (offset)))
-
-static PyObject *long_one;   /* 1 */
-static PyObject *small_zero; /* 0: the decoder's frames share CPython's small int */
-static PyObject *str_kind, *str_async, *str_func, *str_stats, *str_calls, *str_durations,
-    *str_append, *str_write_now;
-
-static PyObject *
-eager_fallback(EagerServerObject *self, PyObject *frame)
-{
-    return PyObject_CallOneArg(self->reference, frame);
-}
-
-/* (args tuple, kwargs dict or NULL) of a call frame; 0 to fall back (no exception), -1 error. */
-static int
-eager_arguments(EagerServerObject *self, FrameObject *f, PyObject **args, PyObject **kwargs)
-{
-    long codec = PyLong_AsLong(f->codec);
-    *kwargs = NULL;
-    if (codec == -1 && PyErr_Occurred())
-        return -1;
-    if (codec == 0) { /* a lone bytes argument, sent raw */
-        PyObject *payload = PyBytes_CheckExact(f->payload) ? Py_NewRef(f->payload)
-                                                           : PyBytes_FromObject(f->payload);
-        if (payload == NULL)
-            return -1;
-        *args = PyTuple_Pack(1, payload);
-        Py_DECREF(payload);
-        return *args == NULL ? -1 : 1;
-    }
-    if (codec != self->codec_id)
-        return 0;
-    PyObject *body = PyObject_CallOneArg(self->decode, f->payload);
-    if (body == NULL) {
-        PyErr_Clear(); /* the reference decodes again and reports the error */
-        return 0;
-    }
-    int shaped = PyList_CheckExact(body) && PyList_GET_SIZE(body) == 2 &&
-                 PyList_CheckExact(PyList_GET_ITEM(body, 0)) &&
-                 PyDict_CheckExact(PyList_GET_ITEM(body, 1));
-    if (!shaped) {
-        Py_DECREF(body);
-        return 0;
-    }
-    *args = PyList_AsTuple(PyList_GET_ITEM(body, 0));
-    if (*args != NULL && PyDict_GET_SIZE(PyList_GET_ITEM(body, 1)))
-        *kwargs = Py_NewRef(PyList_GET_ITEM(body, 1));
-    Py_DECREF(body);
-    return *args == NULL ? -1 : 1;
-}
-
-/* The known-method entry for an async method (new reference); NULL without an exception
- * for any other kind (those calls go to the reference). */
-static PyObject *
-eager_learn(EagerServerObject *self, PyObject *name, PyObject *method)
-{
-    PyObject *kind = PyObject_GetAttr(method, str_kind);
-    if (kind == NULL)
-        return NULL;
-    int is_async = PyUnicode_Check(kind) && PyUnicode_Compare(kind, str_async) == 0;
-    Py_DECREF(kind);
-    if (!is_async)
-        return NULL;
-    PyObject *func = PyObject_GetAttr(method, str_func);
-    PyObject *stats = func ? PyObject_GetAttr(method, str_stats) : NULL;
-    PyObject *durations = stats ? PyObject_GetAttr(stats, str_durations) : NULL;
-    PyObject *append = durations ? PyObject_GetAttr(durations, str_append) : NULL;
-    PyObject *entry = append ? PyTuple_Pack(4, method, func, stats, append) : NULL;
-    Py_XDECREF(func);
-    Py_XDECREF(stats);
-    Py_XDECREF(durations);
-    Py_XDECREF(append);
-    if (entry != NULL && PyDict_SetItem(self->known, name, entry) < 0)
-        Py_CLEAR(entry);
-    return entry;
-}
-
-/* Count the call in the method's stats: calls += 1, durations.append(elapsed). */
-static int
-eager_record(EagerServerObject *self, PyObject *entry, PyObject *started)
-{
-    PyObject *stats = PyTuple_GET_ITEM(entry, 2);
-    PyObject *calls = PyObject_GetAttr(stats, str_calls);
-    PyObject *more = calls ? PyNumber_Add(calls, long_one) : NULL;
-    Py_XDECREF(calls);
-    int rc = more == NULL ? -1 : PyObject_SetAttr(stats, str_calls, more);
-    Py_XDECREF(more);
-    if (rc < 0)
-        return -1;
-    PyObject *now = PyObject_CallNoArgs(self->perf_counter);
-    PyObject *elapsed = now ? PyNumber_Subtract(now, started) : NULL;
-    PyObject *r = elapsed ? PyObject_CallOneArg(PyTuple_GET_ITEM(entry, 3), elapsed) : NULL;
-    Py_XDECREF(now);
-    Py_XDECREF(elapsed);
-    Py_XDECREF(r);
-    return r == NULL ? -1 : 0;
-}
-
-/* Session._write's direct path for the reply to a request that arrived alone: written at
- * once through the stream's write_now. 1 if sent, 0 if _write must decide, -1 on error. */
-static int
-eager_send_now(EagerServerObject *self, PyObject *buffers)
-{
-    PyObject *conn = self->connection;
-    PyObject *in_receive = SLOT(conn, self->in_receive_at);
-    PyObject *bytes_out = SLOT(conn, self->bytes_out_at);
-    PyObject *stream = SLOT(conn, self->byte_stream_at);
-    if (self->decoder == NULL || !((DecoderObject *)self->decoder)->serving_one ||
-        in_receive != Py_False || SLOT(conn, self->flush_handle_at) != Py_None ||
-        PyDict_GET_SIZE(self->pending) > 1 || PyList_GET_SIZE(buffers) != 1 ||
-        bytes_out == NULL || !PyLong_CheckExact(bytes_out) || stream == NULL)
-        return 0;
-    PyObject *write_now = PyObject_GetAttr(stream, str_write_now);
-    if (write_now == NULL)
-        return -1;
-    if (write_now == Py_None) {
-        Py_DECREF(write_now);
-        return 0;
-    }
-    PyObject *frame = PyList_GET_ITEM(buffers, 0);
-    PyObject *size = PyLong_FromSsize_t(PyObject_Length(frame));
-    PyObject *total = size ? PyNumber_Add(bytes_out, size) : NULL;
-    Py_XDECREF(size);
-    if (total == NULL) {
-        Py_DECREF(write_now);
-        return -1;
-    }
-    Py_SETREF(SLOT(conn, self->bytes_out_at), total);
-    PyObject *r = PyObject_CallOneArg(write_now, frame);
-    Py_DECREF(write_now);
-    Py_XDECREF(r);
-    return r == NULL ? -1 : 1;
-}
-
-/* Whether a raw payload of ``size`` bytes surely fits the peer's max_frame: the session's
- * _send_check bound (Session.respond checks bigger ones exactly). -1 on error. */
-static int
-eager_fits(EagerServerObject *self, Py_ssize_t size)
-{
-    PyObject *bound = SLOT(self->connection, self->send_check_at);
-    if (bound == NULL || !PyLong_CheckExact(bound))
-        return 0;
-    Py_ssize_t limit = PyLong_AsSsize_t(bound);
-    if (limit == -1 && PyErr_Occurred())
-        return -1;
-    return size <= limit;
-}
-
-/* Send the result: bytes as a raw RESPONSE (as Session._write would), the rest by respond(),
- * which also answers a result over the peer's limit with a small ERROR (result_too_large). */
-static PyObject *
-eager_reply(EagerServerObject *self, PyObject *seq, PyObject *result)
-{
-    int fits = PyBytes_CheckExact(result) ? eager_fits(self, PyBytes_GET_SIZE(result)) : 0;
-    if (fits < 0)
-        return NULL;
-    if (fits && SLOT(self->connection, self->gone_at) == Py_False) {
-        int ok;
-        PyObject *kind = PyLong_FromLong(KIND_RESPONSE);
-        PyObject *buffers = plain(kind, seq, result, NULL, NULL, &ok);
-        Py_DECREF(kind);
-        if (buffers != NULL) {
-            int sent = eager_send_now(self, buffers);
-            PyObject *r = NULL;
-            if (sent == 0) {
-                PyObject *args[2] = {buffers, Py_False};
-                r = PyObject_Vectorcall(self->write, args, 2, NULL);
-            }
-            else if (sent == 1)
-                r = Py_NewRef(Py_None);
-            Py_DECREF(buffers);
-            return r;
-        }
-        if (ok)
-            return NULL;
-    }
-    PyObject *args[2] = {seq, result};
-    return PyObject_Vectorcall(self->respond, args, 2, NULL);
-}
-
-/* Call the handler and take its first step, with the call context set. */
-static PyObject *
-eager_run(EagerServerObject *self, PyObject *frame, PyObject *entry, PyObject *args,
-          PyObject *kwargs)
-{
-    PyObject *method = PyTuple_GET_ITEM(entry, 0);
-    PyObject *seq = ((FrameObject *)frame)->seq;
-    PyObject *started = PyObject_CallNoArgs(self->perf_counter);
-    if (started == NULL)
-        return NULL;
-    PyObject *value = PyTuple_Pack(3, self->connection, frame, started);
-    PyObject *token = value ? PyContextVar_Set(self->context, value) : NULL;
-    Py_XDECREF(value);
-    if (token == NULL) {
-        Py_DECREF(started);
-        return NULL;
-    }
-    PyObject *outcome = NULL, *yielded = NULL;
-    int finished = 0;
-    PyObject *coro = PyObject_Call(PyTuple_GET_ITEM(entry, 1), args, kwargs);
-    if (coro != NULL) {
-        PySendResult status = PyIter_Send(coro, Py_None, &yielded);
-        if (status != PYGEN_ERROR)
-            finished = status == PYGEN_RETURN;
-        else
-            yielded = NULL;
-    }
-    if (yielded == NULL) { /* the handler raised, whatever it raised: answer it (codes and
-                            * logging as in _report_failure), the server goes on */
-        PyObject *type, *exc, *tb;
-        PyErr_Fetch(&type, &exc, &tb);
-        PyErr_NormalizeException(&type, &exc, &tb);
-        if (tb != NULL && exc != NULL)
-            PyException_SetTraceback(exc, tb);
-        Py_XDECREF(type);
-        Py_XDECREF(tb);
-        PyObject *arg_list = exc ? PySequence_List(args) : NULL;
-        PyObject *kw = arg_list == NULL ? NULL : kwargs ? Py_NewRef(kwargs) : PyDict_New();
-        if (arg_list != NULL && kw != NULL) {
-            PyObject *call[6] = {seq, method, exc, started, arg_list, kw};
-            outcome = PyObject_Vectorcall(self->report_failure, call, 6, NULL);
-        }
-        Py_XDECREF(arg_list);
-        Py_XDECREF(kw);
-        Py_XDECREF(exc);
-    }
-    else if (!finished) { /* it waits on something: the rest runs in a task */
-        PyObject *call[5] = {seq, method, coro, yielded, started};
-        outcome = PyObject_Vectorcall(self->continue_call, call, 5, NULL);
-    }
-    PyObject *error_type, *error, *error_tb; /* keep an error across the cleanup */
-    PyErr_Fetch(&error_type, &error, &error_tb);
-    int reset = PyContextVar_Reset(self->context, token);
-    Py_DECREF(token);
-    Py_XDECREF(coro);
-    if (error_type != NULL)
-        PyErr_Restore(error_type, error, error_tb);
-    else if (reset < 0)
-        Py_CLEAR(outcome);
-    if (finished) { /* the usual case: count it, then answer */
-        if (eager_record(self, entry, started) == 0)
-            outcome = eager_reply(self, seq, yielded);
-    }
-    Py_XDECREF(yielded);
-    Py_DECREF(started);
-    return outcome;
-}
-
-static PyObject *
-EagerServer_vectorcall(EagerServerObject *self, PyObject *const *argv, size_t nargsf,
-                       PyObject *kwnames)
-{
-    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames && PyTuple_GET_SIZE(kwnames))) {
-        PyErr_SetString(PyExc_TypeError, "EagerServer takes one frame");
-        return NULL;
-    }
-    PyObject *frame = argv[0];
-    if (Py_TYPE(frame) != &FrameType)
-        return eager_fallback(self, frame);
-    FrameObject *f = (FrameObject *)frame;
-    /* only what the decoder builds takes the fast path (frames' fields are writable) */
-    if (PyDict_GET_SIZE(self->incoming) >= self->max_calls || f->flags != small_zero ||
-        !PyLong_CheckExact(f->codec) || !PyDict_CheckExact(f->metadata) ||
-        !PyUnicode_CheckExact(f->method))
-        return eager_fallback(self, frame);
-    /* metadata (a deadline, trace context, a key added later) is the Python path's to read */
-    if (PyDict_GET_SIZE(f->metadata))
-        return eager_fallback(self, frame);
-    PyObject *method = PyDict_GetItemWithError(self->methods, f->method);
-    if (method == NULL)
-        return PyErr_Occurred() ? NULL : eager_fallback(self, frame);
-    PyObject *entry = PyDict_GetItemWithError(self->known, f->method);
-    if (entry != NULL && PyTuple_GET_ITEM(entry, 0) == method) {
-        Py_INCREF(entry);
-    }
-    else {
-        if (PyErr_Occurred())
-            return NULL;
-        Py_INCREF(method); /* learning runs Python code that may drop it from ``methods`` */
-        entry = eager_learn(self, f->method, method);
-        Py_DECREF(method);
-        if (entry == NULL)
-            return PyErr_Occurred() ? NULL : eager_fallback(self, frame);
-    }
-    PyObject *args = NULL, *kwargs = NULL, *outcome;
-    int usable = eager_arguments(self, f, &args, &kwargs);
-    if (usable > 0)
-        outcome = eager_run(self, frame, entry, args, kwargs);
-    else
-        outcome = usable < 0 ? NULL : eager_fallback(self, frame);
-    Py_XDECREF(args);
-    Py_XDECREF(kwargs);
-    Py_DECREF(entry);
-    return outcome;
-}
-
-static PyObject *
-EagerServer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    static char *kwlist[] = {"connection", "reference", "context", NULL};
-    PyObject *connection, *reference, *context;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO:EagerServer", kwlist, &connection,
-                                     &reference, &context))
-        return NULL;
-    if (!PyContextVar_CheckExact(context)) {
-        PyErr_SetString(PyExc_TypeError, "EagerServer: context must be a ContextVar");
-        return NULL;
-    }
-    EagerServerObject *self = (EagerServerObject *)type->tp_alloc(type, 0);
-    if (self == NULL)
-        return NULL;
-    self->vectorcall = (vectorcallfunc)EagerServer_vectorcall;
-    self->connection = Py_NewRef(connection);
-    self->reference = Py_NewRef(reference);
-    self->context = Py_NewRef(context);
-    PyObject *max_calls = PyObject_GetAttrString(connection, "_max_calls");
-    PyObject *codec_id = PyObject_GetAttrString(connection, "_codec_id");
-    PyObject *time_module = PyImport_ImportModule("time");
-    self->methods = PyObject_GetAttrString(connection, "_methods");
-    self->known = PyDict_New();
-    self->incoming = PyObject_GetAttrString(connection, "_incoming");
-    self->decode = PyObject_GetAttrString(connection, "_decode_unchecked");
-    self->write = PyObject_GetAttrString(connection, "_write");
-    self->respond = PyObject_GetAttrString(connection, "respond");
-    self->report_failure = PyObject_GetAttrString(connection, "_report_failure");
-    self->continue_call = PyObject_GetAttrString(connection, "_continue_eagerly");
-    self->pending = PyObject_GetAttrString(connection, "_pending");
-    PyObject *decoder = PyObject_GetAttrString(connection, "_decoder");
-    if (decoder != NULL && Py_IS_TYPE(decoder, &DecoderType))
-        self->decoder = decoder;
-    else
-        Py_XDECREF(decoder); /* a pure-Python decoder: replies always go through _write */
-    PyTypeObject *kind = Py_TYPE(connection);
-    if (!PyErr_Occurred() && ((self->gone_at = session_slot(kind, "_gone")) < 0 ||
-                              (self->in_receive_at = session_slot(kind, "_in_receive")) < 0 ||
-                              (self->flush_handle_at = session_slot(kind, "_flush_handle")) < 0 ||
-                              (self->bytes_out_at = session_slot(kind, "bytes_out")) < 0 ||
-                              (self->byte_stream_at = session_slot(kind, "byte_stream")) < 0 ||
-                              (self->send_check_at = session_slot(kind, "_send_check")) < 0)) {
-        Py_DECREF(self);
-        return NULL;
-    }
-    self->perf_counter = time_module ? PyObject_GetAttrString(time_module, "perf_counter") : NULL;
-    Py_XDECREF(time_module);
-    if (max_calls != NULL)
-        self->max_calls = PyNumber_AsSsize_t(max_calls, PyExc_OverflowError);
-    if (codec_id != NULL)
-        self->codec_id = PyLong_AsLong(codec_id);
-    Py_XDECREF(max_calls);
-    Py_XDECREF(codec_id);
-    if (PyErr_Occurred()) {
-        Py_DECREF(self);
-        return NULL;
-    }
-    if (!PyDict_CheckExact(self->methods) || !PyDict_CheckExact(self->incoming) ||
-        !PyDict_CheckExact(self->pending)) {
-        PyErr_SetString(PyExc_TypeError,
-                        "EagerServer: _methods, _incoming and _pending must be dicts");
-        Py_DECREF(self);
-        return NULL;
-    }
-    return (PyObject *)self;
-}
-
-static int
-EagerServer_traverse(EagerServerObject *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->connection);
-    Py_VISIT(self->reference);
-    Py_VISIT(self->methods);
-    Py_VISIT(self->known);
-    Py_VISIT(self->incoming);
-    Py_VISIT(self->decode);
-    Py_VISIT(self->context);
-    Py_VISIT(self->perf_counter);
-    Py_VISIT(self->write);
-    Py_VISIT(self->respond);
-    Py_VISIT(self->report_failure);
-    Py_VISIT(self->continue_call);
-    Py_VISIT(self->pending);
-    Py_VISIT(self->decoder);
-    return 0;
-}
-
-static int
-EagerServer_clear(EagerServerObject *self)
-{
-    Py_CLEAR(self->connection);
-    Py_CLEAR(self->reference);
-    Py_CLEAR(self->methods);
-    Py_CLEAR(self->known);
-    Py_CLEAR(self->incoming);
-    Py_CLEAR(self->decode);
-    Py_CLEAR(self->context);
-    Py_CLEAR(self->perf_counter);
-    Py_CLEAR(self->write);
-    Py_CLEAR(self->respond);
-    Py_CLEAR(self->report_failure);
-    Py_CLEAR(self->continue_call);
-    Py_CLEAR(self->pending);
-    Py_CLEAR(self->decoder);
-    return 0;
-}
-
-static void
-EagerServer_dealloc(EagerServerObject *self)
-{
-    PyObject_GC_UnTrack(self);
-    EagerServer_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static PyTypeObject EagerServerType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "polyrpc.wire._frames.EagerServer",
-    .tp_doc = "EagerServer(connection, reference, context)\n--\n\n"
-              "Serves a connection's usual calls (no flags, no metadata, an async handler that\n"
-              "finishes in its first step) in C; hands every other frame to ``reference``\n"
-              "(RpcConnection.on_request), so what it does not understand stays Python's.",
-    .tp_basicsize = sizeof(EagerServerObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_new = EagerServer_new,
-    .tp_call = PyVectorcall_Call,
-    .tp_vectorcall_offset = offsetof(EagerServerObject, vectorcall),
-    .tp_dealloc = (destructor)EagerServer_dealloc,
-    .tp_traverse = (traverseproc)EagerServer_traverse,
-    .tp_clear = (inquiry)EagerServer_clear,
-};
-
 /* ============================================================ payload scans */
 /* Reference: msgpack_counts and json_counts in polyrpc/wire/codecs.py. Both walk a payload
  * once without building any object and return the counts that codecs.container_bytes turns
@@ -2398,7 +1680,6 @@ static PyMethodDef module_methods[] = {
      encode_plain_doc},
     {"encode_frame", (PyCFunction)(void (*)(void))encode_frame, METH_FASTCALL | METH_KEYWORDS,
      encode_frame_doc},
-    {"coroutine_step", (PyCFunction)coroutine_step, METH_O, coroutine_step_doc},
     {"msgpack_counts", (PyCFunction)msgpack_counts, METH_O, msgpack_counts_doc},
     {"json_counts", (PyCFunction)json_counts, METH_O, json_counts_doc},
     {NULL},
@@ -2412,20 +1693,42 @@ static struct PyModuleDef frames_moduledef = {
     .m_methods = module_methods,
 };
 
+/* What the other layers' C code uses of this one (see _frames.h). */
+
+static PyObject *
+api_encode_plain(PyObject *kind, PyObject *seq, PyObject *payload, int *ok)
+{
+    return plain(kind, seq, payload, NULL, NULL, ok);
+}
+
+static PyObject *
+api_filled(PyObject *decoder, PyObject *nbytes, const char *name)
+{
+    return decoder_filled((DecoderObject *)decoder, nbytes, name);
+}
+
+static PyObject *
+api_feed(PyObject *decoder, PyObject *data)
+{
+    return Decoder_feed((DecoderObject *)decoder, data);
+}
+
+static PolyrpcFramesCAPI frames_c_api = {
+    .frame_type = &FrameType,
+    .decoder_type = &DecoderType,
+    .protocol_error = &ProtocolError,
+    .encode_plain = api_encode_plain,
+    .filled = api_filled,
+    .feed = api_feed,
+};
+
 PyMODINIT_FUNC
 PyInit__frames(void)
 {
     if (PyType_Ready(&FrameType) < 0 || PyType_Ready(&WindowType) < 0 ||
-        PyType_Ready(&DecoderType) < 0 || PyType_Ready(&EagerServerType) < 0)
+        PyType_Ready(&DecoderType) < 0)
         return NULL;
     if (ProtocolError == NULL) {
-        PyObject *asyncio = PyImport_ImportModule("asyncio");
-        if (asyncio == NULL)
-            return NULL;
-        invalid_state_error = PyObject_GetAttrString(asyncio, "InvalidStateError");
-        Py_DECREF(asyncio);
-        if (invalid_state_error == NULL)
-            return NULL;
         PyObject *errors = PyImport_ImportModule("polyrpc.errors");
         if (errors == NULL)
             return NULL;
@@ -2437,28 +1740,21 @@ PyInit__frames(void)
         empty_bytes = PyBytes_FromStringAndSize("", 0);
         empty_metadata = PyDict_New();
         method_bytes_cache = PyDict_New();
-        str_set_result = PyUnicode_InternFromString("set_result");
-        long_one = PyLong_FromLong(1);
-        small_zero = PyLong_FromLong(0);
-        str_kind = PyUnicode_InternFromString("kind");
-        str_async = PyUnicode_InternFromString("async");
-        str_func = PyUnicode_InternFromString("func");
-        str_stats = PyUnicode_InternFromString("stats");
-        str_calls = PyUnicode_InternFromString("calls");
-        str_durations = PyUnicode_InternFromString("durations");
-        str_append = PyUnicode_InternFromString("append");
-        str_write_now = PyUnicode_InternFromString("write_now");
-        if (!empty_str || !empty_bytes || !empty_metadata || !method_bytes_cache ||
-            !str_set_result || !str_kind || !str_async || !str_func || !str_stats || !str_calls ||
-            !str_durations || !str_append || !str_write_now || !long_one || !small_zero)
+        if (!empty_str || !empty_bytes || !empty_metadata || !method_bytes_cache)
             return NULL;
     }
     PyObject *m = PyModule_Create(&frames_moduledef);
     if (m == NULL)
         return NULL;
+    PyObject *api = PyCapsule_New(&frames_c_api, POLYRPC_FRAMES_CAPSULE, NULL);
+    int added = api ? PyModule_AddObjectRef(m, POLYRPC_FRAMES_CAPSULE_ATTR, api) : -1;
+    Py_XDECREF(api);
+    if (added < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     if (PyModule_AddObjectRef(m, "Frame", (PyObject *)&FrameType) < 0 ||
         PyModule_AddObjectRef(m, "FrameDecoder", (PyObject *)&DecoderType) < 0 ||
-        PyModule_AddObjectRef(m, "EagerServer", (PyObject *)&EagerServerType) < 0 ||
         PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "VERSION", FRAME_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "LARGE_PAYLOAD", LARGE_PAYLOAD) < 0 ||

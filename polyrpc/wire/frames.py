@@ -1,7 +1,7 @@
 """The polyrpc frame format and an incremental decoder fed bytes, with no I/O of its own.
 
-Not yet wholly sans-IO: ``FrameDecoder.route()`` resolves the session's reply futures and
-calls its handlers (session logic in the wire layer, to move with the sans-IO session).
+Sans-IO: the session's receiving end (routing decoded frames to reply futures and handlers)
+is polyrpc.session.routing's subclass of this decoder.
 
 Layout (little-endian; see docs/protocol.md)::
 
@@ -26,15 +26,12 @@ from __future__ import annotations
 import operator
 import os
 import struct
-from collections.abc import Callable, Sized
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from ..errors import ProtocolError
-
-if TYPE_CHECKING:
-    import asyncio  # route() resolves the session's reply futures; only their type is named
 
 MAGIC = b"PR"
 VERSION = 1
@@ -75,7 +72,6 @@ class Kind(IntEnum):
 
 _KINDS = frozenset(int(k) for k in Kind)
 _HELLO = int(Kind.HELLO)
-_REPLY_KINDS = (int(Kind.RESPONSE), int(Kind.ERROR))
 
 FLAG_REPLY = 0x01
 """HELLO/HEARTBEAT: this frame answers the peer's."""
@@ -251,7 +247,7 @@ class FrameDecoder:
     With ``handshake=True`` the decoder starts in handshake mode: no frame larger than
     ``limits.max_handshake_frame`` (or max_frame if smaller) is accepted, the small-frame buffer does not grow for
     reads, and decoding stops after a HELLO: the bytes after it are kept until
-    :meth:`set_max_frame` ends the mode (then ``received(0)`` decodes them).
+    :meth:`set_max_frame` ends the mode (then ``buffer_updated(0)`` decodes them).
     """
 
     def __init__(self, limits: Limits | None = None, *, handshake: bool = False) -> None:
@@ -277,14 +273,6 @@ class FrameDecoder:
         self.broken: ProtocolError | None = None
         self.bytes_received = 0
         """Bytes given to this decoder so far (read into get_buffer() or fed)."""
-        self._on_frames: Callable[[list[Frame]], object] | None = None
-        self._on_error: Callable[[ProtocolError], object] | None = None
-        self._replies: dict[int, asyncio.Future[Frame]] | None = None
-        self._hold: Sized | None = None
-        self._on_request: Callable[[Frame], object] | None = None
-        self.serving_one = False
-        """True while route()'s on_request serves a request that arrived alone (its reply
-        can go out at once: there is nothing to batch it with)."""
 
     @property
     def limits(self) -> Limits:
@@ -372,72 +360,6 @@ class FrameDecoder:
             grown[: len(large)] = large
             self._large = large = grown
         return large
-
-    # -- routing: the session's receive path -------------------------------
-    def route(
-        self,
-        on_frames: Callable[[list[Frame]], object],
-        on_error: Callable[[ProtocolError], object],
-        replies: dict[int, asyncio.Future[Frame]] | None = None,
-        hold: Sized | None = None,
-        on_request: Callable[[Frame], object] | None = None,
-    ) -> None:
-        """Where :meth:`received` and :meth:`received_data` deliver: a batch's leading
-        RESPONSE and ERROR frames that answer a future in ``replies`` resolve it here (while
-        ``hold`` is empty); a REQUEST left alone goes to ``on_request(frame)`` with
-        :attr:`serving_one` set; other frames go to ``on_frames(list)`` in order, a
-        ProtocolError to ``on_error(exc)``."""
-        if not (callable(on_frames) and callable(on_error)) or (
-            on_request is not None and not callable(on_request)
-        ):
-            raise TypeError("route(): on_frames, on_error and on_request must be callable")
-        if replies is not None and type(replies) is not dict:
-            raise TypeError("route(): replies must be a dict or None")
-        self._on_frames, self._on_error = on_frames, on_error
-        self._replies, self._hold, self._on_request = replies, hold, on_request
-
-    def received(self, nbytes: int) -> object:
-        """:meth:`buffer_updated` for a socket: the frames are delivered as :meth:`route` says
-        (in the C implementation most replies and lone requests run no Python code here)."""
-        return self._deliver(self.buffer_updated, nbytes, "received")
-
-    def received_data(self, data: bytes | bytearray | memoryview) -> object:
-        """:meth:`feed` for a stream that hands over bytes: delivered as :meth:`route` says."""
-        return self._deliver(self.feed, data, "received_data")
-
-    def _deliver(self, decode: Callable[[Any], list[Frame]], arg: Any, name: str) -> object:
-        if self._on_frames is None or self._on_error is None:
-            raise RuntimeError(f"FrameDecoder.{name}() needs route() first")
-        try:
-            frames = decode(arg)
-        except ProtocolError as exc:
-            return self._on_error(exc)
-        done = 0
-        replies = self._replies
-        if replies is not None:
-            for frame in frames:
-                if frame.kind not in _REPLY_KINDS or (self._hold is not None and len(self._hold)):
-                    break
-                future = replies.pop(frame.seq, None)
-                if future is None:
-                    break
-                if not future.done():
-                    future.set_result(frame)
-                done += 1
-        if done == len(frames):
-            return None
-        if done == len(frames) - 1 and self._on_request is not None:
-            last = frames[-1]
-            if last.kind == Kind.REQUEST:
-                self.serving_one = True
-                try:
-                    return self._on_request(last)
-                except ProtocolError as exc:
-                    error = exc
-                finally:
-                    self.serving_one = False
-                return self._on_error(error)
-        return self._on_frames(frames[done:] if done else frames)
 
     # -- plain path --------------------------------------------------------
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
@@ -569,6 +491,11 @@ class FrameDecoder:
         self._grow = False
         self._large, self._large_filled, self._large_frame = large, have, frame
         self._large_size = plen
+
+
+PyFrameDecoder = FrameDecoder
+"""The pure-Python decoder, whichever one this module exports as FrameDecoder (the session's
+routing decoder reference extends it)."""
 
 
 class Implementation(NamedTuple):

@@ -1,12 +1,14 @@
-"""atheris fuzzer: the frame decoders, C and pure Python, fed arbitrary bytes.
+"""atheris fuzzer: the frame decoders with the session's routing, C and pure Python, fed
+arbitrary bytes.
 
 Each input picks the limits, how the bytes are cut into reads and handed over (bytes,
 socket-style reads, plain feed) and which sequence ids have callers waiting, then the rest
 is the byte stream. Both decoders get exactly the same and must record exactly the same
 (tests/frame_drive.py); any exception but ProtocolError, any difference, or (the C decoder
-is built with AddressSanitizer by scripts/fuzz.sh) any memory error is a crash.
+and its routing are built with AddressSanitizer by scripts/fuzz.sh) any memory error is a
+crash.
 
-Run it through scripts/fuzz.sh, which builds the instrumented C decoder first.
+Run it through scripts/fuzz.sh, which builds the instrumented C decoder and routing first.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports(include=["polyrpc.wire.frames"]):
+with atheris.instrument_imports(include=["polyrpc.wire.frames", "polyrpc.session.routing"]):
+    from polyrpc.session import routing
     from polyrpc.wire import frames
 
 from tests.frame_drive import drive
 
-if frames.ACCELERATED is None:
-    sys.exit("frames_fuzzer: the C decoder (polyrpc.wire._frames) did not import")
+if frames.ACCELERATED is None or routing.ACCELERATED is None:
+    sys.exit(
+        "frames_fuzzer: the C decoder or routing (polyrpc.wire._frames, _routing) did not import"
+    )
 
 LOOP = asyncio.new_event_loop()
 LIMITS = [
