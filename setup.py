@@ -16,14 +16,22 @@ setup(
         ),
         Extension(
             "polyrpc.session._routing",
-            ["polyrpc/session/_routing.c"],
-            depends=["polyrpc/wire/_frames.h", "polyrpc/session/_routing.h"],
+            ["polyrpc/session/_routing.c", "polyrpc/session/_state.c"],
+            depends=[
+                "polyrpc/wire/_frames.h",
+                "polyrpc/session/_routing.h",
+                "polyrpc/session/_state.h",
+            ],
             optional=True,
         ),
         Extension(
             "polyrpc.rpc._callserver",
             ["polyrpc/rpc/_callserver.c"],
-            depends=["polyrpc/wire/_frames.h", "polyrpc/session/_routing.h"],
+            depends=[
+                "polyrpc/wire/_frames.h",
+                "polyrpc/session/_routing.h",
+                "polyrpc/session/_state.h",
+            ],
             optional=True,
         ),
     ],

@@ -5,13 +5,15 @@
  * serves a connection's usual calls and hands every other frame to that reference.
  * It reads frames and encodes replies through the frame codec's C API (polyrpc/wire/
  * _frames.h), asks the session's routing decoder whether it serves a lone request
- * (polyrpc/session/_routing.h) and reads the session's state through its attributes.
+ * (polyrpc/session/_routing.h) and reads and writes the session's state as the fields of
+ * its C base type SessionState (polyrpc/session/_state.h), checked once per connection.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stddef.h>
 
 #include "../session/_routing.h"
+#include "../session/_state.h"
 #include "../wire/_frames.h"
 
 #define KIND_RESPONSE 3 /* polyrpc.wire.frames.Kind.RESPONSE */
@@ -48,6 +50,9 @@ typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     PyObject *connection;        /* the RpcConnection: the call context's first item */
+    SessionStateObject *session; /* the connection as a SessionState (same reference), or
+                                  * NULL for any other object: then every frame goes to
+                                  * ``reference`` */
     PyObject *reference;         /* the Python on_request: serves what this does not */
     PyObject *methods;           /* dict: name -> Method */
     PyObject *known;             /* dict: name -> (Method, func, stats, stats.durations.append)
@@ -71,22 +76,6 @@ static PyObject *kind_response; /* Kind.RESPONSE */
 static PyObject *small_zero; /* 0: the decoder's frames share CPython's small int */
 static PyObject *str_kind, *str_async, *str_func, *str_stats, *str_calls, *str_durations,
     *str_append, *str_write_now;
-/* the session attributes a reply reads (and bytes_out, which it also writes), by name:
- * the session owns them, this reads them as any Python caller would */
-static PyObject *str_gone, *str_in_receive, *str_flush_handle, *str_bytes_out, *str_byte_stream,
-    *str_send_check;
-
-/* conn.<name>, or NULL without an exception when the session has no such attribute (yet). */
-static PyObject *
-session_attribute(PyObject *conn, PyObject *name)
-{
-    PyObject *value;
-#if PY_VERSION_HEX >= 0x030D0000
-    return PyObject_GetOptionalAttr(conn, name, &value) < 0 ? NULL : value;
-#else
-    return _PyObject_LookupAttr(conn, name, &value) < 0 ? NULL : value;
-#endif
-}
 
 static PyObject *
 eager_fallback(EagerServerObject *self, PyObject *frame)
@@ -184,41 +173,30 @@ eager_record(EagerServerObject *self, PyObject *entry, PyObject *started)
 static int
 eager_send_now(EagerServerObject *self, PyObject *buffers)
 {
-    PyObject *conn = self->connection;
+    SessionStateObject *session = self->session;
     if (self->decoder == NULL || routing->serving_one(self->decoder) != 1 ||
-        PyDict_GET_SIZE(self->pending) > 1 || PyList_GET_SIZE(buffers) != 1)
+        PyDict_GET_SIZE(self->pending) > 1 || PyList_GET_SIZE(buffers) != 1 ||
+        session->in_receive != Py_False || session->flush_handle != Py_None ||
+        session->byte_stream == NULL)
         return 0;
-    PyObject *in_receive = session_attribute(conn, str_in_receive);
-    if (in_receive != Py_False) {
-        Py_XDECREF(in_receive);
-        return PyErr_Occurred() ? -1 : 0;
-    }
-    Py_DECREF(in_receive);
-    PyObject *flush_handle = session_attribute(conn, str_flush_handle);
-    if (flush_handle != Py_None) {
-        Py_XDECREF(flush_handle);
-        return PyErr_Occurred() ? -1 : 0;
-    }
-    Py_DECREF(flush_handle);
-    PyObject *stream = session_attribute(conn, str_byte_stream);
-    PyObject *write_now = stream ? PyObject_GetAttr(stream, str_write_now) : NULL;
-    Py_XDECREF(stream);
+    PyObject *stream = Py_NewRef(session->byte_stream); /* the lookup may run Python code */
+    PyObject *write_now = PyObject_GetAttr(stream, str_write_now);
+    Py_DECREF(stream);
     if (write_now == NULL)
-        return PyErr_Occurred() ? -1 : 0;
-    PyObject *bytes_out = write_now != Py_None ? session_attribute(conn, str_bytes_out) : NULL;
-    if (bytes_out == NULL || !PyLong_CheckExact(bytes_out)) {
+        return -1;
+    if (write_now == Py_None || session->bytes_out == NULL ||
+        !PyLong_CheckExact(session->bytes_out)) {
         Py_DECREF(write_now);
-        Py_XDECREF(bytes_out);
-        return PyErr_Occurred() ? -1 : 0;
+        return 0;
     }
     PyObject *frame = PyList_GET_ITEM(buffers, 0);
-    PyObject *size = PyLong_FromSsize_t(PyObject_Length(frame));
-    PyObject *total = size ? PyNumber_Add(bytes_out, size) : NULL;
+    Py_ssize_t length = PyObject_Length(frame);
+    PyObject *size = length < 0 ? NULL : PyLong_FromSsize_t(length);
+    PyObject *total = size ? PyNumber_Add(session->bytes_out, size) : NULL;
     Py_XDECREF(size);
-    Py_DECREF(bytes_out);
-    int stored = total ? PyObject_SetAttr(conn, str_bytes_out, total) : -1;
-    Py_XDECREF(total);
-    PyObject *r = stored == 0 ? PyObject_CallOneArg(write_now, frame) : NULL;
+    if (total != NULL)
+        Py_SETREF(session->bytes_out, total);
+    PyObject *r = total != NULL ? PyObject_CallOneArg(write_now, frame) : NULL;
     Py_DECREF(write_now);
     Py_XDECREF(r);
     return r == NULL ? -1 : 1;
@@ -229,13 +207,10 @@ eager_send_now(EagerServerObject *self, PyObject *buffers)
 static int
 eager_fits(EagerServerObject *self, Py_ssize_t size)
 {
-    PyObject *bound = session_attribute(self->connection, str_send_check);
-    if (bound == NULL || !PyLong_CheckExact(bound)) {
-        Py_XDECREF(bound);
-        return PyErr_Occurred() ? -1 : 0;
-    }
+    PyObject *bound = self->session->send_check;
+    if (bound == NULL || !PyLong_CheckExact(bound))
+        return 0;
     Py_ssize_t limit = PyLong_AsSsize_t(bound);
-    Py_DECREF(bound);
     if (limit == -1 && PyErr_Occurred())
         return -1;
     return size <= limit;
@@ -247,11 +222,8 @@ static PyObject *
 eager_reply(EagerServerObject *self, PyObject *seq, PyObject *result)
 {
     int fits = PyBytes_CheckExact(result) ? eager_fits(self, PyBytes_GET_SIZE(result)) : 0;
-    if (fits > 0) { /* a session that is gone answers through respond() */
-        PyObject *gone = session_attribute(self->connection, str_gone);
-        fits = gone == Py_False ? 1 : gone == NULL && PyErr_Occurred() ? -1 : 0;
-        Py_XDECREF(gone);
-    }
+    if (fits > 0 && self->session->gone != Py_False)
+        fits = 0; /* a session that is gone answers through respond() */
     if (fits < 0)
         return NULL;
     if (fits) {
@@ -353,7 +325,7 @@ EagerServer_vectorcall(EagerServerObject *self, PyObject *const *argv, size_t na
         return NULL;
     }
     PyObject *frame = argv[0];
-    if (Py_TYPE(frame) != frames->frame_type)
+    if (self->session == NULL || Py_TYPE(frame) != frames->frame_type)
         return eager_fallback(self, frame);
     FrameObject *f = (FrameObject *)frame;
     /* only what the decoder builds takes the fast path (frames' fields are writable) */
@@ -409,6 +381,8 @@ EagerServer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     self->vectorcall = (vectorcallfunc)EagerServer_vectorcall;
     self->connection = Py_NewRef(connection);
+    if (PyObject_TypeCheck(connection, routing->session_state_type))
+        self->session = (SessionStateObject *)connection;
     self->reference = Py_NewRef(reference);
     self->context = Py_NewRef(context);
     PyObject *max_calls = PyObject_GetAttrString(connection, "_max_calls");
@@ -473,6 +447,7 @@ EagerServer_traverse(EagerServerObject *self, visitproc visit, void *arg)
 static int
 EagerServer_clear(EagerServerObject *self)
 {
+    self->session = NULL;
     Py_CLEAR(self->connection);
     Py_CLEAR(self->reference);
     Py_CLEAR(self->methods);
@@ -548,16 +523,9 @@ PyInit__callserver(void)
         str_durations = PyUnicode_InternFromString("durations");
         str_append = PyUnicode_InternFromString("append");
         str_write_now = PyUnicode_InternFromString("write_now");
-        str_gone = PyUnicode_InternFromString("_gone");
-        str_in_receive = PyUnicode_InternFromString("_in_receive");
-        str_flush_handle = PyUnicode_InternFromString("_flush_handle");
-        str_bytes_out = PyUnicode_InternFromString("bytes_out");
-        str_byte_stream = PyUnicode_InternFromString("byte_stream");
-        str_send_check = PyUnicode_InternFromString("_send_check");
         if (!long_one || !small_zero || !kind_response || !str_kind || !str_async ||
             !str_func || !str_stats || !str_calls || !str_durations || !str_append ||
-            !str_write_now || !str_gone || !str_in_receive || !str_flush_handle ||
-            !str_bytes_out || !str_byte_stream || !str_send_check)
+            !str_write_now)
             return NULL;
         routing = routing_api;
     }

@@ -4,7 +4,8 @@
  * with route(), received() and received_data(): a reply that opens a batch resolves its
  * caller's future right here, a request that arrives alone goes to on_request with
  * serving_one set, everything else to the session's on_frames in order. It exports
- * serving_one to the RPC layer's call server through the capsule in _routing.h.
+ * serving_one to the RPC layer's call server through the capsule in _routing.h, with the
+ * session's C base type SessionState (_state.c, compiled into this extension).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -13,6 +14,9 @@
 
 #include "../wire/_frames.h"
 #include "_routing.h"
+#include "_state.h"
+
+extern PyTypeObject SessionStateType; /* _state.c */
 
 #define KIND_REQUEST 2  /* polyrpc.wire.frames.Kind */
 #define KIND_RESPONSE 3
@@ -274,12 +278,14 @@ api_serving_one(PyObject *decoder)
 
 static PolyrpcRoutingCAPI routing_c_api = {
     .serving_one = api_serving_one,
+    .session_state_type = &SessionStateType,
 };
 
 static struct PyModuleDef routing_moduledef = {
     PyModuleDef_HEAD_INIT,
     .m_name = "polyrpc.session._routing",
-    .m_doc = "C implementation of polyrpc.session.routing's RoutingDecoder.",
+    .m_doc = "C implementation of polyrpc.session.routing's RoutingDecoder and of\n"
+             "polyrpc.session.state's SessionState.",
     .m_size = -1,
 };
 
@@ -297,7 +303,7 @@ PyInit__routing(void)
         codec = codec_api;
     }
     RouterType.tp_base = codec->decoder_type;
-    if (PyType_Ready(&RouterType) < 0)
+    if (PyType_Ready(&RouterType) < 0 || PyType_Ready(&SessionStateType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&routing_moduledef);
     if (m == NULL)
@@ -305,7 +311,8 @@ PyInit__routing(void)
     PyObject *api = PyCapsule_New(&routing_c_api, POLYRPC_ROUTING_CAPSULE, NULL);
     int added = api ? PyModule_AddObjectRef(m, POLYRPC_ROUTING_CAPSULE_ATTR, api) : -1;
     Py_XDECREF(api);
-    if (added < 0 || PyModule_AddObjectRef(m, "RoutingDecoder", (PyObject *)&RouterType) < 0) {
+    if (added < 0 || PyModule_AddObjectRef(m, "RoutingDecoder", (PyObject *)&RouterType) < 0 ||
+        PyModule_AddObjectRef(m, "SessionState", (PyObject *)&SessionStateType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -13,6 +13,8 @@ typedef struct {
     /* whether a C RoutingDecoder is serving a request that arrived alone (1 or 0); -1,
      * without an exception, for any other object */
     int (*serving_one)(PyObject *decoder);
+    /* SessionState (_state.h): a session that is an instance of it has its fields */
+    PyTypeObject *session_state_type;
 } PolyrpcRoutingCAPI;
 
 /* The routing C API (borrowed, lives as long as the process), or NULL with an exception

@@ -41,6 +41,7 @@ from ..wire.frames import (
     encode_plain,
 )
 from .routing import RoutingDecoder
+from .state import SessionState
 from .timeouts import DeadlineWheel
 
 log = logging.getLogger("polyrpc")
@@ -135,11 +136,13 @@ def _drop_error(exc: ProtocolError) -> None:
     """A finished connection reports no protocol errors (see Session._release)."""
 
 
-class Session(BufferedReceiver):
+class Session(SessionState, BufferedReceiver):
     """One polyrpc connection. Create with :meth:`client` / :meth:`server` helpers of subclasses.
 
     It is its stream's receiver, a :class:`BufferedReceiver`: socket and kcp streams read
-    straight into the frame decoder's buffer.
+    straight into the frame decoder's buffer. Its :class:`SessionState` base holds the state
+    the C call server uses on every reply (``byte_stream``, ``bytes_out``, ``_gone``,
+    ``_send_check``, ``_in_receive``, ``_flush_handle``).
     """
 
     # slots: a session has more attributes than CPython's shared-key dicts hold (30),
@@ -152,13 +155,10 @@ class Session(BufferedReceiver):
         "_deadline_timer",
         "_deadlines",
         "_decoder",
-        "_flush_handle",
-        "_gone",
         "_handshake",
         "_handshaken",
         "_heartbeat_timer",
         "_held",
-        "_in_receive",
         "_last_recv",
         "_last_send",
         "_max_in_flight",
@@ -175,11 +175,8 @@ class Session(BufferedReceiver):
         "_resume_handle",
         "_seen_in",
         "_seen_out",
-        "_send_check",
         "_slot_waiters",
         "buffer_updated",
-        "byte_stream",
-        "bytes_out",
         "close_reason",
         "codec",
         "config",
@@ -219,7 +216,7 @@ class Session(BufferedReceiver):
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._out: list[Buffer] = []
         self._out_ordered = False
-        self._flush_handle: asyncio.Handle | None = None
+        self._flush_handle = None
         self._in_receive = False
         self._deadlines = DeadlineWheel()
         self._deadline_timer: asyncio.TimerHandle | None = None
