@@ -65,7 +65,7 @@ suffix=$("$PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'
 clang -shared -fPIC -g -O1 -fno-omit-frame-pointer -fsanitize=address,fuzzer-no-link \
     -I"$include" polyrpc/wire/_frames.c -o "$BUILD/tree/polyrpc/wire/_frames$suffix" || exit 1
 clang -shared -fPIC -g -O1 -fno-omit-frame-pointer -fsanitize=address,fuzzer-no-link \
-    -I"$include" polyrpc/session/_routing.c \
+    -I"$include" polyrpc/session/_routing.c polyrpc/session/_state.c \
     -o "$BUILD/tree/polyrpc/session/_routing$suffix" || exit 1
 atheris_dir=$("$PY" -c "import atheris; print(atheris.path())")
 
