@@ -14,7 +14,7 @@ import pytest
 
 from polyrpc import registry
 from polyrpc.rpc import connection
-from polyrpc.session import routing, session
+from polyrpc.session import core, routing
 from polyrpc.wire import codecs, frames
 
 ROOT = Path(__file__).parent.parent
@@ -75,7 +75,7 @@ def impl(request, monkeypatch):
     """Serve with the C accelerator (decoder routing, EagerServer, payload scans) or the
     Python reference."""
     if request.param == "python":
-        monkeypatch.setattr(session, "RoutingDecoder", routing.PyRoutingDecoder)
+        monkeypatch.setattr(core, "RoutingDecoder", routing.PyRoutingDecoder)
         monkeypatch.setattr(connection, "EagerServer", None)
         monkeypatch.setattr(codecs, "scan_msgpack", codecs.msgpack_counts)
         monkeypatch.setattr(codecs, "scan_json", codecs.json_counts)
@@ -84,7 +84,7 @@ def impl(request, monkeypatch):
     else:
         from polyrpc.wire import _frames
 
-        monkeypatch.setattr(session, "RoutingDecoder", routing.for_codec(frames.ACCELERATED))
+        monkeypatch.setattr(core, "RoutingDecoder", routing.for_codec(frames.ACCELERATED))
         monkeypatch.setattr(codecs, "scan_msgpack", _frames.msgpack_counts)
         monkeypatch.setattr(codecs, "scan_json", _frames.json_counts)
     return request.param

@@ -1,2 +1,3 @@
-"""One multiplexed, full-duplex connection over a stream: sequence ids, pending calls,
-flushing, deadlines, heartbeats; and the asyncio runtime it runs on."""
+"""One multiplexed, full-duplex connection over a stream: its sans-IO protocol (core.py:
+sequence ids, pending calls, deadlines, heartbeats, the handshake) and the asyncio adapter
+that runs it (session.py)."""

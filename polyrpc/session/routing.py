@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import ProtocolError
 from ..wire import frames
 from ..wire.frames import Frame, Kind
+from .accelerator import ROUTING_DECODER
 
 _REPLY_KINDS = (int(Kind.RESPONSE), int(Kind.ERROR))
 
@@ -100,15 +101,7 @@ class PyRoutingDecoder(frames.PyFrameDecoder):
         return self._on_frames(frames[done:] if done else frames)
 
 
-def _accelerated() -> type | None:
-    try:
-        from ._routing import RoutingDecoder as accelerated
-    except ImportError:
-        return None
-    return accelerated
-
-
-ACCELERATED = _accelerated()
+ACCELERATED = ROUTING_DECODER
 """The C routing decoder (polyrpc.session._routing, on the C codec) when it is built."""
 
 RoutingDecoder: type = PyRoutingDecoder

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..stream.trait import Stream
 from ..wire import frames
+from .accelerator import SESSION_STATE
 
 
 class PySessionState:
@@ -29,15 +30,7 @@ class PySessionState:
     _flush_handle: asyncio.Handle | None
 
 
-def _accelerated() -> type | None:
-    try:
-        from ._routing import SessionState as accelerated
-    except ImportError:
-        return None
-    return accelerated
-
-
-ACCELERATED = _accelerated()
+ACCELERATED = SESSION_STATE
 """The C SessionState (polyrpc.session._routing) when it is built."""
 
 SessionState = PySessionState
