@@ -203,15 +203,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         services.append(Demo())
 
+    if args.workers > 1:
+        return _serve_with_workers(args)
+
     async def main() -> int:
         server = Server(
-            token=args.token, sync_workers=args.sync_workers, sync_queue=args.sync_queue
+            token=args.token,
+            sync_workers=args.sync_workers,
+            sync_queue=args.sync_queue,
+            worker=args.worker_id,
         )
         for service in services:
             server.register(service)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: loop.create_task(server.close()))
+        if args.worker_id is not None:
+            _stop_with_supervisor(server)
         with tempfile.TemporaryDirectory(prefix="polyrpc-dev-") as workdir:
             try:
                 for url in args.urls:
@@ -239,6 +247,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
 
     return run(main())
+
+
+def _stop_with_supervisor(server: Any) -> None:
+    """A worker drains and exits when its supervisor is gone (its stdin, a pipe from the
+    supervisor, ends), even when the supervisor was killed and could not tell it."""
+    loop = asyncio.get_running_loop()
+    stdin = sys.stdin.fileno()
+    closing: list[asyncio.Task[None]] = []
+
+    def supervisor_said() -> None:
+        try:
+            data = os.read(stdin, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(stdin)
+            closing.append(loop.create_task(server.close()))
+
+    loop.add_reader(stdin, supervisor_said)
+
+
+def _serve_with_workers(args: argparse.Namespace) -> int:
+    """``serve --workers N``: a supervisor runs N ``polyrpc serve`` workers on shared ports."""
+    from .session.runtime import run
+    from .workers import Supervisor, shareable_urls
+
+    serve_args = [f"--object={spec}" for spec in args.objects]
+    if args.demo:
+        serve_args.append("--demo")
+    if args.token is not None:
+        serve_args.append(f"--token={args.token}")
+    serve_args += [f"--sync-workers={args.sync_workers}", f"--sync-queue={args.sync_queue}"]
+    with tempfile.TemporaryDirectory(prefix="polyrpc-dev-") as workdir:
+        urls = []
+        try:
+            for url in args.urls:
+                transport, _ = registry.resolve(url)
+                url, fingerprint = transport.development_listen_url(url, Path(workdir))
+                if fingerprint:
+                    print(
+                        f"  {url.partition('?')[0]}: self-signed development certificate, "
+                        f"SHA-256 {fingerprint} (clients add ?fingerprint={fingerprint})",
+                        flush=True,
+                    )
+                urls.append(url)
+            shared, held = shareable_urls(urls)
+        except (PolyrpcError, OSError) as exc:
+            print(f"polyrpc serve: {exc}", file=sys.stderr)
+            return 1
+        return run(Supervisor(shared, serve_args, args.workers, held).run())
 
 
 def _parse_argument(text: str) -> Any:
@@ -293,6 +351,15 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).decode("utf-8", "backslashreplace")
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _worker_count(text: str) -> int:
+    from .workers import worker_count
+
+    try:
+        return worker_count(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,6 +423,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024,
         help="sync calls that may wait for a thread; more are refused as overloaded (1024)",
     )
+    serve.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the URLs (SO_REUSEPORT; unix: one inherited socket); "
+        "'auto': one per CPU (default 1)",
+    )
+    serve.add_argument("--worker-id", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
     call = sub.add_parser("call", help="call a method and print the JSON result")
     call.add_argument("url")

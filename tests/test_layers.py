@@ -36,6 +36,7 @@ LAYER_OF_PREFIX = {
     "polyrpc.transports": "transports",
     "polyrpc.cli": "top",
     "polyrpc.demo": "top",
+    "polyrpc.workers": "top",
     "polyrpc.bench": "top",
     "polyrpc.testing": "top",
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import Any
@@ -114,11 +115,14 @@ class Server:
         sync_queue: int = 1024,
         send_tracebacks: bool = False,
         config: SessionConfig | None = None,
+        worker: int | None = None,
         **options: Any,
     ) -> None:
         """``sync_workers`` threads run sync handlers (never the event loop, unless
         ``inline_sync``); at most ``sync_queue`` more sync calls wait for one, beyond that
-        a call is refused with code ``overloaded`` and a notification dropped (logged)."""
+        a call is refused with code ``overloaded`` and a notification dropped (logged).
+        ``worker``: this process's number among ``polyrpc serve --workers`` (in the stats)."""
+        self.worker = worker
         self.config = make_config(config, token=token, limits=limits, **options)
         self.services = ServiceRegistry()
         if max_connections < 1:
@@ -209,6 +213,8 @@ class Server:
             entry["bytes_in"] += conn.bytes_in
             entry["bytes_out"] += conn.bytes_out
         return {
+            "worker": self.worker,
+            "pid": os.getpid(),
             "uptime_s": round(time.time() - self.services.started, 3),
             "connections": len(self.connections),
             "connections_total": self._total_connections,

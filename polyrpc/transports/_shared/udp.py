@@ -10,8 +10,11 @@ from ...errors import ConnectFailed
 from ...stream.address import Address
 
 
-async def bind_udp(address: Address, make_socket: Callable[[int], socket.socket]) -> socket.socket:
-    """Resolve ``address`` for listening and bind a socket from ``make_socket(family)`` to it."""
+async def bind_udp(
+    address: Address, make_socket: Callable[[int], socket.socket], *, reuse_port: bool = False
+) -> socket.socket:
+    """Resolve ``address`` for listening and bind a socket from ``make_socket(family)`` to it
+    (``reuse_port``: shared with other sockets that set SO_REUSEPORT)."""
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(
@@ -22,6 +25,8 @@ async def bind_udp(address: Address, make_socket: Callable[[int], socket.socket]
     family, _, _, _, sockaddr = infos[0]
     sock = make_socket(family)
     try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(sockaddr)
     except OSError as exc:
         sock.close()

@@ -17,6 +17,7 @@ from ...errors import ConnectFailed, ConnectTimeout, InvalidAddress
 from ...stream.address import Address
 from ...stream.trait import Listener, StreamHandler
 from ...stream.transport import Option, Transport, choice, integer, number
+from .._shared import REUSE_PORT
 from .._shared.udp import bind_udp
 from . import engine
 
@@ -67,6 +68,7 @@ class KcpTransport(Transport):
             choice(*MODES), "KCP preset: normal, fast, fast2 or fast3 (lowest latency)", "fast"
         ),
         "mtu": Option(integer(100, 9000), "largest datagram KCP sends, bytes", 1400),
+        "reuse_port": REUSE_PORT,
         "sndwnd": Option(integer(1, 65535), "send window, segments", 512),
         "rcvwnd": Option(integer(1, 65535), "receive window, segments", 512),
         "timeout": Option(
@@ -170,7 +172,9 @@ class KcpTransport(Transport):
 
         self.check_available()
         config = self._config(address)
-        sock = await bind_udp(address, make_socket)
+        sock = await bind_udp(
+            address, make_socket, reuse_port=self.parse_options(address)["reuse_port"]
+        )
         listener: KcpListener | None = None
 
         def accept(conv: int, addr: bytes, sn: int, una: int) -> None:

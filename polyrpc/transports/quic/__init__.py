@@ -50,6 +50,7 @@ from ...stream.transport import (
     number,
     text,
 )
+from .._shared import REUSE_PORT
 from .._shared.certs import certificate_fingerprint, self_signed_certificate
 from .._shared.udp import bind_udp
 from . import aioquic_private
@@ -89,6 +90,7 @@ OPTIONS = {
     "key": Option(existing_file, "server: private key (PEM) for cert"),
     "sni": Option(text, "client: server name to send and verify instead of the URL's host"),
     "insecure": Option(boolean, "client: skip certificate verification (warned)", False),
+    "reuse_port": REUSE_PORT,
     "fingerprint": Option(
         _fingerprint_text, "client: accept only this SHA-256 certificate fingerprint (pinning)"
     ),
@@ -680,7 +682,7 @@ class QuicTransport(Transport):
             configuration.load_cert_chain(opts["cert"], opts["key"])
         except (ValueError, OSError) as exc:
             raise InvalidAddress(f"{address}: could not load cert/key: {exc}") from exc
-        sock = await bind_udp(address, make_socket)
+        sock = await bind_udp(address, make_socket, reuse_port=opts["reuse_port"])
         listener = QuicListener(address, configuration, opts, on_stream)
         listener.endpoint = UdpEndpoint(
             sock, listener.datagrams, listener.socket_error, on_unreachable=listener.unreachable

@@ -18,6 +18,7 @@ from ...errors import ConnectFailed, HandshakeError, InvalidAddress
 from ...stream.address import PATH, Address
 from ...stream.trait import Listener, StreamHandler
 from ...stream.transport import Option, Transport, boolean, existing_file, integer, text
+from .._shared import REUSE_PORT
 from .._shared.certs import self_signed_certificate
 from .socket_stream import SocketStream, describe_ssl_error
 from .tls import lean_tls, tls_connect, tls_server
@@ -66,7 +67,7 @@ class TcpTransport(Transport):
 
     scheme = "tcp"
     description = "TCP (TCP_NODELAY, keepalive)"
-    options = {"keepalive": KEEPALIVE}
+    options = {"keepalive": KEEPALIVE, "reuse_port": REUSE_PORT}
     half_close = True
 
     def _ssl_context(self, address: Address, server_side: bool) -> ssl.SSLContext | None:
@@ -129,6 +130,7 @@ class TcpTransport(Transport):
                 ssl=context,
                 backlog=BACKLOG,
                 reuse_address=True,
+                reuse_port=opts["reuse_port"],
             )
         except OSError as exc:
             raise ConnectFailed(f"could not listen on {address}: {exc.strerror or exc}") from exc
@@ -143,6 +145,7 @@ class TlsTransport(TcpTransport):
     description = "TLS over TCP (certificate verification on by default)"
     options = {
         "keepalive": KEEPALIVE,
+        "reuse_port": REUSE_PORT,
         "ca": Option(existing_file, "CA bundle (PEM) to trust; server side: require client certs"),
         "cert": Option(existing_file, "certificate chain (PEM): the server's, or a client cert"),
         "key": Option(existing_file, "private key (PEM) for cert"),
@@ -186,7 +189,13 @@ class UnixTransport(TcpTransport):
     scheme = "unix"
     description = "unix domain sockets"
     address_kind = PATH
-    options = {}
+    options = {
+        "fd": Option(
+            integer(0, 1 << 20),
+            "server: listen on this inherited listening socket, which a supervisor bound to "
+            "the path (polyrpc serve --workers), instead of binding it",
+        )
+    }
 
     async def dial(self, address: Address) -> SocketStream:
         loop = asyncio.get_running_loop()
@@ -199,7 +208,9 @@ class UnixTransport(TcpTransport):
 
     async def listen(self, address: Address, on_stream: StreamHandler) -> Listener:
         path = address.target
-        _remove_stale_socket(address)
+        inherited = self.parse_options(address)["fd"]
+        if inherited is None:
+            _remove_stale_socket(address)
         loop = asyncio.get_running_loop()
 
         def connected(stream: SocketStream) -> None:
@@ -210,13 +221,27 @@ class UnixTransport(TcpTransport):
             return SocketStream(self.scheme, on_connected=connected)
 
         try:
-            server = await loop.create_unix_server(accepted, path, backlog=BACKLOG)
+            if inherited is None:
+                server = await loop.create_unix_server(accepted, path, backlog=BACKLOG)
+            else:
+                server = await loop.create_unix_server(accepted, sock=_inherited_unix(inherited))
         except OSError as exc:
             raise ConnectFailed(f"could not listen on {address}: {exc.strerror or exc}") from exc
-        return ServerListener(address, server, unlink=path)
+        # an inherited socket's path belongs to whoever bound it
+        return ServerListener(address, server, unlink=path if inherited is None else None)
 
     def loopback_urls(self, workdir: Path) -> tuple[str, dict[str, str]]:
         return f"unix@{workdir / 'polyrpc.sock'}", {}
+
+
+def _inherited_unix(fd: int) -> socket.socket:
+    """The listening unix socket behind file descriptor ``fd`` (refusing anything else)."""
+    sock = socket.socket(fileno=fd)
+    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
+        sock.detach()
+        raise OSError(f"file descriptor {fd} is not a listening unix stream socket")
+    return sock
 
 
 def _remove_stale_socket(address: Address) -> None:
