@@ -1,18 +1,22 @@
 """Compression libraries compared for polyrpc's payloads: speed and ratio of zstandard and lz4
-on a text-like (JSON records) and a random payload of about 1 MiB.
+on a text-like (JSON records) and a random payload of about 1 MiB, then what polyrpc's zstd
+compression does to a call carrying them over loopback tcp.
 
-Usage: python bench/compression.py [--size BYTES] [--seconds S]
+Usage: python bench/compression.py [--size BYTES] [--seconds S] [--calls N]
 (needs ``pip install zstandard lz4``; the ``bench`` extra installs both)
 
-Prints a markdown table (docs/bench/compression.md holds a run of it): compress and
+Prints two markdown tables (docs/bench/compression.md holds a run of them): compress and
 decompress MB/s (of the original size, one core, best of the repeats) and the ratio
-(original / compressed). Every library here writes the original size into its frame, which
-is what the receiver checks against its limit before decompressing.
+(original / compressed); and per call (the payload as a bytes argument, echoed back) the
+bytes on the wire both ways and the mean round trip, with and without compression. Every
+library here writes the original size into its frame, which is what the receiver checks
+against its limit before decompressing.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import time
@@ -20,6 +24,8 @@ from collections.abc import Callable
 
 import lz4.frame
 import zstandard
+
+import polyrpc
 
 MB = 1e6
 
@@ -73,10 +79,32 @@ def rate(func: Callable[[bytes], bytes], data: bytes, size: int, seconds: float)
     return size / best / MB
 
 
+class Echo:
+    async def echo(self, data: bytes) -> bytes:
+        return data
+
+
+async def call_costs(data: bytes, calls: int, compression: str | None) -> tuple[float, float]:
+    """(bytes on the wire per call both ways, mean seconds per call) echoing ``data``."""
+    async with (
+        polyrpc.serve("tcp://127.0.0.1:0", Echo()) as server,
+        polyrpc.connect(server.urls[0], compression=compression) as client,
+    ):
+        await client.call("Echo.echo", data)  # warm up
+        sent, received = client.bytes_out, client.bytes_in
+        started = time.perf_counter()
+        for _ in range(calls):
+            await client.call("Echo.echo", data)
+        elapsed = time.perf_counter() - started
+        wire = client.bytes_out - sent + client.bytes_in - received
+    return wire / calls, elapsed / calls
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=1 << 20, help="payload bytes (1 MiB)")
     parser.add_argument("--seconds", type=float, default=1.0, help="per measurement")
+    parser.add_argument("--calls", type=int, default=50, help="calls per connection row")
     options = parser.parse_args()
     payloads = {
         "text-like (JSON)": text_payload(options.size),
@@ -93,6 +121,14 @@ def main() -> None:
                 f" | {rate(decompress, packed, len(data), options.seconds):,.0f}"
                 f" | {len(data) / len(packed):.2f} |"
             )
+    print()
+    print("| payload | connection | bytes on the wire per call | ms per call |")
+    print("|---|---|---:|---:|")
+    for payload_name, data in payloads.items():
+        for compression in (None, "zstd"):
+            wire, seconds = asyncio.run(call_costs(data, options.calls, compression))
+            label = f'compression="{compression}"' if compression else "no compression"
+            print(f"| {payload_name} | {label} | {wire:,.0f} | {seconds * 1e3:.2f} |")
 
 
 if __name__ == "__main__":
