@@ -10,6 +10,7 @@ import json
 import logging
 import random
 import sys
+import threading
 
 import msgpack
 import pytest
@@ -30,6 +31,7 @@ from polyrpc.wire import compression
 from polyrpc.wire.compression import DecompressionRefused, Zstd
 from polyrpc.wire.frames import FLAG_COMPRESSED, FrameDecoder, Kind, Limits, encode_frame
 from tests.test_conformance import Recorder
+from tests.test_conformance import server as message_server
 from tests.test_session_core import Clock, deliver, events, sent_frames, wire
 
 pytestmark = pytest.mark.usefixtures("impl")  # the C paths (routing, call server) and Python's
@@ -115,6 +117,7 @@ def test_zstd_refuses_bombs_before_decompressing():
 
 def test_a_missing_zstandard_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "zstandard", None)
+    monkeypatch.setattr(compression, "_per_thread", threading.local())  # none made yet
     with pytest.raises(ImportError, match=r"pip install 'polyrpc\[zstd\]'"):
         SessionConfig(compression="zstd")
     assert not compression.available("zstd")
@@ -170,6 +173,20 @@ async def test_small_and_incompressible_payloads_go_as_they_are(endpoint):
         assert await client.call("Echo.echo", RANDOM) == RANDOM
         assert client.bytes_out - sent > len(RANDOM)
         assert client.bytes_in - received > len(RANDOM)
+
+
+async def test_messages_travel_compressed(endpoint):
+    """The message API: requests, replies and one-way messages both ways."""
+    async with (
+        message_server(endpoint) as (_, url),
+        await polyrpc.dial(url, compression="zstd") as conn,
+    ):
+        sent, received = conn.bytes_out, conn.bytes_in
+        assert await conn.request(TEXT, timeout=30) == TEXT
+        await conn.send(TEXT.encode())
+        assert await asyncio.wait_for(conn.receive(), 30) == TEXT.encode()
+        assert conn.bytes_out - sent < 2 * len(TEXT) // 5
+        assert conn.bytes_in - received < 2 * len(TEXT) // 5
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ when compression is used.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from ..errors import ProtocolError
@@ -94,15 +95,23 @@ class Zstd:
 
 COMPRESSIONS: dict[str, type[Zstd]] = {ZSTD: Zstd}
 """Every compression this implementation can offer, by the name used in HELLO."""
+_per_thread = threading.local()
+"""Each thread's compression objects, shared by the connections its event loop runs."""
 
 
 def compression_by_name(name: str) -> Zstd:
-    """The compression called ``name``: ValueError for an unknown name, ImportError (naming
-    the pip command) when its library is not installed."""
+    """The compression called ``name``, one object per thread shared by its connections
+    (zstd's contexts hold about 200 KiB once used; a thread compresses one payload at a
+    time): ValueError for an unknown name, ImportError (naming the pip command) when its
+    library is not installed."""
     kind = COMPRESSIONS.get(name)
     if kind is None:
         raise ValueError(f"unknown compression {name!r}; known: {', '.join(COMPRESSIONS)}")
-    return kind()
+    shared: Zstd | None = getattr(_per_thread, name, None)
+    if shared is None:
+        shared = kind()
+        setattr(_per_thread, name, shared)
+    return shared
 
 
 def available(name: str) -> bool:
