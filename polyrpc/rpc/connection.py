@@ -538,13 +538,16 @@ class RpcConnection(Session):
             waiting = self.wait_before_request(len(payload))
             if waiting is not None:
                 await waiting
-            if timeout is not None or metadata or not self._accepting:
+            if (
+                timeout is not None
+                or metadata
+                or not self._accepting
+                or len(payload) > self._send_check  # size checks, compression
+            ):
                 seq, future = self.begin_request(payload, method, metadata, timeout, 0, codec)
             else:  # begin_request's work, kept inline for the usual call: calling begin_request
                 # costs 3,300 more instructions per tcp/rpc round trip, +9.7% (client 22,430 ->
                 # 25,693, +14.5%; bench/instructions.py, #19)
-                if len(payload) > self._send_check:
-                    self.check_size(len(payload), method, None, f"the request {method}")
                 seq = self._next_seq
                 self._next_seq = seq + 2
                 future = self._pending[seq] = self.loop.create_future()

@@ -34,7 +34,9 @@ from ..errors import (
 )
 from ..stream.trait import Buffer, fresh_error
 from ..wire.codecs import RAW, Codec, codec_by_id, codec_by_name
+from ..wire.compression import DecompressionRefused, Zstd, available, compression_by_name
 from ..wire.frames import (
+    FLAG_COMPRESSED,
     FLAG_REPLY,
     HEADER_SIZE,
     MIN_PEER_MAX_FRAME,
@@ -62,6 +64,7 @@ _REQUEST, _RESPONSE, _ERROR, _ONEWAY = (
 _HEARTBEAT, _HELLO, _GOAWAY, _CANCEL = (
     int(k) for k in (Kind.HEARTBEAT, Kind.HELLO, Kind.GOAWAY, Kind.CANCEL)
 )
+_STREAM_ITEM = int(Kind.STREAM_ITEM)
 BYTES_LIKE = (bytes, bytearray, memoryview)
 """Payload types sent raw (codec 0): no encoding, no copy."""
 DEFAULT_PEER_MAX_FRAME = Limits().max_frame
@@ -90,9 +93,20 @@ class SessionConfig:
     """Unread received messages above this size pause reading (backpressure)."""
     token: str | None = None
     """Shared secret: a client sends it, a server requires it."""
+    compression: str | None = None
+    """Client: the compression to offer in HELLO (``"zstd"``); used if the server accepts."""
+    accept_compression: tuple[str, ...] = ("zstd",)
+    """Server: the compressions it accepts when a client offers one (where the library is
+    installed); ``()`` refuses compression."""
+    compression_threshold: int = 1024
+    """With compression on, payloads smaller than this many bytes are sent as they are."""
 
     def __post_init__(self) -> None:
         codec_by_name(self.codec)
+        if self.compression is not None:
+            compression_by_name(self.compression)  # a clear error now if it cannot work
+        if self.compression_threshold < 0:
+            raise ValueError("compression_threshold must be at least 0")
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         if self.limits.max_frame < MIN_PEER_MAX_FRAME:
@@ -205,6 +219,7 @@ class SessionCore(SessionState):
         "_accepting",
         "_clock",
         "_closing",
+        "_compression",
         "_deadlines",
         "_decoder",
         "_events",
@@ -286,8 +301,11 @@ class SessionCore(SessionState):
         self._peer_max_frame = DEFAULT_PEER_MAX_FRAME
         """The largest frame the peer accepts (``max_frame`` in its HELLO)."""
         self._send_check = DEFAULT_PEER_MAX_FRAME - HEADER_SIZE - SIZE_SLACK
-        """Payloads up to this size fit the peer's limit whatever the method and metadata:
-        the send paths compare only this integer, and check bigger ones exactly."""
+        """Payloads up to this size fit the peer's limit whatever the method and metadata
+        (and are below the compression threshold): the send paths compare only this
+        integer, and check (and compress) bigger ones in :meth:`_prepare_large`."""
+        self._compression: Zstd | None = None
+        """The compression negotiated in HELLO, None when the peer did not accept one."""
         self.bytes_out = 0
         self._paused = 0
         """Why frames are not handled now (the adapter's PAUSE_* bits), 0 while they are."""
@@ -360,6 +378,8 @@ class SessionCore(SessionState):
         }
         if self.config.token is not None:
             meta["token"] = self.config.token
+        if self.config.compression is not None:
+            meta["compression"] = self.config.compression
         self._write(encode_frame(_HELLO, 0, metadata=meta), ordered=True)
 
     def refuse(self, reason: str, message: str) -> None:
@@ -376,6 +396,11 @@ class SessionCore(SessionState):
             self.peer_features = set(meta.get("features", "").split(","))
             self.peer_info = dict(meta)
             self._set_peer_limit(meta)
+            accepted = meta.get("compression")
+            if accepted is not None:
+                if accepted != self.config.compression:
+                    raise ProtocolError(f"HELLO accepts compression {accepted[:32]!r}, not offered")
+                self._use_compression(compression_by_name(accepted))
             self._handshake_done()
             return
         problem = self._check_hello(meta)
@@ -401,6 +426,10 @@ class SessionCore(SessionState):
             "features": FEATURES,
             "max_frame": str(self.config.limits.max_frame),
         }
+        accepted = self._accepted_compression(meta.get("compression", ""))
+        if accepted is not None:
+            reply["compression"] = accepted
+            self._use_compression(compression_by_name(accepted))
         self._write(encode_frame(_HELLO, 0, metadata=reply, flags=FLAG_REPLY), ordered=True)
         self._handshake_done()
 
@@ -420,6 +449,20 @@ class SessionCore(SessionState):
         self._peer_max_frame = int(announced)
         self._send_check = max(0, self._peer_max_frame - HEADER_SIZE - SIZE_SLACK)
 
+    def _accepted_compression(self, offered: str) -> str | None:
+        """Server side: the first compression the client offers (comma-separated) that this
+        side accepts and can run, None for none."""
+        for name in offered.split(","):
+            if name in self.config.accept_compression and available(name):
+                return name
+        return None
+
+    def _use_compression(self, compression: Zstd) -> None:
+        """Compression was negotiated: payloads from the threshold up take the checked send
+        path (which compresses them), and received frames are inflated before dispatch."""
+        self._compression = compression
+        self._send_check = min(self._send_check, self.config.compression_threshold - 1)
+
     def _handshake_done(self) -> None:
         self._handshaken = self._handshake_over = True
         # frames past the handshake limit are fine now; those that arrived behind the HELLO
@@ -436,7 +479,12 @@ class SessionCore(SessionState):
     def _route_all(self) -> None:
         """After the handshake, while reading: where the decoder delivers (the adapter also
         lets it resolve replies and serve lone requests itself)."""
-        self._decoder.route(self._dispatch, self._protocol_failure)
+        self._decoder.route(self._frames_receiver(), self._protocol_failure)
+
+    def _frames_receiver(self) -> Callable[[list[Frame]], None]:
+        """Where received frames go after the handshake: :meth:`_dispatch`, through
+        :meth:`_dispatch_inflating` where compression was negotiated."""
+        return self._dispatch if self._compression is None else self._dispatch_inflating
 
     def _check_hello(self, meta: dict[str, str]) -> tuple[str, str] | None:
         """None if the client's HELLO is acceptable, else (reason, message)."""
@@ -533,6 +581,53 @@ class SessionCore(SessionState):
             self._in_receive = False
             if self._out:
                 self._flush()
+
+    def _dispatch_inflating(self, frames: list[Frame]) -> None:
+        """:meth:`_dispatch` for a connection that negotiated compression: compressed
+        payloads are decompressed first (the frames then look as if sent plain); one
+        refused is answered by :meth:`_refuse_compressed` and not dispatched."""
+        compression = self._compression
+        assert compression is not None
+        kept: list[Frame] = []
+        for frame in frames:
+            if frame.flags & FLAG_COMPRESSED:
+                try:
+                    frame.payload = compression.decompress(
+                        frame.payload, self.config.limits.max_frame - HEADER_SIZE
+                    )
+                except DecompressionRefused as exc:
+                    self._refuse_compressed(frame, exc)
+                    continue
+                frame.flags &= ~FLAG_COMPRESSED
+            kept.append(frame)
+        if kept:
+            self._dispatch(kept)
+        elif self._out:
+            self._flush()
+
+    def _refuse_compressed(self, frame: Frame, exc: DecompressionRefused) -> None:
+        """A compressed payload was refused (a bomb, a lie, garbage): only its message is
+        lost, as with a payload that does not decode. A request is answered with an ERROR
+        (``exc.code``), a reply fails its call with ``exc``, a one-way message is dropped
+        with a warning, a stream item ends its stream (a result stream fails and is
+        cancelled; an argument stream's call is answered with the ERROR and cancelled)."""
+        kind, seq = frame.kind, frame.seq
+        log.warning(
+            "%s peer %s: %s %d refused: %s", self.transport, self.peer, Kind(kind).name, seq, exc
+        )
+        if kind == _REQUEST:
+            self.respond_error(seq, exc, exc.code)
+        elif kind in (_RESPONSE, _ERROR) or (kind == _STREAM_ITEM and self.is_own_seq(seq)):
+            waiter = self.finish_request(seq)
+            if waiter is not None:
+                self._request_failed(seq, waiter, exc)
+                if kind == _STREAM_ITEM and not self._gone:
+                    self._write(encode_frame(_CANCEL, seq))  # the producer stops
+        elif kind == _STREAM_ITEM:  # an argument streamed to a call served here
+            self.respond_error(seq, exc, exc.code)
+            self._dispatch([type(frame)(_CANCEL, seq)])  # its handler stops: nobody waits
+        elif kind != _ONEWAY:  # control frames are never big: a peer sending bad ones is broken
+            self._protocol_failure(exc)
 
     def _protocol_failure(self, exc: ProtocolError) -> None:
         """The peer broke the protocol: tell it why (an ERROR naming the problem and our
@@ -746,7 +841,9 @@ class SessionCore(SessionState):
                 raise CallTimeout(f"{method or 'request'}: timeout must be positive")
             metadata = {**(metadata or {}), "timeout": f"{timeout:.6g}"}
         if len(payload) > self._send_check:
-            self.check_size(len(payload), method, metadata, f"the request {method}".rstrip())
+            payload, flags = self._prepare_large(
+                payload, flags, method, metadata, f"the request {method}".rstrip()
+            )
         seq = self._next_seq
         self._next_seq = seq + 2
         if timeout is not None:
@@ -779,6 +876,26 @@ class SessionCore(SessionState):
             size += len(encode_metadata(metadata))
         if size > self._peer_max_frame:
             raise MessageTooLarge(size, self._peer_max_frame, what)
+
+    def _prepare_large(
+        self,
+        payload: Buffer,
+        flags: int,
+        method: str = "",
+        metadata: dict[str, str] | None = None,
+        what: str = "the message",
+    ) -> tuple[Buffer, int]:
+        """(payload, flags) to send for a payload over ``_send_check``: MessageTooLarge if
+        it is over the peer's limit (uncompressed: the peer's decompressed size limit),
+        compressed with FLAG_COMPRESSED where compression was negotiated, the payload is at
+        least the threshold and compressing makes it smaller."""
+        self.check_size(len(payload), method, metadata, what)
+        compression = self._compression
+        if compression is not None and len(payload) >= self.config.compression_threshold:
+            packed = compression.compress(payload)
+            if packed is not None:
+                return packed, flags | FLAG_COMPRESSED
+        return payload, flags
 
     def cancel_request(self, seq: int) -> None:
         """Forget request ``seq`` (its caller gave up) and tell the peer to stop working on it."""
@@ -842,7 +959,7 @@ class SessionCore(SessionState):
                 return
         if len(payload) > self._send_check:
             try:
-                self.check_size(len(payload), what="the result")
+                payload, flags = self._prepare_large(payload, flags, what="the result")
             except MessageTooLarge as exc:
                 log.warning("the reply to request %d is too large for %s: %s", seq, self.peer, exc)
                 error = result_too_large(exc)
@@ -876,10 +993,15 @@ class SessionCore(SessionState):
         the codec of this id."""
         self._check_open()
         payload, codec = (obj, codec) if codec is not None else self.encode(obj)
+        flags = 0
         if len(payload) > self._send_check:
-            self.check_size(len(payload), method, metadata, f"the message {method}".rstrip())
+            payload, flags = self._prepare_large(
+                payload, flags, method, metadata, f"the message {method}".rstrip()
+            )
         self._write(
-            encode_frame(_ONEWAY, 0, payload, method=method, metadata=metadata, codec=codec)
+            encode_frame(
+                _ONEWAY, 0, payload, method=method, metadata=metadata, codec=codec, flags=flags
+            )
         )
 
     def send_frame(
@@ -897,7 +1019,7 @@ class SessionCore(SessionState):
             raise self.lost_error()
         payload, codec = self.encode(obj)
         if len(payload) > self._send_check:
-            self.check_size(len(payload), "", metadata, "the stream item")
+            payload, flags = self._prepare_large(payload, flags, "", metadata, "the stream item")
         self._write(
             encode_frame(kind, seq, payload, metadata=metadata, codec=codec, flags=flags),
             ordered=ordered,

@@ -173,7 +173,12 @@ class Session(SessionCore, BufferedReceiver):
     def _route_all(self) -> None:
         """After the handshake, while reading: the decoder resolves replies itself while
         nobody waits for a slot, and a request that arrives alone is served at once (its
-        reply leaves unbatched)."""
+        reply leaves unbatched). Where compression was negotiated every frame goes through
+        the core's inflating dispatch instead (those shortcuts would hand on compressed
+        payloads)."""
+        if self._compression is not None:
+            super()._route_all()
+            return
         self._decoder.route(
             self._dispatch,
             self._protocol_failure,
@@ -224,7 +229,7 @@ class Session(SessionCore, BufferedReceiver):
         if not self._paused and not self._gone:
             self.byte_stream.pause_reading()
             if self._handshaken:
-                self._decoder.route(self._dispatch, self._protocol_failure)
+                self._decoder.route(self._frames_receiver(), self._protocol_failure)
         self._paused |= reason
 
     def resume_reading(self, reason: int) -> None:

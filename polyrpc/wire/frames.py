@@ -79,6 +79,9 @@ FLAG_STREAM = 0x02
 """REQUEST: the caller expects a stream of items; RESPONSE: items follow."""
 FLAG_ARG_STREAM = 0x04
 """REQUEST: the last argument arrives as STREAM_ITEM frames after the request."""
+FLAG_COMPRESSED = 0x08
+"""Any kind: the payload is compressed with the compression negotiated in HELLO
+(polyrpc.wire.compression); only sent to a peer that accepted compression."""
 
 
 MIN_PEER_MAX_FRAME = 4096
