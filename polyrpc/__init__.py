@@ -1,5 +1,8 @@
 """polyrpc: messages and remote calls over a transport chosen by URL."""
 
+from typing import Any
+
+from . import cluster
 from .errors import (
     CallTimeout,
     ConnectFailed,
@@ -15,12 +18,24 @@ from .errors import (
 )
 from .messages import Connection, Message, MessageListener, dial, listen
 from .rpc.connection import CallContext, current_context
-from .rpc.endpoints import Client, Server, connect, serve
+from .rpc.endpoints import Client, Server, _Opening, serve
+from .rpc.endpoints import connect as connect_one
 from .session.session import SessionConfig
 from .stream.registry import registry
 from .wire.frames import Limits
 
 __version__ = "0.1.0"
+
+
+def connect(url: str, *, reconnect: bool = False, **options: Any) -> _Opening:
+    """Connect to the server at ``url`` (a :class:`Client`, see
+    :func:`polyrpc.rpc.endpoints.connect`); to a whole service by a discovery URL
+    (``list://``, ``etcd://``), or to one server with ``reconnect=True``: a
+    :class:`~polyrpc.cluster.ClusterClient` (see docs/cluster.md)."""
+    if cluster.is_cluster_url(url, reconnect):
+        return cluster.connect(url, reconnect=reconnect, **options)
+    return connect_one(url, **options)
+
 
 __all__ = [
     "CallContext",
