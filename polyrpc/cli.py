@@ -192,7 +192,7 @@ def _load_object(spec: str) -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the demo service or the user's object until Ctrl-C, then shut down gracefully."""
-    from .rpc.endpoints import Server
+    from .cluster.server import RegisteredServer
     from .session.runtime import run
 
     if not args.demo and not args.objects:
@@ -204,7 +204,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         services.append(Demo())
 
     async def main() -> int:
-        server = Server(
+        server = RegisteredServer(
             token=args.token, sync_workers=args.sync_workers, sync_queue=args.sync_queue
         )
         for service in services:
@@ -225,6 +225,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             f"  clients: {bound}?fingerprint={fingerprint}",
                             flush=True,
                         )
+                if args.register:
+                    instance = await server.register_at(args.register, args.ttl)
+                    print(f"registered at {args.register} as {instance.id}", flush=True)
             except PolyrpcError as exc:
                 await server.close()
                 print(f"polyrpc serve: {exc}", file=sys.stderr)
@@ -355,6 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1024,
         help="sync calls that may wait for a thread; more are refused as overloaded (1024)",
+    )
+    serve.add_argument(
+        "--register",
+        metavar="DISCOVERY_URL",
+        help="register the URLs served under a name, e.g. etcd://127.0.0.1:2379/arith",
+    )
+    serve.add_argument(
+        "--ttl", type=float, default=5.0, help="the registration's lease in seconds (5)"
     )
     serve.set_defaults(func=cmd_serve)
     call = sub.add_parser("call", help="call a method and print the JSON result")

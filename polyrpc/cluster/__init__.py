@@ -7,9 +7,10 @@ from typing import Any
 
 from ..rpc.endpoints import _Opening
 from .client import ClusterClient, ClusterProxy, ClusterStream, Member
-from .discovery import Discovery, DiscoveryRegistry, Instance, discovery_registry
+from .discovery import Discovery, DiscoveryRegistry, Instance, Registration, discovery_registry
 from .preference import DEFAULT_PREFERENCE, choose_url
 from .selectors import Selector
+from .server import RegisteredServer, serve
 from .static import StaticDiscovery
 
 
@@ -41,10 +42,13 @@ __all__ = [
     "DiscoveryRegistry",
     "Instance",
     "Member",
+    "RegisteredServer",
+    "Registration",
     "Selector",
     "StaticDiscovery",
     "choose_url",
     "connect",
     "discovery_registry",
     "is_cluster_url",
+    "serve",
 ]

@@ -39,8 +39,21 @@ class Discovery(ABC):
     def watch(self) -> AsyncIterator[list[Instance]]:
         """Yield the full list of live instances now, then again after every change."""
 
+    async def register(self, instance: Instance, ttl: float) -> Registration:
+        """Publish ``instance`` under this backend's service name with a lease of ``ttl``
+        seconds, kept alive until the registration is closed (backends that can)."""
+        raise NotImplementedError(f"{type(self).__name__} does not take registrations")
+
     async def close(self) -> None:  # noqa: B027 (most backends hold nothing to release)
         """Release what the backend holds (connections to the registry)."""
+
+
+class Registration(ABC):
+    """A live entry in a registry; closing it removes the entry at once."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Deregister (revoke the lease) and release the registry connection."""
 
 
 class DiscoveryRegistry:
