@@ -166,6 +166,14 @@ async def test_callbacks_are_served_on_every_connection(servers):
         }
 
 
+async def test_dns_finds_the_servers_a_name_resolves_to(servers):
+    await servers.start(1)
+    port = servers.urls[0].rsplit(":", 1)[1]
+    async with polyrpc.connect(f"dns://localhost:{port}?interval=0.2") as client:
+        assert f"tcp@127.0.0.1:{port}" in client.members
+        assert await client.call("Worker.whoami", timeout=2) == "s0"
+
+
 async def test_random_spreads_calls(servers):
     await servers.start(2)
     async with polyrpc.connect(servers.list_url, select="random") as client:

@@ -25,7 +25,7 @@ log = logging.getLogger("polyrpc.cluster")
 
 FAIL_MODES = ("failfast", "failover", "failtry", "backup")
 
-UNPROCESSED_CODES = frozenset({"overloaded", "too_many_connections", "too_many_handshakes"})
+UNPROCESSED_CODES = frozenset({"overloaded", "too_many_calls"})
 """RemoteError codes meaning the server refused the call before running it."""
 
 
@@ -384,8 +384,9 @@ class ClusterClient:
         metadata: dict[str, str] | None,
         key: str | None,
     ) -> Any:
-        """Call one server; if it has not answered after ``backup_delay``, a second one
-        too: the first answer wins and the other call is cancelled."""
+        """Call one server; if it has not answered after ``backup_delay`` (or lost the
+        call before that), a second one too: the first answer wins and the other call is
+        cancelled."""
         first = await self.choose(key, deadline)
         remaining = self._remaining(deadline, timeout)
         running: set[asyncio.Future[Any]] = {
@@ -393,7 +394,8 @@ class ClusterClient:
         }
         try:
             done, _ = await asyncio.wait(running, timeout=self.backup_delay)
-            if not done:
+            lost = [task.exception() for task in done]
+            if not done or (lost[0] is not None and _server_failure(lost[0])):
                 others = [m for m in self.live() if m is not first]
                 if others:
                     backup = self.selector.pick(others, key)
@@ -412,8 +414,8 @@ class ClusterClient:
     async def broadcast(
         self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any
     ) -> dict[str, Any]:
-        """Call ``method`` on every live server; all must succeed (the first error is
-        raised). Returns each server's result by its id."""
+        """Call ``method`` on every live server; all must succeed (once all have ended,
+        the first error is raised). Returns each server's result by its id."""
         deadline = self._deadline(timeout)
         await self.choose(None, deadline)  # at least one
         members = self.live()
@@ -421,8 +423,12 @@ class ClusterClient:
             *(
                 m.call(method, args, kwargs, self._remaining(deadline, timeout), None)
                 for m in members
-            )
+            ),
+            return_exceptions=True,
         )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         return {m.id: result for m, result in zip(members, results, strict=True)}
 
     async def fork(

@@ -18,6 +18,7 @@ ENTRY_POINT_GROUP = "polyrpc.discovery"
 BUILTIN: dict[str, str] = {
     "list": "polyrpc.cluster.static:StaticDiscovery.from_url",
     "etcd": "polyrpc.cluster.etcd:EtcdDiscovery.from_url",
+    "dns": "polyrpc.cluster.dns:DnsDiscovery.from_url",
 }
 """Scheme -> ``module:callable`` taking the discovery URL and returning a :class:`Discovery`."""
 
