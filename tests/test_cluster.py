@@ -139,6 +139,21 @@ def test_transport_preference():
     assert choose_url(("zzz@h:1",)) is None
 
 
+async def test_a_server_offering_several_transports_is_dialled_by_preference():
+    async with polyrpc.serve(["tcp@127.0.0.1:0", "mem@0"], ("Worker", Worker("s0"))) as server:
+        tcp_url, mem_url = server.urls
+        offer = "list://" + "|".join(server.urls)
+        async with polyrpc.connect(offer) as client:
+            (member,) = client.members.values()
+            assert member.url == mem_url and member.connection is not None
+            assert member.connection.transport == "mem"
+            assert await client.call("Worker.whoami") == "s0"
+        async with polyrpc.connect(offer, prefer=["tcp"]) as client:
+            (member,) = client.members.values()
+            assert member.url == tcp_url and member.connection is not None
+            assert member.connection.transport == "tcp"
+
+
 async def test_connect_to_a_list_calls_every_server_in_turn(servers):
     await servers.start(3)
     async with polyrpc.connect(servers.list_url) as client:

@@ -48,43 +48,64 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory) -> Iterator[str]:
-    """A fresh etcd on loopback; yields its client address ``127.0.0.1:port``."""
-    binary = etcd_binary()
-    client_port, peer_port = free_port(), free_port()
-    data = tmp_path_factory.mktemp("etcd")
-    client_url, peer_url = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
-    log = open(data / "etcd.log", "wb")  # noqa: SIM115 (closed after the process)
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--name=test",
-            f"--data-dir={data / 'data'}",
-            f"--listen-client-urls={client_url}",
-            f"--advertise-client-urls={client_url}",
-            f"--listen-peer-urls={peer_url}",
-            f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=test={peer_url}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
+class Etcd:
+    """One etcd process on loopback ports, with its data in ``data``; stop and start it
+    again (same ports, same data) to test what survives an etcd restart."""
+
+    def __init__(self, data: Path) -> None:
+        self.binary = etcd_binary()
+        self.data = data
+        self.client_port, self.peer_port = free_port(), free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self) -> None:
+        client_url = f"http://127.0.0.1:{self.client_port}"
+        peer_url = f"http://127.0.0.1:{self.peer_port}"
+        with open(self.data / "etcd.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    self.binary,
+                    "--name=test",
+                    f"--data-dir={self.data / 'data'}",
+                    f"--listen-client-urls={client_url}",
+                    f"--advertise-client-urls={client_url}",
+                    f"--listen-peer-urls={peer_url}",
+                    f"--initial-advertise-peer-urls={peer_url}",
+                    f"--initial-cluster=test={peer_url}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 20
         while True:
-            assert proc.poll() is None, (data / "etcd.log").read_text()[-2000:]
+            assert self.proc.poll() is None, (self.data / "etcd.log").read_text()[-2000:]
             try:
-                with socket.create_connection(("127.0.0.1", client_port), timeout=0.2):
-                    break
+                with socket.create_connection(("127.0.0.1", self.client_port), timeout=0.2):
+                    return
             except OSError:
                 assert time.monotonic() < deadline, "etcd did not start"
                 time.sleep(0.05)
-        yield f"127.0.0.1:{client_port}"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory) -> Iterator[str]:
+    """A fresh etcd on loopback for this module's tests; yields its address ``host:port``."""
+    server = Etcd(tmp_path_factory.mktemp("etcd"))
+    server.start()
+    try:
+        yield server.address
     finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
+        server.stop()
 
 
 async def test_registered_servers_are_found_and_leave_on_close(etcd):
@@ -160,3 +181,29 @@ async def test_registering_needs_a_reachable_etcd():
         await polyrpc.serve(
             "tcp@127.0.0.1:0", Worker("s0"), register=f"etcd://127.0.0.1:{port}/none"
         )
+
+
+async def test_clients_and_registrations_outlive_an_etcd_restart(tmp_path):
+    """While etcd is down the client keeps its list and its calls work; once it is back,
+    the watch resumes (a server registered then is found) and the old lease still holds."""
+    etcd = Etcd(tmp_path)
+    etcd.start()
+    name = f"etcd://{etcd.address}/restart"
+    try:
+        async with (
+            polyrpc.serve("tcp@127.0.0.1:0", ("Worker", Worker("s0")), register=name, ttl=2),
+            polyrpc.connect(name, timeout=5) as client,
+        ):
+            assert await client.call("Worker.whoami", timeout=5) == "s0"
+            etcd.stop()
+            await asyncio.sleep(1)
+            assert await client.call("Worker.whoami", timeout=5) == "s0"
+            etcd.start()
+            async with polyrpc.serve(
+                "tcp@127.0.0.1:0", ("Worker", Worker("s1")), register=name, ttl=2
+            ):
+                await wait_until(lambda: len(client.live()) == 2, timeout=10)
+                await asyncio.sleep(3)  # past the first server's ttl: its keepalive goes on
+                assert len(client.members) == 2
+    finally:
+        etcd.stop()

@@ -110,22 +110,27 @@ class Member:
 
     def succeeded(self, seconds: float) -> None:
         self.latency += (seconds - self.latency) * 0.2
+        was_open = self.breaker.opened_at is not None
         self.breaker.record_success()
+        if was_open:
+            self.cluster.changed()
 
     def failed(self, exc: BaseException) -> None:
         self.last_error = exc
         if self.breaker.record_failure():
             log.warning("%s: circuit open after %d failures", self.id, self.breaker.failures)
             self.cluster.changed()
-            self._probe = asyncio.get_running_loop().create_task(self._half_open_probes())
+            if self._probe is None or self._probe.done():
+                self._probe = asyncio.get_running_loop().create_task(self._half_open_probes())
 
     async def _half_open_probes(self) -> None:
-        """While the breaker is open: when it turns half-open, ping; success closes it."""
+        """While the breaker is open: when it turns half-open, ping; success closes it.
+        A server whose connection is down is probed by the reconnect loop instead."""
         while self.breaker.opened_at is not None:
             await asyncio.sleep(self.breaker.wait)
             connection = self.connection
             if connection is None or connection.is_closed:
-                continue  # the reconnect loop probes by connecting
+                return
             try:
                 await connection.call("_sys.ping", timeout=self.cluster.breaker_reset)
             except (PolyrpcError, OSError) as exc:

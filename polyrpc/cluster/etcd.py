@@ -54,7 +54,9 @@ class EtcdDiscovery(Discovery):
         return cls(parts.hostname, parts.port or 2379, name, prefix)
 
     def _client(self) -> aetcd.Client:
-        client = aetcd.Client(self.host, self.port)
+        # a channel of its own: gRPC shares connections between channels by default, and a
+        # new client would inherit the failure backoff of one that saw etcd down
+        client = aetcd.Client(self.host, self.port, options={"grpc.use_local_subchannel_pool": 1})
         self._clients.append(client)
         return client
 
