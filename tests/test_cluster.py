@@ -275,6 +275,13 @@ async def test_failover_retries_a_call_lost_midway_only_if_idempotent(servers):
         assert await call == f"s{survivor}"
 
 
+async def test_methods_declared_idempotent_are_retried(servers):
+    await servers.start(2)
+    async with polyrpc.connect(servers.list_url, idempotent=["Worker.*"]) as client:
+        victim, call = await lose_a_call_midway(client, idempotent=False)
+        assert await call == f"s{1 - servers.urls.index(victim)}"
+
+
 async def test_failfast_raises_at_once(servers):
     await servers.start(2)
     async with polyrpc.connect(servers.list_url, on_failure="failfast") as client:

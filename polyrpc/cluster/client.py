@@ -184,7 +184,8 @@ class ClusterClient:
     least_loaded. ``on_failure``: failfast, failover (another server, within the deadline,
     when the call never ran or is marked ``idempotent=True``), failtry (the same server
     again, same rule), backup (a hedged second call after ``backup_delay``; the first
-    answer wins). ``prefer``: the transport schemes to dial, best first.
+    answer wins). ``idempotent``: methods always safe to retry. ``prefer``: the transport
+    schemes to dial, best first.
     """
 
     def __init__(
@@ -201,6 +202,7 @@ class ClusterClient:
         breaker_threshold: int = 5,
         breaker_reset: float = 1.0,
         backoff: tuple[float, float] = (0.05, 5.0),
+        idempotent: Iterable[str] = (),
         token: str | None = None,
         config: SessionConfig | None = None,
         **options: Any,
@@ -218,6 +220,9 @@ class ClusterClient:
         self.breaker_threshold = breaker_threshold
         self.breaker_reset = breaker_reset
         self.backoff = backoff
+        self.idempotent = frozenset(idempotent)
+        """Methods ("Service.method", or "Service.*" for all of one service) that may always
+        be retried, as if each call said ``idempotent=True``."""
         self._services = list(services)
         self._connect_options = {"token": token, "config": config, **options}
         self.members: dict[str, Member] = {}
@@ -329,6 +334,7 @@ class ClusterClient:
         retries and waiting for a live server included.
         """
         deadline = self._deadline(timeout)
+        idempotent = idempotent or self._is_idempotent(method)
         if self.on_failure == "backup":
             return await self._hedged(method, args, kwargs, deadline, timeout, metadata, key)
         tried: list[str] = []
@@ -360,6 +366,11 @@ class ClusterClient:
                 log.info("%s on %s failed (%s); retrying", method, member.id, exc)
                 tried.append(member.id)
                 last_error = exc
+
+    def _is_idempotent(self, method: str) -> bool:
+        if not self.idempotent:
+            return False
+        return method in self.idempotent or f"{method.split('.', 1)[0]}.*" in self.idempotent
 
     async def _wait_live(self, member: Member, deadline: float) -> None:
         """Wait for ``member`` to be live again (failtry); ConnectFailed at the deadline
