@@ -253,8 +253,9 @@ def _parse_argument(text: str) -> Any:
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    """Call one method and print its JSON result (one line per item with --stream)."""
-    from .rpc.endpoints import connect
+    """Call one method and print its JSON result (one line per item with --stream); the URL
+    may name a whole service (``etcd://127.0.0.1:2379/arith``, ``list://...``)."""
+    from . import connect
     from .session.runtime import run
 
     positional: list[Any] = []

@@ -22,6 +22,7 @@ class Worker:
     def __init__(self, name: str) -> None:
         self.name = name
         self.calls = 0
+        self.notes: list[str] = []
         self.release = asyncio.Event()
         self.release.set()
 
@@ -39,6 +40,9 @@ class Worker:
         self.calls += 1
         await self.release.wait()
         return self.name
+
+    async def note(self, text: str) -> None:
+        self.notes.append(text)
 
     async def fail(self) -> None:
         raise ValueError(f"failed on {self.name}")
@@ -165,6 +169,10 @@ async def test_connect_to_a_list_calls_every_server_in_turn(servers):
         assert [item.split(":")[1] for item in items] == ["0", "1", "2"]
         with pytest.raises(RemoteError, match="failed on"):
             await client.call("Worker.fail")
+        for n in range(6):
+            await client.notify("Worker.note", str(n))
+        await wait_until(lambda: sum(len(w.notes) for w in servers.workers) == 6)
+        assert all(len(w.notes) == 2 for w in servers.workers)  # round robin too
 
 
 async def test_callbacks_are_served_on_every_connection(servers):

@@ -144,8 +144,8 @@ async def test_a_client_started_first_waits_for_the_first_server(etcd):
 
 
 async def test_a_killed_server_disappears_when_its_lease_expires(etcd, tmp_path):
-    """`polyrpc serve --register` in a process killed with SIGKILL: no deregistration, so
-    the lease's end removes it, within ttl + 1 s."""
+    """`polyrpc serve --register` in a process killed with SIGKILL (`polyrpc call` finds
+    it by name first): no deregistration, so the lease's end removes it, within ttl + 1 s."""
     name = f"etcd://{etcd}/crash"
     ttl = 2
     command = [sys.executable, "-m", "polyrpc.cli", "serve", "tcp@127.0.0.1:0", "--demo"]
@@ -161,6 +161,15 @@ async def test_a_killed_server_disappears_when_its_lease_expires(etcd, tmp_path)
         assert proc.stdout is not None
         while not (line := proc.stdout.readline()).startswith("registered at"):
             assert line, f"serve exited early: {proc.stderr.read() if proc.stderr else ''}"
+        called = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "polyrpc.cli", "call", name, "Demo.add", "2", "3"],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=60,
+        )
+        assert (called.returncode, called.stdout.strip()) == (0, "5"), called.stderr
         async with polyrpc.connect(name, timeout=5) as client:
             assert await client.call("Demo.add", 2, 3, timeout=5) == 5
             await asyncio.sleep(ttl)  # past a keepalive or two: the lease is being refreshed
