@@ -88,12 +88,13 @@ class Member:
                         f"(preference {', '.join(self.cluster.prefer)})"
                     )
                 connection = await self.cluster.dial(self.url)
-            except (PolyrpcError, OSError) as exc:
+            except Exception as exc:  # anything, a bad option too, shows in calls' errors
                 self.last_error = exc
                 self.breaker.record_failure()
                 self.attempted.set()
                 delay = self.backoff.next_delay()
-                log.info("%s: connect failed (%s); again in %.2fs", self.id, exc, delay)
+                level = logging.INFO if isinstance(exc, PolyrpcError | OSError) else logging.WARNING
+                log.log(level, "%s: connect failed (%r); again in %.2fs", self.id, exc, delay)
                 await asyncio.sleep(delay)
                 continue
             self.backoff.reset()
