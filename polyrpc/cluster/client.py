@@ -259,8 +259,9 @@ class ClusterClient:
         return self
 
     async def _watch(self) -> None:
-        async for instances in self.discovery.watch():
-            self._apply(instances)
+        async with contextlib.aclosing(self.discovery.watch()) as snapshots:
+            async for instances in snapshots:
+                self._apply(instances)
 
     def _apply(self, instances: list[Instance]) -> None:
         """Make the members match a snapshot: connect to new servers, drop gone ones."""

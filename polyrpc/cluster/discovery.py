@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
@@ -37,8 +37,9 @@ class Discovery(ABC):
     """Where a service's live instances come from."""
 
     @abstractmethod
-    def watch(self) -> AsyncIterator[list[Instance]]:
-        """Yield the full list of live instances now, then again after every change."""
+    def watch(self) -> AsyncGenerator[list[Instance], None]:
+        """Yield the full list of live instances now, then again after every change (an
+        async generator: it is closed when the client stops watching)."""
 
     async def register(self, instance: Instance, ttl: float) -> Registration:
         """Publish ``instance`` under this backend's service name with a lease of ``ttl``

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import InvalidAddress
@@ -39,7 +39,7 @@ class DnsDiscovery(Discovery):
         host = f"[{address}]" if ":" in address else address
         return f"{self.transport}@{host}:{self.port}"
 
-    async def watch(self) -> AsyncIterator[list[Instance]]:
+    async def watch(self) -> AsyncGenerator[list[Instance], None]:
         """Resolve now, then every ``interval``; yield when the addresses change."""
         loop = asyncio.get_running_loop()
         last: list[Instance] | None = None

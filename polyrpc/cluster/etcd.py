@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -74,7 +74,7 @@ class EtcdDiscovery(Discovery):
             log.warning("ignoring the malformed etcd entry %s: %s", key.decode(), exc)
             return None
 
-    async def watch(self) -> AsyncIterator[list[Instance]]:
+    async def watch(self) -> AsyncGenerator[list[Instance], None]:
         """List the prefix, then follow its changes from the revision listed; if etcd goes
         away the last list stands while it reconnects with backoff."""
         backoff = Backoff(0.1, 5.0)

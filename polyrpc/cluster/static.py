@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 
 from ..errors import InvalidAddress
 from .discovery import Discovery, Instance
@@ -38,7 +38,7 @@ class StaticDiscovery(Discovery):
         """One server per URL."""
         return cls(Instance(id=url, urls=(url,)) for url in urls)
 
-    async def watch(self) -> AsyncIterator[list[Instance]]:
+    async def watch(self) -> AsyncGenerator[list[Instance], None]:
         """The list once; then nothing changes (the iterator stays open)."""
         yield list(self.instances)
         await asyncio.Event().wait()
