@@ -6,11 +6,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from importlib.metadata import EntryPoint
 
 import pytest
 
 import polyrpc
-from polyrpc.cluster import ClusterClient, StaticDiscovery, choose_url, discovery_registry
+from polyrpc.cluster import (
+    ClusterClient,
+    StaticDiscovery,
+    choose_url,
+    discovery,
+    discovery_registry,
+)
 from polyrpc.cluster.discovery import Discovery, Instance
 from polyrpc.cluster.health import Backoff, CircuitBreaker
 from polyrpc.errors import CallTimeout, ConnectFailed, ConnectionLost, RemoteError
@@ -120,18 +127,27 @@ def test_list_urls_parse_into_instances():
         discovery_registry.open("zookeeper://h/x")
 
 
-def test_a_plugin_backend_is_found_by_its_scheme():
-    class Fixed(Discovery):
-        async def watch(self):
-            yield [Instance("a", ("tcp@127.0.0.1:1",))]
+class OneServer(Discovery):
+    """A third party's backend, loaded through the entry point below."""
 
-    discovery_registry.register("fixed", lambda url: Fixed())
-    try:
-        assert discovery_registry.handles("fixed://anything")
-        assert isinstance(discovery_registry.open("fixed://anything"), Fixed)
-    finally:
-        discovery_registry._factories.pop("fixed")
-    assert not discovery_registry.handles("tcp://127.0.0.1:1")
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def watch(self):
+        yield [Instance("only", ("tcp@127.0.0.1:1",))]
+
+
+def test_a_plugin_backend_is_loaded_from_its_entry_point(monkeypatch):
+    plugin = EntryPoint("fixed", f"{__name__}:OneServer", "polyrpc.discovery")
+    monkeypatch.setattr(
+        discovery, "entry_points", lambda group: [plugin] if group == plugin.group else []
+    )
+    backends = discovery.DiscoveryRegistry()
+    assert "fixed" in backends.schemes() and {"list", "etcd", "dns"} <= set(backends.schemes())
+    assert backends.handles("fixed://anything")
+    assert not backends.handles("tcp://127.0.0.1:1")
+    opened = backends.open("fixed://anything")
+    assert isinstance(opened, OneServer) and opened.url == "fixed://anything"
 
 
 def test_transport_preference():
