@@ -192,7 +192,7 @@ def _load_object(spec: str) -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the demo service or the user's object until Ctrl-C, then shut down gracefully."""
-    from .rpc.endpoints import Server
+    from .cluster.server import RegisteredServer
     from .session.runtime import run
 
     if not args.demo and not args.objects:
@@ -207,7 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _serve_with_workers(args)
 
     async def main() -> int:
-        server = Server(
+        server = RegisteredServer(
             token=args.token,
             sync_workers=args.sync_workers,
             sync_queue=args.sync_queue,
@@ -233,6 +233,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             f"  clients: {bound}?fingerprint={fingerprint}",
                             flush=True,
                         )
+                if args.register:
+                    instance = await server.register_at(args.register, args.ttl)
+                    print(f"registered at {args.register} as {instance.id}", flush=True)
             except PolyrpcError as exc:
                 await server.close()
                 print(f"polyrpc serve: {exc}", file=sys.stderr)
@@ -296,7 +299,8 @@ def _serve_with_workers(args: argparse.Namespace) -> int:
         except (PolyrpcError, OSError) as exc:
             print(f"polyrpc serve: {exc}", file=sys.stderr)
             return 1
-        return run(Supervisor(shared, serve_args, args.workers, held).run())
+        register = (args.register, args.ttl) if args.register else None
+        return run(Supervisor(shared, serve_args, args.workers, held, register).run())
 
 
 def _parse_argument(text: str) -> Any:
@@ -308,8 +312,9 @@ def _parse_argument(text: str) -> Any:
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    """Call one method and print its JSON result (one line per item with --stream)."""
-    from .rpc.endpoints import connect
+    """Call one method and print its JSON result (one line per item with --stream); the URL
+    may name a whole service (``etcd://127.0.0.1:2379/arith``, ``list://...``)."""
+    from . import connect
     from .session.runtime import run
 
     positional: list[Any] = []
@@ -432,6 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
         "'auto': one per CPU (default 1)",
     )
     serve.add_argument("--worker-id", type=int, help=argparse.SUPPRESS)
+    serve.add_argument(
+        "--register",
+        metavar="DISCOVERY_URL",
+        help="register the URLs served under a name, e.g. etcd://127.0.0.1:2379/arith",
+    )
+    serve.add_argument(
+        "--ttl", type=float, default=5.0, help="the registration's lease in seconds (5)"
+    )
     serve.set_defaults(func=cmd_serve)
     call = sub.add_parser("call", help="call a method and print the JSON result")
     call.add_argument("url")

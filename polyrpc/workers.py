@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InvalidAddress
+from .cluster.discovery import Registration
+from .errors import InvalidAddress, PolyrpcError
 from .stream.registry import registry
 
 READY = "methods: "
@@ -112,8 +113,15 @@ class Supervisor:
     """Runs ``count`` workers of ``polyrpc serve`` with ``serve_args`` on ``urls``."""
 
     def __init__(
-        self, urls: list[str], serve_args: list[str], count: int, held: list[socket.socket]
+        self,
+        urls: list[str],
+        serve_args: list[str],
+        count: int,
+        held: list[socket.socket],
+        register: tuple[str, float] | None = None,
     ) -> None:
+        """``register``: (discovery URL, ttl) under which the group is registered, once."""
+        self.register = register
         self.urls = urls
         self.serve_args = serve_args
         self.workers = [Worker(number) for number in range(count)]
@@ -265,6 +273,15 @@ class Supervisor:
             await self._stop_all()
             self._close_held()
             return 1
+        registration = None
+        try:
+            if self.register is not None:
+                registration = await self._register(*self.register)
+        except PolyrpcError as exc:
+            print(f"polyrpc serve: {exc}", file=sys.stderr, flush=True)
+            await self._stop_all()
+            self._close_held()
+            return 1
         for line in self.ready_lines:
             print(line, flush=True)
         try:
@@ -277,10 +294,23 @@ class Supervisor:
                 loop.remove_signal_handler(sig)
             if restarting is not None:
                 await restarting
+            if registration is not None:  # clients stop choosing the group before it drains
+                await registration.close()
             await self._stop_all()
             self._close_held()
         print("stopped", flush=True)
         return 0
+
+    async def _register(self, url: str, ttl: float) -> Registration:
+        """Register the URLs the workers serve, once for the whole group."""
+        from .cluster.discovery import Instance, discovery_registry
+        from .cluster.server import new_instance_id
+
+        urls = tuple(without_options(u, ADDED_OPTIONS) for u in self.urls)
+        instance = Instance(id=new_instance_id(), urls=urls, weight=len(self.workers), metadata={})
+        registration = await discovery_registry.open(url).register(instance, ttl)
+        print(f"registered at {url} as {instance.id}", flush=True)
+        return registration
 
     async def _stop_all(self) -> None:
         self.stopping = True

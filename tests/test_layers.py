@@ -27,6 +27,7 @@ LAYER_OF_PREFIX = {
     "polyrpc.session": "session",
     "polyrpc.messages": "messages",
     "polyrpc.rpc": "rpc",
+    "polyrpc.cluster": "cluster",
     "polyrpc.transports._shared": "transports._shared",
     "polyrpc.transports.tcp": "transports.tcp",
     "polyrpc.transports.mem": "transports.mem",
@@ -51,6 +52,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "session": frozenset({"errors", "wire", "stream"}),
     "messages": frozenset({"errors", "wire", "stream", "session"}),
     "rpc": frozenset({"errors", "wire", "stream", "session", "messages"}),
+    "cluster": frozenset({"errors", "wire", "stream", "session", "messages", "rpc"}),
     "transports._shared": frozenset({"errors", "stream"}),
     "transports.tcp": TRANSPORT_MAY_IMPORT,
     "transports.mem": TRANSPORT_MAY_IMPORT,
@@ -210,6 +212,8 @@ def test_layers_import_only_the_layers_below():
         ),
         ("messages.py", "from polyrpc import Client", "messages imports"),
         ("rpc/endpoints.py", "from ..transports._shared import certs", "rpc imports"),
+        ("rpc/endpoints.py", "from ..cluster import ClusterClient", "rpc imports"),
+        ("cluster/client.py", "from ..transports.tcp import TcpTransport", "cluster imports"),
     ],
 )
 def test_a_wrong_import_is_reported(module, added, expected):
