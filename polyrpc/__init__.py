@@ -16,6 +16,7 @@ from .errors import (
 from .messages import Connection, Message, MessageListener, dial, listen
 from .rpc.connection import CallContext, current_context
 from .rpc.endpoints import Client, Server, connect, serve
+from .rpc.middleware import Call, CallNext, Middleware, limit_concurrency, log_calls, retry
 from .session.session import SessionConfig
 from .stream.registry import registry
 from .wire.frames import Limits
@@ -23,7 +24,9 @@ from .wire.frames import Limits
 __version__ = "0.1.0"
 
 __all__ = [
+    "Call",
     "CallContext",
+    "CallNext",
     "CallTimeout",
     "Client",
     "ConnectFailed",
@@ -36,6 +39,7 @@ __all__ = [
     "Message",
     "MessageListener",
     "MessageTooLarge",
+    "Middleware",
     "PolyrpcError",
     "ProtocolError",
     "RemoteError",
@@ -45,7 +49,10 @@ __all__ = [
     "connect",
     "current_context",
     "dial",
+    "limit_concurrency",
     "listen",
+    "log_calls",
     "registry",
+    "retry",
     "serve",
 ]

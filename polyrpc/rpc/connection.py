@@ -37,6 +37,7 @@ from ..stream.trait import Buffer, Stream
 from ..wire.codecs import PayloadTooComplex, decode_error_code
 from ..wire.frames import FLAG_ARG_STREAM, FLAG_STREAM, Frame, Kind, encode_frame
 from .eager import EagerServer, coroutine_step
+from .middleware import Call, CallNext, Middleware, compose
 from .services import Method, ServiceRegistry
 
 log = logging.getLogger("polyrpc")
@@ -187,6 +188,8 @@ class RpcOptions:
     send_tracebacks: bool = False
     sync: SyncRunner = field(default_factory=shared_sync_runner)
     """Where sync handlers run (calls and notifications) unless ``inline_sync``."""
+    middleware: tuple[Middleware, ...] = ()
+    """Wrapped around every call the connection makes and serves, outermost first."""
 
 
 class _IncomingCall:
@@ -370,6 +373,37 @@ class ResultStream:
         await self.aclose()
 
 
+class MiddlewareStream:
+    """``client.stream(...)`` through middleware: the chain runs when iteration starts, and
+    the async iterator it returns (the :class:`ResultStream`, or a middleware's wrapper of
+    it) gives the items."""
+
+    def __init__(self, chain: CallNext, call: Call) -> None:
+        self._chain = chain
+        self._call = call
+        self._items: AsyncIterator[Any] | None = None
+
+    def __aiter__(self) -> MiddlewareStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._items is None:
+            self._items = aiter(await self._chain(self._call))
+        return await anext(self._items)
+
+    async def aclose(self) -> None:
+        """Stop the stream (the remote generator is cancelled if it is still running)."""
+        aclose = getattr(self._items, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    async def __aenter__(self) -> MiddlewareStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
 class ServiceProxy:
     """``client.proxy("Arith").mul(3, 4)``: attribute access builds method names."""
 
@@ -391,6 +425,7 @@ class RpcConnection(Session):
 
     __slots__ = (
         "_arg_senders",
+        "_calling",
         "_codec_id",
         "_decode_unchecked",
         "_encode_unchecked",
@@ -399,6 +434,7 @@ class RpcConnection(Session):
         "_methods",
         "_oneway_bytes",
         "_result_streams",
+        "_serving",
         "_tasks",
         "options",
         "services",
@@ -424,7 +460,14 @@ class RpcConnection(Session):
         self._max_calls = options.max_concurrent_calls
         self._codec_id = self.codec.id
         self._encode_unchecked, self._decode_unchecked = self.codec.unchecked
-        if EagerServer is not None:  # the C accelerator serves the usual calls
+        self._calling: CallNext | None = None
+        """The middleware chain around the calls this side makes, None without middleware."""
+        self._serving: CallNext | None = None
+        """The middleware chain around the calls this side serves, None without middleware."""
+        if options.middleware:  # every request takes the Python path, through the chain
+            self._calling = compose(options.middleware, self._call_now)
+            self._serving = compose(options.middleware, self._handle_now)
+        elif EagerServer is not None:  # the C accelerator serves the usual calls
             self._request_handler = EagerServer(self, self.on_request, _context)
 
     # ----------------------------------------------------------- calling
@@ -509,6 +552,8 @@ class RpcConnection(Session):
         Raises RemoteError for errors in the handler, CallTimeout after ``timeout``
         seconds (the handler is cancelled remotely too) and ConnectionLost.
         """
+        if self._calling is not None:
+            return await self._calling(self._outgoing(method, args, kwargs, metadata, timeout))
         # _encode_call, kept inline: calling it costs 1,424 more instructions per tcp/rpc round
         # trip (+4.2%), which with the shared write path would take this path past the 5%
         # the restructure may cost (bench/instructions.py, #19)
@@ -564,6 +609,52 @@ class RpcConnection(Session):
             return self._decode_payload(reply)
         raise self.reply_error(reply, method, timeout)
 
+    def _outgoing(
+        self,
+        method: str,
+        args: tuple,
+        kwargs: dict,
+        metadata: dict[str, str] | None,
+        timeout: float | None,
+        kind: str = "call",
+    ) -> Call:
+        """The :class:`Call` the middleware of a call made here sees."""
+        deadline = None if timeout is None else time.time() + timeout
+        return Call(method, list(args), kwargs, dict(metadata or {}), kind, False, self, deadline)
+
+    async def _call_now(self, call: Call) -> Any:
+        """The innermost step of the calls made here through middleware: send ``call`` and
+        return its result (a notification: None; a stream: its started :class:`ResultStream`)."""
+        timeout = call.timeout
+        if timeout is not None:  # to the millisecond: the deadlines' own resolution is 10 ms
+            timeout = round(timeout, 3)
+            if timeout <= 0:
+                raise CallTimeout(f"{call.method} passed its deadline before it was sent")
+        args, metadata = tuple(call.args), call.metadata or None
+        if call.kind == "notify":
+            payload, codec = self._encode_call(args, call.kwargs)
+            self.send_oneway(payload, method=call.method, metadata=metadata, codec=codec)
+            if self.byte_stream.writing_paused:
+                await self.wait_writable()
+            return None
+        if call.kind == "stream":
+            stream = ResultStream(self, call.method, args, call.kwargs, timeout, metadata)
+            await stream._start()
+            return stream
+        seq, future, _ = await self._send_call(call.method, args, call.kwargs, timeout, metadata)
+        # call()'s own copy of this is inline (one call level less on the usual call)
+        try:
+            reply = await future
+        except BaseException:
+            self.abandon_request(seq, future)
+            del future  # it holds the error, whose traceback holds this frame: no cycle
+            raise
+        if reply.kind == _RESPONSE:
+            if reply.codec == 0:
+                return reply.payload
+            return self._decode_payload(reply)
+        raise self.reply_error(reply, call.method, timeout)
+
     def reply_error(self, frame: Frame, method: str, timeout: float | None) -> Exception:
         """The error an ERROR reply stands for: CallTimeout if the server noticed the deadline
         first (the same outcome as our own timer, whichever wins), else the RemoteError."""
@@ -574,6 +665,9 @@ class RpcConnection(Session):
 
     async def notify(self, method: str, *args: Any, **kwargs: Any) -> None:
         """Call ``method`` one-way: no reply, errors are only logged by the peer."""
+        if self._calling is not None:
+            await self._calling(self._outgoing(method, args, kwargs, None, None, "notify"))
+            return
         payload, codec = self._encode_call(args, kwargs)
         self.send_oneway(payload, method=method, codec=codec)
         if self.byte_stream.writing_paused:
@@ -586,8 +680,11 @@ class RpcConnection(Session):
         timeout: float | None = None,
         metadata: dict[str, str] | None = None,
         **kwargs: Any,
-    ) -> ResultStream:
+    ) -> ResultStream | MiddlewareStream:
         """Iterate the items a streaming method (an async generator) yields."""
+        if self._calling is not None:
+            call = self._outgoing(method, args, kwargs, metadata, timeout, "stream")
+            return MiddlewareStream(self._calling, call)
         return ResultStream(self, method, args, kwargs, timeout, metadata)
 
     def proxy(self, service: str) -> ServiceProxy:
@@ -618,7 +715,12 @@ class RpcConnection(Session):
         except ProtocolError as exc:
             self.respond_error(seq, exc, decode_error_code(exc))
             return
-        if method.kind != "async" or frame.flags or "timeout" in frame.metadata:
+        if (
+            method.kind != "async"
+            or frame.flags
+            or "timeout" in frame.metadata
+            or self._serving is not None
+        ):
             self._start_call(seq, method, args, kwargs, frame)
             return
         started = time.perf_counter()
@@ -664,7 +766,7 @@ class RpcConnection(Session):
         """Serve every call but an eager async one: inline sync, streams, deadlines, threads."""
         flags = frame.flags
         inline = method.kind == "sync" and self.options.inline_sync
-        if inline and not flags and "timeout" not in frame.metadata:
+        if inline and not flags and "timeout" not in frame.metadata and self._serving is None:
             self._call_inline(seq, method, args, kwargs, frame)
             return
         call = _IncomingCall()
@@ -827,10 +929,19 @@ class RpcConnection(Session):
         try:
             async with timer:
                 if method.kind == "stream" or wants_stream:
-                    await self._stream_results(seq, call, method, args, kwargs, frame)
+                    if self._serving is None:
+                        items = await self._open_results(method, args, kwargs, frame)
+                    else:
+                        served = self._incoming_call(args, kwargs, frame, started, "stream")
+                        items = await self._serving(served)
+                    await self._send_results(seq, call, method, items, frame)
                     method.stats.record(time.perf_counter() - started, False)
                     return
-                if method.kind == "async":
+                if self._serving is not None:
+                    result = await self._serving(
+                        self._incoming_call(args, kwargs, frame, started, "call")
+                    )
+                elif method.kind == "async":
                     result = await method.func(*args, **kwargs)
                 else:
                     result = await self.options.sync.submit(method.func, args, kwargs)
@@ -850,9 +961,31 @@ class RpcConnection(Session):
             self._incoming.pop(seq, None)
         self._report_success(seq, method, result, started)
 
-    async def _stream_results(
-        self, seq: int, call: _IncomingCall, method: Method, args: list, kwargs: dict, frame: Frame
-    ) -> None:
+    def _incoming_call(
+        self, args: list, kwargs: dict, frame: Frame, started: float, kind: str
+    ) -> Call:
+        """The :class:`Call` the middleware of a call served here sees."""
+        context = CallContext(self, frame, started)
+        deadline = context.deadline if "timeout" in frame.metadata else None
+        return Call(frame.method, args, kwargs, frame.metadata, kind, True, self, deadline, context)
+
+    async def _handle_now(self, call: Call) -> Any:
+        """The innermost step of the calls served here through middleware: run the handler
+        of ``call.method`` (a stream: return its items, which the caller of the chain sends)."""
+        method = self._methods.get(call.method) or self.services.lookup(call.method)
+        args, kwargs = call.args, call.kwargs
+        if call.kind == "stream":
+            assert call.context is not None  # an incoming call always has one
+            return await self._open_results(method, args, kwargs, call.context.frame)
+        if method.kind == "sync" and not self.options.inline_sync:
+            return await self.options.sync.submit(method.func, args, kwargs)
+        result = method.func(*args, **kwargs)
+        if hasattr(result, "__await__"):
+            result = await result
+        return result
+
+    async def _open_results(self, method: Method, args: list, kwargs: dict, frame: Frame) -> Any:
+        """Call a streaming handler: what it returns (or its coroutine returns) is streamed."""
         if not frame.flags & FLAG_STREAM:
             raise RemoteError(
                 "TypeError",
@@ -862,6 +995,12 @@ class RpcConnection(Session):
         produced = method.func(*args, **kwargs)
         if hasattr(produced, "__await__"):
             produced = await produced
+        return produced
+
+    async def _send_results(
+        self, seq: int, call: _IncomingCall, method: Method, produced: Any, frame: Frame
+    ) -> None:
+        """Stream ``produced`` (an async or plain iterable) to the caller, paced by its credit."""
         if not isinstance(produced, AsyncIterable | Iterable):
             raise RemoteError(
                 "TypeError",
@@ -951,7 +1090,9 @@ class RpcConnection(Session):
         started = time.perf_counter()
         _context.set((self, frame, started))
         try:
-            if method.kind == "sync" and not self.options.inline_sync:
+            if self._serving is not None:
+                await self._serving(self._incoming_call(args, kwargs, frame, started, "notify"))
+            elif method.kind == "sync" and not self.options.inline_sync:
                 try:
                     running = self.options.sync.submit(method.func, args, kwargs)
                 except RemoteError as exc:  # the sync queue is full: nobody to tell but the log

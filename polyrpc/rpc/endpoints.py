@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from typing import Any
 
 from ..messages import MAX_HANDSHAKING, HandshakeGate, make_config, open_session
@@ -14,6 +14,7 @@ from ..stream.registry import registry
 from ..stream.trait import Listener, Stream
 from ..wire.frames import Limits
 from .connection import RpcConnection, RpcOptions, SyncRunner
+from .middleware import Middleware
 from .services import ServiceRegistry
 
 log = logging.getLogger("polyrpc")
@@ -48,17 +49,20 @@ def connect(
     token: str | None = None,
     timeout: float = 10.0,
     config: SessionConfig | None = None,
+    middleware: Sequence[Middleware] = (),
     **options: Any,
 ) -> _Opening:
     """Connect to a polyrpc server at ``url``.
 
-    ``services`` are objects the server may call back; ``options`` are SessionConfig
-    fields (codec, max_in_flight, heartbeat_interval, idle_timeout, limits...).
+    ``services`` are objects the server may call back; ``middleware`` wraps every call
+    made on the connection and every callback served on it (docs/middleware.md);
+    ``options`` are SessionConfig fields (codec, max_in_flight, heartbeat_interval,
+    idle_timeout, limits...).
     """
 
     async def make() -> Client:
         cfg = make_config(config, token=token, **options)
-        rpc = RpcOptions()
+        rpc = RpcOptions(middleware=tuple(middleware))
         for service in services:
             rpc.services.register(service)
         session = await open_session(
@@ -113,12 +117,15 @@ class Server:
         sync_workers: int = 32,
         sync_queue: int = 1024,
         send_tracebacks: bool = False,
+        middleware: Sequence[Middleware] = (),
         config: SessionConfig | None = None,
         **options: Any,
     ) -> None:
         """``sync_workers`` threads run sync handlers (never the event loop, unless
         ``inline_sync``); at most ``sync_queue`` more sync calls wait for one, beyond that
-        a call is refused with code ``overloaded`` and a notification dropped (logged)."""
+        a call is refused with code ``overloaded`` and a notification dropped (logged).
+        ``middleware`` wraps every call served and every callback made on the server's
+        connections, outermost first (docs/middleware.md)."""
         self.config = make_config(config, token=token, limits=limits, **options)
         self.services = ServiceRegistry()
         if max_connections < 1:
@@ -131,6 +138,7 @@ class Server:
             inline_sync=inline_sync,
             send_tracebacks=send_tracebacks,
             sync=SyncRunner(sync_workers, sync_queue),
+            middleware=tuple(middleware),
         )
         self.listeners: list[Listener] = []
         self.connections: set[RpcConnection] = set()
