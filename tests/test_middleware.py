@@ -397,7 +397,8 @@ async def test_middleware_runs_on_the_c_build_and_the_python_reference(endpoint,
     async with rpc(endpoint, Counter()) as (server, client):
         assert await client.call("Counter.hit") == 1
         (served,) = server.connections
-        if impl == "c":  # without middleware the C call server stays
+        if impl == "c" and connection.EagerServer is not None:  # (none: POLYRPC_PURE_PYTHON)
+            # without middleware the C call server stays
             assert isinstance(served._request_handler, connection.EagerServer)
         else:
             assert served._request_handler == served.on_request

@@ -19,7 +19,14 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+)
 from concurrent.futures import Future as ThreadFuture
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -425,7 +432,6 @@ class RpcConnection(Session):
 
     __slots__ = (
         "_arg_senders",
-        "_calling",
         "_codec_id",
         "_decode_unchecked",
         "_encode_unchecked",
@@ -460,12 +466,9 @@ class RpcConnection(Session):
         self._max_calls = options.max_concurrent_calls
         self._codec_id = self.codec.id
         self._encode_unchecked, self._decode_unchecked = self.codec.unchecked
-        self._calling: CallNext | None = None
-        """The middleware chain around the calls this side makes, None without middleware."""
         self._serving: CallNext | None = None
         """The middleware chain around the calls this side serves, None without middleware."""
         if options.middleware:  # every request takes the Python path, through the chain
-            self._calling = compose(options.middleware, self._call_now)
             self._serving = compose(options.middleware, self._handle_now)
         elif EagerServer is not None:  # the C accelerator serves the usual calls
             self._request_handler = EagerServer(self, self.on_request, _context)
@@ -552,8 +555,6 @@ class RpcConnection(Session):
         Raises RemoteError for errors in the handler, CallTimeout after ``timeout``
         seconds (the handler is cancelled remotely too) and ConnectionLost.
         """
-        if self._calling is not None:
-            return await self._calling(self._outgoing(method, args, kwargs, metadata, timeout))
         # _encode_call, kept inline: calling it costs 1,424 more instructions per tcp/rpc round
         # trip (+4.2%), which with the shared write path would take this path past the 5%
         # the restructure may cost (bench/instructions.py, #19)
@@ -609,52 +610,6 @@ class RpcConnection(Session):
             return self._decode_payload(reply)
         raise self.reply_error(reply, method, timeout)
 
-    def _outgoing(
-        self,
-        method: str,
-        args: tuple,
-        kwargs: dict,
-        metadata: dict[str, str] | None,
-        timeout: float | None,
-        kind: str = "call",
-    ) -> Call:
-        """The :class:`Call` the middleware of a call made here sees."""
-        deadline = None if timeout is None else time.time() + timeout
-        return Call(method, list(args), kwargs, dict(metadata or {}), kind, False, self, deadline)
-
-    async def _call_now(self, call: Call) -> Any:
-        """The innermost step of the calls made here through middleware: send ``call`` and
-        return its result (a notification: None; a stream: its started :class:`ResultStream`)."""
-        timeout = call.timeout
-        if timeout is not None:  # to the millisecond: the deadlines' own resolution is 10 ms
-            timeout = round(timeout, 3)
-            if timeout <= 0:
-                raise CallTimeout(f"{call.method} passed its deadline before it was sent")
-        args, metadata = tuple(call.args), call.metadata or None
-        if call.kind == "notify":
-            payload, codec = self._encode_call(args, call.kwargs)
-            self.send_oneway(payload, method=call.method, metadata=metadata, codec=codec)
-            if self.byte_stream.writing_paused:
-                await self.wait_writable()
-            return None
-        if call.kind == "stream":
-            stream = ResultStream(self, call.method, args, call.kwargs, timeout, metadata)
-            await stream._start()
-            return stream
-        seq, future, _ = await self._send_call(call.method, args, call.kwargs, timeout, metadata)
-        # call()'s own copy of this is inline (one call level less on the usual call)
-        try:
-            reply = await future
-        except BaseException:
-            self.abandon_request(seq, future)
-            del future  # it holds the error, whose traceback holds this frame: no cycle
-            raise
-        if reply.kind == _RESPONSE:
-            if reply.codec == 0:
-                return reply.payload
-            return self._decode_payload(reply)
-        raise self.reply_error(reply, call.method, timeout)
-
     def reply_error(self, frame: Frame, method: str, timeout: float | None) -> Exception:
         """The error an ERROR reply stands for: CallTimeout if the server noticed the deadline
         first (the same outcome as our own timer, whichever wins), else the RemoteError."""
@@ -665,9 +620,6 @@ class RpcConnection(Session):
 
     async def notify(self, method: str, *args: Any, **kwargs: Any) -> None:
         """Call ``method`` one-way: no reply, errors are only logged by the peer."""
-        if self._calling is not None:
-            await self._calling(self._outgoing(method, args, kwargs, None, None, "notify"))
-            return
         payload, codec = self._encode_call(args, kwargs)
         self.send_oneway(payload, method=method, codec=codec)
         if self.byte_stream.writing_paused:
@@ -682,9 +634,6 @@ class RpcConnection(Session):
         **kwargs: Any,
     ) -> ResultStream | MiddlewareStream:
         """Iterate the items a streaming method (an async generator) yields."""
-        if self._calling is not None:
-            call = self._outgoing(method, args, kwargs, metadata, timeout, "stream")
-            return MiddlewareStream(self._calling, call)
         return ResultStream(self, method, args, kwargs, timeout, metadata)
 
     def proxy(self, service: str) -> ServiceProxy:
@@ -715,19 +664,17 @@ class RpcConnection(Session):
         except ProtocolError as exc:
             self.respond_error(seq, exc, decode_error_code(exc))
             return
-        if (
-            method.kind != "async"
-            or frame.flags
-            or "timeout" in frame.metadata
-            or self._serving is not None
-        ):
+        if method.kind != "async" or frame.flags or "timeout" in frame.metadata:
             self._start_call(seq, method, args, kwargs, frame)
             return
         started = time.perf_counter()
         token = _context.set((self, frame, started))
         try:
             try:
-                coro = method.func(*args, **kwargs)
+                if self._serving is None:
+                    coro = method.func(*args, **kwargs)
+                else:  # the middleware chain's first step runs eagerly, as a handler's would
+                    coro = self._serving(self._incoming_call(args, kwargs, frame, started, "call"))
                 finished, result = coroutine_step(coro)
             except BaseException as exc:  # no task yet: a CancelledError is the handler's own
                 self._report_failure(seq, method, exc, started, args, kwargs)
@@ -965,24 +912,24 @@ class RpcConnection(Session):
         self, args: list, kwargs: dict, frame: Frame, started: float, kind: str
     ) -> Call:
         """The :class:`Call` the middleware of a call served here sees."""
-        context = CallContext(self, frame, started)
-        deadline = context.deadline if "timeout" in frame.metadata else None
-        return Call(frame.method, args, kwargs, frame.metadata, kind, True, self, deadline, context)
+        served = (self, frame, started)
+        deadline = CallContext(*served).deadline if "timeout" in frame.metadata else None
+        return Call(frame.method, args, kwargs, frame.metadata, kind, self, deadline, served)
 
-    async def _handle_now(self, call: Call) -> Any:
-        """The innermost step of the calls served here through middleware: run the handler
-        of ``call.method`` (a stream: return its items, which the caller of the chain sends)."""
+    def _handle_now(self, call: Call) -> Awaitable[Any]:
+        """The innermost step of the calls served here through middleware: start the handler
+        of ``call.method`` and return what to await for its result (an async handler's own
+        coroutine: no extra level; a stream: its items, which the chain's caller sends)."""
         method = self._methods.get(call.method) or self.services.lookup(call.method)
         args, kwargs = call.args, call.kwargs
         if call.kind == "stream":
-            assert call.context is not None  # an incoming call always has one
-            return await self._open_results(method, args, kwargs, call.context.frame)
+            context = call.context
+            assert context is not None  # an incoming call always has one
+            return self._open_results(method, args, kwargs, context.frame)
         if method.kind == "sync" and not self.options.inline_sync:
-            return await self.options.sync.submit(method.func, args, kwargs)
+            return self.options.sync.submit(method.func, args, kwargs)
         result = method.func(*args, **kwargs)
-        if hasattr(result, "__await__"):
-            result = await result
-        return result
+        return result if hasattr(result, "__await__") else _ready(result)
 
     async def _open_results(self, method: Method, args: list, kwargs: dict, frame: Frame) -> Any:
         """Call a streaming handler: what it returns (or its coroutine returns) is streamed."""
@@ -1172,6 +1119,112 @@ class RpcConnection(Session):
                 state.credit_event.set()
 
 
+class MiddlewareConnection(RpcConnection):
+    """An RpcConnection whose calls, notifications and streams go through the middleware in
+    its options too (the plain class serves through them only), so the plain class's call
+    path has no check for middleware at all."""
+
+    __slots__ = ("_calling",)
+
+    def __init__(
+        self, stream: Stream, config: SessionConfig, *, is_client: bool, options: RpcOptions
+    ) -> None:
+        if not options.middleware:
+            raise ValueError("a MiddlewareConnection needs middleware (else use RpcConnection)")
+        self._calling = compose(options.middleware, self._call_now)
+        super().__init__(stream, config, is_client=is_client, options=options)
+
+    def call(
+        self,
+        method: str,
+        *args: Any,
+        timeout: float | None = None,
+        metadata: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Coroutine[Any, Any, Any]:
+        """:meth:`RpcConnection.call` through the middleware. Not a coroutine function of its
+        own: it returns the outermost middleware's coroutine (one level less per call)."""
+        deadline = None if timeout is None else time.time() + timeout
+        return self._calling(  # type: ignore[return-value]  # a middleware is an async function
+            Call(
+                method,
+                list(args),
+                kwargs,
+                {**metadata} if metadata else {},
+                "call",
+                self,
+                deadline,
+            )
+        )
+
+    async def notify(self, method: str, *args: Any, **kwargs: Any) -> None:
+        await self._calling(self._outgoing(method, args, kwargs, None, None, "notify"))
+
+    def stream(
+        self,
+        method: str,
+        *args: Any,
+        timeout: float | None = None,
+        metadata: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> ResultStream | MiddlewareStream:
+        call = self._outgoing(method, args, kwargs, metadata, timeout, "stream")
+        return MiddlewareStream(self._calling, call)
+
+    def _outgoing(
+        self,
+        method: str,
+        args: tuple,
+        kwargs: dict,
+        metadata: dict[str, str] | None,
+        timeout: float | None,
+        kind: str = "call",
+    ) -> Call:
+        """The :class:`Call` the middleware of a call made here sees."""
+        deadline = None if timeout is None else time.time() + timeout
+        return Call(method, list(args), kwargs, dict(metadata or {}), kind, self, deadline)
+
+    def _call_now(self, call: Call) -> Awaitable[Any]:
+        """The innermost step of the calls made here through middleware: what to await to send
+        ``call`` and get its result (a notification: None; a stream: its started
+        :class:`ResultStream`). A call is the plain class's, with its fast path."""
+        timeout = call.timeout
+        if timeout is not None:  # to the millisecond: the deadlines' own resolution is 10 ms
+            timeout = round(timeout, 3)
+            if timeout <= 0:
+                raise CallTimeout(f"{call.method} passed its deadline before it was sent")
+        metadata = call.metadata or None
+        if call.kind == "call":
+            return super().call(
+                call.method, *call.args, timeout=timeout, metadata=metadata, **call.kwargs
+            )
+        if call.kind == "stream":
+            return self._start_stream(call.method, call.args, call.kwargs, timeout, metadata)
+        return self._notify_with(call.method, call.args, call.kwargs, metadata)
+
+    async def _start_stream(
+        self,
+        method: str,
+        args: list,
+        kwargs: dict,
+        timeout: float | None,
+        metadata: dict[str, str] | None,
+    ) -> ResultStream:
+        """A streaming call's request, sent: the stream its items come through."""
+        stream = ResultStream(self, method, tuple(args), kwargs, timeout, metadata)
+        await stream._start()
+        return stream
+
+    async def _notify_with(
+        self, method: str, args: list, kwargs: dict, metadata: dict[str, str] | None
+    ) -> None:
+        """:meth:`notify` with the metadata the middleware left."""
+        payload, codec = self._encode_call(tuple(args), kwargs)
+        self.send_oneway(payload, method=method, metadata=metadata, codec=codec)
+        if self.byte_stream.writing_paused:
+            await self.wait_writable()
+
+
 def _streamed_argument(args: tuple, first: int | None = None) -> int | None:
     """The index of the argument to stream (an async iterable), None if there is none; only
     one may be. ``first``: that index when a scan found it already (only the rest is looked at)."""
@@ -1191,6 +1244,11 @@ def _task_cancelling() -> bool:
 
 def _unsendable(exc: Exception) -> TypeError:
     return TypeError(f"cannot send these arguments: {exc}")
+
+
+async def _ready(value: Any) -> Any:
+    """``value`` as an awaitable (a sync handler run inline, through middleware)."""
+    return value
 
 
 async def _aiter_sync(items: Iterable[Any]) -> AsyncIterator[Any]:

@@ -13,7 +13,7 @@ from ..session.session import SessionConfig
 from ..stream.registry import registry
 from ..stream.trait import Listener, Stream
 from ..wire.frames import Limits
-from .connection import RpcConnection, RpcOptions, SyncRunner
+from .connection import MiddlewareConnection, RpcConnection, RpcOptions, SyncRunner
 from .middleware import Middleware
 from .services import ServiceRegistry
 
@@ -22,6 +22,10 @@ log = logging.getLogger("polyrpc")
 
 class Client(RpcConnection):
     """A connection made with :func:`connect`; it may also serve callbacks."""
+
+
+class MiddlewareClient(MiddlewareConnection, Client):
+    """A :class:`Client` made with middleware: its calls go through the chain too."""
 
 
 class _Opening:
@@ -65,8 +69,9 @@ def connect(
         rpc = RpcOptions(middleware=tuple(middleware))
         for service in services:
             rpc.services.register(service)
+        kind = MiddlewareClient if rpc.middleware else Client
         session = await open_session(
-            url, lambda stream: Client(stream, cfg, is_client=True, options=rpc), timeout
+            url, lambda stream: kind(stream, cfg, is_client=True, options=rpc), timeout
         )
         assert isinstance(session, Client)
         return session
@@ -176,7 +181,8 @@ class Server:
     def _on_stream(self, stream: Stream) -> None:
         if not self._gate.admit(stream):
             return
-        connection = RpcConnection(stream, self.config, is_client=False, options=self._rpc)
+        kind = MiddlewareConnection if self._rpc.middleware else RpcConnection
+        connection = kind(stream, self.config, is_client=False, options=self._rpc)
         if len(self.connections) + len(self.handshaking) >= self.max_connections:
             # one gone stays in these sets until its task wakes; it must not refuse a newcomer
             self._gate.forget_gone()

@@ -13,41 +13,76 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CallTimeout, RemoteError
 
 if TYPE_CHECKING:
+    from ..wire.frames import Frame
     from .connection import CallContext, RpcConnection
 
 log = logging.getLogger("polyrpc")
 
 
-@dataclass(slots=True, eq=False)
 class Call:
     """One call as middleware sees it; what a middleware changes is what the next one (and in
     the end the handler, or the wire) gets."""
 
-    method: str
-    """``Service.method``."""
-    args: list[Any]
-    """Positional arguments; a streamed argument is its async iterable (caller side) or the
-    handler's ``ArgumentStream`` (serving side), which a middleware may replace with a wrapper."""
-    kwargs: dict[str, Any]
-    metadata: dict[str, str]
-    """Sent with the request: what a caller's middleware adds here reaches the serving side's
-    ``call.metadata`` and the handler's ``CallContext.metadata``."""
-    kind: str
-    """``call``, ``notify`` (no result) or ``stream`` (``call_next`` returns the async
-    iterator of the items, which a middleware may wrap)."""
-    incoming: bool
-    """True where this side serves the call (the peer made it), False where it makes it."""
-    connection: RpcConnection
-    deadline: float | None = None
-    """Seconds since the epoch after which the caller stops waiting, or None."""
-    context: CallContext | None = field(default=None)
-    """The handler's :class:`CallContext` (serving side only)."""
+    __slots__ = (
+        "_served",
+        "args",
+        "connection",
+        "deadline",
+        "incoming",
+        "kind",
+        "kwargs",
+        "metadata",
+        "method",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        metadata: dict[str, str],
+        kind: str,
+        connection: RpcConnection,
+        deadline: float | None = None,
+        served: tuple[RpcConnection, Frame, float] | None = None,
+    ) -> None:
+        self.method = method
+        """``Service.method``."""
+        self.args = args
+        """Positional arguments; a streamed argument is its async iterable (caller side) or
+        the handler's ``ArgumentStream`` (serving side), which a middleware may wrap."""
+        self.kwargs = kwargs
+        self.metadata = metadata
+        """Sent with the request: what a caller's middleware adds here reaches the serving
+        side's ``call.metadata`` and the handler's ``CallContext.metadata``."""
+        self.kind = kind
+        """``call``, ``notify`` (no result) or ``stream`` (``call_next`` returns the async
+        iterator of the items, which a middleware may wrap)."""
+        self.incoming = served is not None
+        """True where this side serves the call (the peer made it), False where it makes it."""
+        self.connection = connection
+        self.deadline = deadline
+        """Seconds since the epoch after which the caller stops waiting, or None."""
+        self._served = served
+        """What the serving side's :class:`CallContext` is made of, when it is asked for."""
+
+    @property
+    def context(self) -> CallContext | None:
+        """The handler's :class:`CallContext` (serving side only, else None)."""
+        if self._served is None:
+            return None
+        from .connection import CallContext  # the module that imports this one
+
+        return CallContext(*self._served)
+
+    def __repr__(self) -> str:
+        side = "served" if self.incoming else "made"
+        return f"<Call {self.kind} {self.method} {side} on {self.connection!r}>"
 
     @property
     def timeout(self) -> float | None:
