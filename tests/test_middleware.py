@@ -418,3 +418,20 @@ async def test_log_calls_logs_both_sides(endpoint, caplog):
     assert any(m.startswith("called Counter.hit in ") for m in messages)
     assert any(m.startswith("served Counter.hit in ") for m in messages)
     assert any(m.startswith("served Counter.hold failed after ") for m in messages)
+
+
+def test_bench_rows_name_the_sides_with_the_pass_through_middleware():
+    from polyrpc.bench.rows import resolve_target
+    from polyrpc.bench.targets import RpcTarget
+
+    for name, sides in [
+        ("tcp/rpc", ()),
+        ("tcp/rpc+mw", ("server", "client")),
+        ("tcp/rpc+mw=server", ("server",)),
+        ("tcp/rpc+mw=client", ("client",)),
+    ]:
+        target = resolve_target(name)
+        assert isinstance(target, RpcTarget)
+        assert (target.name, target.middleware_on) == (name, sides)
+    with pytest.raises(ValueError, match="unknown benchmark row"):
+        resolve_target("tcp/rpc+mw=both")
