@@ -171,6 +171,37 @@ async def test_the_timeout_still_cancels_the_handler_through_middleware(endpoint
         await asyncio.wait_for(slow.cancelled.wait(), 5)
 
 
+async def test_cancelling_the_caller_cancels_the_handler_through_middleware(endpoint):
+    slow = Slow()
+    passing = recording("pass", [])
+    async with rpc(endpoint, slow, server_middleware=[passing], client_middleware=[passing]) as (
+        _,
+        client,
+    ):
+        task = asyncio.create_task(client.call("Slow.wait", 30))
+        await asyncio.wait_for(slow.started.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(slow.cancelled.wait(), 5)
+        assert await client.call("_sys.ping") == "pong"
+
+
+async def test_retry_leaves_a_streamed_argument_alone(endpoint):
+    class Summing(Flaky):
+        async def total(self, numbers) -> int:
+            self._run("total")
+            return sum([n async for n in numbers])
+
+    summing = Summing(failures=1)
+    again = polyrpc.retry(3, backoff=0.001, idempotent={"Summing.total"})
+    async with rpc(endpoint, summing, client_middleware=[again]) as (_, client):
+        with pytest.raises(polyrpc.RemoteError, match="total failure 1"):
+            await client.call("Summing.total", numbers(3))
+        assert summing.runs["total"] == 1
+        assert await client.call("Summing.total", numbers(3)) == 3
+
+
 async def test_server_middleware_short_circuits_with_a_result_or_an_exception(endpoint):
     counter = Counter()
 

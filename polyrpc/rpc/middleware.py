@@ -198,8 +198,8 @@ def retry(
 
     A method that is ``idempotent`` (named in the collection, or the predicate says so) is
     retried after any ``retry_on`` error; any other only after a refusal that proves its
-    handler never ran (:data:`NOT_RUN_CODES`). Notifications, streams and incoming calls
-    pass through untouched.
+    handler never ran (:data:`NOT_RUN_CODES`). Notifications, streams, calls with a streamed
+    argument (it cannot be sent twice) and incoming calls pass through untouched.
     """
     if attempts < 1:
         raise ValueError("attempts must be at least 1")
@@ -217,7 +217,7 @@ def retry(
         return isinstance(exc, retry_on) and is_idempotent(call)
 
     async def retrying_middleware(call: Call, call_next: CallNext) -> Any:
-        if call.incoming or call.kind != "call":
+        if call.incoming or call.kind != "call" or _streams_an_argument(call):
             return await call_next(call)
         tries = 0
         while True:
@@ -237,3 +237,8 @@ def retry(
             await asyncio.sleep(delay)
 
     return retrying_middleware
+
+
+def _streams_an_argument(call: Call) -> bool:
+    """Whether one of the call's arguments is an async iterable (sent as a stream)."""
+    return any(hasattr(arg, "__aiter__") for arg in call.args)
