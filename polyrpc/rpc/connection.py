@@ -1188,15 +1188,15 @@ class MiddlewareConnection(RpcConnection):
         """The innermost step of the calls made here through middleware: what to await to send
         ``call`` and get its result (a notification: None; a stream: its started
         :class:`ResultStream`). A call is the plain class's, with its fast path."""
-        timeout = call.timeout
-        if timeout is not None:  # to the millisecond: the deadlines' own resolution is 10 ms
-            timeout = round(timeout, 3)
+        deadline, timeout = call.deadline, None
+        if deadline is not None:  # to the millisecond: the deadlines' own resolution is 10 ms
+            timeout = round(deadline - time.time(), 3)
             if timeout <= 0:
                 raise CallTimeout(f"{call.method} passed its deadline before it was sent")
         metadata = call.metadata or None
         if call.kind == "call":
-            return super().call(
-                call.method, *call.args, timeout=timeout, metadata=metadata, **call.kwargs
+            return RpcConnection.call(
+                self, call.method, *call.args, timeout=timeout, metadata=metadata, **call.kwargs
             )
         if call.kind == "stream":
             return self._start_stream(call.method, call.args, call.kwargs, timeout, metadata)
