@@ -22,6 +22,7 @@ from .rpc.connection import CallContext, current_context
 from .rpc.endpoints import Client, Server, _Opening
 from .rpc.endpoints import connect as connect_one
 from .rpc.endpoints import serve as serve_only
+from .rpc.middleware import Call, CallNext, Middleware, limit_concurrency, log_calls, retry
 from .session.session import SessionConfig
 from .stream.registry import registry
 from .wire.frames import Limits
@@ -51,7 +52,9 @@ def serve(
 
 
 __all__ = [
+    "Call",
     "CallContext",
+    "CallNext",
     "CallTimeout",
     "Client",
     "ConnectFailed",
@@ -64,6 +67,7 @@ __all__ = [
     "Message",
     "MessageListener",
     "MessageTooLarge",
+    "Middleware",
     "PolyrpcError",
     "ProtocolError",
     "RemoteError",
@@ -73,7 +77,10 @@ __all__ = [
     "connect",
     "current_context",
     "dial",
+    "limit_concurrency",
     "listen",
+    "log_calls",
     "registry",
+    "retry",
     "serve",
 ]

@@ -50,10 +50,12 @@ for run in docs/bench/netem-vm-loss*.json; do
 done
 # the rdma section is measured in the soft-RoCE VM by vm/rdma-vm.sh bench (see the file); the
 # budgets section by bench/budgets.py and the tests it names (see the file); the instructions
-# section by bench/instructions.py, the compression section by bench/compression.py (see the files)
+# section by bench/instructions.py, the compression section by bench/compression.py, the
+# middleware section by polyrpc bench's +mw rows and bench/instructions.py (see the files)
 "$PY" -m polyrpc.bench.report docs/bench/loopback.json docs/bench/lossy.json \
     --targets docs/bench/targets.json --more-lossy docs/bench/lossy5.json "${netem[@]}" \
     --section docs/bench/rdma-vm.md --section docs/bench/budgets.md \
     --section docs/bench/instructions.md --section docs/bench/compression.md \
+    --section docs/bench/middleware.md \
     --images img >docs/benchmarks.md
 echo "wrote docs/benchmarks.md"

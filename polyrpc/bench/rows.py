@@ -18,16 +18,27 @@ IN_PROCESS = {"mem"}
 """Transports that cannot cross processes, so the benchmark leaves them out."""
 
 
+MIDDLEWARE_SIDES = {
+    "+mw": ("server", "client"),
+    "+mw=server": ("server",),
+    "+mw=client": ("client",),
+}
+"""Row suffixes of ``SCHEME/rpc`` that install one pass-through middleware on those sides."""
+
+
 def resolve_target(name: str) -> Target:
-    """The Target for a row name: a reference, ``SCHEME`` (message core) or ``SCHEME/rpc``."""
+    """The Target for a row name: a reference, ``SCHEME`` (message core), ``SCHEME/rpc``, or
+    ``SCHEME/rpc`` with a :data:`MIDDLEWARE_SIDES` suffix (not among the default rows)."""
     if name in REFERENCES:
         module, _, attr = REFERENCES[name].partition(":")
         return getattr(importlib.import_module(module), attr)()
     if name in registry.schemes():
         return MessageTarget(name)
     scheme, _, api = name.partition("/")
-    if api == "rpc" and scheme in registry.schemes():
-        return RpcTarget(scheme)
+    api, plus, suffix = api.partition("+")
+    sides = MIDDLEWARE_SIDES.get(plus + suffix, ()) if plus else ()
+    if api == "rpc" and scheme in registry.schemes() and (sides or not plus):
+        return RpcTarget(scheme, middleware_on=sides)
     raise ValueError(f"unknown benchmark row {name!r}; known: {', '.join(default_rows(True))}")
 
 

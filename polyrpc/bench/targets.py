@@ -18,6 +18,7 @@ from typing import Any
 
 from ..messages import Connection, dial, listen
 from ..rpc.endpoints import Client, Server, connect
+from ..rpc.middleware import Call, CallNext, Middleware
 from ..stream.registry import registry
 from ..stream.transport import Transport
 
@@ -194,22 +195,39 @@ class _RpcClient(EchoClient):
         await self.client.close()
 
 
+async def pass_through(call: Call, call_next: CallNext) -> Any:
+    """The middleware of the ``+mw`` rows: it only goes on, so the row shows what having
+    middleware installed costs."""
+    return await call_next(call)
+
+
 class RpcTarget(MessageTarget):
-    """A polyrpc transport through the RPC API (``client.call`` of an async method)."""
+    """A polyrpc transport through the RPC API (``client.call`` of an async method);
+    ``middleware_on`` names the sides ("server", "client") with :func:`pass_through`."""
 
     kind = "rpc"
 
-    def __init__(self, scheme: str) -> None:
+    def __init__(self, scheme: str, middleware_on: tuple[str, ...] = ()) -> None:
         super().__init__(scheme)
+        self.middleware_on = middleware_on
         self.name = f"{scheme}/rpc"
+        if middleware_on:
+            both = len(middleware_on) == 2
+            self.name += "+mw" if both else f"+mw={middleware_on[0]}"
+
+    def _middleware(self, side: str) -> list[Middleware]:
+        return [pass_through] if side in self.middleware_on else []
 
     async def serve(self, workdir: Path) -> tuple[str, Callable[[], Awaitable[None]]]:
         transport = registry.get(self.scheme)
         listen_url, client_options = transport.loopback_urls(workdir)
-        server = Server(**_PATIENT_SERVER)
+        server = Server(middleware=self._middleware("server"), **_PATIENT_SERVER)
         server.register(EchoService(), "Echo")
         bound = await server.start(self._patient(transport, listen_url))
         return self._patient(transport, bound, client_options), server.close
 
     async def connect(self, info: str) -> EchoClient:
-        return _RpcClient(await connect(info, max_in_flight=1024, **_PATIENT))
+        client = await connect(
+            info, max_in_flight=1024, middleware=self._middleware("client"), **_PATIENT
+        )
+        return _RpcClient(client)

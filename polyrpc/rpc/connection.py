@@ -19,7 +19,14 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+)
 from concurrent.futures import Future as ThreadFuture
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +44,7 @@ from ..stream.trait import Buffer, Stream
 from ..wire.codecs import PayloadTooComplex, decode_error_code
 from ..wire.frames import FLAG_ARG_STREAM, FLAG_STREAM, Frame, Kind, encode_frame
 from .eager import EagerServer, coroutine_step
+from .middleware import Call, CallNext, Middleware, compose
 from .services import Method, ServiceRegistry
 
 log = logging.getLogger("polyrpc")
@@ -187,6 +195,8 @@ class RpcOptions:
     send_tracebacks: bool = False
     sync: SyncRunner = field(default_factory=shared_sync_runner)
     """Where sync handlers run (calls and notifications) unless ``inline_sync``."""
+    middleware: tuple[Middleware, ...] = ()
+    """Wrapped around every call the connection makes and serves, outermost first."""
 
 
 class _IncomingCall:
@@ -370,6 +380,37 @@ class ResultStream:
         await self.aclose()
 
 
+class MiddlewareStream:
+    """``client.stream(...)`` through middleware: the chain runs when iteration starts, and
+    the async iterator it returns (the :class:`ResultStream`, or a middleware's wrapper of
+    it) gives the items."""
+
+    def __init__(self, chain: CallNext, call: Call) -> None:
+        self._chain = chain
+        self._call = call
+        self._items: AsyncIterator[Any] | None = None
+
+    def __aiter__(self) -> MiddlewareStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._items is None:
+            self._items = aiter(await self._chain(self._call))
+        return await anext(self._items)
+
+    async def aclose(self) -> None:
+        """Stop the stream (the remote generator is cancelled if it is still running)."""
+        aclose = getattr(self._items, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    async def __aenter__(self) -> MiddlewareStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
 class ServiceProxy:
     """``client.proxy("Arith").mul(3, 4)``: attribute access builds method names."""
 
@@ -399,6 +440,7 @@ class RpcConnection(Session):
         "_methods",
         "_oneway_bytes",
         "_result_streams",
+        "_serving",
         "_tasks",
         "options",
         "services",
@@ -424,7 +466,11 @@ class RpcConnection(Session):
         self._max_calls = options.max_concurrent_calls
         self._codec_id = self.codec.id
         self._encode_unchecked, self._decode_unchecked = self.codec.unchecked
-        if EagerServer is not None:  # the C accelerator serves the usual calls
+        self._serving: CallNext | None = None
+        """The middleware chain around the calls this side serves, None without middleware."""
+        if options.middleware:  # every request takes the Python path, through the chain
+            self._serving = compose(options.middleware, self._handle_now)
+        elif EagerServer is not None:  # the C accelerator serves the usual calls
             self._request_handler = EagerServer(self, self.on_request, _context)
 
     # ----------------------------------------------------------- calling
@@ -589,7 +635,7 @@ class RpcConnection(Session):
         timeout: float | None = None,
         metadata: dict[str, str] | None = None,
         **kwargs: Any,
-    ) -> ResultStream:
+    ) -> ResultStream | MiddlewareStream:
         """Iterate the items a streaming method (an async generator) yields."""
         return ResultStream(self, method, args, kwargs, timeout, metadata)
 
@@ -628,7 +674,10 @@ class RpcConnection(Session):
         token = _context.set((self, frame, started))
         try:
             try:
-                coro = method.func(*args, **kwargs)
+                if self._serving is None:
+                    coro = method.func(*args, **kwargs)
+                else:  # the middleware chain's first step runs eagerly, as a handler's would
+                    coro = self._serving(self._incoming_call(args, kwargs, frame, started, "call"))
                 finished, result = coroutine_step(coro)
             except BaseException as exc:  # no task yet: a CancelledError is the handler's own
                 self._report_failure(seq, method, exc, started, args, kwargs)
@@ -667,7 +716,7 @@ class RpcConnection(Session):
         """Serve every call but an eager async one: inline sync, streams, deadlines, threads."""
         flags = frame.flags
         inline = method.kind == "sync" and self.options.inline_sync
-        if inline and not flags and "timeout" not in frame.metadata:
+        if inline and not flags and "timeout" not in frame.metadata and self._serving is None:
             self._call_inline(seq, method, args, kwargs, frame)
             return
         call = _IncomingCall()
@@ -830,10 +879,19 @@ class RpcConnection(Session):
         try:
             async with timer:
                 if method.kind == "stream" or wants_stream:
-                    await self._stream_results(seq, call, method, args, kwargs, frame)
+                    if self._serving is None:
+                        items = await self._open_results(method, args, kwargs, frame)
+                    else:
+                        served = self._incoming_call(args, kwargs, frame, started, "stream")
+                        items = await self._serving(served)
+                    await self._send_results(seq, call, method, items, frame)
                     method.stats.record(time.perf_counter() - started, False)
                     return
-                if method.kind == "async":
+                if self._serving is not None:
+                    result = await self._serving(
+                        self._incoming_call(args, kwargs, frame, started, "call")
+                    )
+                elif method.kind == "async":
                     result = await method.func(*args, **kwargs)
                 else:
                     result = await self.options.sync.submit(method.func, args, kwargs)
@@ -853,9 +911,31 @@ class RpcConnection(Session):
             self._incoming.pop(seq, None)
         self._report_success(seq, method, result, started)
 
-    async def _stream_results(
-        self, seq: int, call: _IncomingCall, method: Method, args: list, kwargs: dict, frame: Frame
-    ) -> None:
+    def _incoming_call(
+        self, args: list, kwargs: dict, frame: Frame, started: float, kind: str
+    ) -> Call:
+        """The :class:`Call` the middleware of a call served here sees."""
+        served = (self, frame, started)
+        deadline = CallContext(*served).deadline if "timeout" in frame.metadata else None
+        return Call(frame.method, args, kwargs, frame.metadata, kind, self, deadline, served)
+
+    def _handle_now(self, call: Call) -> Awaitable[Any]:
+        """The innermost step of the calls served here through middleware: start the handler
+        of ``call.method`` and return what to await for its result (an async handler's own
+        coroutine: no extra level; a stream: its items, which the chain's caller sends)."""
+        method = self._methods.get(call.method) or self.services.lookup(call.method)
+        args, kwargs = call.args, call.kwargs
+        if call.kind == "stream":
+            context = call.context
+            assert context is not None  # an incoming call always has one
+            return self._open_results(method, args, kwargs, context.frame)
+        if method.kind == "sync" and not self.options.inline_sync:
+            return self.options.sync.submit(method.func, args, kwargs)
+        result = method.func(*args, **kwargs)
+        return result if hasattr(result, "__await__") else _ready(result)
+
+    async def _open_results(self, method: Method, args: list, kwargs: dict, frame: Frame) -> Any:
+        """Call a streaming handler: what it returns (or its coroutine returns) is streamed."""
         if not frame.flags & FLAG_STREAM:
             raise RemoteError(
                 "TypeError",
@@ -865,6 +945,12 @@ class RpcConnection(Session):
         produced = method.func(*args, **kwargs)
         if hasattr(produced, "__await__"):
             produced = await produced
+        return produced
+
+    async def _send_results(
+        self, seq: int, call: _IncomingCall, method: Method, produced: Any, frame: Frame
+    ) -> None:
+        """Stream ``produced`` (an async or plain iterable) to the caller, paced by its credit."""
         if not isinstance(produced, AsyncIterable | Iterable):
             raise RemoteError(
                 "TypeError",
@@ -954,7 +1040,9 @@ class RpcConnection(Session):
         started = time.perf_counter()
         _context.set((self, frame, started))
         try:
-            if method.kind == "sync" and not self.options.inline_sync:
+            if self._serving is not None:
+                await self._serving(self._incoming_call(args, kwargs, frame, started, "notify"))
+            elif method.kind == "sync" and not self.options.inline_sync:
                 try:
                     running = self.options.sync.submit(method.func, args, kwargs)
                 except RemoteError as exc:  # the sync queue is full: nobody to tell but the log
@@ -1034,6 +1122,112 @@ class RpcConnection(Session):
                 state.credit_event.set()
 
 
+class MiddlewareConnection(RpcConnection):
+    """An RpcConnection whose calls, notifications and streams go through the middleware in
+    its options too (the plain class serves through them only), so the plain class's call
+    path has no check for middleware at all."""
+
+    __slots__ = ("_calling",)
+
+    def __init__(
+        self, stream: Stream, config: SessionConfig, *, is_client: bool, options: RpcOptions
+    ) -> None:
+        if not options.middleware:
+            raise ValueError("a MiddlewareConnection needs middleware (else use RpcConnection)")
+        self._calling = compose(options.middleware, self._call_now)
+        super().__init__(stream, config, is_client=is_client, options=options)
+
+    def call(
+        self,
+        method: str,
+        *args: Any,
+        timeout: float | None = None,
+        metadata: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Coroutine[Any, Any, Any]:
+        """:meth:`RpcConnection.call` through the middleware. Not a coroutine function of its
+        own: it returns the outermost middleware's coroutine (one level less per call)."""
+        deadline = None if timeout is None else time.time() + timeout
+        return self._calling(  # type: ignore[return-value]  # a middleware is an async function
+            Call(
+                method,
+                list(args),
+                kwargs,
+                {**metadata} if metadata else {},
+                "call",
+                self,
+                deadline,
+            )
+        )
+
+    async def notify(self, method: str, *args: Any, **kwargs: Any) -> None:
+        await self._calling(self._outgoing(method, args, kwargs, None, None, "notify"))
+
+    def stream(
+        self,
+        method: str,
+        *args: Any,
+        timeout: float | None = None,
+        metadata: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> ResultStream | MiddlewareStream:
+        call = self._outgoing(method, args, kwargs, metadata, timeout, "stream")
+        return MiddlewareStream(self._calling, call)
+
+    def _outgoing(
+        self,
+        method: str,
+        args: tuple,
+        kwargs: dict,
+        metadata: dict[str, str] | None,
+        timeout: float | None,
+        kind: str = "call",
+    ) -> Call:
+        """The :class:`Call` the middleware of a call made here sees."""
+        deadline = None if timeout is None else time.time() + timeout
+        return Call(method, list(args), kwargs, dict(metadata or {}), kind, self, deadline)
+
+    def _call_now(self, call: Call) -> Awaitable[Any]:
+        """The innermost step of the calls made here through middleware: what to await to send
+        ``call`` and get its result (a notification: None; a stream: its started
+        :class:`ResultStream`). A call is the plain class's, with its fast path."""
+        deadline, timeout = call.deadline, None
+        if deadline is not None:  # to the millisecond: the deadlines' own resolution is 10 ms
+            timeout = round(deadline - time.time(), 3)
+            if timeout <= 0:
+                raise CallTimeout(f"{call.method} passed its deadline before it was sent")
+        metadata = call.metadata or None
+        if call.kind == "call":
+            return RpcConnection.call(
+                self, call.method, *call.args, timeout=timeout, metadata=metadata, **call.kwargs
+            )
+        if call.kind == "stream":
+            return self._start_stream(call.method, call.args, call.kwargs, timeout, metadata)
+        return self._notify_with(call.method, call.args, call.kwargs, metadata)
+
+    async def _start_stream(
+        self,
+        method: str,
+        args: list,
+        kwargs: dict,
+        timeout: float | None,
+        metadata: dict[str, str] | None,
+    ) -> ResultStream:
+        """A streaming call's request, sent: the stream its items come through."""
+        stream = ResultStream(self, method, tuple(args), kwargs, timeout, metadata)
+        await stream._start()
+        return stream
+
+    async def _notify_with(
+        self, method: str, args: list, kwargs: dict, metadata: dict[str, str] | None
+    ) -> None:
+        """:meth:`notify` with the metadata the middleware left."""
+        payload, codec = self._encode_call(tuple(args), kwargs)
+        self.send_oneway(payload, method=method, metadata=metadata, codec=codec)
+        if self.byte_stream.writing_paused:
+            await self.wait_writable()
+
+
 def _streamed_argument(args: tuple, first: int | None = None) -> int | None:
     """The index of the argument to stream (an async iterable), None if there is none; only
     one may be. ``first``: that index when a scan found it already (only the rest is looked at)."""
@@ -1053,6 +1247,11 @@ def _task_cancelling() -> bool:
 
 def _unsendable(exc: Exception) -> TypeError:
     return TypeError(f"cannot send these arguments: {exc}")
+
+
+async def _ready(value: Any) -> Any:
+    """``value`` as an awaitable (a sync handler run inline, through middleware)."""
+    return value
 
 
 async def _aiter_sync(items: Iterable[Any]) -> AsyncIterator[Any]:

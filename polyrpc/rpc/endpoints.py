@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from typing import Any
 
 from ..messages import MAX_HANDSHAKING, HandshakeGate, make_config, open_session
@@ -14,7 +14,8 @@ from ..session.session import SessionConfig
 from ..stream.registry import registry
 from ..stream.trait import Listener, Stream
 from ..wire.frames import Limits
-from .connection import RpcConnection, RpcOptions, SyncRunner
+from .connection import MiddlewareConnection, RpcConnection, RpcOptions, SyncRunner
+from .middleware import Middleware
 from .services import ServiceRegistry
 
 log = logging.getLogger("polyrpc")
@@ -22,6 +23,10 @@ log = logging.getLogger("polyrpc")
 
 class Client(RpcConnection):
     """A connection made with :func:`connect`; it may also serve callbacks."""
+
+
+class MiddlewareClient(MiddlewareConnection, Client):
+    """A :class:`Client` made with middleware: its calls go through the chain too."""
 
 
 class _Opening:
@@ -49,21 +54,25 @@ def connect(
     token: str | None = None,
     timeout: float = 10.0,
     config: SessionConfig | None = None,
+    middleware: Sequence[Middleware] = (),
     **options: Any,
 ) -> _Opening:
     """Connect to a polyrpc server at ``url``.
 
-    ``services`` are objects the server may call back; ``options`` are SessionConfig
-    fields (codec, max_in_flight, heartbeat_interval, idle_timeout, limits...).
+    ``services`` are objects the server may call back; ``middleware`` wraps every call
+    made on the connection and every callback served on it (docs/middleware.md);
+    ``options`` are SessionConfig fields (codec, max_in_flight, heartbeat_interval,
+    idle_timeout, limits...).
     """
 
     async def make() -> Client:
         cfg = make_config(config, token=token, **options)
-        rpc = RpcOptions()
+        rpc = RpcOptions(middleware=tuple(middleware))
         for service in services:
             rpc.services.register(service)
+        kind = MiddlewareClient if rpc.middleware else Client
         session = await open_session(
-            url, lambda stream: Client(stream, cfg, is_client=True, options=rpc), timeout
+            url, lambda stream: kind(stream, cfg, is_client=True, options=rpc), timeout
         )
         assert isinstance(session, Client)
         return session
@@ -114,6 +123,7 @@ class Server:
         sync_workers: int = 32,
         sync_queue: int = 1024,
         send_tracebacks: bool = False,
+        middleware: Sequence[Middleware] = (),
         config: SessionConfig | None = None,
         worker: int | None = None,
         **options: Any,
@@ -121,7 +131,9 @@ class Server:
         """``sync_workers`` threads run sync handlers (never the event loop, unless
         ``inline_sync``); at most ``sync_queue`` more sync calls wait for one, beyond that
         a call is refused with code ``overloaded`` and a notification dropped (logged).
-        ``worker``: this process's number among ``polyrpc serve --workers`` (in the stats)."""
+        ``middleware`` wraps every call served and every callback made on the server's
+        connections, outermost first (docs/middleware.md). ``worker``: this process's
+        number among ``polyrpc serve --workers`` (in the stats)."""
         self.worker = worker
         self.config = make_config(config, token=token, limits=limits, **options)
         self.services = ServiceRegistry()
@@ -135,6 +147,7 @@ class Server:
             inline_sync=inline_sync,
             send_tracebacks=send_tracebacks,
             sync=SyncRunner(sync_workers, sync_queue),
+            middleware=tuple(middleware),
         )
         self.listeners: list[Listener] = []
         self.connections: set[RpcConnection] = set()
@@ -172,7 +185,8 @@ class Server:
     def _on_stream(self, stream: Stream) -> None:
         if not self._gate.admit(stream):
             return
-        connection = RpcConnection(stream, self.config, is_client=False, options=self._rpc)
+        kind = MiddlewareConnection if self._rpc.middleware else RpcConnection
+        connection = kind(stream, self.config, is_client=False, options=self._rpc)
         if len(self.connections) + len(self.handshaking) >= self.max_connections:
             # one gone stays in these sets until its task wakes; it must not refuse a newcomer
             self._gate.forget_gone()
