@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..errors import CallTimeout, ConnectFailed, ConnectionLost, PolyrpcError, RemoteError
-from ..rpc.connection import ResultStream
+from ..rpc.connection import MiddlewareStream, ResultStream
 from ..rpc.endpoints import Client
 from ..rpc.endpoints import connect as connect_one
 from ..session.session import SessionConfig
@@ -540,14 +540,14 @@ class ClusterStream:
         self,
         cluster: ClusterClient,
         key: str | None,
-        open_stream: Callable[[Client], ResultStream],
+        open_stream: Callable[[Client], ResultStream | MiddlewareStream],
         timeout: float | None,
     ) -> None:
         self._cluster = cluster
         self._key = key
         self._open = open_stream
         self._timeout = timeout
-        self._inner: ResultStream | None = None
+        self._inner: ResultStream | MiddlewareStream | None = None
 
     def __aiter__(self) -> ClusterStream:
         return self
