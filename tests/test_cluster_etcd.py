@@ -217,3 +217,38 @@ async def test_clients_and_registrations_outlive_an_etcd_restart(tmp_path):
                 assert len(client.members) == 2
     finally:
         etcd.stop()
+
+
+async def test_a_group_of_workers_is_registered_once(etcd, tmp_path):
+    """`polyrpc serve --workers 2 --register`: one entry for the group (its supervisor
+    registers it), answered by both workers, and gone at once when the group stops."""
+    name = f"etcd://{etcd}/group"
+    command = [sys.executable, "-m", "polyrpc.cli", "serve", "tcp@127.0.0.1:0", "--demo"]
+    proc = subprocess.Popen(
+        [*command, "--workers", "2", "--register", name, "--ttl", "5"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None
+        while not (line := proc.stdout.readline()).startswith("methods:"):
+            assert line, "serve exited early"
+        async with polyrpc.connect(name, timeout=5) as client:
+            await wait_until(lambda: len(client.members) == 1)
+            (member,) = client.members.values()
+            assert member.url.startswith("tcp@127.0.0.1:") and "reuse_port" not in member.url
+            workers = set()
+            for _ in range(30):  # a fresh connection each: both workers answer
+                async with await polyrpc.connect(member.url) as direct:
+                    workers.add((await direct.call("_sys.stats"))["worker"])
+            assert workers == {0, 1}
+            proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            await wait_until(lambda: not client.members, timeout=3)
+            assert time.monotonic() - started < 1.5  # deregistered, not left to expire
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        proc.kill()
+        proc.wait()

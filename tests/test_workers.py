@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -89,6 +90,33 @@ async def workers_seen(url: str, connections: int = 24) -> dict[int, int]:
     return seen
 
 
+def worker_pids(supervisor: int) -> set[int]:
+    """The supervisor's child processes."""
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    return {int(pid) for pid in children}
+
+
+def listening_unix_inode(path: Path) -> str:
+    """The inode of the listening unix socket bound to ``path`` (from /proc/net/unix)."""
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        accepting = int(fields[3], 16) & 0x10000  # __SO_ACCEPTCON
+        if len(fields) == 8 and fields[7] == str(path) and accepting:
+            return fields[6]
+    raise AssertionError(f"nobody listens on {path}")
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process ``pid`` holds."""
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                found.add(target[len("socket:[") : -1])
+    return found
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -105,7 +133,14 @@ async def test_every_worker_serves_the_shared_url(served, kind, tmp_path):
     if kind == "quic":
         dial += "?fingerprint=" + re.search(r"SHA-256 (\S+)", "".join(server.lines)).group(1)
     seen = await workers_seen(dial, 40)
-    assert sorted(seen) == [0, 1, 2], seen  # 40 connections all on 2 of 3: p < 1e-6
+    if kind == "unix":  # one shared accept queue: whichever worker wakes first takes each
+        children = worker_pids(server.process.pid)
+        assert len(children) == 3 and set(seen.values()) <= children
+        listening = listening_unix_inode(tmp_path / "w.sock")
+        assert all(listening in socket_inodes(pid) for pid in children)
+        seen = {number: pid for number, pid in zip(range(3), sorted(children), strict=True)}
+    else:  # SO_REUSEPORT hashes each connection: 40 all on 2 of 3 has p < 1e-6
+        assert sorted(seen) == [0, 1, 2], seen
     assert len(set(seen.values())) == 3
     assert server.stop() == 0
     assert not any(alive(pid) for pid in seen.values())
