@@ -20,7 +20,6 @@ import polyrpc
 from polyrpc.errors import ProtocolError
 from polyrpc.rpc import connection as rpc_connection
 from polyrpc.session.core import (
-    HandshakeCompleted,
     OnewayReceived,
     RequestFailed,
     RequestReceived,
@@ -32,7 +31,7 @@ from polyrpc.wire.compression import DecompressionRefused, Zstd
 from polyrpc.wire.frames import FLAG_COMPRESSED, FrameDecoder, Kind, Limits, encode_frame
 from tests.test_conformance import Recorder
 from tests.test_conformance import server as message_server
-from tests.test_session_core import Clock, deliver, events, sent_frames, wire
+from tests.test_session_core import Clock, events, pair, sent_frames, wire
 
 pytestmark = pytest.mark.usefixtures("impl")  # the C paths (routing, call server) and Python's
 
@@ -269,20 +268,9 @@ async def test_a_raw_peers_bombs_are_refused_and_the_connection_serves_on(endpoi
 
 
 # ------------------------------------------------------------- sans-IO core
-def pair(clock: Clock, client_options: dict, server_options: dict):
-    client = SessionCore(SessionConfig(**client_options), is_client=True, clock=clock)
-    server = SessionCore(SessionConfig(**server_options), is_client=False, clock=clock)
-    client.send_hello()
-    deliver(client, server)
-    deliver(server, client)
-    assert events(client) == [HandshakeCompleted()]
-    assert events(server) == [HandshakeCompleted()]
-    return client, server
-
-
 def test_core_negotiates_and_round_trips_compressed_payloads():
     clock = Clock()
-    client, server = pair(clock, {"compression": "zstd"}, {})
+    client, server = pair(clock, client_options={"compression": "zstd"}, server_options={})
     seq, _ = client.begin_request(TEXT, "Echo.echo")
     client.begin_request(TEXT, "Echo.echo")
     sent = b"".join(bytes(buffer) for buffer in client.data_to_send())
@@ -302,11 +290,13 @@ def test_core_negotiates_and_round_trips_compressed_payloads():
 
 def test_core_sends_nothing_compressed_to_a_peer_that_did_not_agree():
     clock = Clock()
-    client, server = pair(clock, {"compression": "zstd"}, {"accept_compression": ()})
+    client, server = pair(
+        clock, client_options={"compression": "zstd"}, server_options={"accept_compression": ()}
+    )
     client.begin_request(TEXT, "Echo.echo")
     (request,) = sent_frames(client)
     assert request.flags == 0 and len(request.payload) > len(TEXT)
-    client, server = pair(clock, {}, {})
+    client, server = pair(clock, client_options={}, server_options={})
     server.respond(1, TEXT)
     (reply,) = sent_frames(server)
     assert reply.flags == 0
@@ -325,7 +315,11 @@ def test_core_refuses_a_hello_reply_naming_a_compression_not_offered():
 
 def test_core_refuses_bombs_for_replies_one_way_messages_and_stream_items(caplog):
     clock = Clock()
-    client, _ = pair(clock, {"compression": "zstd", "limits": Limits(max_frame=1 << 20)}, {})
+    client, _ = pair(
+        clock,
+        client_options={"compression": "zstd", "limits": Limits(max_frame=1 << 20)},
+        server_options={},
+    )
     bomb = zstd_frame(bytes(4 << 20))
     seq, _ = client.begin_request(TEXT, "Echo.echo")
     stream_seq, _ = client.begin_request(1, "Echo.items")
@@ -355,7 +349,11 @@ def test_core_refuses_bombs_for_replies_one_way_messages_and_stream_items(caplog
 
 def test_core_answers_an_argument_stream_bomb_and_cancels_its_handler():
     clock = Clock()
-    _, server = pair(clock, {"compression": "zstd"}, {"limits": Limits(max_frame=1 << 20)})
+    _, server = pair(
+        clock,
+        client_options={"compression": "zstd"},
+        server_options={"limits": Limits(max_frame=1 << 20)},
+    )
     server.receive_data(
         wire(Kind.STREAM_ITEM, 1, zstd_frame(bytes(4 << 20)), flags=FLAG_COMPRESSED)
     )
@@ -368,6 +366,6 @@ def test_core_answers_an_argument_stream_bomb_and_cancels_its_handler():
 
 def test_a_compressed_control_frame_that_fails_is_a_protocol_error():
     clock = Clock()
-    _, server = pair(clock, {"compression": "zstd"}, {})
+    _, server = pair(clock, client_options={"compression": "zstd"}, server_options={})
     server.receive_data(wire(Kind.CREDIT, 1, b"garbage", flags=FLAG_COMPRESSED))
     assert isinstance(server.close_reason, ProtocolError)

@@ -56,6 +56,7 @@ def test_url_options_are_checked():
     assert opts == {
         "mode": "normal",
         "mtu": 1400,
+        "reuse_port": False,
         "sndwnd": 64,
         "rcvwnd": 512,
         "timeout": 2.5,

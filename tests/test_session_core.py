@@ -64,10 +64,19 @@ def deliver(source: SessionCore, target: SessionCore) -> None:
         target.receive_data(bytes(buffer))
 
 
-def pair(clock: Clock, **options) -> tuple[SessionCore, SessionCore]:
-    """A client and a server core with these SessionConfig options, handshaken."""
-    client = SessionCore(SessionConfig(**options), is_client=True, clock=clock)
-    server = SessionCore(SessionConfig(**options), is_client=False, clock=clock)
+def pair(
+    clock: Clock,
+    *,
+    client_options: dict | None = None,
+    server_options: dict | None = None,
+    **options,
+) -> tuple[SessionCore, SessionCore]:
+    """A client and a server core, handshaken: ``options`` are both sides' SessionConfig
+    options, ``client_options`` and ``server_options`` one side's."""
+    client_config = SessionConfig(**options, **(client_options or {}))
+    server_config = SessionConfig(**options, **(server_options or {}))
+    client = SessionCore(client_config, is_client=True, clock=clock)
+    server = SessionCore(server_config, is_client=False, clock=clock)
     client.send_hello()
     deliver(client, server)
     deliver(server, client)
