@@ -26,6 +26,7 @@ from collections.abc import (
     Callable,
     Coroutine,
     Iterable,
+    Sequence,
 )
 from concurrent.futures import Future as ThreadFuture
 from concurrent.futures import ThreadPoolExecutor
@@ -621,10 +622,16 @@ class RpcConnection(Session):
             return CallTimeout(f"{method} timed out after {timeout:g}s")
         return error
 
-    async def notify(self, method: str, *args: Any, **kwargs: Any) -> None:
+    def notify(self, method: str, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, None]:
         """Call ``method`` one-way: no reply, errors are only logged by the peer."""
-        payload, codec = self._encode_call(args, kwargs)
-        self.send_oneway(payload, method=method, codec=codec)
+        return self._notify_with(method, args, kwargs, None)
+
+    async def _notify_with(
+        self, method: str, args: Sequence[Any], kwargs: dict, metadata: dict[str, str] | None
+    ) -> None:
+        """Send a notification with this metadata (middleware may have added some)."""
+        payload, codec = self._encode_call(tuple(args), kwargs)
+        self.send_oneway(payload, method=method, metadata=metadata, codec=codec)
         if self.byte_stream.writing_paused:
             await self.wait_writable()
 
@@ -1147,18 +1154,8 @@ class MiddlewareConnection(RpcConnection):
     ) -> Coroutine[Any, Any, Any]:
         """:meth:`RpcConnection.call` through the middleware. Not a coroutine function of its
         own: it returns the outermost middleware's coroutine (one level less per call)."""
-        deadline = None if timeout is None else time.time() + timeout
-        return self._calling(  # type: ignore[return-value]  # a middleware is an async function
-            Call(
-                method,
-                list(args),
-                kwargs,
-                {**metadata} if metadata else {},
-                "call",
-                self,
-                deadline,
-            )
-        )
+        call = self._outgoing(method, args, kwargs, metadata, timeout)
+        return self._calling(call)  # type: ignore[return-value]  # a middleware is async
 
     async def notify(self, method: str, *args: Any, **kwargs: Any) -> None:
         await self._calling(self._outgoing(method, args, kwargs, None, None, "notify"))
@@ -1217,15 +1214,6 @@ class MiddlewareConnection(RpcConnection):
         stream = ResultStream(self, method, tuple(args), kwargs, timeout, metadata)
         await stream._start()
         return stream
-
-    async def _notify_with(
-        self, method: str, args: list, kwargs: dict, metadata: dict[str, str] | None
-    ) -> None:
-        """:meth:`notify` with the metadata the middleware left."""
-        payload, codec = self._encode_call(tuple(args), kwargs)
-        self.send_oneway(payload, method=method, metadata=metadata, codec=codec)
-        if self.byte_stream.writing_paused:
-            await self.wait_writable()
 
 
 def _streamed_argument(args: tuple, first: int | None = None) -> int | None:
